@@ -1,0 +1,47 @@
+//! The per-document update journal: the storage contract of an engine whose state is a
+//! sequence of opaque updates that can be merged into a snapshot (Yjs documents).
+//!
+//! Why a journal and not snapshots alone: an update must be durable before it is broadcast,
+//! and rewriting a whole document per keystroke is O(document). Appending the update is
+//! O(update); compaction folds the journal into a snapshot in the background.
+
+use async_trait::async_trait;
+
+use crate::StorageError;
+
+/// What a document looks like on disk: the latest snapshot (if any) and the updates appended
+/// after it, in append order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredDoc {
+    pub snapshot: Option<Vec<u8>>,
+    /// `(seq, update)` pairs, ascending by `seq`.
+    pub updates: Vec<(u64, Vec<u8>)>,
+}
+
+impl StoredDoc {
+    /// The sequence number of the last journal entry, which a compaction must name so that
+    /// updates appended meanwhile survive it.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.updates.last().map(|(seq, _)| *seq)
+    }
+
+    /// Total bytes held in the journal (not counting the snapshot).
+    pub fn journal_bytes(&self) -> usize {
+        self.updates.iter().map(|(_, u)| u.len()).sum()
+    }
+}
+
+#[async_trait]
+pub trait DocJournal: Send + Sync + 'static {
+    /// Appends one update to `doc`'s journal. When this returns `Ok`, the update is durable
+    /// (it survives `kill -9` of the process). Returns the update's sequence number.
+    async fn append(&self, doc: &str, update: Vec<u8>) -> Result<u64, StorageError>;
+
+    /// Loads the snapshot and every journal entry of `doc`. An unknown document is an empty
+    /// [`StoredDoc`], not an error.
+    async fn load(&self, doc: &str) -> Result<StoredDoc, StorageError>;
+
+    /// Replaces `doc`'s snapshot with `snapshot` and deletes journal entries with
+    /// `seq <= through_seq`, atomically. Entries appended after `through_seq` are kept.
+    async fn compact(&self, doc: &str, snapshot: Vec<u8>, through_seq: u64) -> Result<(), StorageError>;
+}

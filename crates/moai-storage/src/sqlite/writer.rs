@@ -1,0 +1,244 @@
+//! The single writer with group commit.
+//!
+//! SQLite allows one writer at a time and every commit costs an fsync. Engines want to await
+//! durability for each small update (a keystroke, a CoJSON transaction), so one writer thread
+//! drains whatever is queued, runs each job in its own SAVEPOINT inside one transaction, commits
+//! once, and only then answers every job. Under load hundreds of writes share one fsync; when
+//! idle a lone write commits immediately (no timer, no added latency).
+//!
+//! A job that fails rolls back to its savepoint and fails alone; the rest of the batch commits.
+//! If the COMMIT itself fails, every job of the batch gets the error: nothing is acknowledged
+//! that is not on disk.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{StorageError, StorageObserver};
+
+/// Called after the batch's COMMIT with its outcome; delivers the job's result to its waiter.
+type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
+/// Runs inside the batch transaction and returns how to finish.
+type Job = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+
+enum Command {
+    Write(Job),
+    Close(oneshot::Sender<Result<(), StorageError>>),
+}
+
+/// The bound on queued writes. When engines outrun the disk they wait here (backpressure)
+/// instead of growing memory without limit.
+const QUEUE_DEPTH: usize = 8192;
+
+pub(super) struct Writer {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Writer {
+    pub(super) fn start(conn: Connection, max_batch: usize, observer: Arc<dyn StorageObserver>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        thread::Builder::new()
+            .name("moai-sqlite-writer".into())
+            .spawn(move || run(conn, rx, max_batch, observer))
+            .expect("spawning the storage writer thread");
+        Self { tx }
+    }
+
+    pub(super) async fn write<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel::<Result<T, StorageError>>();
+        let job: Job = Box::new(move |conn| {
+            let outcome = in_savepoint(conn, f);
+            Box::new(move |commit: Result<(), &str>| {
+                let out = match (outcome, commit) {
+                    (Err(e), _) => Err(StorageError::Sqlite(e)),
+                    (Ok(_), Err(msg)) => Err(StorageError::CommitFailed(msg.to_owned())),
+                    (Ok(value), Ok(())) => Ok(value),
+                };
+                let _ = reply.send(out);
+            })
+        });
+        self.tx.send(Command::Write(job)).await.map_err(|_| StorageError::Closed)?;
+        result.await.map_err(|_| StorageError::Closed)?
+    }
+
+    pub(super) async fn close(&self) -> Result<(), StorageError> {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Command::Close(reply)).await.is_err() {
+            return Ok(()); // already closed
+        }
+        done.await.unwrap_or(Ok(()))
+    }
+}
+
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            // Undo this job only; the batch goes on.
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+fn run(conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize, observer: Arc<dyn StorageObserver>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut closing: Option<oneshot::Sender<Result<(), StorageError>>> = None;
+    while closing.is_none() {
+        // Block for the first command, then take whatever else is already queued.
+        match rx.blocking_recv() {
+            Some(Command::Write(job)) => batch.push(job),
+            Some(Command::Close(reply)) => closing = Some(reply),
+            None => break,
+        }
+        while batch.len() < max_batch && closing.is_none() {
+            match rx.try_recv() {
+                Ok(Command::Write(job)) => batch.push(job),
+                Ok(Command::Close(reply)) => closing = Some(reply),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            commit_batch(&conn, &mut batch, observer.as_ref());
+        }
+    }
+    rx.close();
+    // Writes that raced with close still get an answer: they are committed, not dropped.
+    while let Ok(cmd) = rx.try_recv() {
+        match cmd {
+            Command::Write(job) => batch.push(job),
+            Command::Close(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+    if !batch.is_empty() {
+        commit_batch(&conn, &mut batch, observer.as_ref());
+    }
+    let result = conn
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .map_err(StorageError::from)
+        .and_then(|_| conn.close().map_err(|(_, e)| StorageError::from(e)));
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "closing the database");
+    }
+    if let Some(reply) = closing {
+        let _ = reply.send(result);
+    }
+}
+
+fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, observer: &dyn StorageObserver) {
+    let started = Instant::now();
+    let count = batch.len();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "storage: BEGIN failed; failing {count} writes");
+        for job in batch.drain(..) {
+            // Never ran inside a transaction: report the failure without running the job.
+            drop(job);
+        }
+        return;
+    }
+    let finishers: Vec<Finish> = batch.drain(..).map(|job| job(conn)).collect();
+    let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+    if let Err(msg) = &commit {
+        tracing::error!(error = %msg, "storage: COMMIT failed; failing {count} writes");
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    observer.batch_committed(count, started.elapsed());
+    for finish in finishers {
+        finish(commit.as_ref().map(|_| ()).map_err(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    struct Batches(Mutex<Vec<usize>>);
+    impl StorageObserver for Batches {
+        fn batch_committed(&self, writes: usize, _latency: Duration) {
+            self.0.lock().unwrap().push(writes);
+        }
+    }
+
+    fn memory_writer(observer: Arc<Batches>) -> Writer {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(v INTEGER NOT NULL)").unwrap();
+        Writer::start(conn, 512, observer)
+    }
+
+    /// Writes queued while a commit is in progress share the next transaction.
+    #[tokio::test]
+    async fn queued_writes_share_one_commit() {
+        let observer = Arc::new(Batches(Mutex::new(Vec::new())));
+        let writer = Arc::new(memory_writer(observer.clone()));
+        // Hold the writer inside a first job until 100 more writes are queued behind it.
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let w = writer.clone();
+        let first = tokio::spawn(async move {
+            w.write(move |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                Ok(())
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+        let mut rest = Vec::new();
+        for i in 0..100 {
+            let w = writer.clone();
+            rest.push(tokio::spawn(async move {
+                w.write(move |c| c.execute("INSERT INTO t(v) VALUES (?1)", [i])).await
+            }));
+        }
+        while QUEUE_DEPTH - writer.tx.capacity() < 100 {
+            tokio::task::yield_now().await;
+        }
+        release_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            assert_eq!(r.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(*observer.0.lock().unwrap(), vec![1, 100]);
+    }
+
+    /// A failing job rolls back alone; its neighbours in the batch commit.
+    #[tokio::test]
+    async fn a_failing_write_does_not_fail_its_batch() {
+        let observer = Arc::new(Batches(Mutex::new(Vec::new())));
+        let writer = Arc::new(memory_writer(observer));
+        let ok1 = writer.write(|c| c.execute("INSERT INTO t(v) VALUES (1)", []));
+        let bad = writer.write(|c| {
+            c.execute("INSERT INTO t(v) VALUES (2)", [])?;
+            c.execute("INSERT INTO t(v) VALUES (NULL)", []) // NOT NULL violation
+        });
+        let ok2 = writer.write(|c| c.execute("INSERT INTO t(v) VALUES (3)", []));
+        let (a, b, c) = tokio::join!(ok1, bad, ok2);
+        assert!(a.is_ok() && c.is_ok());
+        assert!(b.is_err());
+        let values: Vec<i64> = writer
+            .write(|c| {
+                let mut s = c.prepare("SELECT v FROM t ORDER BY v")?;
+                let rows = s.query_map([], |r| r.get(0))?.collect::<Result<Vec<i64>, _>>();
+                rows
+            })
+            .await
+            .unwrap();
+        assert_eq!(values, vec![1, 3], "the failed job's first insert was rolled back with it");
+    }
+}

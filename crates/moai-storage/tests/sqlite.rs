@@ -1,0 +1,118 @@
+//! Behaviour of the SQLite backend that engines and operators rely on.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moai_storage::{
+    DocJournal, MemoryStorage, NoopObserver, SqliteOptions, SqliteStorage, StorageError, StorageObserver,
+    SCHEMA_VERSION,
+};
+
+fn open(path: &std::path::Path) -> SqliteStorage {
+    SqliteStorage::open(path, SqliteOptions::default(), Arc::new(NoopObserver)).expect("open")
+}
+
+#[tokio::test]
+async fn appended_updates_survive_reopen_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moai.db");
+    let store = open(&path);
+    let a = store.append("doc-a", b"one".to_vec()).await.unwrap();
+    let b = store.append("doc-a", b"two".to_vec()).await.unwrap();
+    store.append("doc-b", b"other".to_vec()).await.unwrap();
+    assert!(b > a, "sequence numbers grow");
+    store.close().await.unwrap();
+
+    let store = open(&path);
+    let doc = store.load("doc-a").await.unwrap();
+    assert_eq!(doc.snapshot, None);
+    assert_eq!(doc.updates, vec![(a, b"one".to_vec()), (b, b"two".to_vec())]);
+    assert!(store.load("nobody").await.unwrap().updates.is_empty());
+}
+
+#[tokio::test]
+async fn compaction_keeps_updates_appended_after_it() {
+    for store in [Box::new(MemoryStorage::new()) as Box<dyn DocJournal>, {
+        let dir = tempfile::tempdir().unwrap().keep();
+        Box::new(open(&dir.join("moai.db")))
+    }] {
+        let s1 = store.append("d", b"1".to_vec()).await.unwrap();
+        let _s2 = store.append("d", b"2".to_vec()).await.unwrap();
+        let loaded = store.load("d").await.unwrap();
+        let through = loaded.last_seq().unwrap();
+        let s3 = store.append("d", b"3".to_vec()).await.unwrap();
+        store.compact("d", b"snap-1-2".to_vec(), through).await.unwrap();
+        let after = store.load("d").await.unwrap();
+        assert_eq!(after.snapshot.as_deref(), Some(&b"snap-1-2"[..]));
+        assert_eq!(after.updates, vec![(s3, b"3".to_vec())], "update 3 must survive compaction");
+        assert!(s1 < s3);
+    }
+}
+
+struct CountingObserver {
+    batches: AtomicUsize,
+    writes: AtomicUsize,
+}
+
+impl StorageObserver for CountingObserver {
+    fn batch_committed(&self, writes: usize, _latency: Duration) {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.writes.fetch_add(writes, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn every_acknowledged_write_is_reported_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let obs = Arc::new(CountingObserver { batches: AtomicUsize::new(0), writes: AtomicUsize::new(0) });
+    let store = SqliteStorage::open(&dir.path().join("m.db"), SqliteOptions::default(), obs.clone()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move { s.append("doc", vec![i as u8]).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(obs.writes.load(Ordering::SeqCst), 200);
+    assert_eq!(store.load("doc").await.unwrap().updates.len(), 200);
+}
+
+#[tokio::test]
+async fn refuses_a_database_from_a_newer_moai() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moai.db");
+    open(&path).close().await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("INSERT INTO schema_migrations(version) VALUES (?1)", [SCHEMA_VERSION + 5]).unwrap();
+    drop(conn);
+    match SqliteStorage::open(&path, SqliteOptions::default(), Arc::new(NoopObserver)) {
+        Err(StorageError::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, SCHEMA_VERSION + 5);
+            assert_eq!(supported, SCHEMA_VERSION);
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("opened a newer schema"),
+    }
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_fails_to_open_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moai.db");
+    std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+    let err = SqliteStorage::open(&path, SqliteOptions::default(), Arc::new(NoopObserver)).err().expect("must fail");
+    assert!(err.to_string().contains("not a database"), "{err}");
+    // And the garbage file is left as it was: we never overwrite what we cannot read.
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 8192]);
+}
+
+#[tokio::test]
+async fn writes_after_close_fail_instead_of_vanishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("m.db"));
+    store.append("d", b"x".to_vec()).await.unwrap();
+    store.close().await.unwrap();
+    assert!(matches!(store.append("d", b"y".to_vec()).await, Err(StorageError::Closed)));
+}
