@@ -1,1 +1,26 @@
+//! moai's server edge.
+//!
+//! Everything that touches sockets, HTTP and time lives here: the accept loop
+//! ([`serve`]), readiness ([`Readiness`]) and the gate that keeps sync endpoints closed until the
+//! engines are ready, resource limits ([`Limits`]), Prometheus metrics ([`Metrics`]), and graceful
+//! shutdown ([`Shutdown`]). The engines are sans-IO or storage-backed libraries; this crate
+//! drives them and never the other way round.
 
+mod engines;
+mod gate;
+mod health;
+mod limits;
+mod metrics;
+mod readiness;
+mod router;
+mod serve;
+mod shutdown;
+pub mod ws;
+
+pub use engines::Engines;
+pub use limits::Limits;
+pub use metrics::{Direction, Metrics, Protocol};
+pub use readiness::{Phase, Readiness};
+pub use router::{router, AppState};
+pub use serve::serve;
+pub use shutdown::Shutdown;

@@ -1,0 +1,8 @@
+//! The set of sync engines a ready server serves. It only exists once initialisation has
+//! finished, and [`crate::Readiness`] hands it out only in the Ready phase, so no request can
+//! reach a half-initialised engine.
+
+/// Handles to the running engines. Each engine issue adds its handle here; an engine that is not
+/// configured is `None` and its endpoint answers 404 with a message saying how to enable it.
+#[derive(Default)]
+pub struct Engines {}

@@ -1,0 +1,147 @@
+//! Prometheus metrics, served at `GET /metrics` in the OpenMetrics text format.
+//!
+//! One registry per process, created before the listener so that every connection, message and
+//! storage batch is counted from the start. The storage room reports through
+//! [`moai_storage::StorageObserver`], which this type implements.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Protocol {
+    Yjs,
+    Cojson,
+    Pgsync,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrafficLabels {
+    protocol: Protocol,
+    direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections_open: Family<ProtocolLabels, Gauge>,
+    connections_total: Family<ProtocolLabels, Counter>,
+    messages: Family<TrafficLabels, Counter>,
+    bytes: Family<TrafficLabels, Counter>,
+    unknown_messages: Family<ProtocolLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    storage_batch_writes: Histogram,
+    storage_commit_seconds: Histogram,
+    ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new(version: &str) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("moai");
+        let connections_open = Family::<ProtocolLabels, Gauge>::default();
+        let connections_total = Family::<ProtocolLabels, Counter>::default();
+        let messages = Family::<TrafficLabels, Counter>::default();
+        let bytes = Family::<TrafficLabels, Counter>::default();
+        let unknown_messages = Family::<ProtocolLabels, Counter>::default();
+        let rejected = Family::<ReasonLabels, Counter>::default();
+        // 1, 2, 4 … 2048 writes per commit.
+        let storage_batch_writes = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        // 50 µs … ~1.6 s per commit.
+        let storage_commit_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let ready = Gauge::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&BuildLabels { version: version.to_owned() }).set(1);
+
+        registry.register("connections", "Open WebSocket sessions", connections_open.clone());
+        registry.register("connections_opened", "WebSocket sessions opened", connections_total.clone());
+        registry.register("messages", "Sync messages received (in) and sent (out)", messages.clone());
+        registry.register("bytes", "Sync payload bytes received (in) and sent (out)", bytes.clone());
+        registry.register("unknown_messages", "Messages of unknown type, ignored", unknown_messages.clone());
+        registry.register("rejected", "Requests, connections or messages refused, by reason", rejected.clone());
+        registry.register("storage_batch_writes", "Writes that shared one storage commit", storage_batch_writes.clone());
+        registry.register("storage_commit_seconds", "Storage group commit latency", storage_commit_seconds.clone());
+        registry.register("ready", "1 when every enabled engine is ready", ready.clone());
+        registry.register("build_info", "Build information", build_info);
+
+        Arc::new(Self {
+            registry,
+            connections_open,
+            connections_total,
+            messages,
+            bytes,
+            unknown_messages,
+            rejected,
+            storage_batch_writes,
+            storage_commit_seconds,
+            ready,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn connection_opened(&self, protocol: Protocol) {
+        let l = ProtocolLabels { protocol };
+        self.connections_open.get_or_create(&l).inc();
+        self.connections_total.get_or_create(&l).inc();
+    }
+
+    pub fn connection_closed(&self, protocol: Protocol) {
+        self.connections_open.get_or_create(&ProtocolLabels { protocol }).dec();
+    }
+
+    pub fn message(&self, protocol: Protocol, direction: Direction, bytes: usize) {
+        let l = TrafficLabels { protocol, direction };
+        self.messages.get_or_create(&l).inc();
+        self.bytes.get_or_create(&l).inc_by(bytes as u64);
+    }
+
+    pub fn unknown_message(&self, protocol: Protocol) {
+        self.unknown_messages.get_or_create(&ProtocolLabels { protocol }).inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(ready as i64);
+    }
+}
+
+impl moai_storage::StorageObserver for Metrics {
+    fn batch_committed(&self, writes: usize, latency: Duration) {
+        self.storage_batch_writes.observe(writes as f64);
+        self.storage_commit_seconds.observe(latency.as_secs_f64());
+    }
+}

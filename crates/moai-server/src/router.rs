@@ -1,0 +1,55 @@
+//! The HTTP routes of moai and the state they share.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
+use axum::response::Response;
+use axum::routing::{any, get};
+use axum::Router;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::gate::{error_response, require_ready, require_upgrade};
+use crate::health::{health, healthz, metrics};
+use crate::{Limits, Metrics, Readiness, Shutdown};
+
+/// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
+/// ready gate, so a handler cannot use one before it exists.
+#[derive(Clone)]
+pub struct AppState {
+    pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub version: &'static str,
+    /// Whether connections must present a token (SYNC_SHARED_SECRET is set).
+    pub auth_enabled: bool,
+}
+
+pub fn router(state: AppState) -> Router {
+    // WebSocket endpoints: ready gate first, then the upgrade check.
+    let websocket = Router::new()
+        .route("/sync", any(engine_not_enabled))
+        .route("/sync/v1/{doc}", any(engine_not_enabled))
+        .route("/api/sync", any(engine_not_enabled))
+        .route_layer(from_fn_with_state(state.clone(), require_upgrade));
+    let engines = Router::new()
+        .merge(websocket)
+        .route_layer(from_fn_with_state(state.clone(), require_ready));
+
+    Router::new()
+        .route("/health", get(health))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(engines)
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(RequestBodyLimitLayer::new(state.limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout))
+        .with_state(state)
+}
+
+/// Answer of an endpoint whose engine this build or configuration does not run.
+async fn engine_not_enabled() -> Response {
+    error_response(StatusCode::NOT_FOUND, "This sync engine is not enabled on this server")
+}

@@ -1,0 +1,97 @@
+//! What every WebSocket session has in common, whatever its protocol: size limits on the
+//! upgrade, the close codes moai uses, and a [`SessionLog`] that logs one line when a session
+//! opens and one when it closes, keeps the connection gauges right, and holds the connection
+//! slot until the session ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+
+use crate::serve::ConnectionSlot;
+use crate::{Limits, Metrics, Protocol};
+
+/// Close codes moai sends. 1xxx are RFC 6455; 44xx are application codes that y-websocket ≥ 3.1
+/// treats as "do not reconnect".
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const FORBIDDEN: u16 = 4403;
+}
+
+/// Applies moai's frame limit to an upgrade.
+pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
+    ws.max_message_size(limits.max_frame_bytes).max_frame_size(limits.max_frame_bytes)
+}
+
+/// A close frame with a code and a reason (truncated to the 123 bytes a close frame allows).
+pub fn close_message(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame { code, reason: reason[..end].into() }))
+}
+
+/// Whether a receive error means the peer sent a message over the size limit (close 1009) rather
+/// than a broken connection.
+pub fn is_too_big(err: &axum::Error) -> bool {
+    let text = err.to_string();
+    // tungstenite's CapacityError: "Space limit exceeded: Message too long: N > M".
+    text.contains("Message too long") || text.contains("Space limit exceeded")
+}
+
+/// Logs and counts one session from open to close.
+pub struct SessionLog {
+    protocol: Protocol,
+    peer: Option<SocketAddr>,
+    target: String,
+    opened: Instant,
+    metrics: Arc<Metrics>,
+    _slot: Option<ConnectionSlot>,
+    close: Option<(u16, String)>,
+}
+
+impl SessionLog {
+    pub fn open(
+        protocol: Protocol,
+        peer: Option<SocketAddr>,
+        target: impl Into<String>,
+        metrics: Arc<Metrics>,
+        slot: Option<ConnectionSlot>,
+    ) -> Self {
+        let target = target.into();
+        metrics.connection_opened(protocol);
+        tracing::info!(?protocol, peer = ?peer, %target, "session open");
+        Self { protocol, peer, target, opened: Instant::now(), metrics, _slot: slot, close: None }
+    }
+
+    /// Records why the session ended, for the close log line.
+    pub fn set_close(&mut self, code: u16, reason: impl Into<String>) {
+        self.close = Some((code, reason.into()));
+    }
+}
+
+impl Drop for SessionLog {
+    fn drop(&mut self) {
+        self.metrics.connection_closed(self.protocol);
+        let (code, reason) = self.close.clone().unwrap_or((1006, "connection dropped".into()));
+        tracing::info!(
+            protocol = ?self.protocol,
+            peer = ?self.peer,
+            target = %self.target,
+            code,
+            %reason,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            "session closed"
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! Command-line interface. Every flag of `serve` is also an environment variable, so the same
+//! binary is configured by flags on a laptop and by environment in a container.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::units;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moai",
+    version,
+    about = "A self-hosted real-time sync server for local-first apps",
+    long_about = "A self-hosted real-time sync server for local-first apps.\n\n\
+        Speaks Yjs (y-websocket) at /sync/v1/{docId}, CoJSON (Jazz) at /sync and a Postgres \
+        change feed at /api/sync. Run with no command to serve on the embedded SQLite default.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serve options, when no command is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the sync server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Wait until a moai server reports ready on /health: `moai serve & moai wait-ready && start-the-app`.
+    WaitReady(WaitReadyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free port; the chosen one is logged).
+    #[arg(long, env = "PORT", default_value_t = 4201)]
+    pub port: u16,
+    /// SQLite database file of the embedded storage (created if missing).
+    #[arg(long, env = "DB_PATH", default_value = "./local-sync.db")]
+    pub db_path: PathBuf,
+    /// Log format. The filter comes from RUST_LOG (default "info").
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Largest WebSocket message accepted; larger ones close the socket with 1009.
+    #[arg(long, env = "MOAI_MAX_FRAME_BYTES", default_value = "16MiB", value_parser = units::bytes)]
+    pub max_frame_bytes: usize,
+    /// Largest HTTP request body; larger requests get 413.
+    #[arg(long, env = "MOAI_MAX_BODY_BYTES", default_value = "16MiB", value_parser = units::bytes)]
+    pub max_body_bytes: usize,
+    /// Most open connections (WebSockets included); further ones get 503.
+    #[arg(long, env = "MOAI_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a client has to send its request headers, WebSocket handshake included.
+    #[arg(long, env = "MOAI_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = units::duration)]
+    pub handshake_timeout: Duration,
+    /// Time a plain HTTP request may take; longer ones get 408.
+    #[arg(long, env = "MOAI_REQUEST_TIMEOUT", default_value = "30s", value_parser = units::duration)]
+    pub request_timeout: Duration,
+    /// How long shutdown waits for sessions to close before closing storage and exiting.
+    #[arg(long, env = "MOAI_SHUTDOWN_GRACE", default_value = "10s", value_parser = units::duration)]
+    pub shutdown_grace: Duration,
+    /// fsync every group commit (survives power loss). With false, acknowledged writes still
+    /// survive a crash of moai, but the last commits may be lost if the machine loses power.
+    #[arg(long, env = "MOAI_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fsync: bool,
+
+    /// Test hook: hold initialisation open until this file exists, so tests can observe the
+    /// not-ready state deterministically.
+    #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]
+    pub test_hold_init_until: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitReadyArgs {
+    /// The server's base URL or its /health URL.
+    #[arg(default_value = "http://127.0.0.1:4201/health")]
+    pub url: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "30s", value_parser = units::duration)]
+    pub timeout: Duration,
+    /// Pause between attempts.
+    #[arg(long, default_value = "300ms", value_parser = units::duration)]
+    pub interval: Duration,
+}

@@ -1,0 +1,163 @@
+//! `moai serve`: listen first, initialise in the background, serve until a signal, then shut
+//! down in order (stop accepting → close sessions with 1001 → flush and close storage → exit 0).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use moai_server::{AppState, Engines, Limits, Metrics, Readiness, Shutdown};
+use moai_storage::{SqliteOptions, SqliteStorage};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::cli::ServeArgs;
+use crate::logging;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What initialisation produces and shutdown must close.
+struct Running {
+    engines: Engines,
+    storage: SqliteStorage,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    logging::init(args.log_format);
+    let started = Instant::now();
+    let metrics = Metrics::new(VERSION);
+    let readiness = Readiness::new();
+    let shutdown = Shutdown::new();
+    let limits = Limits {
+        max_frame_bytes: args.max_frame_bytes,
+        max_body_bytes: args.max_body_bytes,
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout,
+        request_timeout: args.request_timeout,
+    };
+    let mut signals = Signals::new()?;
+
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(version = VERSION, addr = %local, db_path = %args.db_path.display(), "moai listening; initialising");
+
+    let state = AppState {
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        limits: limits.clone(),
+        shutdown: shutdown.clone(),
+        version: VERSION,
+        auth_enabled: false,
+    };
+    let app = moai_server::router(state);
+    let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
+
+    let init = initialise(&args, metrics.clone());
+    let running = tokio::select! {
+        result = init => match result {
+            Ok(running) => running,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(error = %reason, "initialisation failed; exiting");
+                readiness.set_failed(reason);
+                metrics.set_ready(false);
+                shutdown.trigger();
+                let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        name = signals.next() => {
+            tracing::info!(signal = name, "signal during initialisation; exiting");
+            shutdown.trigger();
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let Running { engines, storage } = running;
+    readiness.set_ready(engines);
+    metrics.set_ready(true);
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+
+    let name = signals.next().await;
+    tracing::info!(signal = name, grace = ?args.shutdown_grace, "shutting down");
+    readiness.set_draining();
+    metrics.set_ready(false);
+    shutdown.trigger();
+    tokio::select! {
+        code = drain(&shutdown, server, storage, args.shutdown_grace) => Ok(code),
+        name = signals.next() => {
+            tracing::warn!(signal = name, "second signal: exiting now");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+/// Opens storage and starts the engines. Nothing is served until this returns Ok.
+async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
+    if let Some(gate) = &args.test_hold_init_until {
+        wait_for_file(gate).await;
+    }
+    let path = args.db_path.clone();
+    let options = SqliteOptions { fsync_every_commit: args.fsync, ..SqliteOptions::default() };
+    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, options, metrics))
+        .await
+        .context("storage open task failed")?
+        .with_context(|| format!("opening storage at {}", args.db_path.display()))?;
+    Ok(Running { engines: Engines::default(), storage })
+}
+
+async fn wait_for_file(path: &PathBuf) {
+    tracing::warn!(path = %path.display(), "test hook: holding initialisation until this file exists");
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn drain(
+    shutdown: &Shutdown,
+    server: tokio::task::JoinHandle<()>,
+    storage: SqliteStorage,
+    grace: Duration,
+) -> ExitCode {
+    let deadline = Instant::now() + grace;
+    if !shutdown.drained(grace).await {
+        tracing::warn!(sessions = shutdown.active(), "grace period over; closing storage with sessions still open");
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, server).await.is_err() {
+        tracing::warn!("HTTP requests still in flight at the end of the grace period");
+    }
+    match storage.close().await {
+        Ok(()) => {
+            tracing::info!("storage flushed and closed; bye");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "closing storage failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
