@@ -1,0 +1,16 @@
+//! Sans-IO core of moai's CoJSON (Jazz 0.20.x) sync server, relay role.
+//!
+//! No sockets, clocks or storage live here: the server edge feeds parsed
+//! frames in and carries actions out. This first slice covers the wire
+//! formats and everything needed to verify content before it is stored or
+//! forwarded.
+
+pub mod canonical_json;
+pub mod crypto;
+pub mod ids;
+pub mod transaction_hash;
+pub mod known_state;
+pub mod message;
+pub mod header;
+pub mod covalue;
+pub mod verify;

@@ -1,0 +1,369 @@
+//! Sans-IO per-client session: events in, actions out.
+//!
+//! The I/O layer executes actions (send a frame, run a page query, take a snapshot, persist a
+//! position) and feeds results back as events. The state machine owns the invariants:
+//!
+//! * **No gap, no duplicate.** Every page query is keyset `(commit_lsn, seq) > after AND
+//!   commit_lsn <= upto ORDER BY commit_lsn, seq LIMIT limit`, where `after` is exactly the last
+//!   position sent. Positions only move forward, and results are checked against the query.
+//! * **Snapshot handoff (spec 4.3).** A new client first gets the snapshot (the I/O layer streams
+//!   `snapshot_*` frames), then a catch-up up to a *fixed* watermark `W` that carries the
+//!   snapshot's `Stitch` (so the query adds the xid-visibility filter), then `up_to_date` at
+//!   `(W, MAX)`. Everything after uses the plain rule from `(W, MAX)`, i.e. `commit_lsn > W`, so
+//!   the two ranges meet exactly.
+//! * **Whole transactions.** A full page may end inside a transaction. If the page holds more
+//!   than one transaction, the trailing one is held back and re-read by the next query; if the
+//!   page is a single transaction it is sent with `last: false`, and the transaction is closed
+//!   later, by its final part or, if it turns out to have ended exactly at the page boundary, by
+//!   an empty `{"last": true, "ops": []}` part.
+//! * **Backpressure.** At most `window` unacked `changes` frames that end at a transaction
+//!   boundary (frames ending inside a transaction cannot be acked, see `on_page`); positions are
+//!   persisted only from client acks.
+//!
+//! Not yet here: per-shape filtering of change rows (the shapes are parsed and validated at
+//! hello), subscribe/unsubscribe, hibernation, auth.
+
+use std::collections::VecDeque;
+
+use crate::lsn::Lsn;
+use crate::position::Position;
+use crate::protocol::{
+    ClientMessage, ErrorCode, ErrorMessage, Hello, RefetchReason, ServerMessage, WelcomeMode,
+    WireOp, WireTransaction, PROTOCOL_VERSION,
+};
+use crate::shape::Shape;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub generation: u64,
+    /// Durable watermark at session start.
+    pub watermark: Lsn,
+    /// History below this has been deleted (retention).
+    pub horizon: Lsn,
+    pub default_batch_rows: u32,
+    pub max_batch_rows: u32,
+    pub default_window: u32,
+}
+
+/// The data snapshot's identity, needed to stitch (spec 4.3): the `pg_current_snapshot()` text
+/// and the watermark `h` read in the same MVCC snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stitch {
+    pub snapshot: String,
+    pub snapshot_watermark: Lsn,
+}
+
+/// One `change_history` row, already converted for the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub position: Position,
+    pub xid: String,
+    pub commit_time: String,
+    pub op: WireOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageQuery {
+    pub after: Option<Position>,
+    pub upto: Lsn,
+    pub limit: u32,
+    /// Present only for a new client's catch-up: add the xid filter of spec 4.3 step 3.
+    pub stitch: Option<Stitch>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Client(ClientMessage),
+    /// The replicator's durable watermark moved.
+    WatermarkAdvanced(Lsn),
+    /// The I/O layer finished streaming `snapshot_*` frames for all shapes.
+    SnapshotFinished(Stitch),
+    /// Result of the outstanding `QueryPage`.
+    PageLoaded(Vec<HistoryRow>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send(ServerMessage),
+    /// Run the shapes' snapshot in a REPEATABLE READ transaction, stream `snapshot_*` frames,
+    /// then report `SnapshotFinished`.
+    TakeSnapshot { shapes: Vec<Shape> },
+    QueryPage(PageQuery),
+    /// Durably store the client's acked position (monotonic).
+    PersistPosition(Position),
+    /// Close the socket (after sending what precedes this action).
+    Close,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    AwaitHello,
+    Snapshotting,
+    /// Catching up to a fixed `upto`; `stitch` set for a new client's first catch-up.
+    CatchingUp { upto: Lsn, stitch: Option<Stitch> },
+    Live,
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    state: State,
+    watermark: Lsn,
+    limit: u32,
+    window: u32,
+    shapes: Vec<Shape>,
+    /// Last position sent to the client (or its starting position).
+    sent: Option<Position>,
+    /// Commit LSN of a transaction sent with `last: false` and not yet closed.
+    open_partial: Option<Lsn>,
+    /// `to` of each unacked `changes` frame.
+    inflight: VecDeque<Position>,
+    acked: Option<Position>,
+    outstanding: Option<PageQuery>,
+}
+
+impl Session {
+    pub fn new(cfg: SessionConfig) -> Self {
+        Session {
+            watermark: cfg.watermark,
+            limit: cfg.default_batch_rows.max(1),
+            window: cfg.default_window.max(1),
+            cfg,
+            state: State::AwaitHello,
+            shapes: Vec::new(),
+            sent: None,
+            open_partial: None,
+            inflight: VecDeque::new(),
+            acked: None,
+            outstanding: None,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.state == State::Live
+    }
+
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.state == State::Closed {
+            return out;
+        }
+        match event {
+            Event::Client(msg) => self.on_client(msg, &mut out),
+            Event::WatermarkAdvanced(w) => {
+                self.watermark = self.watermark.max(w);
+                self.maybe_query(&mut out);
+            }
+            Event::SnapshotFinished(stitch) => {
+                if self.state != State::Snapshotting {
+                    return self.fail(ErrorCode::Internal, "snapshot finished in wrong state", true);
+                }
+                self.state = State::CatchingUp { upto: self.watermark, stitch: Some(stitch) };
+                self.maybe_query(&mut out);
+            }
+            Event::PageLoaded(rows) => self.on_page(rows, &mut out),
+        }
+        out
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: &str, fatal: bool) -> Vec<Action> {
+        let mut out = vec![Action::Send(ServerMessage::Error(ErrorMessage {
+            code,
+            message: message.to_owned(),
+            retry_after_ms: None,
+            fatal,
+        }))];
+        if fatal {
+            self.state = State::Closed;
+            out.push(Action::Close);
+        }
+        out
+    }
+
+    fn on_client(&mut self, msg: ClientMessage, out: &mut Vec<Action>) {
+        match msg {
+            ClientMessage::Hello(h) => {
+                if self.state != State::AwaitHello {
+                    out.extend(self.fail(ErrorCode::BadRequest, "duplicate hello", false));
+                } else {
+                    self.on_hello(h, out);
+                }
+            }
+            ClientMessage::Ping { t } => out.push(Action::Send(ServerMessage::Pong { t })),
+            ClientMessage::Ack { position } => self.on_ack(position, out),
+            ClientMessage::Subscribe { .. } | ClientMessage::Unsubscribe { .. } => {
+                out.extend(self.fail(ErrorCode::BadRequest, "subscribe/unsubscribe not supported yet", false))
+            }
+        }
+    }
+
+    fn on_hello(&mut self, h: Hello, out: &mut Vec<Action>) {
+        if h.protocol != PROTOCOL_VERSION {
+            out.extend(self.fail(ErrorCode::BadRequest, "unsupported protocol version", true));
+            return;
+        }
+        let shapes: Result<Vec<Shape>, _> = h.shapes.iter().map(Shape::from_request).collect();
+        self.shapes = match shapes {
+            Ok(s) => s,
+            Err(e) => {
+                out.extend(self.fail(ErrorCode::ShapeInvalid, &e.to_string(), true));
+                return;
+            }
+        };
+        if let Some(rows) = h.max_batch_rows {
+            self.limit = rows.clamp(1, self.cfg.max_batch_rows.max(1));
+        }
+        if let Some(w) = h.window {
+            self.window = w.max(1);
+        }
+        let shape_ids: Vec<String> = h.shapes.iter().map(|s| s.id.clone()).collect();
+        let refetch = match (h.position, h.generation) {
+            (None, _) => None,
+            (Some(_), g) if g != Some(self.cfg.generation) => Some(RefetchReason::GenerationChanged),
+            // A position at the horizon is still fine: rows above it are all retained.
+            (Some(p), _) if p.lsn < self.cfg.horizon => Some(RefetchReason::PositionTooOld),
+            (Some(p), _) => {
+                self.sent = Some(p);
+                self.acked = Some(p);
+                out.push(Action::Send(ServerMessage::Welcome {
+                    generation: self.cfg.generation,
+                    mode: WelcomeMode::Catchup,
+                    watermark: self.watermark,
+                }));
+                self.state = State::CatchingUp { upto: self.watermark, stitch: None };
+                self.maybe_query(out);
+                return;
+            }
+        };
+        if let Some(reason) = refetch {
+            out.push(Action::Send(ServerMessage::MustRefetch { reason, shape_ids }));
+        }
+        out.push(Action::Send(ServerMessage::Welcome {
+            generation: self.cfg.generation,
+            mode: WelcomeMode::Snapshot,
+            watermark: self.watermark,
+        }));
+        self.state = State::Snapshotting;
+        out.push(Action::TakeSnapshot { shapes: self.shapes.clone() });
+    }
+
+    fn on_ack(&mut self, position: Position, out: &mut Vec<Action>) {
+        let in_range = self.sent.is_some_and(|s| position <= s) && self.acked.is_none_or(|a| position >= a);
+        if !in_range {
+            out.extend(self.fail(ErrorCode::BadRequest, "ack outside the delivered range", false));
+            return;
+        }
+        while self.inflight.front().is_some_and(|p| *p <= position) {
+            self.inflight.pop_front();
+        }
+        if self.acked != Some(position) {
+            self.acked = Some(position);
+            out.push(Action::PersistPosition(position));
+        }
+        self.maybe_query(out);
+    }
+
+    /// Issue the next page query if the state wants one and the window allows it.
+    fn maybe_query(&mut self, out: &mut Vec<Action>) {
+        if self.outstanding.is_some() || self.inflight.len() >= self.window as usize {
+            return;
+        }
+        let (upto, stitch) = match &self.state {
+            State::CatchingUp { upto, stitch } => (*upto, stitch.clone()),
+            State::Live if self.sent.is_some_and(|s| s.lsn < self.watermark) || self.open_partial.is_some() => {
+                (self.watermark, None)
+            }
+            _ => return,
+        };
+        let q = PageQuery { after: self.sent, upto, limit: self.limit, stitch };
+        self.outstanding = Some(q.clone());
+        out.push(Action::QueryPage(q));
+    }
+
+    fn on_page(&mut self, rows: Vec<HistoryRow>, out: &mut Vec<Action>) {
+        let Some(q) = self.outstanding.take() else {
+            out.extend(self.fail(ErrorCode::Internal, "page without a query", true));
+            return;
+        };
+        // The query result must honour the keyset contract; otherwise we would gap or duplicate.
+        let mut prev = q.after;
+        for r in &rows {
+            let ordered = prev.is_none_or(|p| r.position > p);
+            if !ordered || r.position.lsn > q.upto || r.op.seq() != r.position.seq {
+                out.extend(self.fail(ErrorCode::Internal, "page violates keyset order", true));
+                return;
+            }
+            prev = Some(r.position);
+        }
+        if rows.len() > q.limit as usize {
+            out.extend(self.fail(ErrorCode::Internal, "page larger than its limit", true));
+            return;
+        }
+        let full = rows.len() == q.limit as usize;
+
+        // Group rows into transactions (consecutive rows with the same commit LSN).
+        let mut groups: Vec<Vec<HistoryRow>> = Vec::new();
+        for r in rows {
+            match groups.last_mut() {
+                Some(g) if g[0].position.lsn == r.position.lsn => g.push(r),
+                _ => groups.push(vec![r]),
+            }
+        }
+        let mut txns: Vec<WireTransaction> = Vec::new();
+        if let Some(open) = self.open_partial {
+            if groups.first().is_none_or(|g| g[0].position.lsn != open) {
+                // The partial transaction ended exactly at the previous page boundary.
+                txns.push(WireTransaction { lsn: open, xid: String::new(), commit_time: String::new(), last: true, ops: vec![] });
+                self.open_partial = None;
+            }
+        }
+        let mut trailing_partial = false;
+        if full {
+            if groups.len() > 1 {
+                groups.pop(); // held back, re-read by the next query
+            } else {
+                trailing_partial = true;
+            }
+        }
+        let n = groups.len();
+        let mut to = self.sent;
+        for (i, g) in groups.into_iter().enumerate() {
+            let last = !(trailing_partial && i + 1 == n);
+            let head = &g[0];
+            let (lsn, xid, commit_time) = (head.position.lsn, head.xid.clone(), head.commit_time.clone());
+            to = g.last().map(|r| r.position);
+            txns.push(WireTransaction { lsn, xid, commit_time, last, ops: g.into_iter().map(|r| r.op).collect() });
+            self.open_partial = if last { None } else { Some(lsn) };
+        }
+        if !txns.is_empty() {
+            if let Some(to) = to {
+                out.push(Action::Send(ServerMessage::Changes { from: self.sent, to, txns }));
+                self.sent = Some(to);
+                // Acks name transaction ends, so a frame ending inside a transaction cannot be
+                // acked until the transaction's last part: counting it against the window would
+                // deadlock any transaction larger than window × page. The client has to buffer
+                // the whole transaction anyway to apply it atomically.
+                if self.open_partial.is_none() {
+                    self.inflight.push_back(to);
+                }
+            }
+        }
+        if !full && self.open_partial.is_none() {
+            // Everything up to `upto` is delivered: a consistent point.
+            let position = Position::end_of(q.upto);
+            self.sent = Some(position);
+            out.push(Action::Send(ServerMessage::UpToDate { position, watermark: q.upto }));
+            self.state = State::Live;
+        }
+        self.maybe_query(out);
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

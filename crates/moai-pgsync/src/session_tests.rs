@@ -1,0 +1,305 @@
+//! Session tests: a simulated `change_history` answers page queries, a simulated client applies
+//! and acks; we check the client ends with every change exactly once, in order, in whole
+//! transactions, for many page sizes and windows.
+
+use super::*;
+use crate::protocol::{Row, ShapeRequest};
+
+fn cfg(watermark: u64) -> SessionConfig {
+    SessionConfig {
+        generation: 7,
+        watermark: Lsn(watermark),
+        horizon: Lsn(0x10),
+        default_batch_rows: 1000,
+        max_batch_rows: 5000,
+        default_window: 4,
+    }
+}
+
+fn hello(position: Option<Position>, generation: Option<u64>, batch: u32, window: u32) -> Event {
+    Event::Client(ClientMessage::Hello(Hello {
+        protocol: 1,
+        client_id: "c1".into(),
+        generation,
+        position,
+        shapes: vec![ShapeRequest { id: "todos".into(), table: "public.todos".into(), columns: None, where_: Some("done = false".into()) }],
+        auth: None,
+        max_batch_rows: Some(batch),
+        window: Some(window),
+    }))
+}
+
+/// History: transactions at commit LSNs 0x100, 0x200, ... with the given sizes.
+fn history(sizes: &[u32]) -> Vec<HistoryRow> {
+    let mut rows = Vec::new();
+    for (t, &n) in sizes.iter().enumerate() {
+        let lsn = Lsn(0x100 * (t as u64 + 1));
+        for seq in 0..n {
+            let mut key = Row::new();
+            key.insert("id".into(), (t as u64 * 10_000 + u64::from(seq)).into());
+            rows.push(HistoryRow {
+                position: Position::new(lsn, seq),
+                xid: format!("{}", 500 + t),
+                commit_time: "2026-01-01T00:00:00.000Z".into(),
+                op: WireOp::Delete { seq, table: "public.todos".into(), key },
+            });
+        }
+    }
+    rows
+}
+
+fn answer(h: &[HistoryRow], q: &PageQuery) -> Vec<HistoryRow> {
+    h.iter()
+        .filter(|r| q.after.is_none_or(|a| r.position > a) && r.position.lsn <= q.upto)
+        // The stitch filter itself runs in SQL; here "visible in snapshot" = at or below h.
+        .filter(|r| q.stitch.as_ref().is_none_or(|s| r.position.lsn > s.snapshot_watermark))
+        .take(q.limit as usize)
+        .cloned()
+        .collect()
+}
+
+/// A client that applies `changes` only when a transaction's `last` part arrived.
+#[derive(Default)]
+struct Client {
+    applied: Vec<(Position, u32)>, // (txn lsn + seq, op count of that txn)
+    pending: Vec<(Lsn, Vec<WireOp>)>,
+    up_to_date: Vec<Position>,
+    acks: Vec<Position>,
+}
+
+impl Client {
+    fn receive(&mut self, msg: &ServerMessage) {
+        match msg {
+            ServerMessage::Changes { to, txns, .. } => {
+                for t in txns {
+                    match self.pending.last_mut() {
+                        Some((l, ops)) if *l == t.lsn => ops.extend(t.ops.iter().cloned()),
+                        _ => {
+                            assert!(self.pending.is_empty(), "a new txn started while {:?} was open", self.pending);
+                            self.pending.push((t.lsn, t.ops.clone()));
+                        }
+                    }
+                    if t.last {
+                        let (lsn, ops) = self.pending.pop().unwrap();
+                        let n = ops.len() as u32;
+                        for op in ops {
+                            self.applied.push((Position::new(lsn, op.seq()), n));
+                        }
+                    }
+                }
+                if self.pending.is_empty() {
+                    self.acks.push(*to);
+                }
+            }
+            ServerMessage::UpToDate { position, .. } => {
+                assert!(self.pending.is_empty(), "up_to_date inside a transaction");
+                self.up_to_date.push(*position);
+                self.acks.push(*position);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Drive session + history + client until quiescent. Returns the actions seen.
+fn drive(s: &mut Session, first: Event, h: &[HistoryRow], c: &mut Client, ack: bool) -> Vec<Action> {
+    let mut seen = Vec::new();
+    let mut queue = VecDeque::from([first]);
+    while let Some(ev) = queue.pop_front() {
+        for a in s.handle(ev) {
+            match &a {
+                Action::QueryPage(q) => queue.push_back(Event::PageLoaded(answer(h, q))),
+                Action::Send(m) => c.receive(m),
+                Action::TakeSnapshot { .. } => queue.push_back(Event::SnapshotFinished(Stitch {
+                    snapshot: "500:510:".into(),
+                    snapshot_watermark: Lsn(0x100),
+                })),
+                _ => {}
+            }
+            seen.push(a);
+        }
+        if ack && queue.is_empty() {
+            for p in c.acks.drain(..) {
+                queue.push_back(Event::Client(ClientMessage::Ack { position: p }));
+            }
+        }
+    }
+    seen
+}
+
+fn sizes() -> Vec<u32> {
+    vec![3, 1, 17, 2, 40, 1, 5]
+}
+
+#[test]
+fn catchup_delivers_every_change_exactly_once_for_any_page_size() {
+    let h = history(&sizes());
+    for limit in [1, 2, 3, 4, 5, 16, 17, 18, 40, 41, 1000] {
+        for window in [1, 2, 4] {
+            let mut s = Session::new(cfg(0x700));
+            let mut c = Client::default();
+            let start = Position::new(Lsn(0x100), 2); // already has txn 0x100
+            drive(&mut s, hello(Some(start), Some(7), limit, window), &h, &mut c, true);
+            let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| *p > start).collect();
+            let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+            assert_eq!(got, want, "limit {limit} window {window}");
+            // Each transaction applied whole: the op count seen equals its real size.
+            for (p, n) in &c.applied {
+                let real = h.iter().filter(|r| r.position.lsn == p.lsn).count() as u32;
+                assert_eq!(*n, real, "txn {} split, limit {limit}", p.lsn);
+            }
+            assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x700))]);
+            assert!(s.is_live());
+        }
+    }
+}
+
+#[test]
+fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
+    let h = history(&sizes());
+    let mut s = Session::new(cfg(0x400));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
+    assert!(matches!(&actions[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Snapshot, .. })));
+    assert!(matches!(&actions[1], Action::TakeSnapshot { shapes } if shapes.len() == 1));
+    let first_query = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        first_query,
+        Some(PageQuery {
+            after: None,
+            upto: Lsn(0x400),
+            limit: 4,
+            stitch: Some(Stitch { snapshot: "500:510:".into(), snapshot_watermark: Lsn(0x100) })
+        })
+    );
+    // Stitched catch-up: everything after the snapshot's h up to W.
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100) && p.lsn <= Lsn(0x400)).collect();
+    assert_eq!(got, want);
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
+
+    // Live: the first plain query starts exactly after W, with no stitch.
+    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true);
+    let q = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(q, Some(PageQuery { after: Some(Position::end_of(Lsn(0x400))), upto: Lsn(0x700), limit: 4, stitch: None }));
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100)).collect();
+    assert_eq!(got, want, "no gap and no duplicate across the handoff");
+    assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
+}
+
+#[test]
+fn window_blocks_queries_until_ack_and_acks_are_persisted() {
+    let h = history(&sizes());
+    let mut s = Session::new(cfg(0x700));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(Some(Position::end_of(Lsn(0x100))), Some(7), 2, 1), &h, &mut c, false);
+    let queries = actions.iter().filter(|a| matches!(a, Action::QueryPage(_))).count();
+    let changes = actions.iter().filter(|a| matches!(a, Action::Send(ServerMessage::Changes { .. }))).count();
+    assert_eq!((queries, changes), (1, 1), "window 1 without acks: one frame in flight");
+    let to = c.acks[0];
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: to }));
+    assert_eq!(out[0], Action::PersistPosition(to));
+    assert!(matches!(out[1], Action::QueryPage(PageQuery { after: Some(p), .. }) if p == to));
+    // Acking the same position again persists nothing.
+    let page = s.handle(Event::PageLoaded(vec![]));
+    assert!(page.iter().all(|a| !matches!(a, Action::PersistPosition(_))));
+}
+
+#[test]
+fn bad_acks_are_rejected_without_moving_the_position() {
+    let h = history(&[2]);
+    let mut s = Session::new(cfg(0x100));
+    let mut c = Client::default();
+    drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4), &h, &mut c, false);
+    let beyond = Position::new(Lsn(0x900), 0);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: beyond }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && !e.fatal));
+    assert!(!out.iter().any(|a| matches!(a, Action::PersistPosition(_))));
+    let backwards = Position::new(Lsn(0x1), 0);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: backwards }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(_))));
+    let ok = s.handle(Event::Client(ClientMessage::Ack { position: Position::end_of(Lsn(0x100)) }));
+    assert_eq!(ok, vec![Action::PersistPosition(Position::end_of(Lsn(0x100)))]);
+}
+
+#[test]
+fn refetch_cases_and_protocol_errors() {
+    let mut s = Session::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x50), 0)), Some(6), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, shape_ids }) if shape_ids == &vec!["todos".to_string()]));
+    assert!(matches!(out.last(), Some(Action::TakeSnapshot { .. })));
+
+    let mut s = Session::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x5), 0)), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
+
+    let mut s = Session::new(cfg(0x100));
+    let mut h = match hello(None, None, 1, 1) {
+        Event::Client(ClientMessage::Hello(h)) => h,
+        _ => unreachable!(),
+    };
+    h.protocol = 2;
+    let out = s.handle(Event::Client(ClientMessage::Hello(h.clone())));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::BadRequest));
+    assert_eq!(out.last(), Some(&Action::Close));
+    assert!(s.is_closed());
+    assert!(s.handle(Event::WatermarkAdvanced(Lsn(0x200))).is_empty());
+
+    let mut s = Session::new(cfg(0x100));
+    h.protocol = 1;
+    h.shapes[0].where_ = Some("a = 1 OR b = 2".into());
+    let out = s.handle(Event::Client(ClientMessage::Hello(h)));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::ShapeInvalid));
+
+    let mut s = Session::new(cfg(0x100));
+    assert_eq!(s.handle(Event::Client(ClientMessage::Ping { t: 5 })), vec![Action::Send(ServerMessage::Pong { t: 5 })]);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: Position::new(Lsn(1), 0) }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(_))), "ack before hello");
+}
+
+#[test]
+fn pages_that_break_the_keyset_contract_are_fatal() {
+    let h = history(&[3]);
+    for bad in [
+        vec![h[1].clone(), h[0].clone()],             // out of order
+        vec![h[0].clone(), h[0].clone()],             // duplicate
+        history(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])[10..].to_vec(), // beyond upto
+    ] {
+        let mut s = Session::new(cfg(0x100));
+        s.handle(hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4));
+        let out = s.handle(Event::PageLoaded(bad));
+        assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::Internal));
+        assert!(s.is_closed());
+    }
+    let mut s = Session::new(cfg(0x100));
+    s.handle(hello(None, None, 10, 4));
+    let out = s.handle(Event::PageLoaded(vec![]));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal), "page with no query");
+}
+
+#[test]
+fn transaction_ending_exactly_at_page_boundary_is_closed_with_empty_part() {
+    // One txn of 4 rows, limit 4: page is full and single-txn, so it is sent with last=false;
+    // the next (empty) page closes it with an empty last part.
+    let h = history(&[4]);
+    let mut s = Session::new(cfg(0x100));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 4, 4), &h, &mut c, true);
+    let parts: Vec<(bool, usize)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(ServerMessage::Changes { txns, .. }) => Some(txns.iter().map(|t| (t.last, t.ops.len())).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(parts, vec![(false, 4), (true, 0)]);
+    assert_eq!(c.applied.len(), 4);
+}

@@ -1,0 +1,61 @@
+//! Applying one untrusted v1 update to the live document, and learning exactly what it changed.
+//!
+//! What we persist and broadcast is the *transaction's own diff* (`encode_update_v1` of the
+//! transaction that applied the update), not the bytes the client sent:
+//! * it costs O(update), never O(document) (spec §0.7);
+//! * an update that only repeats what we have (a reconnecting client's SyncStep2, the JS
+//!   client's echo of our broadcast) produces no diff, so nothing is written or sent;
+//! * structs yrs parks as *pending* (their dependencies are missing — legitimate Yjs behaviour)
+//!   are kept in memory but appear in a diff only in the transaction that finally integrates
+//!   them, so the journal holds exactly the integrated state. Pending structs are not in the
+//!   journal; they become durable with the next snapshot (yrs' `encode_state_as_update_v1`
+//!   merges pending structs into its output) and, until then, their author still has them and
+//!   re-sends them when our SyncStep1 on reconnect shows we lack them.
+
+use thiserror::Error;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, ReadTxn, Transact, Update};
+
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("update is not a valid Yjs v1 update: {0}")]
+    Decode(#[from] yrs::encoding::read::Error),
+    #[error("update could not be integrated: {0}")]
+    Integrate(#[from] yrs::error::UpdateError),
+    #[error("document is locked by another transaction")]
+    Busy,
+}
+
+/// Result of applying an update.
+#[derive(Debug)]
+pub struct Applied {
+    /// v1 update of what the transaction integrated; `None` when the document did not change.
+    pub diff: Option<Vec<u8>>,
+    /// Set when yrs rejected the update part-way. yrs does not roll back, so whatever it had
+    /// integrated before the failure is in `diff` and must be persisted like any change to keep
+    /// storage equal to memory. A decode failure never changes the document.
+    pub error: Option<ApplyError>,
+}
+
+pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
+    // Decoding first means garbage is rejected before the document is touched.
+    let update = match Update::decode_v1(bytes) {
+        Ok(update) => update,
+        Err(e) => return Applied { diff: None, error: Some(e.into()) },
+    };
+    // try_: a driver holding a read transaction on a cloned handle must not deadlock us.
+    let mut txn = match doc.try_transact_mut() {
+        Ok(txn) => txn,
+        Err(_) => return Applied { diff: None, error: Some(ApplyError::Busy) },
+    };
+    let error = txn.apply_update(update).err().map(ApplyError::from);
+    let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+    let diff = changed.then(|| txn.encode_update_v1());
+    drop(txn);
+    Applied { diff, error }
+}
+
+/// True while the document holds structs or deletions waiting for missing dependencies.
+pub(crate) fn has_pending(doc: &Doc) -> bool {
+    doc.try_transact().map(|txn| txn.has_missing_updates()).unwrap_or(false)
+}

@@ -1,0 +1,6 @@
+//! Connection identity. The core never sees sockets; the driver names each socket with a
+//! `ConnId` it chooses (unique within a room for the room's lifetime) and maps actions back.
+
+/// Opaque, driver-assigned connection id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);

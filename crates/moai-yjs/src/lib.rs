@@ -1,0 +1,33 @@
+//! moai-yjs: the sans-IO core of moai's Yjs support.
+//!
+//! It speaks the y-websocket protocol (spec `shared/specs/yjs.md` §1) for unmodified `yjs` +
+//! `y-websocket` clients, without owning sockets, timers or storage: the server edge feeds it
+//! connects, frames and closes, and executes the [`Action`]s it returns (see [`room`] for the
+//! ordering contract that makes every update durable before it is broadcast).
+//!
+//! * [`protocol`] — frame codec (one message per frame) and [`KEEPALIVE_FRAME`].
+//! * [`awareness`] — presence tracking with removal on disconnect and fast rejoin.
+//! * [`room`] — the per-document state machine.
+//! * [`load`] — rebuilding a document from snapshot + journal.
+
+pub mod apply;
+pub mod awareness;
+pub mod conn;
+mod lib0;
+pub mod load;
+pub mod protocol;
+pub mod room;
+
+#[cfg(test)]
+mod test_util;
+
+pub use apply::ApplyError;
+pub use awareness::{AwarenessEntry, AwarenessTracker, AwarenessUpdate};
+pub use conn::ConnId;
+pub use lib0::DecodeError;
+pub use load::{load_doc, load_room, LoadError};
+pub use protocol::{AuthMessage, Message, MessageReader, SyncMessage, KEEPALIVE_FRAME};
+pub use room::{Action, Room, RoomError, RoomStats, CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR};
+
+/// Re-exported so the driver uses exactly the yrs version this crate was built and tested with.
+pub use yrs;

@@ -1,0 +1,334 @@
+//! One document's sync state machine: the live `yrs::Doc`, its awareness and its connections.
+//! Sans-IO: every input (a connect, a frame, a close, an HTTP write) returns the list of
+//! [`Action`]s the driver must perform. The room never blocks on I/O, reads no clock and owns
+//! no socket, so one actor task per document can drive it and tests can drive it directly.
+//!
+//! # Action ordering contract (durability)
+//!
+//! Actions returned by one call must be executed **in order**, with one rule that makes updates
+//! durable before anybody sees them:
+//!
+//! > An action that follows a [`Action::Persist`] must not be executed before that `Persist`
+//! > (and every earlier one) is durable.
+//!
+//! The room guarantees the matching half: a change to the document is always returned as
+//! `Persist` *before* any `Send`/`Broadcast` that carries it. Later calls are also covered: a
+//! SyncStep2 or `encode_state_as_update` may contain data whose `Persist` was returned by an
+//! earlier call, so the driver must treat its action lists as one sequence.
+//!
+//! **Group commit.** The driver may feed several inputs, concatenate their action lists, write
+//! all `Persist` payloads (in order) in one batch, wait for it, and then execute every other
+//! action in its original relative order. That satisfies the rule, because moving a `Persist`
+//! earlier only delays sends; it never reorders them.
+//!
+//! **Persist failure.** Memory is then ahead of storage. Do not execute the pending actions;
+//! close every connection of the room and drop the `Room` (reload it from storage). Clients keep
+//! their edits and upload them again through the SyncStep1/SyncStep2 exchange on reconnect.
+//!
+//! **Close.** After executing [`Action::Close`] the driver must call [`Room::disconnect`] for
+//! that connection (as for any socket that ended), which returns the awareness removals.
+//!
+//! Reads ([`Room::encode_state_as_update`]) see memory, which can be ahead of storage by the
+//! batch in flight; an HTTP reader needing only durable data must wait for that batch too.
+
+use std::collections::BTreeSet;
+
+use thiserror::Error;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, ReadTxn, StateVector, Transact};
+
+use crate::apply::{apply_v1, has_pending, ApplyError};
+use crate::awareness::{AwarenessTracker, AwarenessUpdate};
+use crate::conn::ConnId;
+use crate::protocol::{
+    awareness_frame, sync_step1_frame, sync_step2_frame, sync_update_frame, Message, MessageReader,
+    SyncMessage,
+};
+
+/// WebSocket close code for a frame we cannot parse as a y-websocket message.
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// WebSocket close code for a well-framed message with an invalid payload (bad update, state
+/// vector or awareness update).
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
+
+/// Something the driver has to do. See the module docs for the ordering contract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send one binary frame to one connection.
+    Send { conn: ConnId, frame: Vec<u8> },
+    /// Send one binary frame to every connection of the room, except `except`.
+    Broadcast { except: Option<ConnId>, frame: Vec<u8> },
+    /// Append this v1 update to the document's journal; it must be durable before any later
+    /// action runs. Replaying all persisted updates (after the last snapshot) rebuilds the doc.
+    Persist { update: Vec<u8> },
+    /// Close the connection with this WebSocket close code, then call [`Room::disconnect`].
+    Close { conn: ConnId, code: u16, reason: String },
+}
+
+/// Misuse by the driver, or a state in which nothing was done. Misbehaving peers never produce
+/// an `Err` from [`Room::receive`]; they get a [`Action::Close`].
+#[derive(Debug, Error)]
+pub enum RoomError {
+    #[error("connection {0:?} is not connected to this room")]
+    UnknownConnection(ConnId),
+    /// Another transaction (e.g. a snapshot on a cloned `Doc` handle) holds the document;
+    /// nothing was applied, retry later.
+    #[error("document is busy")]
+    Busy,
+    /// An HTTP update was rejected. `actions` persists and broadcasts whatever yrs integrated
+    /// before failing (usually nothing); execute them as usual.
+    #[error("invalid update: {reason}")]
+    InvalidUpdate { reason: String, actions: Vec<Action> },
+}
+
+/// Counters for metrics; the edge reads and exports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomStats {
+    /// Messages of an unknown top-level type (ignored, as the JS client does).
+    pub unknown_messages: u64,
+    /// Updates that changed the document.
+    pub updates_applied: u64,
+    /// Updates that changed nothing (already known, or only parked as pending).
+    pub updates_without_effect: u64,
+    /// Frames that made us close the connection.
+    pub rejected_frames: u64,
+}
+
+pub struct Room {
+    doc_id: String,
+    doc: Doc,
+    awareness: AwarenessTracker,
+    conns: BTreeSet<ConnId>,
+    stats: RoomStats,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room")
+            .field("doc_id", &self.doc_id)
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Room {
+    /// A room for a document that does not exist in storage yet. Never use this as a fallback
+    /// when loading failed: an empty doc would later be persisted over the real one
+    /// (hocuspocus#382). Use [`crate::load::load_room`] for stored documents.
+    pub fn new(doc_id: impl Into<String>) -> Self {
+        Self::from_doc(doc_id, Doc::new())
+    }
+
+    /// Wraps an already loaded document.
+    pub fn from_doc(doc_id: impl Into<String>, doc: Doc) -> Self {
+        Room {
+            doc_id: doc_id.into(),
+            doc,
+            awareness: AwarenessTracker::default(),
+            conns: BTreeSet::new(),
+            stats: RoomStats::default(),
+        }
+    }
+
+    pub fn doc_id(&self) -> &str {
+        &self.doc_id
+    }
+
+    /// The live document. Cloning the handle is allowed (e.g. to encode a snapshot on a
+    /// blocking thread), but while a transaction on it is open, mutating calls return
+    /// [`RoomError::Busy`] instead of blocking.
+    pub fn doc(&self) -> &Doc {
+        &self.doc
+    }
+
+    pub fn awareness(&self) -> &AwarenessTracker {
+        &self.awareness
+    }
+
+    pub fn stats(&self) -> RoomStats {
+        self.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_connected(&self, conn: ConnId) -> bool {
+        self.conns.contains(&conn)
+    }
+
+    /// True while yrs holds structs whose dependencies never arrived. Normal briefly; if it
+    /// persists, some client keeps sending updates we cannot integrate (spec §3.2.6).
+    pub fn has_pending_updates(&self) -> bool {
+        has_pending(&self.doc)
+    }
+
+    /// A new socket joined (after auth). Returns our SyncStep1 — the only way a reconnecting
+    /// client's offline edits get uploaded — and, if anybody is present, one awareness message
+    /// with every state. Two frames: JS clients read one message per frame.
+    pub fn connect(&mut self, conn: ConnId) -> Result<Vec<Action>, RoomError> {
+        let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
+        self.conns.insert(conn);
+        self.awareness.add_connection(conn);
+        let mut actions = vec![Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) }];
+        if let Some(all) = self.awareness.all_states() {
+            actions.push(Action::Send { conn, frame: awareness_frame(&all.encode()) });
+        }
+        Ok(actions)
+    }
+
+    /// A socket ended (closed by either side, or dropped). Returns the awareness removal for
+    /// the clients it introduced, for the remaining connections. Idempotent.
+    pub fn disconnect(&mut self, conn: ConnId) -> Vec<Action> {
+        if !self.conns.remove(&conn) {
+            return Vec::new();
+        }
+        match self.awareness.remove_connection(conn) {
+            Some(removed) => vec![Action::Broadcast {
+                except: Some(conn),
+                frame: awareness_frame(&removed.encode()),
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    /// Handles one binary frame from `conn`. Frames holding several concatenated messages (as
+    /// yrs-based peers send) are processed message by message; the first bad message closes
+    /// the connection, keeping the actions of the messages before it.
+    pub fn receive(&mut self, conn: ConnId, frame: &[u8]) -> Result<Vec<Action>, RoomError> {
+        if !self.conns.contains(&conn) {
+            return Err(RoomError::UnknownConnection(conn));
+        }
+        let mut actions = Vec::new();
+        for message in MessageReader::new(frame) {
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    self.stats.rejected_frames += 1;
+                    actions.push(close(conn, CLOSE_PROTOCOL_ERROR, format!("malformed message: {e}")));
+                    break;
+                }
+            };
+            let closed = self.handle(conn, message, &mut actions)?;
+            if closed {
+                break;
+            }
+        }
+        Ok(actions)
+    }
+
+    /// Returns whether it emitted a `Close`.
+    fn handle(
+        &mut self,
+        conn: ConnId,
+        message: Message<'_>,
+        actions: &mut Vec<Action>,
+    ) -> Result<bool, RoomError> {
+        match message {
+            Message::Sync(SyncMessage::Step1(sv)) => {
+                let Ok(sv) = StateVector::decode_v1(sv) else {
+                    return Ok(self.reject(conn, "invalid state vector".into(), actions));
+                };
+                let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
+                let update = txn.encode_state_as_update_v1(&sv);
+                actions.push(Action::Send { conn, frame: sync_step2_frame(&update) });
+            }
+            Message::Sync(SyncMessage::Step2(update)) | Message::Sync(SyncMessage::Update(update)) => {
+                let applied = apply_v1(&self.doc, update);
+                if let Some(diff) = applied.diff {
+                    self.stats.updates_applied += 1;
+                    push_change(actions, diff, Some(conn));
+                } else if applied.error.is_none() {
+                    self.stats.updates_without_effect += 1;
+                }
+                match applied.error {
+                    None => {}
+                    Some(ApplyError::Busy) => return Err(RoomError::Busy),
+                    Some(e) => return Ok(self.reject(conn, e.to_string(), actions)),
+                }
+            }
+            Message::Awareness(bytes) => match AwarenessUpdate::decode(bytes) {
+                Ok(update) => {
+                    if let Some(changed) = self.awareness.apply(conn, &update) {
+                        // Everyone, sender included: see AwarenessTracker::apply.
+                        actions.push(Action::Broadcast {
+                            except: None,
+                            frame: awareness_frame(&changed.encode()),
+                        });
+                    }
+                }
+                Err(e) => return Ok(self.reject(conn, format!("invalid awareness update: {e}"), actions)),
+            },
+            Message::QueryAwareness => {
+                let all = self.awareness.all_states().unwrap_or_default();
+                actions.push(Action::Send { conn, frame: awareness_frame(&all.encode()) });
+            }
+            // Servers send auth messages; a client sending one is ignored like the JS client does.
+            Message::Auth(_) => {}
+            Message::Unknown(_) => self.stats.unknown_messages += 1,
+        }
+        Ok(false)
+    }
+
+    fn reject(&mut self, conn: ConnId, reason: String, actions: &mut Vec<Action>) -> bool {
+        self.stats.rejected_frames += 1;
+        actions.push(close(conn, CLOSE_INVALID_PAYLOAD, reason));
+        true
+    }
+
+    /// Applies an update from the HTTP API (server-side write). The change is persisted and then
+    /// broadcast to every connection.
+    pub fn apply_http_update(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
+        let applied = apply_v1(&self.doc, update);
+        let mut actions = Vec::new();
+        if let Some(diff) = applied.diff {
+            self.stats.updates_applied += 1;
+            push_change(&mut actions, diff, None);
+        }
+        match applied.error {
+            None => Ok(actions),
+            Some(ApplyError::Busy) => Err(RoomError::Busy),
+            Some(e) => Err(RoomError::InvalidUpdate { reason: e.to_string(), actions }),
+        }
+    }
+
+    /// The whole document as one v1 update: for HTTP reads and for compaction. O(document):
+    /// call it off the per-update path (e.g. on the snapshot debounce).
+    ///
+    /// Compaction: a snapshot taken at any moment contains every update whose `Persist` was
+    /// emitted before the call (changes are applied before they are emitted), so journal
+    /// entries up to that point may be dropped once the snapshot is durable; later entries
+    /// must stay (replaying something the snapshot already has is harmless).
+    pub fn encode_state_as_update(&self) -> Result<Vec<u8>, RoomError> {
+        let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
+        Ok(txn.encode_state_as_update_v1(&StateVector::default()))
+    }
+
+    /// The document's current state vector (v1), e.g. to compare replicas.
+    pub fn state_vector(&self) -> Result<Vec<u8>, RoomError> {
+        let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
+        Ok(txn.state_vector().encode_v1())
+    }
+}
+
+fn push_change(actions: &mut Vec<Action>, diff: Vec<u8>, except: Option<ConnId>) {
+    // Persist strictly before the broadcast that carries the same change.
+    let frame = sync_update_frame(&diff);
+    actions.push(Action::Persist { update: diff });
+    actions.push(Action::Broadcast { except, frame });
+}
+
+fn close(conn: ConnId, code: u16, reason: String) -> Action {
+    // Close reasons are limited to 123 bytes by RFC 6455; keep it on a char boundary.
+    let mut reason = reason;
+    if reason.len() > 123 {
+        let mut cut = 123;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    Action::Close { conn, code, reason }
+}

@@ -1,0 +1,294 @@
+//! Room behaviour as a y-websocket client and the server edge observe it.
+
+mod support;
+
+use moai_yjs::yrs::updates::decoder::Decode;
+use moai_yjs::yrs::{ReadTxn, StateVector, Transact};
+use moai_yjs::{
+    load_room, Action, ConnId, Message, Room, RoomError, SyncMessage, CLOSE_INVALID_PAYLOAD,
+    CLOSE_PROTOCOL_ERROR, KEEPALIVE_FRAME,
+};
+use support::*;
+
+#[test]
+fn connect_sends_server_step1_then_nothing_else_when_nobody_is_present() {
+    let mut room = Room::new("doc");
+    let actions = room.connect(ConnId(1)).unwrap();
+    // An empty doc's state vector is `00`: frame `00 00 01 00` (spec §1.2).
+    assert_eq!(actions, vec![Action::Send { conn: ConnId(1), frame: vec![0, 0, 1, 0] }]);
+}
+
+#[test]
+fn step1_from_client_is_answered_with_what_it_lacks() {
+    let mut room = Room::new("doc");
+    let mut driver = Driver::default();
+    let mut clients = vec![Client::new(1), Client::new(2)];
+    clients[0].insert(0, "hello");
+    join(&mut room, &mut driver, &mut clients, 0);
+    join(&mut room, &mut driver, &mut clients, 1);
+    assert_eq!(clients[1].text(), "hello");
+    assert_eq!(text_of(room.doc()), "hello");
+
+    // A client that already has everything gets an empty update (`00 00`).
+    let step1 = clients[1].step1_frame();
+    let actions = room.receive(ConnId(2), &step1).unwrap();
+    assert_eq!(actions, vec![Action::Send { conn: ConnId(2), frame: vec![0, 1, 2, 0, 0] }]);
+}
+
+#[test]
+fn two_clients_converge_through_the_room() {
+    let mut room = Room::new("doc");
+    let mut driver = Driver::default();
+    let mut clients = vec![Client::new(1), Client::new(2)];
+    join(&mut room, &mut driver, &mut clients, 0);
+    join(&mut room, &mut driver, &mut clients, 1);
+
+    // Concurrent edits: both clients edit before seeing each other's change.
+    let ua = clients[0].insert(0, "alpha ");
+    let ub = clients[1].insert(0, "beta ");
+    let acts = room.receive(ConnId(1), &update_frame(&ua)).unwrap();
+    driver.run(&room, &mut clients, acts);
+    let acts = room.receive(ConnId(2), &update_frame(&ub)).unwrap();
+    driver.run(&room, &mut clients, acts);
+    for i in 0..20 {
+        let c = i % 2;
+        let len = clients[c].text().chars().count() as u32;
+        let u = clients[c].insert(len / 2, &format!("{i}"));
+        let acts = room.receive(clients[c].conn, &update_frame(&u)).unwrap();
+        driver.run(&room, &mut clients, acts);
+    }
+
+    let server = text_of(room.doc());
+    assert_eq!(clients[0].text(), server);
+    assert_eq!(clients[1].text(), server);
+    assert!(server.contains("alpha") && server.contains("beta"), "{server}");
+    assert_eq!(server.len(), "alpha beta ".len() + (0..20).map(|i: i32| i.to_string().len()).sum::<usize>());
+}
+
+#[test]
+fn offline_edits_are_uploaded_through_the_server_step1() {
+    // A client that edited while disconnected must not need to send step1 itself: the
+    // server's SyncStep1 on connect makes it answer with its missing edits (spec §0.2).
+    let mut room = Room::new("doc");
+    let mut driver = Driver::default();
+    let mut clients = vec![Client::new(1)];
+    clients[0].insert(0, "offline edit");
+    let acts = room.connect(ConnId(1)).unwrap();
+    driver.run(&room, &mut clients, acts);
+    let server_sv = clients[0].step1_received[0].clone();
+    let acts = room.receive(ConnId(1), &clients[0].step2_for(&server_sv)).unwrap();
+    driver.run(&room, &mut clients, acts);
+    assert_eq!(text_of(room.doc()), "offline edit");
+    assert_eq!(driver.journal.len(), 1);
+}
+
+#[test]
+fn update_is_persisted_before_it_is_broadcast_and_not_echoed_to_sender() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    room.connect(ConnId(2)).unwrap();
+    let client = Client::new(1);
+    let update = client.insert(0, "x");
+    let actions = room.receive(ConnId(1), &update_frame(&update)).unwrap();
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let Action::Persist { update: persisted } = &actions[0] else { panic!("first must be Persist: {actions:?}") };
+    let Action::Broadcast { except, frame } = &actions[1] else { panic!("then Broadcast: {actions:?}") };
+    assert_eq!(*except, Some(ConnId(1)));
+    // The broadcast carries exactly what was persisted.
+    assert_eq!(Message::decode(frame).unwrap(), Message::Sync(SyncMessage::Update(persisted)));
+    assert_eq!(text_of(&load_journal(std::slice::from_ref(persisted))), "x");
+}
+
+#[test]
+fn update_with_nothing_new_is_neither_persisted_nor_broadcast() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let client = Client::new(1);
+    let update = client.insert(0, "x");
+    assert_eq!(room.receive(ConnId(1), &update_frame(&update)).unwrap().len(), 2);
+    // The same update again (e.g. the JS client's own echo or a resync) changes nothing.
+    assert_eq!(room.receive(ConnId(1), &update_frame(&update)).unwrap(), vec![]);
+    // The empty update `00 00` as SyncStep2 too.
+    assert_eq!(room.receive(ConnId(1), &[0, 1, 2, 0, 0]).unwrap(), vec![]);
+    assert_eq!(room.stats().updates_applied, 1);
+    assert_eq!(room.stats().updates_without_effect, 2);
+}
+
+#[test]
+fn pending_update_is_kept_and_persisted_once_its_dependency_arrives() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let client = Client::new(1);
+    let first = client.insert(0, "ab");
+    let second = client.insert(2, "cd"); // depends on `first`
+
+    // Out of order: legitimate Yjs behaviour, not an error, but nothing integrated yet.
+    let actions = room.receive(ConnId(1), &update_frame(&second)).unwrap();
+    assert_eq!(actions, vec![]);
+    assert!(room.has_pending_updates());
+    assert_eq!(text_of(room.doc()), "");
+
+    let actions = room.receive(ConnId(1), &update_frame(&first)).unwrap();
+    assert!(!room.has_pending_updates());
+    assert_eq!(text_of(room.doc()), "abcd");
+    let persisted: Vec<Vec<u8>> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Persist { update } => Some(update.clone()),
+            _ => None,
+        })
+        .collect();
+    // The persisted diff includes the formerly pending part, so storage matches memory.
+    assert_eq!(text_of(&load_journal(&persisted)), "abcd");
+}
+
+#[test]
+fn invalid_update_closes_with_1007_and_leaves_the_doc_unchanged() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let client = Client::new(1);
+    let good = client.insert(0, "keep");
+    room.receive(ConnId(1), &update_frame(&good)).unwrap();
+    let before = full_state(room.doc());
+
+    let more = client.insert(4, " this and more");
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xff, 0xff],
+        vec![0x01],                       // one client, then nothing
+        more[..more.len() - 3].to_vec(),  // truncated valid update
+        vec![0x01, 0x01, 0x05, 0x00, 0xff], // one block of an unknown kind
+    ];
+    for bad in garbage {
+        let actions = room.receive(ConnId(1), &update_frame(&bad)).unwrap();
+        assert!(
+            matches!(actions.as_slice(), [Action::Close { conn: ConnId(1), code: CLOSE_INVALID_PAYLOAD, .. }]),
+            "{bad:?} -> {actions:?}"
+        );
+        assert_eq!(full_state(room.doc()), before, "doc changed by {bad:?}");
+    }
+    assert_eq!(text_of(room.doc()), "keep");
+}
+
+#[test]
+fn malformed_frames_close_with_1002_and_bad_step1_with_1007() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let a = room.receive(ConnId(1), &[0x00, 0x07, 0x00]).unwrap(); // unknown sync subtype
+    assert!(matches!(a.as_slice(), [Action::Close { code: CLOSE_PROTOCOL_ERROR, .. }]), "{a:?}");
+    let a = room.receive(ConnId(1), &[0x00, 0x02, 0x09, 0x00]).unwrap(); // length past the end
+    assert!(matches!(a.as_slice(), [Action::Close { code: CLOSE_PROTOCOL_ERROR, .. }]), "{a:?}");
+    let a = room.receive(ConnId(1), &[0x00, 0x00, 0x02, 0x05, 0x80]).unwrap(); // bad state vector
+    assert!(matches!(a.as_slice(), [Action::Close { code: CLOSE_INVALID_PAYLOAD, .. }]), "{a:?}");
+    let a = room.receive(ConnId(1), &[0x01, 0x04, 0x01, 0x07, 0x01, b'{']).unwrap(); // bad JSON
+    assert!(matches!(a.as_slice(), [Action::Close { code: CLOSE_INVALID_PAYLOAD, .. }]), "{a:?}");
+}
+
+#[test]
+fn unknown_auth_and_keepalive_messages_are_ignored() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    assert_eq!(room.receive(ConnId(1), &[0x64, 0x01, 0x02]).unwrap(), vec![]);
+    assert_eq!(room.receive(ConnId(1), &[0x02, 0x00, 0x00]).unwrap(), vec![]);
+    assert_eq!(room.receive(ConnId(1), &KEEPALIVE_FRAME).unwrap(), vec![]);
+    assert_eq!(room.stats().unknown_messages, 1);
+}
+
+#[test]
+fn frames_from_unknown_connections_are_a_driver_error() {
+    let mut room = Room::new("doc");
+    assert!(matches!(room.receive(ConnId(9), &KEEPALIVE_FRAME), Err(RoomError::UnknownConnection(ConnId(9)))));
+    room.connect(ConnId(9)).unwrap();
+    room.disconnect(ConnId(9));
+    assert!(room.receive(ConnId(9), &KEEPALIVE_FRAME).is_err());
+}
+
+#[test]
+fn concatenated_messages_in_one_frame_are_all_handled() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let client = Client::new(1);
+    let mut frame = client.step1_frame();
+    frame.extend_from_slice(&update_frame(&client.insert(0, "z")));
+    let actions = room.receive(ConnId(1), &frame).unwrap();
+    assert!(matches!(actions.as_slice(), [Action::Send { .. }, Action::Persist { .. }, Action::Broadcast { .. }]), "{actions:?}");
+}
+
+#[test]
+fn http_update_is_persisted_then_broadcast_to_everyone() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let writer = Client::new(50);
+    let actions = room.apply_http_update(&writer.insert(0, "from http")).unwrap();
+    assert!(matches!(actions.as_slice(), [Action::Persist { .. }, Action::Broadcast { except: None, .. }]), "{actions:?}");
+    assert_eq!(text_of(room.doc()), "from http");
+
+    let before = full_state(room.doc());
+    match room.apply_http_update(&[0x03, 0x01]) {
+        Err(RoomError::InvalidUpdate { actions, .. }) => assert!(actions.is_empty()),
+        other => panic!("expected InvalidUpdate, got {other:?}"),
+    }
+    assert_eq!(full_state(room.doc()), before);
+}
+
+#[test]
+fn busy_document_is_reported_not_deadlocked() {
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let update = Client::new(1).insert(0, "x");
+    let handle = room.doc().clone();
+    let read = handle.transact();
+    assert!(matches!(room.receive(ConnId(1), &update_frame(&update)), Err(RoomError::Busy)));
+    drop(read);
+    assert_eq!(room.receive(ConnId(1), &update_frame(&update)).unwrap().len(), 2);
+}
+
+#[test]
+fn load_from_snapshot_and_journal_equals_the_live_state() {
+    let mut room = Room::new("doc");
+    let mut driver = Driver::default();
+    let mut clients = vec![Client::new(1), Client::new(2)];
+    join(&mut room, &mut driver, &mut clients, 0);
+    join(&mut room, &mut driver, &mut clients, 1);
+    let mut snapshot = None;
+    for i in 0..30u32 {
+        let c = (i % 2) as usize;
+        let len = clients[c].text().chars().count() as u32;
+        let u = clients[c].insert((i * 7) % (len + 1), &format!("<{i}>"));
+        let acts = room.receive(clients[c].conn, &update_frame(&u)).unwrap();
+        driver.run(&room, &mut clients, acts);
+        if i == 12 {
+            // Compaction: snapshot, then only later journal entries are kept.
+            snapshot = Some((room.encode_state_as_update().unwrap(), driver.journal.len()));
+        }
+    }
+    let (snapshot, cut) = snapshot.unwrap();
+    let tail: Vec<&[u8]> = driver.journal[cut..].iter().map(|u| u.as_slice()).collect();
+    let loaded = load_room("doc", Some(&snapshot), tail.iter().copied()).unwrap();
+    assert_eq!(text_of(loaded.doc()), text_of(room.doc()));
+    assert_eq!(loaded.state_vector().unwrap(), room.state_vector().unwrap());
+
+    // Journal alone (no snapshot) gives the same, and so does snapshot + the whole journal
+    // (replaying entries the snapshot already covers is harmless).
+    assert_eq!(text_of(&load_journal(&driver.journal)), text_of(room.doc()));
+    let all: Vec<&[u8]> = driver.journal.iter().map(|u| u.as_slice()).collect();
+    let loaded = load_room("doc", Some(&snapshot), all.iter().copied()).unwrap();
+    assert_eq!(text_of(loaded.doc()), text_of(room.doc()));
+}
+
+#[test]
+fn load_failure_is_an_error_not_an_empty_doc() {
+    let good = Client::new(1).insert(0, "data");
+    assert!(matches!(
+        load_room("doc", Some(&[0xff, 0xff]), std::iter::empty()),
+        Err(moai_yjs::LoadError::SnapshotDecode(_))
+    ));
+    let journal: Vec<&[u8]> = vec![&good, &[0x05]];
+    assert!(matches!(
+        load_room("doc", None, journal.iter().copied()),
+        Err(moai_yjs::LoadError::JournalDecode { index: 1, .. })
+    ));
+    let loaded = load_room("doc", Some(&good), std::iter::empty()).unwrap();
+    assert_eq!(text_of(loaded.doc()), "data");
+    let sv = loaded.doc().transact().state_vector();
+    assert_eq!(sv, StateVector::decode_v1(&loaded.state_vector().unwrap()).unwrap());
+}
