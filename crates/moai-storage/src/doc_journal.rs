@@ -33,9 +33,17 @@ impl StoredDoc {
 
 #[async_trait]
 pub trait DocJournal: Send + Sync + 'static {
-    /// Appends one update to `doc`'s journal. When this returns `Ok`, the update is durable
-    /// (it survives `kill -9` of the process). Returns the update's sequence number.
-    async fn append(&self, doc: &str, update: Vec<u8>) -> Result<u64, StorageError>;
+    /// Appends updates to `doc`'s journal, in order, atomically. When this returns `Ok`, they
+    /// are durable (they survive `kill -9` of the process). Returns the sequence number of the
+    /// last one (`None` when `updates` is empty).
+    async fn append_many(&self, doc: &str, updates: Vec<Vec<u8>>) -> Result<Option<u64>, StorageError>;
+
+    /// Appends one update; see [`DocJournal::append_many`]. Returns its sequence number.
+    async fn append(&self, doc: &str, update: Vec<u8>) -> Result<u64, StorageError> {
+        let seq = self.append_many(doc, vec![update]).await?;
+        // append_many returns Some for a non-empty batch; a backend that breaks this is a bug.
+        seq.ok_or(StorageError::CommitFailed("append returned no sequence number".into()))
+    }
 
     /// Loads the snapshot and every journal entry of `doc`. An unknown document is an empty
     /// [`StoredDoc`], not an error.

@@ -22,15 +22,17 @@ impl MemoryStorage {
 
 #[async_trait]
 impl DocJournal for MemoryStorage {
-    async fn append(&self, doc: &str, update: Vec<u8>) -> Result<u64, StorageError> {
-        let seq = {
-            let mut next = self.next_seq.lock().map_err(|_| StorageError::Closed)?;
-            *next += 1;
-            *next
-        };
+    async fn append_many(&self, doc: &str, updates: Vec<Vec<u8>>) -> Result<Option<u64>, StorageError> {
+        let mut next = self.next_seq.lock().map_err(|_| StorageError::Closed)?;
         let mut docs = self.docs.lock().map_err(|_| StorageError::Closed)?;
-        docs.entry(doc.to_owned()).or_default().updates.push((seq, update));
-        Ok(seq)
+        let entry = docs.entry(doc.to_owned()).or_default();
+        let mut last = None;
+        for update in updates {
+            *next += 1;
+            entry.updates.push((*next, update));
+            last = Some(*next);
+        }
+        Ok(last)
     }
 
     async fn load(&self, doc: &str) -> Result<StoredDoc, StorageError> {

@@ -9,6 +9,8 @@
 //! * [`awareness`] — presence tracking with removal on disconnect and fast rejoin.
 //! * [`room`] — the per-document state machine.
 //! * [`load`] — rebuilding a document from snapshot + journal.
+//! * [`service`] — the async driver: one owner task per document, persistence through
+//!   [`moai_storage::DocJournal`] before broadcast, bounded outboxes, compaction, eviction.
 
 pub mod apply;
 pub mod awareness;
@@ -17,6 +19,7 @@ mod lib0;
 pub mod load;
 pub mod protocol;
 pub mod room;
+pub mod service;
 
 #[cfg(test)]
 mod test_util;

@@ -8,12 +8,19 @@ use crate::{DocJournal, StorageError, StoredDoc};
 
 #[async_trait]
 impl DocJournal for SqliteStorage {
-    async fn append(&self, doc: &str, update: Vec<u8>) -> Result<u64, StorageError> {
+    async fn append_many(&self, doc: &str, updates: Vec<Vec<u8>>) -> Result<Option<u64>, StorageError> {
+        if updates.is_empty() {
+            return Ok(None);
+        }
         let doc = doc.to_owned();
         self.write(move |conn| {
             let mut stmt =
                 conn.prepare_cached("INSERT INTO doc_updates(doc, data) VALUES (?1, ?2) RETURNING seq")?;
-            stmt.query_row(params![doc, update], |r| r.get::<_, i64>(0)).map(|s| s as u64)
+            let mut last = None;
+            for update in updates {
+                last = Some(stmt.query_row(params![doc, update], |r| r.get::<_, i64>(0))? as u64);
+            }
+            Ok(last)
         })
         .await
     }

@@ -1,0 +1,429 @@
+//! The owner task of one document.
+//!
+//! It loads the document (snapshot + journal) before handling anything, then loops: take every
+//! queued command (up to `max_batch`), run them through the [`Room`], append every resulting
+//! update to the journal in ONE storage call, and only after that write is durable perform the
+//! sends. That is the room's ordering contract with group commit: nobody ever sees an update
+//! that a `kill -9` could lose, and a burst of edits costs one commit, not one per edit.
+//!
+//! It also folds the journal into a snapshot in the background once it grows past the
+//! configured size (off this task: the snapshot is rebuilt from storage on a blocking thread, so
+//! the live document is never locked for O(document) work), and evicts the document after it
+//! has had no connections for the idle period.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use moai_storage::DocJournal;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::registry::RegistryRef;
+use super::session::SessionFlags;
+use super::{Outbound, ServiceError, Session, YjsConfig};
+use crate::room::{Action, RoomError};
+use crate::{load_room, ConnId, Room};
+
+/// Close code for "the server could not serve this document" (load or storage failure).
+const CLOSE_INTERNAL: u16 = 1011;
+
+pub(crate) enum Reply<T> {
+    Done(T),
+    Failed(ServiceError),
+    /// The task is ending; resolve the document again.
+    Retry,
+}
+
+pub(crate) enum Command {
+    Join {
+        outbox: mpsc::Sender<Outbound>,
+        outbound: Option<mpsc::Receiver<Outbound>>,
+        reply: oneshot::Sender<Reply<Session>>,
+    },
+    Frame {
+        conn: ConnId,
+        frame: Bytes,
+    },
+    Leave {
+        conn: ConnId,
+    },
+    ReadState {
+        reply: oneshot::Sender<Reply<Vec<u8>>>,
+    },
+    ApplyUpdate {
+        update: Vec<u8>,
+        reply: oneshot::Sender<Reply<()>>,
+    },
+}
+
+struct Connection {
+    outbox: mpsc::Sender<Outbound>,
+    flags: Arc<SessionFlags>,
+}
+
+struct DocTask {
+    doc_id: String,
+    generation: u64,
+    room: Room,
+    conns: HashMap<ConnId, Connection>,
+    next_conn: u64,
+    commands: mpsc::Receiver<Command>,
+    self_sender: mpsc::Sender<Command>,
+    registry: RegistryRef,
+    storage: Arc<dyn DocJournal>,
+    config: YjsConfig,
+    /// Journal bytes not yet folded into a snapshot.
+    journal_bytes: usize,
+    compaction: Option<JoinHandle<Result<usize, String>>>,
+}
+
+pub(crate) fn spawn(
+    doc_id: String,
+    generation: u64,
+    commands: mpsc::Receiver<Command>,
+    self_sender: mpsc::Sender<Command>,
+    registry: RegistryRef,
+) {
+    tokio::spawn(async move {
+        let Some((storage, config)) = registry.upgrade().map(|r| (r.storage.clone(), r.config.clone())) else {
+            return;
+        };
+        match load(&doc_id, storage.as_ref()).await {
+            Ok((room, journal_bytes)) => {
+                tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
+                let task = DocTask {
+                    doc_id,
+                    generation,
+                    room,
+                    conns: HashMap::new(),
+                    next_conn: 0,
+                    commands,
+                    self_sender,
+                    registry,
+                    storage,
+                    config,
+                    journal_bytes,
+                    compaction: None,
+                };
+                task.run().await;
+            }
+            Err(reason) => {
+                tracing::error!(doc = %doc_id, error = %reason, "document failed to load; refusing it");
+                if let Some(r) = registry.upgrade() {
+                    r.remove(&doc_id, generation);
+                }
+                fail_all(commands, ServiceError::LoadFailed(reason));
+            }
+        }
+    });
+}
+
+async fn load(doc_id: &str, storage: &dyn DocJournal) -> Result<(Room, usize), String> {
+    let stored = storage.load(doc_id).await.map_err(|e| e.to_string())?;
+    let journal_bytes = stored.journal_bytes();
+    let doc_id = doc_id.to_owned();
+    // Applying a large snapshot is O(document): keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        load_room(doc_id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
+            .map(|room| (room, journal_bytes))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("load task failed: {e}"))?
+}
+
+/// Answers every queued and future command with `error` (the document could not be served).
+fn fail_all(mut commands: mpsc::Receiver<Command>, error: ServiceError) {
+    commands.close();
+    while let Ok(cmd) = commands.try_recv() {
+        match cmd {
+            Command::Join { reply, .. } => drop(reply.send(Reply::Failed(error.clone()))),
+            Command::ReadState { reply } => drop(reply.send(Reply::Failed(error.clone()))),
+            Command::ApplyUpdate { reply, .. } => drop(reply.send(Reply::Failed(error.clone()))),
+            Command::Frame { .. } | Command::Leave { .. } => {}
+        }
+    }
+}
+
+/// Replies that may only be sent after the batch's updates are durable.
+enum Deferred {
+    State(oneshot::Sender<Reply<Vec<u8>>>, Reply<Vec<u8>>),
+    Applied(oneshot::Sender<Reply<()>>),
+    Rejected(oneshot::Sender<Reply<()>>, String),
+}
+
+impl DocTask {
+    async fn run(mut self) {
+        loop {
+            let idle = self.conns.is_empty() && self.compaction.is_none();
+            let first = tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => return, // cannot happen while we hold self_sender; be safe
+                },
+                result = async { self.compaction.as_mut().expect("guarded").await }, if self.compaction.is_some() => {
+                    self.compaction = None;
+                    self.compaction_finished(result.unwrap_or_else(|e| Err(e.to_string())));
+                    continue;
+                }
+                _ = tokio::time::sleep(self.config.idle_evict), if idle => {
+                    if self.evict().await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.config.max_batch {
+                match self.commands.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            if !self.handle_batch(batch).await {
+                return;
+            }
+        }
+    }
+
+    /// Returns false when the task must end (storage failed).
+    async fn handle_batch(&mut self, batch: Vec<Command>) -> bool {
+        let mut actions = Vec::new();
+        let mut deferred = Vec::new();
+        for cmd in batch {
+            self.handle(cmd, &mut actions, &mut deferred);
+        }
+
+        // Group commit: every update of the batch in one durable append, before any send.
+        let mut updates = Vec::new();
+        let mut rest = VecDeque::with_capacity(actions.len());
+        for action in actions {
+            match action {
+                Action::Persist { update } => updates.push(update),
+                other => rest.push_back(other),
+            }
+        }
+        if !updates.is_empty() {
+            let bytes: usize = updates.iter().map(Vec::len).sum();
+            if let Err(e) = self.storage.append_many(&self.doc_id, updates).await {
+                self.storage_failed(e.to_string(), deferred);
+                return false;
+            }
+            self.journal_bytes += bytes;
+        }
+
+        self.perform(rest);
+        for d in deferred {
+            match d {
+                Deferred::State(reply, answer) => drop(reply.send(answer)),
+                Deferred::Applied(reply) => drop(reply.send(Reply::Done(()))),
+                Deferred::Rejected(reply, reason) => {
+                    drop(reply.send(Reply::Failed(ServiceError::InvalidUpdate(reason))))
+                }
+            }
+        }
+        self.maybe_compact();
+        true
+    }
+
+    fn handle(&mut self, cmd: Command, actions: &mut Vec<Action>, deferred: &mut Vec<Deferred>) {
+        match cmd {
+            Command::Join { outbox, outbound, reply } => {
+                let conn = ConnId(self.next_conn);
+                self.next_conn += 1;
+                let Some(outbound) = outbound else { return };
+                match self.room.connect(conn) {
+                    Ok(connect_actions) => {
+                        let flags = Arc::new(SessionFlags::default());
+                        self.conns.insert(conn, Connection { outbox, flags: flags.clone() });
+                        let session = Session {
+                            conn,
+                            commands: self.self_sender.clone(),
+                            outbound,
+                            flags,
+                            left: false,
+                        };
+                        if reply.send(Reply::Done(session)).is_err() {
+                            // The joiner went away; the session's drop queued a Leave.
+                        }
+                        actions.extend(connect_actions);
+                    }
+                    Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
+                }
+            }
+            Command::Frame { conn, frame } => {
+                if !self.conns.contains_key(&conn) {
+                    return; // dropped earlier (too slow, closed); late frames are ignored
+                }
+                match self.room.receive(conn, &frame) {
+                    Ok(a) => actions.extend(a),
+                    Err(RoomError::UnknownConnection(_)) => {}
+                    Err(e) => actions.push(Action::Close { conn, code: CLOSE_INTERNAL, reason: e.to_string() }),
+                }
+            }
+            Command::Leave { conn } => {
+                if self.conns.remove(&conn).is_some() {
+                    actions.extend(self.room.disconnect(conn));
+                }
+            }
+            Command::ReadState { reply } => {
+                let answer = match self.room.encode_state_as_update() {
+                    Ok(update) => Reply::Done(update),
+                    Err(e) => Reply::Failed(ServiceError::Unavailable(e.to_string())),
+                };
+                // Memory may hold updates of this batch that are not durable yet: answer after
+                // the batch's commit, like every other send.
+                deferred.push(Deferred::State(reply, answer));
+            }
+            Command::ApplyUpdate { update, reply } => match self.room.apply_http_update(&update) {
+                Ok(a) => {
+                    actions.extend(a);
+                    deferred.push(Deferred::Applied(reply));
+                }
+                Err(RoomError::InvalidUpdate { reason, actions: partial }) => {
+                    actions.extend(partial);
+                    deferred.push(Deferred::Rejected(reply, reason));
+                }
+                Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
+            },
+        }
+    }
+
+    /// Performs sends, broadcasts and closes in order. Dropping a connection (closed, or too
+    /// slow) produces awareness removals, which are performed in turn.
+    fn perform(&mut self, mut queue: VecDeque<Action>) {
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Persist { .. } => {
+                    // Only produced together with sends by input handling, never by disconnect;
+                    // handle_batch has already extracted them.
+                    debug_assert!(false, "persist after the commit point");
+                }
+                Action::Send { conn, frame } => {
+                    let frame = Bytes::from(frame);
+                    self.deliver(conn, frame, &mut queue);
+                }
+                Action::Broadcast { except, frame } => {
+                    let frame = Bytes::from(frame);
+                    let targets: Vec<ConnId> = self.conns.keys().copied().filter(|c| Some(*c) != except).collect();
+                    for conn in targets {
+                        self.deliver(conn, frame.clone(), &mut queue);
+                    }
+                }
+                Action::Close { conn, code, reason } => {
+                    if let Some(c) = self.conns.remove(&conn) {
+                        let _ = c.outbox.try_send(Outbound::Close { code, reason });
+                        queue.extend(self.room.disconnect(conn));
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, conn: ConnId, frame: Bytes, queue: &mut VecDeque<Action>) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        match c.outbox.try_send(Outbound::Frame(frame)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Never skip an update silently: drop the session; it resyncs on reconnect.
+                c.flags.too_slow.store(true, Ordering::Relaxed);
+                tracing::warn!(doc = %self.doc_id, conn = conn.0, "client too slow: outbox full, closing it");
+                self.conns.remove(&conn);
+                queue.extend(self.room.disconnect(conn));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The socket is gone and its Leave is on the way; forget it now.
+                self.conns.remove(&conn);
+                queue.extend(self.room.disconnect(conn));
+            }
+        }
+    }
+
+    /// Memory is ahead of storage: close everyone (they keep their edits and re-upload them on
+    /// reconnect) and end this task so the next use reloads from storage.
+    fn storage_failed(&mut self, error: String, deferred: Vec<Deferred>) {
+        tracing::error!(doc = %self.doc_id, error = %error, "persisting updates failed; closing the document");
+        for (_, c) in self.conns.drain() {
+            let _ = c.outbox.try_send(Outbound::Close { code: CLOSE_INTERNAL, reason: "storage failure".into() });
+        }
+        for d in deferred {
+            let failed = ServiceError::Storage(error.clone());
+            match d {
+                Deferred::State(reply, _) => drop(reply.send(Reply::Failed(failed))),
+                Deferred::Applied(reply) | Deferred::Rejected(reply, _) => drop(reply.send(Reply::Failed(failed))),
+            }
+        }
+        if let Some(r) = self.registry.upgrade() {
+            r.remove(&self.doc_id, self.generation);
+        }
+        let (_, dummy) = mpsc::channel(1);
+        let commands = std::mem::replace(&mut self.commands, dummy);
+        fail_all(commands, ServiceError::Storage(error));
+    }
+
+    fn maybe_compact(&mut self) {
+        if self.compaction.is_none() && self.journal_bytes >= self.config.compact_journal_bytes {
+            let storage = self.storage.clone();
+            let doc_id = self.doc_id.clone();
+            self.compaction = Some(tokio::spawn(async move { compact(&doc_id, storage.as_ref()).await }));
+        }
+    }
+
+    fn compaction_finished(&mut self, result: Result<usize, String>) {
+        match result {
+            Ok(folded) => {
+                self.journal_bytes = self.journal_bytes.saturating_sub(folded);
+                tracing::debug!(doc = %self.doc_id, folded, "journal compacted");
+            }
+            // The journal is intact; we try again after the next write.
+            Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction failed"),
+        }
+    }
+
+    /// Compacts (if anything is in the journal) and ends the task, unless commands arrived
+    /// meanwhile. Returns whether the task ended.
+    async fn evict(&mut self) -> bool {
+        if self.journal_bytes > 0 {
+            match compact(&self.doc_id, self.storage.as_ref()).await {
+                Ok(folded) => self.journal_bytes = self.journal_bytes.saturating_sub(folded),
+                Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction before eviction failed"),
+            }
+        }
+        let Some(registry) = self.registry.upgrade() else { return true };
+        if !registry.try_remove(&self.doc_id, self.generation, &self.commands) {
+            return false;
+        }
+        // Anyone who resolved us just before removal gets Retry and reloads from storage.
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Join { reply, .. } => drop(reply.send(Reply::Retry)),
+                Command::ReadState { reply } => drop(reply.send(Reply::Retry)),
+                Command::ApplyUpdate { reply, .. } => drop(reply.send(Reply::Retry)),
+                Command::Frame { .. } | Command::Leave { .. } => {}
+            }
+        }
+        tracing::debug!(doc = %self.doc_id, "document evicted");
+        true
+    }
+}
+
+/// Rebuilds the document from storage on a blocking thread and replaces the journal prefix it
+/// covers with one snapshot. Returns the journal bytes folded.
+async fn compact(doc_id: &str, storage: &dyn DocJournal) -> Result<usize, String> {
+    let stored = storage.load(doc_id).await.map_err(|e| e.to_string())?;
+    let Some(through) = stored.last_seq() else { return Ok(0) };
+    let folded = stored.journal_bytes();
+    let id = doc_id.to_owned();
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
+            .map_err(|e| e.to_string())?;
+        room.encode_state_as_update().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    storage.compact(doc_id, snapshot, through).await.map_err(|e| e.to_string())?;
+    Ok(folded)
+}

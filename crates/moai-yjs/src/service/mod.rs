@@ -1,0 +1,101 @@
+//! The async driver of the Yjs engine: it runs [`Room`](crate::Room)s against storage.
+//!
+//! One owner task per loaded document holds the `Room` and is the only code that touches it, so
+//! there are no locks around documents and every document's messages are handled in arrival
+//! order. The registry creates that task on first use and every later connection to the same
+//! document joins the same task: loading is single-flight by construction (simultaneous first
+//! connections always share one in-memory document).
+//!
+//! What the edge sees: [`YjsService::join`] gives a [`Session`] for one socket (its inbound
+//! frames go in with [`Session::receive`]; its outbound frames come out of
+//! [`Session::outbound`]), and [`YjsService::read_state`] / [`YjsService::apply_update`] serve
+//! the HTTP API. Sockets, heartbeats and auth stay at the edge.
+
+mod doc_task;
+mod registry;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moai_storage::DocJournal;
+use thiserror::Error;
+
+pub use session::{Outbound, Session};
+
+use registry::Registry;
+
+/// Tunables of the Yjs engine.
+#[derive(Debug, Clone)]
+pub struct YjsConfig {
+    /// Frames queued for one socket before it counts as too slow and is closed (it resyncs on
+    /// reconnect). Never silently skipped: a skipped update would leave a client diverged.
+    pub outbox_frames: usize,
+    /// A document with no connections for this long is compacted and evicted from memory.
+    pub idle_evict: Duration,
+    /// Journal bytes after which the journal is folded into a snapshot in the background.
+    pub compact_journal_bytes: usize,
+    /// Most commands one document task handles per group commit.
+    pub max_batch: usize,
+}
+
+impl Default for YjsConfig {
+    fn default() -> Self {
+        Self {
+            outbox_frames: 1024,
+            idle_evict: Duration::from_secs(30),
+            compact_journal_bytes: 1 << 20,
+            max_batch: 256,
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ServiceError {
+    /// The stored document could not be read or decoded. The document is refused rather than
+    /// served empty, which could later overwrite the real data.
+    #[error("document could not be loaded: {0}")]
+    LoadFailed(String),
+    /// Storage failed while persisting; the document was closed and will reload on next use.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The update is not a valid Yjs update (HTTP API).
+    #[error("invalid update: {0}")]
+    InvalidUpdate(String),
+    /// The engine is shutting down or the document task ended unexpectedly.
+    #[error("document unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Handle to the Yjs engine. Cheap to clone.
+#[derive(Clone)]
+pub struct YjsService {
+    registry: Arc<Registry>,
+}
+
+impl YjsService {
+    pub fn new(storage: Arc<dyn DocJournal>, config: YjsConfig) -> Self {
+        Self { registry: Registry::new(storage, config) }
+    }
+
+    /// Connects a new socket to `doc_id`, loading the document if needed. The session's
+    /// outbound queue already holds the server's SyncStep1 (and awareness states, if any).
+    pub async fn join(&self, doc_id: &str) -> Result<Session, ServiceError> {
+        self.registry.join(doc_id).await
+    }
+
+    /// The whole document as one Yjs v1 update.
+    pub async fn read_state(&self, doc_id: &str) -> Result<Vec<u8>, ServiceError> {
+        self.registry.read_state(doc_id).await
+    }
+
+    /// Applies a v1 update from the HTTP API: persisted, then broadcast to connected clients.
+    pub async fn apply_update(&self, doc_id: &str, update: Vec<u8>) -> Result<(), ServiceError> {
+        self.registry.apply_update(doc_id, update).await
+    }
+
+    /// Documents currently held in memory.
+    pub fn loaded_documents(&self) -> usize {
+        self.registry.loaded()
+    }
+}
