@@ -30,15 +30,31 @@ console.log = console.info = console.debug = (...args) => console.error(...args)
 
 const emitEvent = (event, fields) => out({ event, ...fields })
 
-// In a browser an exception thrown inside a WebSocket `onmessage` handler (e.g. while decoding a
-// malformed frame from the server) is reported and the page keeps running. Under Node the same
-// exception would kill the process, so mirror the browser: report it as an event and go on.
+// Safety net: an exception escaping a library callback would kill the process (a browser would
+// log it and go on). Message handling has its own catch (see browserLikeWebSocket), so this
+// should never fire; report it as an event and go on.
 let uncaughtExceptions = 0
 process.on('uncaughtException', (err) => {
   uncaughtExceptions++
   log('uncaught exception:', err && err.stack ? err.stack : String(err))
   emitEvent('uncaughtException', { error: String(err && err.message ? err.message : err) })
 })
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket polyfill
+
+// `ws` with one browser behaviour restored: in a browser an exception thrown by an `onmessage`
+// handler (y-websocket failing to decode a malformed frame) is reported and the next frames are
+// still delivered. With plain `ws` the exception escapes from inside its frame parser, which
+// also loses the frames that followed in the same TCP read. So catch it per message and report.
+const browserLikeWebSocket = (onMessageError) => class extends WebSocket {
+  get onmessage () { return super.onmessage }
+  set onmessage (fn) {
+    super.onmessage = fn && ((event) => {
+      try { fn(event) } catch (err) { onMessageError(err) }
+    })
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -63,10 +79,17 @@ class Client {
     this.received = Object.fromEntries(MESSAGE_TYPES.map((t) => [t, 0]))
     this.connectionErrors = []
     this.waiters = new Set() // pending waits, so that `destroy` can fail them
+    this.blackHoled = [] // TCP sockets muted by dropSocket mode "silent"
 
+    this.messageErrors = []
+    const WS = browserLikeWebSocket((err) => {
+      log(`client ${name}: error while handling a message:`, err && err.stack ? err.stack : String(err))
+      this.messageErrors.push(String(err && err.message ? err.message : err))
+      emitEvent('messageError', { name, error: this.messageErrors[this.messageErrors.length - 1] })
+    })
     // Created with connect: false so that our listeners see the very first 'connecting' status;
     // connect() below is exactly what the constructor would have called.
-    const opts = { WebSocketPolyfill: WebSocket, params, protocols, awareness: this.awareness, disableBc: true, connect: false }
+    const opts = { WebSocketPolyfill: WS, params, protocols, awareness: this.awareness, disableBc: true, connect: false }
     if (maxBackoffTime !== undefined) opts.maxBackoffTime = maxBackoffTime
     this.provider = new WebsocketProvider(url, room, this.doc, opts)
     // Count received frames by message type without changing behaviour (`messageHandlers` is a
@@ -106,13 +129,11 @@ class Client {
       queueMicrotask(() => {
         rec.shouldConnect = p.shouldConnect
         emitEvent('connection-close', { name, ...rec })
+        if (rec.terminal) emitEvent('closed', { name, code: rec.code, reason: rec.reason })
         this.notify()
       })
     })
-    p.on('closed', () => {
-      this.closes[this.closes.length - 1].terminal = true
-      emitEvent('closed', { name, code: this.closes[this.closes.length - 1].code })
-    })
+    p.on('closed', () => { this.closes[this.closes.length - 1].terminal = true })
   }
 
   // Re-evaluate pending waits. Waits also subscribe to doc/awareness/provider events directly;
@@ -153,6 +174,7 @@ class Client {
   destroy () {
     for (const w of [...this.waiters]) w.abort(new Error(`client ${this.name} destroyed`))
     this.provider.destroy()
+    for (const sock of this.blackHoled) sock.destroy()
     this.awareness.destroy()
     this.doc.destroy()
   }
@@ -296,7 +318,8 @@ const commands = {
   //   mode "destroy" (default): close the TCP socket (server sees FIN, no close frame)
   //   mode "reset": abort the TCP connection (server sees RST)
   //   mode "silent": black hole - stop reading and drop everything y-websocket sends, keep TCP
-  //       open (the server's pings go unanswered; the client notices only via its 30 s watchdog)
+  //       open (the server's pings go unanswered; the client notices only via its 30 s watchdog,
+  //       then reconnects on a new socket while the old one stays muted)
   // stayOffline: true stops y-websocket from reconnecting afterwards (until `reconnect`).
   dropSocket (m) {
     const c = getClient(m.name)
@@ -307,10 +330,14 @@ const commands = {
     if (mode === 'destroy') ws._socket.destroy()
     else if (mode === 'reset') ws._socket.resetAndDestroy()
     else if (mode === 'silent') {
+      // A real black hole also swallows whatever the client does later, including the close
+      // frame of y-websocket's 30 s watchdog: keep the TCP socket open and mute until the server
+      // gives up on it (or the client is destroyed), so the server's ping timeout is what ends it.
       ws._socket.pause()
       ws._socket.removeAllListeners('data') // already-buffered bytes must not be parsed either
       ws.send = () => {}
-      ws.close = () => ws.terminate() // the watchdog's close: no close frame either
+      ws.close = () => {}
+      c.blackHoled.push(ws._socket)
     } else throw new Error(`unknown mode ${mode}`)
     return {}
   },
@@ -345,6 +372,7 @@ const commands = {
       statusCounts: c.statusCounts,
       statuses: c.statuses,
       connectionErrors: c.connectionErrors,
+      messageErrors: c.messageErrors,
       received: c.received,
       synced: p.synced,
       wsconnected: p.wsconnected,

@@ -28,6 +28,12 @@ pub struct WriterInfo {
     sent_ns: Vec<AtomicU64>,
 }
 
+impl WriterInfo {
+    pub fn sent_ns_iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sent_ns.iter().map(|a| a.load(Ordering::Acquire))
+    }
+}
+
 /// Send times of all writers, shared by the sinks (stamping) and receivers (reading).
 pub struct SendLog {
     pub base: Instant,
@@ -116,7 +122,17 @@ pub struct Receiver {
     seen: HashMap<usize, Vec<bool>>,
     /// A writer's document handle, to answer the server's SyncStep1 truthfully.
     writer_doc: Option<yrs::Doc>,
+    /// Big-doc scenario: count the items of one client and fire when `target` have arrived.
+    watch: Option<Watch>,
     pub stats: DeliveryStats,
+}
+
+/// Signals when all `target` items of `client` have arrived (the big document is complete).
+pub struct Watch {
+    pub client: u64,
+    pub target: u64,
+    pub seen: u64,
+    pub done: Option<tokio::sync::oneshot::Sender<Instant>>,
 }
 
 impl Receiver {
@@ -130,7 +146,12 @@ impl Receiver {
             Some((w, d)) => (Some(w), Some(d)),
             None => (None, None),
         };
-        Self { doc, own_writer, log, progress, seen: HashMap::new(), writer_doc, stats: DeliveryStats::default() }
+        Self { doc, own_writer, log, progress, seen: HashMap::new(), writer_doc, watch: None, stats: DeliveryStats::default() }
+    }
+
+    pub fn with_watch(mut self, watch: Watch) -> Self {
+        self.watch = Some(watch);
+        self
     }
 }
 
@@ -158,7 +179,16 @@ impl Handler for Receiver {
         let mut new = 0u64;
         for (client, ranges) in update.insertions(true).iter() {
             let Some(&writer) = self.log.by_client.get(client) else {
-                self.stats.foreign_items += ranges.iter().map(|r| u64::from(r.end - r.start)).sum::<u64>();
+                let items = ranges.iter().map(|r| u64::from(r.end - r.start)).sum::<u64>();
+                self.stats.foreign_items += items;
+                if let Some(w) = self.watch.as_mut().filter(|w| w.client == *client) {
+                    w.seen += items;
+                    if w.seen >= w.target {
+                        if let Some(done) = w.done.take() {
+                            let _ = done.send(received);
+                        }
+                    }
+                }
                 continue;
             };
             for range in ranges.iter() {

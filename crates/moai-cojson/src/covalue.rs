@@ -81,6 +81,18 @@ impl CoValueState {
             }
         }
         let Some(state) = slot.as_mut() else { return applied };
+        let rest = state.apply_verdict(verdict);
+        applied.sessions = rest.sessions;
+        applied.stale = rest.stale;
+        applied.deleted_now = rest.deleted_now;
+        applied
+    }
+
+    /// Commits a verdict into this (existing) CoValue; see [`Self::apply`].
+    /// A verdict's header is ignored here: the CoValue already has one.
+    pub fn apply_verdict(&mut self, verdict: ContentVerdict) -> Applied {
+        let mut applied = Applied::default();
+        let state = self;
         if state.header.id != verdict.id {
             return applied;
         }

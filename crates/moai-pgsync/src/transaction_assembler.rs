@@ -167,15 +167,30 @@ pub enum AssembleError {
 struct OpenTxn {
     xid: u32,
     final_lsn: Lsn,
+    commit_time: PgTimestamp,
     origin: Option<String>,
     changes: Vec<Change>,
+    /// Changes already handed out by [`TransactionAssembler::drain_open`].
+    drained: usize,
     messages: Vec<DecodingMessage>,
 }
 
 impl OpenTxn {
     fn next_seq(&self) -> Result<u32, AssembleError> {
-        u32::try_from(self.changes.len()).map_err(|_| AssembleError::TooManyChanges)
+        u32::try_from(self.drained + self.changes.len()).map_err(|_| AssembleError::TooManyChanges)
     }
+}
+
+/// The changes of a still-open transaction taken out early (see
+/// [`TransactionAssembler::drain_open`]). Its rows must stay invisible to clients until the
+/// transaction's Commit arrives: the replicator writes them without moving the watermark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialTransaction {
+    pub xid: u32,
+    /// Begin.final_lsn, which is the commit LSN of the transaction.
+    pub commit_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+    pub changes: Vec<Change>,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +225,21 @@ impl TransactionAssembler {
         self.open.is_some()
     }
 
+    /// Number of changes buffered for the open transaction (not counting drained ones).
+    pub fn open_len(&self) -> usize {
+        self.open.as_ref().map_or(0, |o| o.changes.len())
+    }
+
+    /// Take the buffered changes of the open transaction, so a transaction bigger than memory
+    /// should hold can be written in chunks. Seq numbering continues across drains, and the
+    /// final [`Transaction`] holds only the changes after the last drain.
+    pub fn drain_open(&mut self) -> Option<PartialTransaction> {
+        let open = self.open.as_mut()?;
+        let changes = std::mem::take(&mut open.changes);
+        open.drained += changes.len();
+        Some(PartialTransaction { xid: open.xid, commit_lsn: open.final_lsn, commit_time: open.commit_time, changes })
+    }
+
     pub fn push(&mut self, msg: LogicalMessage) -> Result<Option<Assembled>, AssembleError> {
         match msg {
             LogicalMessage::Begin(b) => {
@@ -219,8 +249,10 @@ impl TransactionAssembler {
                 self.open = Some(OpenTxn {
                     xid: b.xid,
                     final_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
                     origin: None,
                     changes: Vec::new(),
+                    drained: 0,
                     messages: Vec::new(),
                 });
                 Ok(None)

@@ -5,4 +5,6 @@
 /// Handles to the running engines. Each engine issue adds its handle here; an engine that is not
 /// configured is `None` and its endpoint answers 404 with a message saying how to enable it.
 #[derive(Default)]
-pub struct Engines {}
+pub struct Engines {
+    pub yjs: Option<moai_yjs::service::YjsService>,
+}

@@ -21,7 +21,7 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
         "service": "sync",
         "ready": ready,
         "version": state.version,
-        "auth": if state.auth_enabled { "token" } else { "open" },
+        "auth": if state.auth.is_enabled() { "token" } else { "open" },
     });
     match phase {
         Phase::Failed(reason) => v["error"] = json!(&*reason),

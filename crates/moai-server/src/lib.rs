@@ -6,6 +6,7 @@
 //! shutdown ([`Shutdown`]). The engines are sans-IO or storage-backed libraries; this crate
 //! drives them and never the other way round.
 
+pub mod auth;
 mod engines;
 mod gate;
 mod health;
@@ -16,7 +17,9 @@ mod router;
 mod serve;
 mod shutdown;
 pub mod ws;
+mod yjs;
 
+pub use auth::Auth;
 pub use engines::Engines;
 pub use limits::Limits;
 pub use metrics::{Direction, Metrics, Protocol};
@@ -24,3 +27,4 @@ pub use readiness::{Phase, Readiness};
 pub use router::{router, AppState};
 pub use serve::serve;
 pub use shutdown::Shutdown;
+pub use yjs::Heartbeat;

@@ -12,7 +12,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::gate::{error_response, require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
-use crate::{Limits, Metrics, Readiness, Shutdown};
+use crate::{yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
 /// ready gate, so a handler cannot use one before it exists.
@@ -23,19 +23,21 @@ pub struct AppState {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub version: &'static str,
-    /// Whether connections must present a token (SYNC_SHARED_SECRET is set).
-    pub auth_enabled: bool,
+    /// Token checks (open when SYNC_SHARED_SECRET is unset).
+    pub auth: Auth,
+    pub heartbeat: Heartbeat,
 }
 
 pub fn router(state: AppState) -> Router {
     // WebSocket endpoints: ready gate first, then the upgrade check.
     let websocket = Router::new()
         .route("/sync", any(engine_not_enabled))
-        .route("/sync/v1/{doc}", any(engine_not_enabled))
+        .route("/sync/v1/{doc}", any(yjs::socket))
         .route("/api/sync", any(engine_not_enabled))
         .route_layer(from_fn_with_state(state.clone(), require_upgrade));
     let engines = Router::new()
         .merge(websocket)
+        .route("/api/v1/docs/{doc}/update", get(yjs::get_update).post(yjs::post_update))
         .route_layer(from_fn_with_state(state.clone(), require_ready));
 
     Router::new()

@@ -40,6 +40,11 @@ impl Shutdown {
         self.tracker.spawn(task);
     }
 
+    /// Tracks a future that is spawned elsewhere (a WebSocket session started by the upgrade).
+    pub fn track<F: Future>(&self, task: F) -> impl Future<Output = F::Output> {
+        self.tracker.track_future(task)
+    }
+
     pub fn trigger(&self) {
         self.token.cancel();
         self.tracker.close();

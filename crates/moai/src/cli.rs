@@ -32,6 +32,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Wait until a moai server reports ready on /health: `moai serve & moai wait-ready && start-the-app`.
     WaitReady(WaitReadyArgs),
+    /// Mint a connection token signed with SYNC_SHARED_SECRET.
+    Token(TokenArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -72,6 +74,28 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
     pub fsync: bool,
 
+    /// Shared secret for connection tokens (HMAC-SHA256). Unset: the server runs open, and says
+    /// so in the log and in /health.
+    #[arg(long, env = "SYNC_SHARED_SECRET", hide_env_values = true)]
+    pub sync_shared_secret: Option<String>,
+
+    /// Yjs: WebSocket ping interval; a socket that misses two pongs is closed.
+    #[arg(long, env = "MOAI_YJS_PING_INTERVAL", default_value = "30s", value_parser = units::duration)]
+    pub yjs_ping_interval: Duration,
+    /// Yjs: send the empty awareness frame to sockets idle this long (browsers cannot see
+    /// pings and drop a socket silent for 30 s).
+    #[arg(long, env = "MOAI_YJS_KEEPALIVE", default_value = "15s", value_parser = units::duration)]
+    pub yjs_keepalive: Duration,
+    /// Yjs: evict a document from memory after it had no connections this long.
+    #[arg(long, env = "MOAI_YJS_IDLE_EVICT", default_value = "30s", value_parser = units::duration)]
+    pub yjs_idle_evict: Duration,
+    /// Yjs: fold a document's journal into a snapshot once it holds this many bytes.
+    #[arg(long, env = "MOAI_YJS_COMPACT_BYTES", default_value = "1MiB", value_parser = units::bytes)]
+    pub yjs_compact_bytes: usize,
+    /// Yjs: frames queued for one socket before it counts as too slow and is closed (1013).
+    #[arg(long, env = "MOAI_YJS_OUTBOX_FRAMES", default_value_t = 1024)]
+    pub yjs_outbox_frames: usize,
+
     /// Test hook: hold initialisation open until this file exists, so tests can observe the
     /// not-ready state deterministically.
     #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]
@@ -95,4 +119,19 @@ pub struct WaitReadyArgs {
     /// Pause between attempts.
     #[arg(long, default_value = "300ms", value_parser = units::duration)]
     pub interval: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The user id the token speaks for.
+    pub user: String,
+    /// Limit the token to this Yjs document (repeatable; a trailing `*` matches a prefix).
+    #[arg(long = "doc")]
+    pub docs: Vec<String>,
+    /// Make the token expire after this long (e.g. 1h, 30m).
+    #[arg(long, value_parser = units::duration)]
+    pub ttl: Option<Duration>,
+    /// The shared secret (the same value the server has).
+    #[arg(long, env = "SYNC_SHARED_SECRET", hide_env_values = true)]
+    pub secret: String,
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod logging;
 mod serve;
+mod token;
 mod units;
 mod wait_ready;
 
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
             None => serve::run(cli.serve).await,
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::WaitReady(args)) => wait_ready::run(args).await,
+            Some(Command::Token(args)) => token::run(args),
         }
     });
     match result {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use moai_server::{AppState, Engines, Limits, Metrics, Readiness, Shutdown};
+use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use moai_yjs::service::{YjsConfig, YjsService};
 use moai_storage::{SqliteOptions, SqliteStorage};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -43,13 +44,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let local = listener.local_addr()?;
     tracing::info!(version = VERSION, addr = %local, db_path = %args.db_path.display(), "moai listening; initialising");
 
+    let auth = match args.sync_shared_secret.as_deref().filter(|s| !s.is_empty()) {
+        Some(secret) => {
+            tracing::info!("connection tokens required (SYNC_SHARED_SECRET is set)");
+            Auth::with_secret(secret)
+        }
+        None => {
+            tracing::warn!("SYNC_SHARED_SECRET is not set: running OPEN, any client may read and write any document");
+            Auth::open()
+        }
+    };
     let state = AppState {
         readiness: readiness.clone(),
         metrics: metrics.clone(),
         limits: limits.clone(),
         shutdown: shutdown.clone(),
         version: VERSION,
-        auth_enabled: false,
+        auth,
+        heartbeat: Heartbeat {
+            ping_interval: args.yjs_ping_interval,
+            idle_keepalive: args.yjs_keepalive,
+            ..Heartbeat::default()
+        },
     };
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
@@ -104,7 +120,16 @@ async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<R
         .await
         .context("storage open task failed")?
         .with_context(|| format!("opening storage at {}", args.db_path.display()))?;
-    Ok(Running { engines: Engines::default(), storage })
+    let yjs = YjsService::new(
+        Arc::new(storage.clone()),
+        YjsConfig {
+            outbox_frames: args.yjs_outbox_frames.max(1),
+            idle_evict: args.yjs_idle_evict,
+            compact_journal_bytes: args.yjs_compact_bytes,
+            ..YjsConfig::default()
+        },
+    );
+    Ok(Running { engines: Engines { yjs: Some(yjs) }, storage })
 }
 
 async fn wait_for_file(path: &PathBuf) {

@@ -1,0 +1,299 @@
+//! `change_history`: the durable, ordered log of row changes, keyed by `(commit_lsn, seq)`.
+//!
+//! The replicator is its single writer (binary COPY); sessions read it with keyset pages bounded
+//! by the durable watermark (spec 4.2-4.4). Retention deletes the oldest transactions.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{pin_mut, TryStreamExt};
+use serde_json::Value;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{PgLsn, ToSql, Type};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::config::Error;
+use crate::db::{extend_xid, ident, Xid8};
+use crate::lsn::Lsn;
+use crate::pg_time;
+use crate::pgoutput::PgTimestamp;
+use crate::position::Position;
+use crate::protocol::{Row, WireOp};
+use crate::session::{HistoryRow, PageQuery};
+use crate::transaction_assembler::{Change, ChangeOp};
+
+const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
+
+pub(crate) fn pg_micros_to_system_time(us: PgTimestamp) -> SystemTime {
+    let base = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECS);
+    if us >= 0 {
+        base + Duration::from_micros(us as u64)
+    } else {
+        base - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+pub(crate) fn system_time_to_pg_micros(t: SystemTime) -> PgTimestamp {
+    let base = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECS);
+    match t.duration_since(base) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+/// Changes of one transaction (or one chunk of it) ready to be written.
+pub(crate) struct TxnRows<'a> {
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+    pub changes: &'a [Change],
+}
+
+fn obj(row: &Option<Row>) -> Option<Value> {
+    row.as_ref().map(|r| Value::Object(r.clone()))
+}
+
+/// Append rows with binary COPY inside the caller's transaction. `next_full_xid` extends the
+/// 32-bit xids (read in the same transaction, after the decoded transactions committed).
+pub(crate) async fn copy_in<C: GenericClient>(
+    client: &C,
+    schema: &str,
+    txns: &[TxnRows<'_>],
+    next_full_xid: u64,
+) -> Result<u64, Error> {
+    let sql = format!(
+        "COPY {}.change_history (commit_lsn, seq, xid, commit_time, tbl, op, pk, old_pk, data, old, toast_unchanged) \
+         FROM STDIN BINARY",
+        ident(schema)
+    );
+    let sink = client.copy_in(&sql).await?;
+    let xid8 = Type::from_oid(5069).unwrap_or(Type::INT8); // xid8
+    let types = [
+        Type::PG_LSN,
+        Type::INT4,
+        xid8,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::CHAR,
+        Type::JSONB,
+        Type::JSONB,
+        Type::JSONB,
+        Type::JSONB,
+        Type::TEXT_ARRAY,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    for t in txns {
+        let lsn = PgLsn::from(t.commit_lsn.0);
+        let xid = Xid8(extend_xid(t.xid, next_full_xid));
+        let time = pg_micros_to_system_time(t.commit_time);
+        for c in t.changes {
+            let seq = i32::try_from(c.seq).map_err(|_| Error::Other("seq exceeds int4".into()))?;
+            let op = c.op.code() as u8 as i8;
+            let data = match c.op {
+                ChangeOp::Schema => c.schema.as_ref().map(|cols| serde_json::json!({ "columns": cols })),
+                _ => obj(&c.row),
+            };
+            let unchanged = (!c.unchanged.is_empty()).then(|| c.unchanged.clone());
+            let (pk, old_pk, old) = (obj(&c.key), obj(&c.old_key), obj(&c.old));
+            let values: [&(dyn ToSql + Sync); 11] =
+                [&lsn, &seq, &xid, &time, &c.table, &op, &pk, &old_pk, &data, &old, &unchanged];
+            writer.as_mut().write(&values).await?;
+        }
+    }
+    Ok(writer.finish().await?)
+}
+
+/// The statement of a page query (spec 4.3 step 3 when `stitch` is set). Schema-change rows
+/// (`op = 'S'`) are returned only for `tables` (the session's subscribed tables): the caller
+/// turns them into `must_refetch{schema_changed}`.
+fn page_sql(schema: &str, stitched: bool) -> String {
+    let stitch = if stitched {
+        " AND (commit_lsn > $5::text::pg_lsn OR xid >= pg_snapshot_xmin($6::text::pg_snapshot)) \
+          AND NOT pg_visible_in_snapshot(xid, $6::text::pg_snapshot)"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT commit_lsn, seq, xid::text, commit_time, tbl, op, pk, old_pk, data, toast_unchanged \
+         FROM {}.change_history \
+         WHERE (commit_lsn, seq) > ($1, $2::int8) AND commit_lsn <= $3 \
+           AND (op <> 'S' OR tbl = ANY($7::text[])){stitch} \
+         ORDER BY commit_lsn, seq LIMIT $4",
+        ident(schema)
+    )
+}
+
+pub(crate) enum PageItem {
+    Row(HistoryRow),
+    /// A schema change of a subscribed table.
+    SchemaChanged { position: Position, table: String },
+}
+
+pub(crate) async fn load_page(
+    client: &Client,
+    schema: &str,
+    q: &PageQuery,
+    tables: &[String],
+) -> Result<Vec<PageItem>, Error> {
+    let after = q.after.unwrap_or(Position::new(Lsn::ZERO, 0));
+    // (0/0, -1): strictly before every row.
+    let after_seq: i64 = if q.after.is_none() { -1 } else { i64::from(after.seq) };
+    let after_lsn = PgLsn::from(after.lsn.0);
+    let upto = PgLsn::from(q.upto.0);
+    let limit = i64::from(q.limit);
+    let tables: Vec<String> = tables.to_vec();
+    let rows = match &q.stitch {
+        None => {
+            let sql = page_sql(schema, false).replace("$7", "$5");
+            let params: [&(dyn ToSql + Sync); 5] = [&after_lsn, &after_seq, &upto, &limit, &tables];
+            client.query(&sql, &params).await?
+        }
+        Some(st) => {
+            let sql = page_sql(schema, true);
+            let h = st.snapshot_watermark.to_string();
+            let params: [&(dyn ToSql + Sync); 7] =
+                [&after_lsn, &after_seq, &upto, &limit, &h, &st.snapshot, &tables];
+            client.query(&sql, &params).await?
+        }
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let lsn = Lsn(u64::from(r.try_get::<_, PgLsn>(0)?));
+        let seq = u32::try_from(r.try_get::<_, i32>(1)?).map_err(|_| Error::Other("negative seq".into()))?;
+        let position = Position::new(lsn, seq);
+        let xid: String = r.try_get(2)?;
+        let time: SystemTime = r.try_get(3)?;
+        let table: String = r.try_get(4)?;
+        let op: i8 = r.try_get(5)?;
+        let as_row = |v: Option<Value>| match v {
+            Some(Value::Object(m)) => Some(m),
+            _ => None,
+        };
+        let key = as_row(r.try_get(6)?);
+        let old_key = as_row(r.try_get(7)?);
+        let data = as_row(r.try_get(8)?);
+        let unchanged: Option<Vec<String>> = r.try_get(9)?;
+        let wire = match op as u8 {
+            b'I' => WireOp::Insert { seq, table, key: key.unwrap_or_default(), row: data.unwrap_or_default() },
+            b'U' => WireOp::Update {
+                seq,
+                table,
+                key: key.unwrap_or_default(),
+                old_key,
+                row: data.unwrap_or_default(),
+                unchanged: unchanged.unwrap_or_default(),
+            },
+            b'D' => WireOp::Delete { seq, table, key: key.unwrap_or_default() },
+            b'T' => WireOp::Truncate { seq, table },
+            b'S' => {
+                out.push(PageItem::SchemaChanged { position, table });
+                continue;
+            }
+            other => return Err(Error::Other(format!("unknown op {:?} in change_history", other as char))),
+        };
+        out.push(PageItem::Row(HistoryRow {
+            position,
+            xid,
+            commit_time: pg_time::to_rfc3339(system_time_to_pg_micros(time)),
+            op: wire,
+        }));
+    }
+    Ok(out)
+}
+
+/// Retention: delete transactions older than `max_age`, but never at or above the position of
+/// a live (registered, not expired) client of the current generation. Returns the new horizon
+/// (the lowest commit LSN still retained), if it moved.
+pub(crate) async fn apply_retention(
+    client: &mut Client,
+    schema: &str,
+    generation: u64,
+    max_age: Duration,
+    client_ttl: Duration,
+) -> Result<Option<Lsn>, Error> {
+    let s = ident(schema);
+    let cutoff = SystemTime::now() - max_age;
+    let ttl_cutoff = SystemTime::now() - client_ttl;
+    let tx = client.transaction().await?;
+    // First retained transaction: the oldest one at or after the cutoff time...
+    let by_age: Option<PgLsn> = tx
+        .query_opt(
+            &format!("SELECT commit_lsn FROM {s}.change_history WHERE commit_time >= $1 ORDER BY commit_lsn, seq LIMIT 1"),
+            &[&cutoff],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let by_age = match by_age {
+        Some(l) => l,
+        // Nothing younger than the cutoff: everything up to the watermark may go.
+        None => {
+            let w: PgLsn = tx
+                .query_one(&format!("SELECT watermark FROM {s}.replication_state WHERE id = 1"), &[])
+                .await?
+                .get(0);
+            PgLsn::from(u64::from(w) + 1)
+        }
+    };
+    // ...but not past what live clients still need.
+    let gen = generation as i64;
+    let by_clients: Option<PgLsn> = tx
+        .query_one(
+            &format!(
+                "SELECT min(pos_lsn) FROM {s}.clients WHERE generation = $1 AND pos_lsn IS NOT NULL AND last_seen >= $2"
+            ),
+            &[&gen, &ttl_cutoff],
+        )
+        .await?
+        .get(0);
+    let horizon = match by_clients {
+        Some(c) if u64::from(c) < u64::from(by_age) => c,
+        _ => by_age,
+    };
+    let old: PgLsn = tx
+        .query_one(&format!("SELECT horizon FROM {s}.replication_state WHERE id = 1"), &[])
+        .await?
+        .get(0);
+    if u64::from(horizon) <= u64::from(old) {
+        tx.commit().await?;
+        return Ok(None);
+    }
+    tx.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn < $1"), &[&horizon]).await?;
+    tx.execute(&format!("UPDATE {s}.replication_state SET horizon = $1 WHERE id = 1"), &[&horizon]).await?;
+    tx.commit().await?;
+    Ok(Some(Lsn(u64::from(horizon))))
+}
+
+/// Expire client registrations not seen within `ttl`.
+pub(crate) async fn expire_clients(client: &Client, schema: &str, ttl: Duration) -> Result<u64, Error> {
+    let cutoff = SystemTime::now() - ttl;
+    Ok(client
+        .execute(&format!("DELETE FROM {}.clients WHERE last_seen < $1", ident(schema)), &[&cutoff])
+        .await?)
+}
+
+/// Read all rows of a stream into memory (used by small helper queries).
+#[allow(dead_code)]
+pub(crate) async fn collect_rows(
+    client: &Client,
+    sql: &str,
+) -> Result<Vec<tokio_postgres::Row>, Error> {
+    let stream = client.query_raw(sql, std::iter::empty::<i32>()).await?;
+    pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(r) = stream.try_next().await? {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_time_round_trip() {
+        for us in [0i64, 1, -1, 123_456_789_012, -987_654_321] {
+            assert_eq!(system_time_to_pg_micros(pg_micros_to_system_time(us)), us);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Configuration and error type of the async engine (replicator + sessions).
+
+use std::time::Duration;
+
+use crate::pgoutput::DecodeError;
+use crate::transaction_assembler::AssembleError;
+
+#[derive(Debug, Clone)]
+pub struct PgSyncConfig {
+    /// libpq-style URL or key=value string: `postgres://user:pass@host:port/db`. The user needs
+    /// the REPLICATION attribute (or superuser) and CREATE on the database (for the metadata
+    /// schema and the publication).
+    pub url: String,
+    /// Published tables, each `schema.table`. Shapes may only name these.
+    pub tables: Vec<String>,
+    /// Logical replication slot (created if missing).
+    pub slot_name: String,
+    /// Publication (created if missing, its table list kept equal to `tables`).
+    pub publication: String,
+    /// Schema for change_history, replication_state, relations and clients.
+    pub schema: String,
+    /// Flush queued transactions to change_history at this many rows (also when the stream
+    /// has nothing more to read right now).
+    pub flush_rows: usize,
+    /// Write a transaction bigger than this in chunks (without moving the watermark).
+    pub chunk_rows: usize,
+    /// Delete change_history older than this (never what a live client still needs); `None`
+    /// keeps everything.
+    pub retention: Option<Duration>,
+    /// How often retention and registry expiry run.
+    pub maintenance_interval: Duration,
+    /// Client registrations not seen for this long expire.
+    pub client_ttl: Duration,
+    pub default_batch_rows: u32,
+    pub max_batch_rows: u32,
+    pub default_window: u32,
+    /// Standby status interval of the replication connection.
+    pub status_interval: Duration,
+    /// Reconnect backoff bounds.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl PgSyncConfig {
+    pub fn new(url: impl Into<String>, tables: Vec<String>) -> Self {
+        PgSyncConfig {
+            url: url.into(),
+            tables,
+            slot_name: "moai_sync".into(),
+            publication: "moai_sync".into(),
+            schema: "moai_sync".into(),
+            flush_rows: 10_000,
+            chunk_rows: 10_000,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            maintenance_interval: Duration::from_secs(60),
+            client_ttl: Duration::from_secs(24 * 3600),
+            default_batch_rows: 1000,
+            max_batch_rows: 10_000,
+            default_window: 4,
+            status_interval: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.tables.is_empty() {
+            return Err(Error::Config("no tables to publish".into()));
+        }
+        for t in &self.tables {
+            crate::shape::Shape::parse(t, None, None)
+                .map_err(|_| Error::Config(format!("table {t:?} must be schema.table (plain identifiers)")))?;
+        }
+        for (what, name) in [("slot", &self.slot_name), ("publication", &self.publication), ("schema", &self.schema)] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && !name.as_bytes()[0].is_ascii_digit();
+            if !ok {
+                return Err(Error::Config(format!("{what} name {name:?} must match [a-z_][a-z0-9_]*")));
+            }
+        }
+        if self.flush_rows == 0 || self.chunk_rows == 0 {
+            return Err(Error::Config("flush_rows and chunk_rows must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("postgres: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("transaction assembly: {0}")]
+    Assemble(#[from] AssembleError),
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,200 @@
+//! SQL-side helpers: connecting (ordinary and replication connections from one URL), the
+//! metadata schema, and a shared, self-reconnecting client for short statements.
+
+use std::error::Error as StdError;
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::Mutex;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::Error;
+
+/// Session settings pinned on every connection (SQL and replication), so values rendered as
+/// text by a snapshot query and by the walsender look the same.
+pub(crate) const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=3";
+
+pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, Error> {
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| Error::Config(format!("pg url: {e}")))?;
+    cfg.options(SESSION_OPTIONS);
+    cfg.application_name("moai-pgsync");
+    Ok(cfg)
+}
+
+pub(crate) async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, Error> {
+    let (client, connection) = cfg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "pgsync sql connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A pgwire-replication config for the same server/user/database as `cfg`.
+pub(crate) fn replication_config(
+    cfg: &tokio_postgres::Config,
+    slot: &str,
+    publication: &str,
+    status_interval: std::time::Duration,
+) -> Result<pgwire_replication::ReplicationConfig, Error> {
+    use tokio_postgres::config::Host;
+    let host = match cfg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().ok_or_else(|| Error::Config("pg url has no user".into()))?;
+    let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let db = cfg.get_dbname().unwrap_or(user);
+    Ok(pgwire_replication::ReplicationConfig::new(host, user, password, db, slot, publication)
+        .with_port(port)
+        .with_options(SESSION_OPTIONS)
+        .with_application_name("moai-pgsync-replicator")
+        .with_status_interval(status_interval)
+        .with_wakeup_interval(std::time::Duration::from_secs(5)))
+}
+
+pub(crate) fn schema_ddl(schema: &str) -> String {
+    format!(
+        r#"
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.change_history (
+  commit_lsn      pg_lsn      NOT NULL,
+  seq             int4        NOT NULL,
+  xid             xid8        NOT NULL,
+  commit_time     timestamptz NOT NULL,
+  tbl             text        NOT NULL,
+  op              "char"      NOT NULL,
+  pk              jsonb,
+  old_pk          jsonb,
+  data            jsonb,
+  old             jsonb,
+  toast_unchanged text[],
+  PRIMARY KEY (commit_lsn, seq)
+);
+CREATE INDEX IF NOT EXISTS change_history_xid_idx ON {s}.change_history (xid);
+CREATE TABLE IF NOT EXISTS {s}.replication_state (
+  id                int PRIMARY KEY CHECK (id = 1),
+  generation        int8   NOT NULL,
+  system_identifier text   NOT NULL,
+  timeline          int4   NOT NULL,
+  slot_name         text   NOT NULL,
+  watermark         pg_lsn NOT NULL,
+  horizon           pg_lsn NOT NULL,
+  updated_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {s}.relations (
+  relid      oid PRIMARY KEY,
+  tbl        text  NOT NULL,
+  definition jsonb NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.clients (
+  client_id  text PRIMARY KEY,
+  generation int8 NOT NULL,
+  pos_lsn    pg_lsn,
+  pos_seq    int8,
+  shapes     jsonb NOT NULL,
+  last_seen  timestamptz NOT NULL
+);
+"#,
+        s = ident(schema)
+    )
+}
+
+/// Quote an identifier.
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table` → `"schema"."table"`.
+pub(crate) fn qualified_ident(table: &str) -> String {
+    match table.split_once('.') {
+        Some((s, t)) => format!("{}.{}", ident(s), ident(t)),
+        None => ident(table),
+    }
+}
+
+/// A 64-bit transaction id for `xid8` columns (binary COPY / parameters).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Xid8(pub u64);
+
+impl ToSql for Xid8 {
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        out.put_u64(self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "xid8"
+    }
+
+    fn to_sql_checked(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if !Self::accepts(ty) {
+            return Err(format!("cannot encode xid8 as {ty}").into());
+        }
+        self.to_sql(ty, out)
+    }
+}
+
+/// Extend a 32-bit xid with the epoch of `next_full_xid` (an xid8 read after the transaction
+/// finished, e.g. `pg_snapshot_xmax(pg_current_snapshot())`).
+pub(crate) fn extend_xid(xid: u32, next_full_xid: u64) -> u64 {
+    let epoch = next_full_xid >> 32;
+    let low = next_full_xid as u32;
+    let epoch = if xid >= low { epoch.saturating_sub(1) } else { epoch };
+    (epoch << 32) | u64::from(xid)
+}
+
+/// One shared connection for short statements (page queries, position updates). tokio-postgres
+/// pipelines concurrent queries on it. Reconnects when the connection is found closed.
+pub(crate) struct SharedClient {
+    cfg: tokio_postgres::Config,
+    client: Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl SharedClient {
+    pub(crate) fn new(cfg: tokio_postgres::Config) -> Self {
+        SharedClient { cfg, client: Mutex::new(None) }
+    }
+
+    pub(crate) async fn get(&self) -> Result<std::sync::Arc<Client>, Error> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let c = std::sync::Arc::new(connect(&self.cfg).await?);
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    pub(crate) fn config(&self) -> &tokio_postgres::Config {
+        &self.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xid_epoch_extension() {
+        let next = (3u64 << 32) | 100;
+        assert_eq!(extend_xid(99, next), (3 << 32) | 99);
+        assert_eq!(extend_xid(5, next), (3 << 32) | 5);
+        // Wrapped: an xid above the low half of next belongs to the previous epoch.
+        assert_eq!(extend_xid(4_000_000_000, next), (2 << 32) | 4_000_000_000);
+        assert_eq!(extend_xid(7, 100), 7);
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(qualified_ident("public.todos"), r#""public"."todos""#);
+        assert_eq!(ident(r#"a"b"#), r#""a""b""#);
+    }
+}

@@ -1,0 +1,292 @@
+//! The replicator: one task that owns the logical slot, decodes the pgoutput stream and writes
+//! `change_history` + the watermark (spec 4.1, 4.2, 4.5, 4.10).
+//!
+//! * Publication and slot are created when missing. Each connection attempt checks the slot
+//!   and the cluster identity; a missing or lost slot, another `system_identifier`, or missing
+//!   replication state starts a **new generation**: history is truncated, the watermark set to
+//!   the new slot's consistent point, and sessions of older generations get `must_refetch`.
+//! * Complete transactions are queued and flushed in one Postgres transaction together with
+//!   the watermark (binary COPY). A transaction bigger than `chunk_rows` is written in chunks
+//!   without moving the watermark, so no reader sees half of it. The slot is acknowledged only
+//!   after the flush committed.
+//! * When idle (no open transaction, nothing queued), a keepalive or a non-transactional
+//!   logical message at LSN `p` proves every commit before `p` was delivered: the in-memory
+//!   watermark moves to `p - 1` and the slot is acked at `p` (not persisted: persisting would
+//!   write WAL, which makes the walsender send another keepalive, forever).
+//! * On any error the assembler is reset, rows above the durable watermark (chunks of an
+//!   unfinished transaction) are deleted, and streaming resumes from the slot's
+//!   `confirmed_flush`; transactions at or below the watermark are skipped. No gap, no dup.
+//! * Readiness: caught up once the watermark reaches the WAL position read at start (a
+//!   non-transactional `pg_logical_emit_message` written right after that read makes the stream
+//!   reach it promptly even when nothing else is written).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, watch};
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::Client;
+
+use crate::change_history::{copy_in, TxnRows};
+use crate::config::{Error, PgSyncConfig};
+use crate::db::{self, ident, qualified_ident};
+use crate::lsn::Lsn;
+use crate::pgoutput::{
+    Begin, Commit, Decoder, DecodingMessage, LogicalMessage, Relation, RelationColumn, ReplicaIdentity,
+};
+use crate::transaction_assembler::{Assembled, Transaction, TransactionAssembler};
+
+/// Prefix of the logical messages the replicator emits to itself.
+pub const MESSAGE_PREFIX: &str = "moai_sync";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting for the first time.
+    Starting,
+    /// Streaming; `caught_up` in [`FeedState`] tells whether startup WAL was consumed.
+    Streaming,
+    /// Connection lost; retrying with backoff. Sessions keep their sockets.
+    Reconnecting { error: String },
+    Stopped,
+}
+
+/// What sessions need to know about the feed, published on a `watch` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedState {
+    pub phase: Phase,
+    /// History generation; 0 until known.
+    pub generation: u64,
+    /// Every transaction with `commit_lsn <= watermark` is in change_history.
+    pub watermark: Lsn,
+    /// History below this LSN has been deleted.
+    pub horizon: Lsn,
+    /// The stream has reached the WAL position that existed when the replicator started.
+    pub caught_up: bool,
+}
+
+pub(crate) struct Replicator {
+    cfg: Arc<PgSyncConfig>,
+    pg: tokio_postgres::Config,
+    state: watch::Sender<FeedState>,
+    assembler: TransactionAssembler,
+    relations_loaded: bool,
+    /// WAL position to reach for readiness (set on the first successful connect).
+    target: Option<Lsn>,
+}
+
+struct Stream {
+    sql: Client,
+    repl: ReplicationClient,
+    decoder: Decoder,
+    /// Durable or proven watermark.
+    watermark: Lsn,
+    pending: Vec<Transaction>,
+    pending_rows: usize,
+    /// Relations announced since the last flush, persisted with it.
+    dirty_relations: BTreeMap<u32, Relation>,
+    /// Skip the transaction being received (already in history).
+    skipping: bool,
+}
+
+impl Replicator {
+    pub(crate) fn new(cfg: Arc<PgSyncConfig>, pg: tokio_postgres::Config, state: watch::Sender<FeedState>) -> Self {
+        let mut assembler = TransactionAssembler::new();
+        for _ in 0..0 {
+            assembler.reset();
+        }
+        Replicator { cfg, pg, state, assembler, relations_loaded: false, target: None }
+    }
+
+    /// Run until `stop` becomes true. The first connection attempt's setup result is reported
+    /// on `first` (an error there is a configuration/startup failure and ends the task).
+    pub(crate) async fn run(mut self, first: oneshot::Sender<Result<(), Error>>, mut stop: watch::Receiver<bool>) {
+        let mut first = Some(first);
+        let mut backoff = self.cfg.backoff_min;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let attempt = self.connect_and_stream(&mut first, &mut stop).await;
+            self.assembler.reset();
+            match attempt {
+                Ok(()) => break, // stop requested
+                Err(e) => {
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Err(e));
+                        self.state.send_modify(|s| s.phase = Phase::Stopped);
+                        return;
+                    }
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "pgsync replication interrupted; reconnecting");
+                    self.state.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string() });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                }
+            }
+        }
+        self.state.send_modify(|s| s.phase = Phase::Stopped);
+    }
+
+    async fn connect_and_stream(
+        &mut self,
+        first: &mut Option<oneshot::Sender<Result<(), Error>>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut stream = self.setup().await?;
+        if let Some(f) = first.take() {
+            let _ = f.send(Ok(()));
+        }
+        self.state.send_modify(|s| s.phase = Phase::Streaming);
+        let res = self.stream(&mut stream, stop).await;
+        stream.repl.stop();
+        res
+    }
+
+    /// Connect, verify or create publication, slot and generation, and start streaming.
+    async fn setup(&mut self) -> Result<Stream, Error> {
+        let cfg = self.cfg.clone();
+        let s = ident(&cfg.schema);
+        let sql = db::connect(&self.pg).await?;
+        sql.batch_execute(&db::schema_ddl(&cfg.schema)).await?;
+        self.ensure_publication(&sql).await?;
+
+        let mut repl = ReplicationClient::connect_gated(db::replication_config(
+            &self.pg,
+            &cfg.slot_name,
+            &cfg.publication,
+            cfg.status_interval,
+        )?)
+        .await?;
+        let ident_sys = repl.identify_system().await?;
+
+        let state_row = sql
+            .query_opt(
+                &format!("SELECT generation, system_identifier, slot_name, watermark, horizon FROM {s}.replication_state WHERE id = 1"),
+                &[],
+            )
+            .await?;
+        let slot = sql
+            .query_opt(
+                "SELECT wal_status, restart_lsn, confirmed_flush_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND database = current_database() AND plugin = 'pgoutput'",
+                &[&cfg.slot_name],
+            )
+            .await?;
+        let slot_ok = slot.as_ref().is_some_and(|r| {
+            let status: Option<String> = r.get(0);
+            let restart: Option<PgLsn> = r.get(1);
+            restart.is_some() && status.as_deref() != Some("lost")
+        });
+        let reason = match &state_row {
+            None => Some("no replication state"),
+            Some(_) if !slot_ok => Some(if slot.is_some() { "replication slot lost" } else { "replication slot missing" }),
+            Some(r) if r.get::<_, String>(1) != ident_sys.system_id => Some("different database cluster (system identifier)"),
+            Some(r) if r.get::<_, String>(2) != cfg.slot_name => Some("slot name changed"),
+            Some(_) => None,
+        };
+
+        let (generation, watermark, horizon) = if let Some(reason) = reason {
+            let old_gen: i64 = state_row.as_ref().map_or(0, |r| r.get(0));
+            if slot.is_some() {
+                tracing::warn!(slot = %cfg.slot_name, "dropping unusable replication slot");
+                repl.simple_query(&format!("DROP_REPLICATION_SLOT {}", ident(&cfg.slot_name))).await?;
+            }
+            let rows = repl
+                .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')", ident(&cfg.slot_name)))
+                .await?;
+            let cp = rows
+                .first()
+                .and_then(|r| r.get(1).cloned().flatten())
+                .ok_or_else(|| Error::Other("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+            let cp: Lsn = String::from_utf8_lossy(&cp)
+                .parse()
+                .map_err(|e| Error::Other(format!("consistent point: {e}")))?;
+            // Unique across restores of older backups: never reuse a number a client may hold.
+            let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            let generation = (old_gen as u64 + 1).max(now_us);
+            let mut sql_tx = db::connect(&self.pg).await?;
+            let tx = sql_tx.transaction().await?;
+            tx.batch_execute(&format!("TRUNCATE {s}.change_history; DELETE FROM {s}.relations;")).await?;
+            let timeline = ident_sys.timeline as i32;
+            let cp_pg = PgLsn::from(cp.0);
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.replication_state (id, generation, system_identifier, timeline, slot_name, watermark, horizon, updated_at) \
+                     VALUES (1, $1, $2, $3, $4, $5, $5, now()) \
+                     ON CONFLICT (id) DO UPDATE SET generation = $1, system_identifier = $2, timeline = $3, slot_name = $4, \
+                     watermark = $5, horizon = $5, updated_at = now()"
+                ),
+                &[&(generation as i64), &ident_sys.system_id, &timeline, &cfg.slot_name, &cp_pg],
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::warn!(reason, generation, consistent_point = %cp, "pgsync: new history generation");
+            self.assembler = self.fresh_assembler(&sql).await?;
+            self.relations_loaded = true;
+            (generation, cp, cp)
+        } else {
+            let r = state_row.expect("checked above");
+            let gen: i64 = r.get(0);
+            let w = Lsn(u64::from(r.get::<_, PgLsn>(3)));
+            let h = Lsn(u64::from(r.get::<_, PgLsn>(4)));
+            // Chunks of a transaction that did not finish before the connection was lost.
+            sql.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn > $1"), &[&PgLsn::from(w.0)])
+                .await?;
+            if !self.relations_loaded {
+                self.assembler = self.fresh_assembler(&sql).await?;
+                self.load_relations(&sql).await?;
+                self.relations_loaded = true;
+            }
+            // Every commit before confirmed_flush is durable here (we ack nothing else).
+            let confirmed: Option<PgLsn> = slot.as_ref().and_then(|r| r.get(2));
+            let mut w2 = w;
+            if let Some(c) = confirmed.map(u64::from) {
+                if c > 0 && Lsn(c - 1) > w2 {
+                    w2 = Lsn(c - 1);
+                }
+            }
+            (gen as u64, w2, h)
+        };
+
+        // Readiness target: the WAL that exists now, plus a message so the stream reaches it.
+        if self.target.is_none() {
+            let now: PgLsn = sql.query_one("SELECT pg_current_wal_lsn()", &[]).await?.get(0);
+            let mut target = Lsn(u64::from(now));
+            match sql
+                .query_one("SELECT pg_logical_emit_message(false, $1, 'caught_up')", &[&MESSAGE_PREFIX])
+                .await
+            {
+                Ok(r) => target = target.max(Lsn(u64::from(r.get::<_, PgLsn>(0)))),
+                Err(e) => tracing::debug!(error = %e, "pg_logical_emit_message not allowed; waiting for keepalives"),
+            }
+            self.target = Some(target);
+        }
+
+        repl.start().await?;
+        repl.wait_started().await?;
+        repl.update_applied_lsn(pgwire_replication::Lsn(watermark.0.saturating_add(1).min(u64::MAX)));
+        let caught_up = self.target.is_some_and(|t| watermark.0.saturating_add(1) >= t.0);
+        self.state.send_modify(|st| {
+            st.generation = generation;
+            st.watermark = watermark;
+            st.horizon = horizon;
+            st.caught_up |= caught_up;
+        });
+        Ok(Stream {
+            sql,
+            repl,
+            decoder: Decoder::new(1)?,
+            watermark,
+            pending: Vec::new(),
+            pending_rows: 0,
+            dirty_relations: BTreeMap::new(),
+            skipping: false,
+        })
+    }
+}

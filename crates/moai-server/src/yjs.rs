@@ -1,0 +1,279 @@
+//! The Yjs endpoints: the y-websocket protocol at `/sync/v1/{docId}` and the document HTTP API
+//! at `/api/v1/docs/{docId}/update` (GET: the state as a v1 update; POST: apply one).
+//!
+//! This is the socket half of the engine. It authenticates, joins the document through
+//! [`moai_yjs::service::YjsService`], and then pumps frames both ways while keeping the socket
+//! alive: a WebSocket ping every `ping_interval` (closing after two unanswered), and the 3-byte
+//! empty awareness frame after `idle_keepalive` without any outbound data, because browser
+//! clients cannot see pings and drop a socket that has been silent for 30 s.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use moai_yjs::service::{Outbound, ServiceError, YjsService};
+use moai_yjs::KEEPALIVE_FRAME;
+use tokio::time::{interval_at, sleep_until, Instant};
+
+use crate::auth::{token_from_request, AuthError};
+use crate::gate::error_response;
+use crate::serve::ConnectionSlot;
+use crate::ws::{close, close_message, is_too_big, limit_upgrade, SessionLog};
+use crate::{AppState, Direction, Engines, Metrics, Protocol};
+
+/// Heartbeat timings of Yjs sockets.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub ping_interval: Duration,
+    pub idle_keepalive: Duration,
+    /// How long one write to a socket may take before the socket counts as dead.
+    pub write_timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(30),
+            idle_keepalive: Duration::from_secs(15),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Document ids come from URLs: bounded, and free of control characters so they are safe in
+/// logs and storage keys.
+fn valid_doc_id(doc: &str) -> bool {
+    !doc.is_empty() && doc.len() <= 512 && !doc.chars().any(char::is_control)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn engine(engines: &Engines) -> Option<YjsService> {
+    engines.yjs.clone()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn socket(
+    State(state): State<AppState>,
+    Extension(engines): Extension<Arc<Engines>>,
+    Path(doc): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    slot: Option<Extension<ConnectionSlot>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(yjs) = engine(&engines) else {
+        return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
+    };
+    // Decide before upgrading, tell after: a 4xx close code stops y-websocket's retries, an
+    // HTTP error status would not.
+    let verdict = if !valid_doc_id(&doc) {
+        Err((4400, "invalid document id".to_owned()))
+    } else {
+        let token = token_from_request(&headers, query.as_deref());
+        state
+            .auth
+            .check(token.as_deref(), Some(&doc), unix_now())
+            .map(|_| ())
+            .map_err(|e: AuthError| (e.close_code(), e.to_string()))
+    };
+    let peer = peer.map(|c| c.0 .0);
+    let slot = slot.map(|s| s.0);
+    let tracker = state.shutdown.clone();
+    limit_upgrade(ws, &state.limits)
+        // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
+        // completes their handshake without echoing the token.
+        .protocols(["yjs"])
+        .on_failed_upgrade(|e| tracing::info!(error = %e, "yjs upgrade failed"))
+        .on_upgrade(move |socket| {
+            tracker.track(async move {
+                let mut log = SessionLog::open(Protocol::Yjs, peer, &doc, state.metrics.clone(), slot);
+                match verdict {
+                    Err((code, reason)) => {
+                        tracing::info!(doc = %doc, peer = ?peer, code, %reason, "yjs connection refused");
+                        state.metrics.rejected(if code == 4400 { "bad_doc_id" } else { "auth" });
+                        refuse(socket, code, &reason, &mut log).await;
+                    }
+                    Ok(()) => run(socket, yjs, &doc, &state, &mut log).await,
+                }
+            })
+        })
+}
+
+async fn refuse(mut socket: WebSocket, code: u16, reason: &str, log: &mut SessionLog) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.send(close_message(code, reason))).await;
+    log.set_close(code, reason);
+}
+
+/// Pumps one socket until either side closes, the document drops it, or shutdown begins.
+async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState, log: &mut SessionLog) {
+    let metrics = &state.metrics;
+    let hb = &state.heartbeat;
+    let mut session = match yjs.join(doc).await {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::error!(doc, error = %e, "cannot serve document");
+            let reason = match e {
+                ServiceError::LoadFailed(_) => "document could not be loaded",
+                _ => "document unavailable",
+            };
+            let _ = send(&mut socket, close_message(close::INTERNAL, reason), hb.write_timeout, metrics).await;
+            log.set_close(close::INTERNAL, reason);
+            return;
+        }
+    };
+
+    let mut ping = interval_at(Instant::now() + hb.ping_interval, hb.ping_interval);
+    let mut unanswered_pings = 0u32;
+    let mut keepalive_at = Instant::now() + hb.idle_keepalive;
+    let shutdown = state.shutdown.token().clone();
+
+    let (code, reason): (u16, String) = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down".into()),
+            out = session.outbound() => match out {
+                Some(Outbound::Frame(frame)) => {
+                    if !send(&mut socket, Message::Binary(frame), hb.write_timeout, metrics).await {
+                        break (1006, "write failed".into());
+                    }
+                    keepalive_at = Instant::now() + hb.idle_keepalive;
+                }
+                Some(Outbound::Close { code, reason }) => break (code, reason),
+                None if session.was_too_slow() => {
+                    metrics.rejected("slow_consumer");
+                    break (close::TRY_AGAIN_LATER, "client too slow; reconnect to resync".into());
+                }
+                None => break (close::INTERNAL, "document closed".into()),
+            },
+            incoming = socket.recv() => match incoming {
+                None => { log.set_close(1006, "connection dropped"); session.leave().await; return; }
+                Some(Ok(Message::Binary(frame))) => {
+                    metrics.message(Protocol::Yjs, Direction::In, frame.len());
+                    if frame.first().is_some_and(|t| *t > 3) {
+                        metrics.unknown_message(Protocol::Yjs);
+                    }
+                    if !session.receive(frame).await {
+                        break (close::INTERNAL, "document closed".into());
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    break (close::INVALID_DATA, "y-websocket messages are binary frames".into())
+                }
+                Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
+                Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
+                Some(Ok(Message::Close(frame))) => {
+                    let (c, r) = frame.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
+                    log.set_close(c, format!("client closed: {r}"));
+                    session.leave().await;
+                    return;
+                }
+                Some(Err(e)) if is_too_big(&e) => {
+                    metrics.rejected("frame_too_big");
+                    break (close::TOO_BIG, format!("message larger than {} bytes", state.limits.max_frame_bytes));
+                }
+                Some(Err(e)) => {
+                    log.set_close(1006, format!("read error: {e}"));
+                    session.leave().await;
+                    return;
+                }
+            },
+            _ = ping.tick() => {
+                if unanswered_pings >= 2 {
+                    break (close::GOING_AWAY, "no pong to two pings".into());
+                }
+                unanswered_pings += 1;
+                if !send(&mut socket, Message::Ping(Bytes::new()), hb.write_timeout, metrics).await {
+                    break (1006, "write failed".into());
+                }
+            }
+            _ = sleep_until(keepalive_at) => {
+                if !send(&mut socket, Message::Binary(Bytes::from_static(&KEEPALIVE_FRAME)), hb.write_timeout, metrics).await {
+                    break (1006, "write failed".into());
+                }
+                keepalive_at = Instant::now() + hb.idle_keepalive;
+            }
+        }
+    };
+    session.leave().await;
+    if code != 1006 {
+        let _ = send(&mut socket, close_message(code, &reason), hb.write_timeout, metrics).await;
+    }
+    log.set_close(code, reason);
+}
+
+async fn send(socket: &mut WebSocket, msg: Message, timeout: Duration, metrics: &Metrics) -> bool {
+    if let Message::Binary(b) = &msg {
+        metrics.message(Protocol::Yjs, Direction::Out, b.len());
+    }
+    matches!(tokio::time::timeout(timeout, socket.send(msg)).await, Ok(Ok(())))
+}
+
+/// Authorises an HTTP API request for `doc`, or says why not.
+fn authorise_http(state: &AppState, headers: &HeaderMap, query: Option<&str>, doc: &str) -> Result<(), Response> {
+    if !valid_doc_id(doc) {
+        return Err(error_response(StatusCode::BAD_REQUEST, "invalid document id"));
+    }
+    let token = token_from_request(headers, query);
+    state.auth.check(token.as_deref(), Some(doc), unix_now()).map(|_| ()).map_err(|e| {
+        state.metrics.rejected("auth");
+        error_response(e.http_status(), &e.to_string())
+    })
+}
+
+fn service_error(e: ServiceError) -> Response {
+    match e {
+        ServiceError::InvalidUpdate(reason) => error_response(StatusCode::BAD_REQUEST, &format!("invalid update: {reason}")),
+        other => {
+            tracing::error!(error = %other, "yjs http request failed");
+            error_response(StatusCode::SERVICE_UNAVAILABLE, &other.to_string())
+        }
+    }
+}
+
+pub(crate) async fn get_update(
+    State(state): State<AppState>,
+    Extension(engines): Extension<Arc<Engines>>,
+    Path(doc): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let Some(yjs) = engine(&engines) else {
+        return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
+    };
+    if let Err(resp) = authorise_http(&state, &headers, query.as_deref(), &doc) {
+        return resp;
+    }
+    match yjs.read_state(&doc).await {
+        Ok(update) => ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response(),
+        Err(e) => service_error(e),
+    }
+}
+
+pub(crate) async fn post_update(
+    State(state): State<AppState>,
+    Extension(engines): Extension<Arc<Engines>>,
+    Path(doc): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(yjs) = engine(&engines) else {
+        return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
+    };
+    if let Err(resp) = authorise_http(&state, &headers, query.as_deref(), &doc) {
+        return resp;
+    }
+    match yjs.apply_update(&doc, body.to_vec()).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => service_error(e),
+    }
+}
