@@ -94,11 +94,7 @@ struct Stream {
 
 impl Replicator {
     pub(crate) fn new(cfg: Arc<PgSyncConfig>, pg: tokio_postgres::Config, state: watch::Sender<FeedState>) -> Self {
-        let mut assembler = TransactionAssembler::new();
-        for _ in 0..0 {
-            assembler.reset();
-        }
-        Replicator { cfg, pg, state, assembler, relations_loaded: false, target: None }
+        Replicator { cfg, pg, state, assembler: TransactionAssembler::new(), relations_loaded: false, target: None }
     }
 
     /// Run until `stop` becomes true. The first connection attempt's setup result is reported
@@ -214,6 +210,8 @@ impl Replicator {
             let tx = sql_tx.transaction().await?;
             tx.batch_execute(&format!("TRUNCATE {s}.change_history; DELETE FROM {s}.relations;")).await?;
             let timeline = ident_sys.timeline as i32;
+            // A commit record may start exactly at the consistent point: it is not in history yet.
+            let cp = Lsn(cp.0.saturating_sub(1));
             let cp_pg = PgLsn::from(cp.0);
             tx.execute(
                 &format!(
@@ -288,5 +286,309 @@ impl Replicator {
             dirty_relations: BTreeMap::new(),
             skipping: false,
         })
+    }
+
+    /// A new assembler keyed by each table's primary key (REPLICA IDENTITY FULL flags every
+    /// column as key on the wire).
+    async fn fresh_assembler(&self, sql: &Client) -> Result<TransactionAssembler, Error> {
+        let mut a = TransactionAssembler::new();
+        for table in &self.cfg.tables {
+            let rows = sql
+                .query(
+                    "SELECT a.attname::text FROM pg_index i \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                     WHERE i.indrelid = $1::text::regclass AND i.indisprimary \
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                    &[&qualified_ident(table)],
+                )
+                .await?;
+            let cols: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            if !cols.is_empty() {
+                a.set_key_columns(table.clone(), cols);
+            }
+        }
+        Ok(a)
+    }
+
+    async fn ensure_publication(&self, sql: &Client) -> Result<(), Error> {
+        let cfg = &self.cfg;
+        for table in &cfg.tables {
+            let row = sql
+                .query_opt(
+                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
+                     FROM pg_class c WHERE c.oid = to_regclass($1)",
+                    &[&qualified_ident(table)],
+                )
+                .await?
+                .ok_or_else(|| Error::Config(format!("table {table} does not exist")))?;
+            let ident_kind: String = row.get(0);
+            let has_key: bool = row.get(1);
+            if ident_kind == "n" || (ident_kind == "d" && !has_key) {
+                return Err(Error::Config(format!(
+                    "table {table} has no replica identity: add a primary key or REPLICA IDENTITY USING INDEX/FULL"
+                )));
+            }
+        }
+        let want: std::collections::BTreeSet<String> = cfg.tables.iter().cloned().collect();
+        let exists = sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await?.is_some();
+        let list = cfg.tables.iter().map(|t| qualified_ident(t)).collect::<Vec<_>>().join(", ");
+        if !exists {
+            sql.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {list}", ident(&cfg.publication))).await?;
+            return Ok(());
+        }
+        let have: std::collections::BTreeSet<String> = sql
+            .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[&cfg.publication])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if have != want {
+            tracing::warn!(publication = %cfg.publication, ?have, ?want, "updating publication table list");
+            sql.batch_execute(&format!("ALTER PUBLICATION {} SET TABLE {list}", ident(&cfg.publication))).await?;
+        }
+        Ok(())
+    }
+
+    async fn load_relations(&mut self, sql: &Client) -> Result<(), Error> {
+        let rows = sql
+            .query(&format!("SELECT definition FROM {}.relations", ident(&self.cfg.schema)), &[])
+            .await?;
+        for r in rows {
+            let v: Value = r.get(0);
+            if let Some(rel) = relation_from_json(&v) {
+                // Outside a transaction: only seeds the cache, so a changed definition after a
+                // restart is still recognised as a change.
+                self.assembler.push(LogicalMessage::Relation(rel))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stream(&mut self, st: &mut Stream, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        loop {
+            // Drain what is ready; flush when the stream has nothing more right now.
+            let ev = match st.repl.recv().now_or_never() {
+                Some(ev) => ev?,
+                None => {
+                    if !st.pending.is_empty() {
+                        self.flush(st).await?;
+                    }
+                    tokio::select! {
+                        ev = st.repl.recv() => ev?,
+                        _ = stop.changed() => {
+                            if *stop.borrow() {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(ev) = ev else {
+                return Err(Error::Other("replication stream ended".into()));
+            };
+            match ev {
+                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                    let final_lsn = Lsn(final_lsn.as_u64());
+                    st.skipping = final_lsn <= st.watermark;
+                    self.assembler.push(LogicalMessage::Begin(Begin { final_lsn, commit_time: commit_time_micros, xid }))?;
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    let msg = st.decoder.decode(&data)?;
+                    if let LogicalMessage::Relation(r) = &msg {
+                        st.dirty_relations.insert(r.id, r.clone());
+                    }
+                    self.assembler.push(msg)?;
+                    if self.assembler.open_len() >= self.cfg.chunk_rows {
+                        self.write_chunk(st).await?;
+                    }
+                }
+                ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                    let commit = Commit {
+                        flags: 0,
+                        commit_lsn: Lsn(lsn.as_u64()),
+                        end_lsn: Lsn(end_lsn.as_u64()),
+                        commit_time: commit_time_micros,
+                    };
+                    if let Some(Assembled::Transaction(t)) = self.assembler.push(LogicalMessage::Commit(commit))? {
+                        if st.skipping {
+                            st.skipping = false;
+                        } else {
+                            st.pending_rows += t.changes.len();
+                            st.pending.push(t);
+                            if st.pending_rows >= self.cfg.flush_rows {
+                                self.flush(st).await?;
+                            }
+                        }
+                    }
+                }
+                ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+                    let lsn = Lsn(lsn.as_u64());
+                    let msg = DecodingMessage { xid: None, transactional, lsn, prefix, content: content.to_vec() };
+                    if transactional {
+                        self.assembler.push(LogicalMessage::Message(msg))?;
+                    } else if !self.assembler.in_transaction() {
+                        self.idle_point(st, lsn).await?;
+                    }
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if !self.assembler.in_transaction() {
+                        self.idle_point(st, Lsn(wal_end.as_u64())).await?;
+                    }
+                }
+                ReplicationEvent::StoppedAt { .. } => return Err(Error::Other("replication stopped".into())),
+            }
+        }
+    }
+
+    /// Every commit before `p` has been delivered: flush, then move the watermark to `p - 1`
+    /// in memory and ack the slot at `p`.
+    async fn idle_point(&mut self, st: &mut Stream, p: Lsn) -> Result<(), Error> {
+        if p.0 == 0 {
+            return Ok(());
+        }
+        if !st.pending.is_empty() {
+            self.flush(st).await?;
+        }
+        let w = Lsn(p.0 - 1);
+        if w > st.watermark {
+            st.watermark = w;
+            st.repl.update_applied_lsn(pgwire_replication::Lsn(p.0));
+            self.publish(st.watermark);
+        }
+        Ok(())
+    }
+
+    fn publish(&self, watermark: Lsn) {
+        let caught_up = self.target.is_some_and(|t| watermark.0.saturating_add(1) >= t.0);
+        self.state.send_if_modified(|s| {
+            let before = (s.watermark, s.caught_up);
+            s.watermark = s.watermark.max(watermark);
+            s.caught_up |= caught_up;
+            before != (s.watermark, s.caught_up)
+        });
+    }
+
+    async fn next_full_xid(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, Error> {
+        let next: String = tx.query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[]).await?.get(0);
+        next.parse::<u64>().map_err(|e| Error::Other(format!("xid8: {e}")))
+    }
+
+    /// Write the open transaction's buffered changes without moving the watermark.
+    async fn write_chunk(&mut self, st: &mut Stream) -> Result<(), Error> {
+        let Some(part) = self.assembler.drain_open() else { return Ok(()) };
+        if st.skipping {
+            return Ok(());
+        }
+        if !st.pending.is_empty() {
+            self.flush(st).await?;
+        }
+        let tx = st.sql.transaction().await?;
+        let next = Self::next_full_xid(&tx).await?;
+        let rows = [TxnRows { xid: part.xid, commit_lsn: part.commit_lsn, commit_time: part.commit_time, changes: &part.changes }];
+        copy_in(&tx, &self.cfg.schema, &rows, next).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Write queued transactions and the watermark in one transaction, then ack the slot.
+    async fn flush(&mut self, st: &mut Stream) -> Result<(), Error> {
+        let Some(last) = st.pending.last() else { return Ok(()) };
+        let (watermark, end_lsn) = (last.commit_lsn, last.end_lsn);
+        let s = ident(&self.cfg.schema);
+        let tx = st.sql.transaction().await?;
+        let next = Self::next_full_xid(&tx).await?;
+        let rows: Vec<TxnRows<'_>> = st
+            .pending
+            .iter()
+            .filter(|t| !t.changes.is_empty())
+            .map(|t| TxnRows { xid: t.xid, commit_lsn: t.commit_lsn, commit_time: t.commit_time, changes: &t.changes })
+            .collect();
+        if !rows.is_empty() {
+            copy_in(&tx, &self.cfg.schema, &rows, next).await?;
+        }
+        for rel in st.dirty_relations.values() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.relations (relid, tbl, definition) VALUES ($1, $2, $3) \
+                     ON CONFLICT (relid) DO UPDATE SET tbl = $2, definition = $3"
+                ),
+                &[&rel.id, &format!("{}.{}", rel.namespace, rel.name), &relation_to_json(rel)],
+            )
+            .await?;
+        }
+        tx.execute(
+            &format!("UPDATE {s}.replication_state SET watermark = $1, updated_at = now() WHERE id = 1 AND watermark < $1"),
+            &[&PgLsn::from(watermark.0)],
+        )
+        .await?;
+        tx.commit().await?;
+        st.dirty_relations.clear();
+        st.pending.clear();
+        st.pending_rows = 0;
+        st.watermark = st.watermark.max(watermark);
+        st.repl.update_applied_lsn(pgwire_replication::Lsn(end_lsn.0));
+        self.publish(st.watermark);
+        Ok(())
+    }
+}
+
+fn relation_to_json(r: &Relation) -> Value {
+    let ident = match r.replica_identity {
+        ReplicaIdentity::Default => "d",
+        ReplicaIdentity::Nothing => "n",
+        ReplicaIdentity::Full => "f",
+        ReplicaIdentity::Index => "i",
+    };
+    json!({
+        "id": r.id,
+        "namespace": r.namespace,
+        "name": r.name,
+        "replica_identity": ident,
+        "columns": r.columns.iter().map(|c| json!({
+            "key": c.is_key, "name": c.name, "type": c.type_oid, "typmod": c.type_modifier
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn relation_from_json(v: &Value) -> Option<Relation> {
+    let ident = v.get("replica_identity")?.as_str()?.bytes().next()?;
+    Some(Relation {
+        xid: None,
+        id: u32::try_from(v.get("id")?.as_u64()?).ok()?,
+        namespace: v.get("namespace")?.as_str()?.to_owned(),
+        name: v.get("name")?.as_str()?.to_owned(),
+        replica_identity: ReplicaIdentity::from_byte(ident)?,
+        columns: v
+            .get("columns")?
+            .as_array()?
+            .iter()
+            .map(|c| {
+                Some(RelationColumn {
+                    is_key: c.get("key")?.as_bool()?,
+                    name: c.get("name")?.as_str()?.to_owned(),
+                    type_oid: u32::try_from(c.get("type")?.as_u64()?).ok()?,
+                    type_modifier: i32::try_from(c.get("typmod")?.as_i64()?).ok()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relation_json_round_trip() {
+        let r = Relation {
+            xid: None,
+            id: 16384,
+            namespace: "public".into(),
+            name: "todos".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns: vec![RelationColumn { is_key: true, name: "id".into(), type_oid: 20, type_modifier: -1 }],
+        };
+        assert_eq!(relation_from_json(&relation_to_json(&r)), Some(r));
     }
 }
