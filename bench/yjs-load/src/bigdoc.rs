@@ -76,7 +76,7 @@ fn author_items(state: &[u8]) -> Result<u64> {
     Ok(update
         .insertions(true)
         .iter()
-        .filter(|(c, _)| **c == BIG_AUTHOR)
+        .filter(|(c, _)| c.get() == BIG_AUTHOR)
         .flat_map(|(_, r)| r.iter().map(|r| u64::from(r.end - r.start)).collect::<Vec<_>>())
         .sum())
 }

@@ -154,10 +154,6 @@ impl Framer {
         Self { protocol, prefix, doc: doc.to_owned() }
     }
 
-    pub fn protocol(&self) -> Protocol {
-        self.protocol
-    }
-
     fn start(&self, ty: u64, capacity: usize) -> Vec<u8> {
         let mut buf = Vec::with_capacity(self.prefix.len() + 8 + capacity);
         buf.extend_from_slice(&self.prefix);

@@ -30,6 +30,10 @@ pub struct RelayArgs {
     /// Listen address; loopback only.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: std::net::IpAddr,
+    /// tungstenite read buffer per socket in KiB (its default, 128, costs 128 KiB RSS per
+    /// idle socket because the buffer is zero-filled; see client::ws_config).
+    #[arg(long, default_value_t = 4)]
+    pub read_buffer_kib: usize,
 }
 
 type Outbox = mpsc::Sender<Bytes>;
@@ -89,8 +93,9 @@ pub async fn run(a: RelayArgs) -> Result<()> {
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
                 let relay = relay.clone();
+                let rb = a.read_buffer_kib.max(1) * 1024;
                 tokio::spawn(async move {
-                    if let Err(e) = serve(relay, tcp).await {
+                    if let Err(e) = serve(relay, tcp, rb).await {
                         log(&format!("relay connection: {e:#}"));
                     }
                 });
@@ -106,7 +111,7 @@ pub async fn run(a: RelayArgs) -> Result<()> {
     Ok(())
 }
 
-async fn serve(relay: Arc<Relay>, tcp: TcpStream) -> Result<()> {
+async fn serve(relay: Arc<Relay>, tcp: TcpStream, read_buffer: usize) -> Result<()> {
     tcp.set_nodelay(true)?;
     let mut path = String::new();
     let ws = tokio_tungstenite::accept_hdr_async_with_config(
@@ -115,7 +120,7 @@ async fn serve(relay: Arc<Relay>, tcp: TcpStream) -> Result<()> {
             path = req.uri().path().to_owned();
             Ok(resp)
         },
-        Some(crate::client::ws_config()),
+        Some(crate::client::ws_config(read_buffer)),
     )
     .await?;
     let id = relay.next_id.fetch_add(1, Ordering::Relaxed);

@@ -178,10 +178,11 @@ impl Handler for Receiver {
         let now_ns = self.log.ns_since_base(received);
         let mut new = 0u64;
         for (client, ranges) in update.insertions(true).iter() {
-            let Some(&writer) = self.log.by_client.get(client) else {
+            let client = client.get();
+            let Some(&writer) = self.log.by_client.get(&client) else {
                 let items = ranges.iter().map(|r| u64::from(r.end - r.start)).sum::<u64>();
                 self.stats.foreign_items += items;
-                if let Some(w) = self.watch.as_mut().filter(|w| w.client == *client) {
+                if let Some(w) = self.watch.as_mut().filter(|w| w.client == client) {
                     w.seen += items;
                     if w.seen >= w.target {
                         if let Some(done) = w.done.take() {

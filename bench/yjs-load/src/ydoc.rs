@@ -5,7 +5,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, GetString, ReadTxn, StateVector, Text, TextRef, Transact, Update};
+use yrs::{Doc, ReadTxn, StateVector, Text, TextRef, Transact, Update};
 
 /// Name of the shared Y.Text every client edits (what `ydoc.getText('t')` reads in JS).
 pub const TEXT: &str = "t";
@@ -57,9 +57,9 @@ pub fn build_big_doc(target_bytes: usize) -> (Vec<u8>, usize) {
     let doc = Doc::with_client_id(BIG_AUTHOR);
     let text = doc.get_or_insert_text(TEXT);
     let mut rng = SmallRng::seed_from_u64(0x6d6f6169);
-    let mut chars = 0usize;
     let mut ops = 0usize;
     loop {
+        let chars;
         {
             let mut txn = doc.transact_mut();
             let len = text.len(&txn) as usize;
@@ -114,6 +114,7 @@ impl Editor {
         Ok(Self { doc, text, rng: SmallRng::seed_from_u64(7) })
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> u32 {
         self.text.len(&self.doc.transact())
     }
@@ -127,7 +128,9 @@ impl Editor {
         txn.encode_update_v1()
     }
 
+    #[cfg(test)]
     pub fn text(&self) -> String {
+        use yrs::GetString;
         self.text.get_string(&self.doc.transact())
     }
 }
@@ -135,6 +138,7 @@ impl Editor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yrs::GetString;
 
     #[test]
     fn typist_update_k_is_item_k() {
@@ -142,7 +146,7 @@ mod tests {
         for k in 0..5u32 {
             let u = Update::decode_v1(&t.type_char()).unwrap();
             let ins = u.insertions(true);
-            let items: Vec<_> = ins.iter().flat_map(|(c, r)| r.iter().map(move |r| (*c, r.clone()))).collect();
+            let items: Vec<_> = ins.iter().flat_map(|(c, r)| r.iter().map(move |r| (c.get(), r.clone()))).collect();
             assert_eq!(items, vec![(1_000_007, k..k + 1)]);
         }
         // A fresh doc applying the updates in order reads the typed text.

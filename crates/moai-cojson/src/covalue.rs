@@ -69,10 +69,10 @@ impl CoValueState {
     /// Commits a verdict into `slot`, creating the CoValue from the verdict's
     /// header if it was unknown. A verdict for a different CoValue, or a
     /// session whose count moved since verification, is not applied.
-    pub fn apply(slot: &mut Option<CoValueState>, verdict: ContentVerdict) -> Applied {
+    pub fn apply(slot: &mut Option<CoValueState>, mut verdict: ContentVerdict) -> Applied {
         let mut applied = Applied::default();
         if slot.is_none() {
-            match verdict.new_header {
+            match verdict.new_header.take() {
                 Some(h) if h.id == verdict.id => {
                     *slot = Some(CoValueState::new(h));
                     applied.header_installed = true;

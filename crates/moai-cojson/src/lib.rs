@@ -1,9 +1,8 @@
 //! Sans-IO core of moai's CoJSON (Jazz 0.20.x) sync server, relay role.
 //!
 //! No sockets, clocks or storage live here: the server edge feeds parsed
-//! frames in and carries actions out. This first slice covers the wire
-//! formats and everything needed to verify content before it is stored or
-//! forwarded.
+//! frames in and carries actions out. The wire formats and verification are
+//! the foundation; [`relay`] is the server state machine built on them.
 
 pub mod canonical_json;
 pub mod crypto;
@@ -14,3 +13,7 @@ pub mod message;
 pub mod header;
 pub mod covalue;
 pub mod verify;
+pub mod dependencies;
+pub mod content_pieces;
+pub mod persistence;
+pub mod relay;

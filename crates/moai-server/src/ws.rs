@@ -41,6 +41,23 @@ pub fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason[..end].into() }))
 }
 
+/// Closes a WebSocket properly: sends the close frame, then reads until the client answers
+/// with its own close (or `linger` passes). Dropping the TCP socket right after the close frame
+/// while the client's frames are still unread makes the kernel send a reset, and the client
+/// then loses the close frame and sees 1006 instead of our code (which would, for example,
+/// make y-websocket retry a 4401 forever).
+pub async fn close_gracefully(socket: &mut axum::extract::ws::WebSocket, code: u16, reason: &str, linger: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + linger;
+    if tokio::time::timeout_at(deadline, socket.send(close_message(code, reason))).await.is_err() {
+        return;
+    }
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, socket.recv()).await {
+        if matches!(msg, Message::Close(_)) {
+            break;
+        }
+    }
+}
+
 /// Whether a receive error means the peer sent a message over the size limit (close 1009) rather
 /// than a broken connection.
 pub fn is_too_big(err: &axum::Error) -> bool {

@@ -24,7 +24,7 @@ use tokio::time::{interval_at, sleep_until, Instant};
 use crate::auth::{token_from_request, AuthError};
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_message, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_gracefully, is_too_big, limit_upgrade, SessionLog};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 /// Heartbeat timings of Yjs sockets.
@@ -110,9 +110,12 @@ pub(crate) async fn socket(
 }
 
 async fn refuse(mut socket: WebSocket, code: u16, reason: &str, log: &mut SessionLog) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), socket.send(close_message(code, reason))).await;
+    close_gracefully(&mut socket, code, reason, CLOSE_LINGER).await;
     log.set_close(code, reason);
 }
+
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Pumps one socket until either side closes, the document drops it, or shutdown begins.
 async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState, log: &mut SessionLog) {
@@ -126,7 +129,7 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
                 ServiceError::LoadFailed(_) => "document could not be loaded",
                 _ => "document unavailable",
             };
-            let _ = send(&mut socket, close_message(close::INTERNAL, reason), hb.write_timeout, metrics).await;
+            close_gracefully(&mut socket, close::INTERNAL, reason, CLOSE_LINGER).await;
             log.set_close(close::INTERNAL, reason);
             return;
         }
@@ -205,7 +208,7 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
     };
     session.leave().await;
     if code != 1006 {
-        let _ = send(&mut socket, close_message(code, &reason), hb.write_timeout, metrics).await;
+        close_gracefully(&mut socket, code, &reason, CLOSE_LINGER).await;
     }
     log.set_close(code, reason);
 }

@@ -1,6 +1,8 @@
 //! Starts the real `moai` binary for integration tests and talks to it over real sockets.
 #![allow(dead_code)]
 
+pub mod yjs_clients;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -27,8 +29,12 @@ impl Server {
     }
 
     pub fn start_in(dir: tempfile::TempDir, db: &Path, extra: &[&str]) -> Server {
+        // A test that restarts on the same port passes its own --port.
+        let port: &[&str] = if extra.contains(&"--port") { &[] } else { &["--port", "0"] };
         let mut child = Command::new(BIN)
-            .args(["serve", "--port", "0", "--log-format", "json", "--db-path"])
+            .arg("serve")
+            .args(port)
+            .args(["--log-format", "json", "--db-path"])
             .arg(db)
             .args(extra)
             .env("RUST_LOG", "info")

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Yjs benchmark: the same load against moai, @y/websocket-server, @hocuspocus/server and the bare
+# broadcast relay, each scenario RUNS times, medians printed as markdown (bench/README.md).
+#
+#   bench/run-yjs.sh                       # everything, 5 runs (~12-15 min on 2 cores)
+#   RUNS=1 bench/run-yjs.sh                # one quick pass
+#   SERVERS="relay hocuspocus" SCENARIOS="fanout-max" bench/run-yjs.sh
+#
+# Every server is started fresh for every scenario run (clean RSS, CPU and state), on
+# 127.0.0.1 only, and the servers are interleaved within each run so machine noise spreads over
+# all of them. Raw JSON and logs go to bench/results/<timestamp>/, the table also to summary.md.
+set -euo pipefail
+
+BENCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$BENCH")"
+RUNS="${RUNS:-5}"
+SERVERS="${SERVERS:-moai y-websocket-server hocuspocus relay}"
+SCENARIOS="${SCENARIOS:-fanout-paced fanout-max big-doc idle}"
+# Load shape (defaults sized for 2 cores shared by server and loadgen).
+DOCS="${DOCS:-20}" CLIENTS="${CLIENTS:-10}" WRITERS="${WRITERS:-2}"
+UPDATES="${UPDATES:-200}" RATE="${RATE:-25}"          # fanout-paced: 1000 updates/s offered
+MAX_UPDATES="${MAX_UPDATES:-500}"                     # fanout-max: unpaced, 20 000 updates
+BIG_MB="${BIG_MB:-10}" EDITS="${EDITS:-100}" EDIT_INTERVAL_MS="${EDIT_INTERVAL_MS:-30}"
+IDLE_CONNS="${IDLE_CONNS:-2000}" IDLE_DOCS="${IDLE_DOCS:-100}"
+BASE_PORT="${BASE_PORT:-24100}"
+
+export CARGO_TARGET_DIR="$BENCH/target"
+LOAD="$BENCH/target/release/yjs-load"
+MOAI="$ROOT/target/release/moai"
+RESULTS="$BENCH/results/$(date +%Y%m%d-%H%M%S)"
+TMP="$(mktemp -d)"
+mkdir -p "$RESULTS"
+SERVER_PID=""
+
+log() { printf '[run-yjs] %s\n' "$*" >&2; }
+
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+cleanup() { stop_server; rm -rf "$TMP"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Setup: peers from npm (exact versions from package-lock.json), loadgen and moai in release.
+log "installing peers (npm ci)"
+(cd "$BENCH/peers" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >"$RESULTS/npm-ci.log" 2>&1) \
+  || { cat "$RESULTS/npm-ci.log" >&2; exit 1; }
+log "building yjs-load"
+cargo build --release --quiet --manifest-path "$BENCH/yjs-load/Cargo.toml"
+if [[ " $SERVERS " == *" moai "* ]]; then
+  log "building moai"
+  if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet); then
+    log "moai does not build; skipping it"
+    SERVERS="${SERVERS/moai/}"
+  fi
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # thousands of sockets in `idle`
+
+{
+  echo "# Yjs benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; loadgen and server share them"
+  echo "- node $(node --version); peers: $(cd "$BENCH/peers" && node -e 'const l=require("./package-lock.json").packages;console.log(["@y/websocket-server","@hocuspocus/server","yjs"].map(n=>n+"@"+l["node_modules/"+n].version).join(", "))')"
+  echo "- runs per cell: $RUNS (medians below; raw JSON beside this file)"
+} >"$RESULTS/summary.md"
+
+# ---------------------------------------------------------------------------------------------
+# Servers. start_server NAME PORT sets SERVER_PID, URL and PROTO, or returns 1.
+start_server() {
+  local name="$1" port="$2" dir="$TMP/$1-$2"
+  mkdir -p "$dir"
+  PROTO=y-websocket
+  URL="ws://127.0.0.1:$port/sync/v1"
+  case "$name" in
+    moai)
+      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+        --db-path "$dir/db.sqlite" --log-format json >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
+      ;;
+    y-websocket-server)
+      node "$BENCH/peers/ywss.mjs" --port "$port" >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      ;;
+    hocuspocus)
+      PROTO=hocuspocus
+      URL="ws://127.0.0.1:$port"
+      node "$BENCH/peers/hocuspocus.mjs" --port "$port" >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      ;;
+    relay)
+      "$LOAD" relay --port "$port" >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      ;;
+    *) log "unknown server $name"; return 1 ;;
+  esac
+  # Ready means: a client can open a document and receive SyncStep2.
+  "$LOAD" probe --url "$URL" --protocol "$PROTO" --wait-s 15 2>>"$dir/server.log"
+}
+
+scenario_args() {
+  local scenario="$1" server="$2"
+  case "$scenario" in
+    fanout-paced) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $UPDATES --rate $RATE" ;;
+    fanout-max) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $MAX_UPDATES --rate 0" ;;
+    big-doc)
+      local extra=""
+      # The relay keeps no state: a late joiner would get nothing.
+      [ "$server" = relay ] && extra="--skip-joiner"
+      echo "big-doc --size-mb $BIG_MB --edits $EDITS --interval-ms $EDIT_INTERVAL_MS --cache $BENCH/target/bigdoc-${BIG_MB}mib.bin $extra"
+      ;;
+    idle) echo "idle --connections $IDLE_CONNS --docs $IDLE_DOCS" ;;
+    *) log "unknown scenario $scenario"; return 1 ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------------------
+declare -A UNAVAILABLE=()
+port=$BASE_PORT
+start_time=$SECONDS
+for run in $(seq "$RUNS"); do
+  for scenario in $SCENARIOS; do
+    for server in $SERVERS; do
+      [ -n "${UNAVAILABLE[$server]:-}" ] && continue
+      port=$((port + 1))
+      out="$RESULTS/$scenario--$server--$run"
+      if ! start_server "$server" "$port"; then
+        log "$server did not come up on $URL (see $out.server.log); skipping it from now on"
+        cp "$TMP/$server-$port/server.log" "$out.server.log" 2>/dev/null || true
+        UNAVAILABLE[$server]=1
+        stop_server
+        continue
+      fi
+      log "run $run/$RUNS $scenario on $server (pid $SERVER_PID)"
+      # shellcheck disable=SC2046
+      if ! timeout 300 "$LOAD" --case "$scenario" $(scenario_args "$scenario" "$server") \
+          --url "$URL" --protocol "$PROTO" --label "$server" --server-pid "$SERVER_PID" \
+          >"$out.json" 2>"$out.log"; then
+        log "  failed (see $out.log)"
+        : # the empty or partial .json is listed as an anomaly by the report
+      fi
+      stop_server
+      cp "$TMP/$server-$port/server.log" "$out.server.log" 2>/dev/null || true
+    done
+  done
+done
+log "done in $((SECONDS - start_time)) s"
+
+for server in "${!UNAVAILABLE[@]}"; do
+  echo "- **$server was not available** (no SyncStep2 on its Yjs endpoint); see its *.server.log" >>"$RESULTS/summary.md"
+done
+"$LOAD" report --dir "$RESULTS" >>"$RESULTS/summary.md"
+cat "$RESULTS/summary.md"
+log "results: $RESULTS"

@@ -1,0 +1,517 @@
+//! The relay state machine: moai as a cojson sync *server* for unmodified
+//! cojson 0.20.19 clients (spec §4, the reference server's behaviour towards
+//! peers in role "client").
+//!
+//! Sans-IO: [`Relay::handle`] takes one [`Event`] and returns the
+//! [`Action`]s the driver must perform. No sockets, clocks, tasks or storage
+//! live here, so every scenario can be replayed deterministically.
+//!
+//! ## The driver's contract
+//! * Feed every decoded message of a peer in order, between `PeerConnected`
+//!   and `PeerDisconnected`. Perform `Send`s for one peer in order.
+//! * `Load(id)`: read the CoValue and answer `Loaded { id, stored }` exactly
+//!   once (`None` if storage does not have it).
+//! * `Persist(req)`: write it atomically and answer `Persisted(token)` only
+//!   once it is durable, or `PersistFailed(token)`. Refuse an append whose
+//!   `after` is not the stored count. Writes of one CoValue may complete in
+//!   any order; the relay orders the acks itself.
+//! * `Close(peer, _)`: close the connection, then report `PeerDisconnected`.
+//! * Memory: [`Relay::evictable`] lists CoValues nobody needs in memory;
+//!   [`Relay::evict`] drops one. It is reloaded on demand.
+//!
+//! ## What the relay guarantees
+//! * Nothing is stored or forwarded before verification
+//!   ([`crate::verify`]); a rejected session changes nothing.
+//! * An ack (`known` after `content`) is sent only after every write of that
+//!   CoValue issued so far is durable, and reports the durable state.
+//! * New content is forwarded at once to every other subscribed peer,
+//!   dependencies first. Forwarding does not wait for durability: the
+//!   content is signed by its author, and after a crash a peer that holds
+//!   more than the relay uploads it again on reconnect.
+//!
+//! The handlers live in `content.rs` (incoming content), `sending.rs`
+//! (answers and dependency-first sending) and `reconcile.rs`.
+
+mod content;
+mod peer;
+mod reconcile;
+mod sending;
+mod slot;
+
+pub use reconcile::sessions_hash;
+
+use crate::header::HeaderError;
+use crate::ids::CoId;
+use crate::known_state::KnownState;
+use crate::message::{KnownMessage, SyncMessage};
+use crate::persistence::{rebuild, PersistRequest, PersistToken, StoredCoValue, StoredError};
+use crate::verify::{DeletePolicy, DenyDeletes, HeaderLookup, VerifyError};
+use crate::content_pieces::PIECE_LIMIT_BYTES;
+use crate::dependencies::covalue_dependencies;
+use crate::header::Header;
+use peer::{PeerKnown, PeerState};
+use serde_json::Map;
+use slot::{Job, Residence, Resident, Slot};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// A connection, numbered by the driver. Never reuse a number while the
+/// relay still knows it (i.e. before `PeerDisconnected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    PeerConnected(PeerId),
+    Message(PeerId, SyncMessage),
+    PeerDisconnected(PeerId),
+    /// The answer to [`Action::Load`].
+    Loaded { id: CoId, stored: Option<StoredCoValue> },
+    /// The write with this token is durable.
+    Persisted(PersistToken),
+    /// The write with this token failed (nothing of it is stored).
+    PersistFailed(PersistToken),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer has too much content waiting for dependencies it never sends.
+    TooMuchParkedContent,
+    /// A write of a CoValue this peer synced failed; reconnecting resyncs
+    /// it against what storage really holds.
+    StorageFailure(CoId),
+}
+
+/// Things worth a log line or a metric; never needed for correctness.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Diagnostic {
+    /// cojson answers nothing to an invalid header; neither do we.
+    InvalidHeader { peer: PeerId, id: CoId, error: HeaderError },
+    /// A session failed verification; the CoValue is now errored for the peer.
+    RejectedSession { peer: PeerId, id: CoId, session: String, error: VerifyError },
+    /// A message about a CoValue that is errored for this peer was ignored.
+    IgnoredErrored { peer: PeerId, id: CoId },
+    /// A message or answer for a peer the relay does not know.
+    UnknownPeer(PeerId),
+    /// `Loaded` without a matching `Load`, or `Persisted` for an unknown token.
+    Unexpected(&'static str),
+    /// Stored data could not be rebuilt; treated as absent.
+    StorageCorrupt { id: CoId, error: StoredError },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // actions are consumed at once
+pub enum Action {
+    Send(PeerId, SyncMessage),
+    Load(CoId),
+    Persist(PersistRequest),
+    Close(PeerId, CloseReason),
+    Diagnostic(Diagnostic),
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Payload limit of one outgoing content piece (cojson: 100 KiB).
+    pub piece_limit_bytes: usize,
+    /// Content messages one peer may have waiting for dependencies before
+    /// it is closed (cojson has no bound).
+    pub max_parked_content_per_peer: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { piece_limit_bytes: PIECE_LIMIT_BYTES, max_parked_content_per_peer: 1024 }
+    }
+}
+
+/// Why [`Relay::evict`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotEvictable {
+    #[error("not held by the relay")]
+    NotHeld,
+    #[error("a peer is subscribed")]
+    Subscribed,
+    #[error("writes or acks are pending")]
+    Pending,
+    #[error("work is waiting on it")]
+    Busy,
+}
+
+pub struct Relay {
+    config: RelayConfig,
+    deletes: Box<dyn DeletePolicy + Send>,
+    peers: HashMap<PeerId, PeerState>,
+    slots: HashMap<CoId, Slot>,
+    /// Reverse index of `PeerState::known`: who is subscribed to what.
+    subscribers: HashMap<CoId, BTreeSet<PeerId>>,
+    tokens: HashMap<PersistToken, CoId>,
+    next_token: u64,
+    ready: VecDeque<Job>,
+    out: Vec<Action>,
+}
+
+/// Header lookup over the CoValues in memory (author accounts).
+struct SlotHeaders<'a>(&'a HashMap<CoId, Slot>);
+
+impl HeaderLookup for SlotHeaders<'_> {
+    fn header(&self, id: &CoId) -> Option<&Header> {
+        self.0.get(id)?.resident().map(|r| &r.state.header)
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self::new(RelayConfig::default())
+    }
+}
+
+impl Relay {
+    /// A relay that rejects every delete (no group evaluation yet).
+    pub fn new(config: RelayConfig) -> Self {
+        Self::with_delete_policy(config, Box::new(DenyDeletes))
+    }
+
+    pub fn with_delete_policy(config: RelayConfig, deletes: Box<dyn DeletePolicy + Send>) -> Self {
+        Relay {
+            config,
+            deletes,
+            peers: HashMap::new(),
+            slots: HashMap::new(),
+            subscribers: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 0,
+            ready: VecDeque::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Processes one event; returns what the driver must do, in order.
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        match event {
+            Event::PeerConnected(peer) => {
+                self.drop_peer(peer);
+                self.peers.insert(peer, PeerState::default());
+            }
+            Event::PeerDisconnected(peer) => self.drop_peer(peer),
+            Event::Message(peer, msg) => self.on_message(peer, msg),
+            Event::Loaded { id, stored } => self.on_loaded(id, stored),
+            Event::Persisted(token) => self.on_persisted(token),
+            Event::PersistFailed(token) => self.on_persist_failed(token),
+        }
+        // Work woken by this event runs now, iteratively (no recursion depth
+        // an attacker could choose).
+        while let Some(job) = self.ready.pop_front() {
+            self.run_job(job);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    // ---------- inspection and memory ----------
+
+    /// Our known state of a CoValue held in memory.
+    pub fn known_state(&self, id: &CoId) -> Option<KnownState> {
+        self.slots.get(id)?.resident().map(|r| r.state.known_state())
+    }
+
+    /// CoValues held in memory.
+    pub fn resident_count(&self) -> usize {
+        self.slots.values().filter(|s| s.resident().is_some()).count()
+    }
+
+    /// Whether `peer` is subscribed to `id`.
+    pub fn is_subscribed(&self, peer: PeerId, id: &CoId) -> bool {
+        self.subscribers.get(id).is_some_and(|s| s.contains(&peer))
+    }
+
+    fn evict_check(&self, id: &CoId, slot: &Slot) -> Result<(), NotEvictable> {
+        if self.subscribers.get(id).is_some_and(|s| !s.is_empty()) {
+            return Err(NotEvictable::Subscribed);
+        }
+        if !slot.waiters.is_empty() || !slot.pending_deps.is_empty() {
+            return Err(NotEvictable::Busy);
+        }
+        match &slot.residence {
+            Residence::InMemory(r) if !r.pending.is_empty() || !r.acks.is_empty() => Err(NotEvictable::Pending),
+            Residence::Loading => Err(NotEvictable::Busy),
+            _ => Ok(()),
+        }
+    }
+
+    /// CoValues that could be evicted now: no subscriber, no pending write
+    /// or ack, no work waiting. The driver picks which (e.g. by idle time).
+    pub fn evictable(&self) -> Vec<CoId> {
+        let mut ids: Vec<CoId> =
+            self.slots.iter().filter(|(id, slot)| self.evict_check(id, slot).is_ok()).map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Drops a CoValue from memory; the next use loads it from storage again.
+    pub fn evict(&mut self, id: &CoId) -> Result<(), NotEvictable> {
+        let slot = self.slots.get(id).ok_or(NotEvictable::NotHeld)?;
+        self.evict_check(id, slot)?;
+        self.slots.remove(id);
+        self.subscribers.remove(id);
+        Ok(())
+    }
+
+    // ---------- plumbing shared by the handlers ----------
+
+    fn send(&mut self, peer: PeerId, msg: SyncMessage) {
+        if self.peers.get(&peer).is_some_and(|p| !p.closing) {
+            self.out.push(Action::Send(peer, msg));
+        }
+    }
+
+    fn send_known(&mut self, peer: PeerId, state: KnownState, is_correction: bool) {
+        let msg = KnownMessage { state, is_correction, as_dependency_of: None, extra: Map::new() };
+        self.send(peer, SyncMessage::Known(msg));
+    }
+
+    fn diagnostic(&mut self, d: Diagnostic) {
+        self.out.push(Action::Diagnostic(d));
+    }
+
+    fn close(&mut self, peer: PeerId, reason: CloseReason) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.closing {
+                p.closing = true;
+                self.out.push(Action::Close(peer, reason));
+            }
+        }
+    }
+
+    /// The peer's known-state entry for `id`, creating it (= subscribing).
+    fn peer_known(&mut self, peer: PeerId, id: &CoId) -> Option<&mut PeerKnown> {
+        let p = self.peers.get_mut(&peer)?;
+        if !p.known.contains_key(id) {
+            self.subscribers.entry(id.clone()).or_default().insert(peer);
+        }
+        Some(p.known.entry(id.clone()).or_insert_with(|| PeerKnown::new(id.clone())))
+    }
+
+    /// Asks the driver for a CoValue unless it is already resolved or loading.
+    fn request_load(&mut self, id: &CoId) {
+        let slot = self.slots.entry(id.clone()).or_default();
+        if matches!(slot.residence, Residence::Unknown) {
+            slot.residence = Residence::Loading;
+            self.out.push(Action::Load(id.clone()));
+        }
+    }
+
+    /// Parks a job until `on` changes (loaded, provided, or declared absent).
+    fn park(&mut self, on: &CoId, job: Job) {
+        let peer = job.peer();
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if matches!(job, Job::Content { .. }) {
+            if p.parked_content >= self.config.max_parked_content_per_peer {
+                self.close(peer, CloseReason::TooMuchParkedContent);
+                return;
+            }
+            p.parked_content += 1;
+        }
+        p.parked_on.insert(on.clone());
+        self.slots.entry(on.clone()).or_default().waiters.push(job);
+    }
+
+    /// Re-runs everything parked on `id`.
+    fn wake(&mut self, id: &CoId) {
+        let Some(slot) = self.slots.get_mut(id) else { return };
+        for job in std::mem::take(&mut slot.waiters) {
+            if let (Job::Content { .. }, Some(p)) = (&job, self.peers.get_mut(&job.peer())) {
+                p.parked_content = p.parked_content.saturating_sub(1);
+            }
+            self.ready.push_back(job);
+        }
+    }
+
+    fn run_job(&mut self, job: Job) {
+        if self.peers.get(&job.peer()).is_none_or(|p| p.closing) {
+            return;
+        }
+        match job {
+            Job::Answer { peer, id, force_known } => self.answer(peer, id, force_known),
+            Job::Content { peer, msg } => self.process_content(peer, msg),
+            Job::Reconcile { peer, batch, id, hash } => self.reconcile_entry(peer, batch, id, hash),
+        }
+    }
+
+    fn drop_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else { return };
+        for id in p.known.keys() {
+            if let Some(subs) = self.subscribers.get_mut(id) {
+                subs.remove(&peer);
+                if subs.is_empty() {
+                    self.subscribers.remove(id);
+                }
+            }
+        }
+        let mut abandoned = Vec::new();
+        for id in p.parked_on.iter() {
+            if let Some(slot) = self.slots.get_mut(id) {
+                slot.waiters.retain(|j| match j {
+                    Job::Content { peer: owner, msg } if *owner == peer => {
+                        abandoned.push(msg.id.clone());
+                        false
+                    }
+                    j => j.peer() != peer,
+                });
+            }
+        }
+        // Parked content of this peer no longer waits for anything. (If
+        // another peer's content for the same CoValue is parked too, its
+        // dependencies are recorded again when it re-runs; until then cycle
+        // detection merely knows less.)
+        for id in abandoned {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.pending_deps.clear();
+            }
+        }
+        for id in p.awaiting_ack.iter() {
+            if let Some(r) = self.slots.get_mut(id).and_then(Slot::resident_mut) {
+                r.acks.retain(|a| a.peer != peer);
+            }
+        }
+    }
+
+    fn on_message(&mut self, peer: PeerId, msg: SyncMessage) {
+        let Some(p) = self.peers.get(&peer) else {
+            self.diagnostic(Diagnostic::UnknownPeer(peer));
+            return;
+        };
+        if p.closing {
+            return;
+        }
+        let id = match &msg {
+            SyncMessage::Load(s, _) => &s.id,
+            SyncMessage::Known(k) => &k.state.id,
+            SyncMessage::Content(c) => &c.id,
+            SyncMessage::Done(_) => return,
+            SyncMessage::Reconcile(r) => return self.on_reconcile(peer, r.id.clone(), r.values.clone()),
+            // Only servers send acks; a client's is meaningless to us.
+            SyncMessage::ReconcileAck(_) => return,
+        };
+        if p.errored.contains(id) {
+            let id = id.clone();
+            self.diagnostic(Diagnostic::IgnoredErrored { peer, id });
+            return;
+        }
+        match msg {
+            SyncMessage::Load(state, _) => {
+                let id = state.id.clone();
+                if let Some(k) = self.peer_known(peer, &id) {
+                    k.set(state);
+                }
+                self.answer(peer, id, true);
+            }
+            SyncMessage::Known(k) => self.on_known(peer, k),
+            SyncMessage::Content(c) => self.process_content(peer, c),
+            _ => {}
+        }
+    }
+
+    /// `handleKnownState` / `handleCorrection`.
+    fn on_known(&mut self, peer: PeerId, k: KnownMessage) {
+        let id = k.state.id.clone();
+        let header = k.state.header;
+        let Some(entry) = self.peer_known(peer, &id) else { return };
+        if k.is_correction {
+            entry.set(k.state);
+        } else {
+            entry.combine(&k.state);
+        }
+        // The peer's answer to a dependency request: it does not have it.
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.requested.remove(&id) && !header {
+                p.not_found.insert(id.clone());
+                self.wake(&id);
+            }
+        }
+        self.answer(peer, id.clone(), false);
+        self.reconcile_settled(peer, &id);
+    }
+
+    fn on_loaded(&mut self, id: CoId, stored: Option<StoredCoValue>) {
+        let Some(slot) = self.slots.get_mut(&id).filter(|s| matches!(s.residence, Residence::Loading)) else {
+            self.diagnostic(Diagnostic::Unexpected("Loaded without a pending Load"));
+            return;
+        };
+        let mut corrupt = None;
+        slot.residence = match stored.map(|s| rebuild(&id, s)) {
+            None => Residence::Absent,
+            Some(Ok(state)) => {
+                let deps = covalue_dependencies(&state);
+                let durable = state.known_state();
+                Residence::InMemory(Box::new(Resident {
+                    state,
+                    deps,
+                    durable,
+                    pending: VecDeque::new(),
+                    acks: Vec::new(),
+                }))
+            }
+            Some(Err(error)) => {
+                corrupt = Some(error);
+                Residence::Absent
+            }
+        };
+        if let Some(error) = corrupt {
+            self.diagnostic(Diagnostic::StorageCorrupt { id: id.clone(), error });
+        }
+        self.wake(&id);
+    }
+
+    fn on_persisted(&mut self, token: PersistToken) {
+        let Some(id) = self.tokens.remove(&token) else {
+            self.diagnostic(Diagnostic::Unexpected("Persisted for an unknown token"));
+            return;
+        };
+        let Some(r) = self.slots.get_mut(&id).and_then(Slot::resident_mut) else { return };
+        let ready = r.complete(token);
+        for ack in ready {
+            self.send_ack(ack.peer, &id, ack.correction);
+        }
+    }
+
+    /// A failed write leaves memory ahead of storage. The CoValue is dropped
+    /// from memory (it reloads from what storage really has) and every peer
+    /// that synced it is closed, so it resyncs on reconnect; its later writes
+    /// in flight are abandoned (storage refuses them: their `after` no
+    /// longer matches).
+    fn on_persist_failed(&mut self, token: PersistToken) {
+        let Some(id) = self.tokens.remove(&token) else {
+            self.diagnostic(Diagnostic::Unexpected("PersistFailed for an unknown token"));
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        let mut affected: BTreeSet<PeerId> = self.subscribers.get(&id).cloned().unwrap_or_default();
+        if let Residence::InMemory(r) = &slot.residence {
+            affected.extend(r.acks.iter().map(|a| a.peer));
+            for (t, _, _) in &r.pending {
+                self.tokens.remove(t);
+            }
+        }
+        slot.residence = Residence::Unknown;
+        for peer in affected {
+            self.close(peer, CloseReason::StorageFailure(id.clone()));
+        }
+        self.wake(&id);
+    }
+
+    /// The reply to a content message: `known` with the durable state (a
+    /// correction when the content had a gap). For a deleted CoValue, the
+    /// union with the peer's own state, so old clients stop re-uploading
+    /// sessions the delete discarded (`stopSyncingKnownStateMessage`).
+    fn send_ack(&mut self, peer: PeerId, id: &CoId, correction: bool) {
+        let Some(r) = self.slots.get(id).and_then(Slot::resident) else { return };
+        let mut state = r.durable.clone();
+        if r.state.deleted {
+            if let Some(k) = self.peers.get(&peer).and_then(|p| p.known.get(id)) {
+                state.merge_sessions(&k.confirmed.sessions);
+            }
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.awaiting_ack.remove(id);
+        }
+        self.send_known(peer, state, correction);
+    }
+}

@@ -1,0 +1,604 @@
+//! Scenario tests of the relay state machine: two or more peers, real
+//! signed content, a simulated storage driver.
+
+mod common;
+
+use common::*;
+use moai_cojson::ids::{CoId, SessionId};
+use moai_cojson::known_state::KnownState;
+use moai_cojson::message::{KnownMessage, ReconcileMessage, SyncMessage};
+use moai_cojson::relay::{CloseReason, Diagnostic, Event, NotEvictable, PeerId, Relay, RelayConfig};
+use moai_cojson::verify::VerifyError;
+use serde_json::{json, Map, Value};
+
+fn relay() -> Driver {
+    Driver::new(Relay::default())
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).unwrap()
+}
+
+/// Alice (peer 1) uploads her account, group and map; all persisted.
+fn uploaded() -> (Driver, World, PeerId) {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let (acc, grp, map) = (w.account_upload(), w.group_upload(), w.map_upload());
+    d.msg(a, acc);
+    d.msg(a, grp);
+    d.msg(a, map);
+    d.persist_all();
+    d.take(a);
+    (d, w, a)
+}
+
+#[test]
+fn upload_is_acked_only_after_persisted_and_load_gets_dependencies_first() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let (acc, grp, map) = (w.account_upload(), w.group_upload(), w.map_upload());
+    d.msg(a, acc);
+    d.msg(a, grp);
+    d.msg(a, map);
+    // Three writes, in dependency order, nothing acked yet.
+    let written: Vec<CoId> = d.persists.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(written, vec![w.alice.account.clone(), w.group.clone(), w.map.clone()]);
+    assert!(d.persists.iter().all(|p| p.header.is_some()));
+    assert!(d.take(a).is_empty(), "no ack before durability");
+
+    d.persist_all();
+    let acks = d.take(a);
+    assert_eq!(
+        acks.iter().map(kind).collect::<Vec<_>>(),
+        vec![("known", w.alice.account.to_string()), ("known", w.group.to_string()), ("known", w.map.to_string())]
+    );
+    let map_ack = known_of(&acks[2]);
+    assert!(map_ack.header);
+    assert_eq!(map_ack.count(&sid(&w.map_writer.session)), 1);
+
+    // Bob loads the map knowing nothing: account, group, then map, each with its header.
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    let got = d.take(b);
+    assert_eq!(
+        got.iter().map(kind).collect::<Vec<_>>(),
+        vec![
+            ("content", w.alice.account.to_string()),
+            ("content", w.group.to_string()),
+            ("content", w.map.to_string())
+        ]
+    );
+    for m in &got {
+        let c = as_content(m);
+        assert!(c.header.is_some());
+        assert_eq!(c.new.len(), 1);
+    }
+    // Content is forwarded exactly as received.
+    let map_content = as_content(&got[2]);
+    assert_eq!(map_content.header.as_ref(), Some(&w.map_header));
+    assert_eq!(map_content.new[0].0, w.map_writer.session);
+    // Loading (and receiving dependencies) subscribes.
+    for id in [&w.alice.account, &w.group, &w.map] {
+        assert!(d.relay.is_subscribed(b, id));
+    }
+    // Alice receives nothing from Bob's load.
+    assert!(d.take(a).is_empty());
+}
+
+#[test]
+fn live_edit_is_forwarded_at_once_and_acked_after_persisted() {
+    let (mut d, mut w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+
+    let edit = w.map_edit("n", 2000);
+    d.msg(a, edit);
+    // Forwarded to Bob at once: only the new transaction, no header, no deps.
+    let fwd = d.take(b);
+    assert_eq!(fwd.len(), 1);
+    let c = as_content(&fwd[0]);
+    assert!(c.header.is_none());
+    assert_eq!(c.new[0].1.after, 1);
+    assert_eq!(c.new[0].1.new_transactions.len(), 1);
+    // Alice: no ack until the write is durable.
+    assert!(d.take(a).is_empty());
+    assert_eq!(d.unpersisted.len(), 1);
+    d.persist_all();
+    let ack = d.take(a);
+    assert_eq!(ack.len(), 1);
+    assert_eq!(known_of(&ack[0]).count(&sid(&w.map_writer.session)), 2);
+    // Bob's ack of the forwarded content produces nothing more.
+    d.msg(b, SyncMessage::Known(KnownMessage { state: d.relay.known_state(&w.map).unwrap(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    assert!(d.take(b).is_empty());
+    // The store holds both transactions.
+    assert_eq!(d.store[&w.map].sessions[0].transactions.len(), 2);
+}
+
+#[test]
+fn acks_wait_for_every_earlier_write_even_if_completed_out_of_order() {
+    let (mut d, mut w, a) = uploaded();
+    let (e1, e2) = (w.map_edit("x", 3000), w.map_edit("y", 3001));
+    d.msg(a, e1);
+    d.msg(a, e2);
+    let tokens = std::mem::take(&mut d.unpersisted);
+    assert_eq!(tokens.len(), 2);
+    // The second write completes first: neither ack may go out yet.
+    d.run(Event::Persisted(tokens[1]));
+    assert!(d.take(a).is_empty());
+    d.run(Event::Persisted(tokens[0]));
+    let acks = d.take(a);
+    assert_eq!(acks.len(), 2);
+    // Both report the durable state, which now includes both edits.
+    for ack in &acks {
+        assert_eq!(known_of(ack).count(&sid(&w.map_writer.session)), 3);
+    }
+}
+
+#[test]
+fn forged_signature_is_rejected_for_the_sender_only_and_changes_nothing() {
+    let (mut d, mut w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    let before = d.relay.known_state(&w.map).unwrap();
+    let persists_before = d.persists.len();
+
+    // A transaction altered after signing.
+    let honest_writer = w.map_writer.clone();
+    let SyncMessage::Content(mut forged) = w.map_edit("evil", 4000) else { unreachable!() };
+    forged.new[0].1.new_transactions[0]["changes"] = Value::String(json!([{"op":"set","key":"evil","value":666}]).to_string());
+    d.msg(a, SyncMessage::Content(forged));
+
+    let reply = d.take(a);
+    assert_eq!(reply.len(), 1, "{reply:?}");
+    assert_eq!(known_of(&reply[0]), &before, "the reply reports the unchanged state");
+    assert!(d.take(b).is_empty(), "nothing forwarded");
+    assert_eq!(d.relay.known_state(&w.map).unwrap(), before);
+    assert_eq!(d.persists.len(), persists_before, "nothing written");
+    assert!(d.diagnostics.iter().any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::BadSignature, .. })));
+
+    // Like cojson, the CoValue is now errored for that connection: ignored.
+    w.map_writer = honest_writer;
+    let honest = w.map_edit("good", 4001);
+    d.msg(a, honest.clone());
+    assert!(d.take(a).is_empty());
+    assert_eq!(d.relay.known_state(&w.map).unwrap(), before);
+
+    // The same honest edit from a fresh connection is accepted: no poisoning.
+    let c = d.connect(3);
+    d.msg(c, honest);
+    assert_eq!(d.relay.known_state(&w.map).unwrap().count(&sid(&w.map_writer.session)), 2);
+    assert_eq!(d.take(b).len(), 1, "forwarded to Bob");
+}
+
+#[test]
+fn header_that_does_not_hash_to_the_id_is_dropped_silently() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let SyncMessage::Content(mut c) = w.account_upload() else { unreachable!() };
+    c.header.as_mut().unwrap()["uniqueness"] = json!("zTampered");
+    let id = c.id.clone();
+    d.msg(a, SyncMessage::Content(c));
+    assert!(d.take(a).is_empty(), "cojson answers nothing to an invalid header");
+    assert!(d.persists.is_empty());
+    assert!(d.diagnostics.iter().any(|x| matches!(x, Diagnostic::InvalidHeader { .. })));
+    // The CoValue stays unknown.
+    d.msg(a, load(&id, None));
+    let reply = d.take(a);
+    assert_eq!(known_of(&reply[0]), &KnownState::empty(id));
+}
+
+#[test]
+fn gap_is_answered_with_a_correction_and_valid_sessions_still_apply() {
+    let (mut d, w, a) = uploaded();
+    // A second session of Alice's that is fine, plus a gap in the first one.
+    let mut second = w.alice.account_session("Map2");
+    let ok = second.append(vec![set("k", json!(1), 5000)]);
+    let mut gap_writer = w.map_writer.clone();
+    gap_writer.append(vec![set("skipped", json!(1), 5001)]);
+    let (session, mut gap) = gap_writer.append(vec![set("after-gap", json!(1), 5002)]);
+    gap.after = 2; // we only have 1
+    d.msg(a, content(None, &w.map, vec![(session.clone(), gap), ok]));
+    assert!(d.take(a).is_empty(), "the correction is an ack too: waits for durability");
+    d.persist_all();
+    let reply = d.take(a);
+    assert_eq!(reply.len(), 1);
+    let SyncMessage::Known(k) = &reply[0] else { panic!("{reply:?}") };
+    assert!(k.is_correction);
+    assert_eq!(k.state.count(&sid(&session)), 1);
+    assert_eq!(k.state.count(&sid(&second.session)), 1);
+}
+
+#[test]
+fn content_for_an_unknown_covalue_without_header_asks_for_the_header() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let s = w.map_writer.append(vec![set("x", json!(1), 1)]);
+    d.msg(a, content(None, &w.map, vec![s]));
+    let reply = d.take(a);
+    assert_eq!(reply.len(), 1);
+    let SyncMessage::Known(k) = &reply[0] else { panic!() };
+    assert!(k.is_correction);
+    assert_eq!(k.state, KnownState::empty(w.map.clone()));
+    // Storage was consulted first (it might have been evicted).
+    assert_eq!(d.loads, vec![w.map.clone()]);
+}
+
+#[test]
+fn content_with_unknown_dependencies_is_parked_until_they_arrive() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let (acc, grp, map) = (w.account_upload(), w.group_upload(), w.map_upload());
+    // The map first: its group and author account are unknown.
+    d.msg(a, map);
+    let asked = d.take(a);
+    let mut kinds = asked.iter().map(kind).collect::<Vec<_>>();
+    kinds.sort();
+    let mut expected = vec![("load", w.alice.account.to_string()), ("load", w.group.to_string())];
+    expected.sort();
+    assert_eq!(kinds, expected);
+    for m in &asked {
+        let SyncMessage::Load(s, _) = m else { panic!() };
+        assert!(!s.header && s.sessions.is_empty());
+    }
+    assert!(d.persists.is_empty(), "nothing stored while parked");
+    assert!(d.relay.known_state(&w.map).is_none());
+
+    // The client answers the loads with content; the map is then released.
+    d.msg(a, acc);
+    assert!(d.relay.known_state(&w.map).is_none(), "still waiting for the group");
+    d.msg(a, grp);
+    let map_state = d.relay.known_state(&w.map).expect("released");
+    assert_eq!(map_state.count(&sid(&w.map_writer.session)), 1);
+    d.persist_all();
+    let acks = d.take(a);
+    assert!(acks.iter().any(|m| kind(m) == ("known", w.map.to_string())));
+    assert_eq!(acks.len(), 3);
+}
+
+#[test]
+fn a_dependency_the_sender_does_not_have_stops_the_wait() {
+    // The cojson vector map: owner group co_zAAAA… exists nowhere.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cojson-vectors.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v = &v["deterministic"];
+    let account = CoId::parse(v["account"]["id"].as_str().unwrap()).unwrap();
+    let group = CoId::parse("co_zAAAAAAAAAAAAAAAAAAAAAAAAAA").unwrap();
+    let map_msg = SyncMessage::from_value(&v["contentMessage"]).unwrap();
+    let account_msg = {
+        // The vector account has no transactions: header only.
+        let mut c = Map::new();
+        c.insert("action".into(), "content".into());
+        c.insert("id".into(), account.as_str().into());
+        c.insert("header".into(), v["account"]["header"].clone());
+        c.insert("priority".into(), 0.into());
+        c.insert("new".into(), json!({}));
+        SyncMessage::from_value(&Value::Object(c)).unwrap()
+    };
+
+    let mut d = relay();
+    let a = d.connect(1);
+    d.msg(a, map_msg.clone());
+    assert_eq!(d.take(a).len(), 2, "asked for the account and the group");
+    d.msg(a, account_msg);
+    d.persist_all();
+    d.take(a);
+    // The client does not have the group either.
+    let not_found = |id: &CoId| SyncMessage::Known(KnownMessage { state: KnownState::empty(id.clone()), is_correction: false, as_dependency_of: None, extra: Map::new() });
+    d.msg(a, not_found(&group));
+    let map_id = CoId::parse("co_z5rocg8RW7QBwyCTr5qKwiZUSyv").unwrap();
+    let state = d.relay.known_state(&map_id).expect("released without its group");
+    assert_eq!(state.count(&sid(v["sessionID"].as_str().unwrap())), 4);
+    d.persist_all();
+    assert!(d.take(a).iter().any(|m| kind(m) == ("known", map_id.to_string())));
+}
+
+#[test]
+fn an_author_account_nobody_has_rejects_its_sessions() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let grp = w.group_upload();
+    d.msg(a, grp);
+    let asked = d.take(a);
+    assert_eq!(asked.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.alice.account.to_string())]);
+    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(w.alice.account.clone()), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    assert!(d.diagnostics.iter().any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::UnknownAccount(_), .. })));
+    // The header alone is valid and kept; the session is not.
+    let state = d.relay.known_state(&w.group).unwrap();
+    assert!(state.sessions.is_empty());
+}
+
+#[test]
+fn disconnect_drops_subscriptions_and_allows_eviction_and_reload() {
+    let (mut d, w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    assert!(d.relay.is_subscribed(b, &w.map));
+    assert_eq!(d.relay.evict(&w.map), Err(NotEvictable::Subscribed));
+    d.run(Event::PeerDisconnected(b));
+    assert!(!d.relay.is_subscribed(b, &w.map));
+    assert_eq!(d.relay.evict(&w.map), Err(NotEvictable::Subscribed), "Alice still is");
+    d.run(Event::PeerDisconnected(a));
+    let mut evictable = d.relay.evictable();
+    evictable.sort();
+    let mut all = vec![w.alice.account.clone(), w.group.clone(), w.map.clone()];
+    all.sort();
+    assert_eq!(evictable, all);
+    for id in &all {
+        d.relay.evict(id).unwrap();
+    }
+    assert_eq!(d.relay.resident_count(), 0);
+
+    // A new peer loads the map: everything comes back from storage, deps first.
+    d.loads.clear();
+    let c = d.connect(3);
+    d.msg(c, load(&w.map, None));
+    let got = d.take(c);
+    assert_eq!(
+        got.iter().map(kind).collect::<Vec<_>>(),
+        vec![
+            ("content", w.alice.account.to_string()),
+            ("content", w.group.to_string()),
+            ("content", w.map.to_string())
+        ]
+    );
+    assert_eq!(d.loads.len(), 3);
+}
+
+#[test]
+fn load_answers_known_when_up_to_date_and_not_found_for_unknown() {
+    let (mut d, w, a) = uploaded();
+    let ours = d.relay.known_state(&w.map).unwrap();
+    d.msg(a, load(&w.map, Some(ours.clone())));
+    let reply = d.take(a);
+    assert_eq!(reply.len(), 1);
+    assert_eq!(known_of(&reply[0]), &ours);
+    let unknown = CoId::parse("co_zNoSuchThing").unwrap();
+    d.msg(a, load(&unknown, None));
+    assert_eq!(known_of(&d.take(a)[0]), &KnownState::empty(unknown));
+}
+
+#[test]
+fn load_waits_for_storage_and_answers_every_request() {
+    let (mut d, w, _) = uploaded();
+    for id in [w.alice.account.clone(), w.group.clone(), w.map.clone()] {
+        d.relay.evict(&id).unwrap_err(); // Alice is subscribed
+    }
+    d.run(Event::PeerDisconnected(PeerId(1)));
+    for id in [&w.alice.account, &w.group, &w.map] {
+        d.relay.evict(id).unwrap();
+    }
+    d.hold_loads = true;
+    let b = d.connect(2);
+    let c = d.connect(3);
+    d.msg(b, load(&w.map, None));
+    d.msg(c, load(&w.map, None));
+    assert!(d.take(b).is_empty() && d.take(c).is_empty());
+    assert_eq!(d.held_loads.len(), 1, "one storage read for two peers");
+    d.hold_loads = false;
+    d.release_loads();
+    assert_eq!(d.take(b).len(), 3);
+    assert_eq!(d.take(c).len(), 3);
+}
+
+#[test]
+fn correction_from_a_peer_resends_everything_it_says_it_lacks() {
+    let (mut d, w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    // Bob lost everything about the map.
+    d.msg(b, SyncMessage::Known(KnownMessage { state: KnownState::empty(w.map.clone()), is_correction: true, as_dependency_of: None, extra: Map::new() }));
+    let got = d.take(b);
+    assert_eq!(got.iter().map(kind).collect::<Vec<_>>(), vec![("content", w.map.to_string())]);
+    assert!(as_content(&got[0]).header.is_some());
+    assert!(d.take(a).is_empty());
+}
+
+#[test]
+fn duplicate_content_is_acked_without_a_write_or_forwarding() {
+    let (mut d, mut w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    let edit = w.map_edit("z", 6000);
+    d.msg(a, edit.clone());
+    d.persist_all();
+    d.take(a);
+    d.take(b);
+    let writes = d.persists.len();
+    d.msg(a, edit);
+    assert_eq!(d.persists.len(), writes);
+    assert_eq!(d.take(a).len(), 1, "every content is acked");
+    assert!(d.take(b).is_empty());
+}
+
+#[test]
+fn large_sessions_are_sent_in_signed_pieces_that_verify_elsewhere() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let (acc, grp) = (w.account_upload(), w.group_upload());
+    d.msg(a, acc);
+    d.msg(a, grp);
+    // Map with 6 × 60 KB transactions, uploaded one per message.
+    let big = "x".repeat(60_000);
+    let mut first = true;
+    for i in 0..6u64 {
+        let s = w.map_writer.append(vec![set("blob", json!(big), 10_000 + i)]);
+        let header = if first { Some(w.map_header.clone()) } else { None };
+        first = false;
+        d.msg(a, content(header.as_ref(), &w.map, vec![s]));
+    }
+    d.persist_all();
+    // Checkpoints were stored with the writes.
+    assert!(!d.store[&w.map].sessions[0].checkpoints.is_empty());
+
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    let got = d.take(b);
+    let map_pieces: Vec<_> = got.iter().map(as_content).filter(|c| c.id == w.map).collect();
+    assert!(map_pieces.len() > 1, "split");
+    let session = sid(&w.map_writer.session);
+    assert_eq!(map_pieces[0].expect_content_until.as_ref().and_then(|e| e.get(&session)), Some(&6));
+    assert!(map_pieces[1..].iter().all(|p| p.expect_content_until.is_none() && p.header.is_none()));
+    for p in &map_pieces {
+        let payload: usize = p.new.iter().flat_map(|(_, e)| &e.new_transactions).map(|t| t["changes"].as_str().unwrap().len()).sum();
+        assert!(payload <= 2 * 61_000, "piece of {payload} bytes");
+    }
+    // Every piece is independently valid: a fresh relay accepts them all in order.
+    let mut other = relay();
+    let p = other.connect(9);
+    for m in got {
+        other.msg(p, m);
+    }
+    assert_eq!(other.relay.known_state(&w.map).unwrap().count(&session), 6);
+    assert!(other.diagnostics.iter().all(|x| !matches!(x, Diagnostic::RejectedSession { .. })), "{:?}", other.diagnostics);
+}
+
+#[test]
+fn reconcile_loads_what_differs_and_acks_once_settled() {
+    let (mut d, mut w, a) = uploaded();
+    let same = moai_cojson::relay::sessions_hash(&d.relay.known_state(&w.group).unwrap().sessions);
+    let unknown = CoId::parse("co_zUnknownToServer").unwrap();
+    let batch = |values: Vec<(CoId, String)>| SyncMessage::Reconcile(ReconcileMessage { id: "b1".into(), values, extra: Map::new() });
+    d.msg(a, batch(vec![(w.group.clone(), same), (w.map.clone(), "shortHash_zDifferent".into()), (unknown.clone(), "shortHash_zX".into())]));
+    let sent = d.take(a);
+    assert_eq!(sent.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.map.to_string()), ("load", unknown.to_string())]);
+    let SyncMessage::Load(s, _) = &sent[0] else { panic!() };
+    assert_eq!(Some(s), d.relay.known_state(&w.map).as_ref(), "load carries our state");
+    // Settled by the client's answers: content for the map, known for the other.
+    let edit = w.map_edit("r", 7000);
+    d.msg(a, edit);
+    assert!(d.take(a).iter().all(|m| kind(m).0 != "reconcile-ack"));
+    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(unknown), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    let out = d.take(a);
+    assert!(out.iter().any(|m| matches!(m, SyncMessage::ReconcileAck(id) if id == "b1")), "{out:?}");
+    // An empty batch is acked at once.
+    d.msg(a, SyncMessage::Reconcile(ReconcileMessage { id: "b2".into(), values: vec![], extra: Map::new() }));
+    assert!(matches!(&d.take(a)[..], [SyncMessage::ReconcileAck(id)] if id == "b2"));
+}
+
+#[test]
+fn failed_write_closes_the_peers_of_that_covalue_and_reloads_from_storage() {
+    let (mut d, mut w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    let edit = w.map_edit("lost", 8000);
+    d.msg(a, edit);
+    let token = d.unpersisted.pop().unwrap();
+    // The driver's store applied the write eagerly; undo it to model a failure.
+    d.store.get_mut(&w.map).unwrap().sessions[0].transactions.pop();
+    d.run(Event::PersistFailed(token));
+    let mut closed: Vec<_> = d.closed.iter().map(|(p, _)| *p).collect();
+    closed.sort();
+    assert_eq!(closed, vec![a, b]);
+    assert!(d.closed.iter().all(|(_, r)| *r == CloseReason::StorageFailure(w.map.clone())));
+    assert!(d.take(a).iter().all(|m| kind(m).0 != "known"), "never acked");
+    // Memory no longer claims the lost write: the next reader gets storage's truth.
+    d.run(Event::PeerDisconnected(a));
+    d.run(Event::PeerDisconnected(b));
+    let c = d.connect(3);
+    d.msg(c, load(&w.map, Some(KnownState { id: w.map.clone(), header: true, sessions: Default::default() })));
+    let got = d.take(c);
+    let map = got.iter().map(as_content).find(|m| m.id == w.map).unwrap();
+    assert_eq!(map.new[0].1.new_transactions.len(), 1);
+}
+
+#[test]
+fn parked_content_is_bounded_per_peer() {
+    let mut d = Driver::new(Relay::new(RelayConfig { max_parked_content_per_peer: 2, ..RelayConfig::default() }));
+    let a = d.connect(1);
+    for i in 0..3 {
+        let mut w = World::new();
+        w.map_header["uniqueness"] = json!(format!("zU{i}"));
+        w.map = moai_cojson::crypto::id_for_header(&w.map_header);
+        let m = w.map_upload();
+        d.msg(a, m);
+    }
+    assert_eq!(d.closed, vec![(a, CloseReason::TooMuchParkedContent)]);
+    // A closing peer is ignored until the driver reports the disconnect.
+    let w = World::new();
+    d.msg(a, load(&w.map, None));
+    assert!(d.take(a).iter().all(|m| kind(m).0 != "known"));
+}
+
+#[test]
+fn hostile_messages_do_not_panic_or_leak_into_state() {
+    let (mut d, w, a) = uploaded();
+    let session = w.map_writer.session.clone();
+    let huge = 9_007_199_254_740_992u64;
+    let entry = |after: u64, txs: Vec<Value>, sig: &str| moai_cojson::message::SessionNewContent {
+        after,
+        new_transactions: txs,
+        last_signature: sig.into(),
+        extra: Map::new(),
+    };
+    let before = d.relay.known_state(&w.map).unwrap();
+    let cases = vec![
+        content(None, &w.map, vec![(session.clone(), entry(huge, vec![json!({})], "signature_z1"))]),
+        content(None, &w.map, vec![(session.clone(), entry(0, vec![json!(null)], "x"))]),
+        content(None, &w.map, vec![("not a session".into(), entry(0, vec![], "x"))]),
+        content(Some(&json!({"type":1})), &w.map, vec![]),
+        load(&w.map, Some(KnownState { id: w.map.clone(), header: true, sessions: [(sid(&session), huge)].into_iter().collect() })),
+    ];
+    let c = d.connect(5);
+    for m in cases {
+        d.msg(c, m);
+    }
+    d.msg(c, SyncMessage::Done(w.map.clone()));
+    d.run(Event::Persisted(moai_cojson::persistence::PersistToken(999_999)));
+    d.run(Event::Loaded { id: w.map.clone(), stored: None });
+    d.run(Event::Message(PeerId(77), load(&w.map, None)));
+    assert_eq!(d.relay.known_state(&w.map).unwrap(), before);
+    let _ = a;
+}
+
+#[test]
+fn parked_dependency_cycles_do_not_deadlock() {
+    // Two groups, each naming the other as parent, written by a bare agent.
+    let me = Identity::from_seed(7);
+    let header = |u: &str| json!({"type":"comap","ruleset":{"type":"group","initialAdmin":me.agent},"meta":null,"uniqueness":u});
+    let (h1, h2) = (header("zG1"), header("zG2"));
+    let (g1, g2) = (moai_cojson::crypto::id_for_header(&h1), moai_cojson::crypto::id_for_header(&h2));
+    let mut w1 = me.agent_session("One");
+    let mut w2 = me.agent_session("Two");
+    let c1 = content(Some(&h1), &g1, vec![w1.append(vec![set(&format!("parent_{g2}"), json!("extend"), 1)])]);
+    let c2 = content(Some(&h2), &g2, vec![w2.append(vec![set(&format!("parent_{g1}"), json!("extend"), 2)])]);
+    let mut d = relay();
+    let a = d.connect(1);
+    d.msg(a, c1);
+    assert_eq!(d.take(a).iter().map(kind).collect::<Vec<_>>(), vec![("load", g2.to_string())]);
+    assert!(d.relay.known_state(&g1).is_none(), "g1 waits for g2");
+    d.msg(a, c2);
+    assert!(d.relay.known_state(&g1).is_some() && d.relay.known_state(&g2).is_some());
+    d.persist_all();
+    assert_eq!(d.take(a).iter().filter(|m| kind(m).0 == "known").count(), 2);
+}
+
+#[test]
+fn disconnect_drops_parked_content() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let m = w.map_upload();
+    d.msg(a, m);
+    assert!(!d.relay.evictable().contains(&w.map), "busy while its content is parked");
+    assert!(!d.relay.evictable().contains(&w.alice.account), "the parked content waits on it");
+    d.run(Event::PeerDisconnected(a));
+    let evictable = d.relay.evictable();
+    for id in [&w.map, &w.group, &w.alice.account] {
+        assert!(evictable.contains(id), "{id} still held");
+    }
+    // The parked map never got stored.
+    assert!(d.persists.is_empty());
+}

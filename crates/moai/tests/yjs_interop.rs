@@ -1,0 +1,226 @@
+//! Unmodified npm `yjs` + `y-websocket` clients against moai: the behaviour app users rely on.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::yjs_clients::YjsClients;
+use support::{closed_port, Server};
+
+fn base(server: &Server) -> String {
+    server.ws_url("/sync/v1")
+}
+
+#[test]
+fn late_joiner_gets_the_full_state_and_live_edits_flow_both_ways() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    c.connect("a", &url, "notes", json!({}));
+    c.call("waitSynced", json!({"name": "a"}));
+    c.call("insertText", json!({"name": "a", "text": "hello"}));
+    c.connect("b", &url, "notes", json!({}));
+    c.call("waitText", json!({"name": "b", "equals": "hello"}));
+    c.call("insertText", json!({"name": "b", "text": " world"}));
+    c.call("waitText", json!({"name": "a", "equals": "hello world"}));
+    c.call("setMap", json!({"name": "a", "key": "k", "value": {"n": 1}}));
+    c.call("waitMap", json!({"name": "b", "key": "k", "equals": {"n": 1}}));
+}
+
+#[test]
+fn concurrent_edits_converge() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    for name in ["a", "b"] {
+        c.connect(name, &url, "race", json!({}));
+        c.call("waitSynced", json!({"name": name}));
+    }
+    // Both edit at the same position before seeing each other's edit.
+    let ia = c.send("insertText", json!({"name": "a", "index": 0, "text": "AAA"}));
+    let ib = c.send("insertText", json!({"name": "b", "index": 0, "text": "BBB"}));
+    c.reply(ia);
+    c.reply(ib);
+    c.call("waitText", json!({"name": "a", "contains": "AAA"}));
+    let wa = c.call("waitText", json!({"name": "a", "contains": "BBB"}));
+    let wb = c.call("waitText", json!({"name": "b", "equals": wa["text"]}));
+    assert_eq!(wa["text"].as_str().unwrap().len(), 6);
+    assert_eq!(wa["text"], wb["text"]);
+}
+
+#[test]
+fn awareness_flows_both_ways_and_an_abrupt_drop_removes_presence() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    c.connect("a", &url, "room", json!({"awarenessState": {"user": "ann"}}));
+    c.connect("b", &url, "room", json!({"awarenessState": {"user": "bob"}}));
+    c.call("waitAwareness", json!({"name": "a", "hasStateWith": {"user": "bob"}}));
+    c.call("waitAwareness", json!({"name": "b", "hasStateWith": {"user": "ann"}}));
+    c.call("setAwareness", json!({"name": "a", "state": {"user": "ann", "cursor": 3}}));
+    c.call("waitAwareness", json!({"name": "b", "hasStateWith": {"user": "ann", "cursor": 3}}));
+    // The network drops A: no close frame, no goodbye. The server must tell B.
+    c.call("dropSocket", json!({"name": "a", "mode": "reset", "stayOffline": true}));
+    c.call("waitAwareness", json!({"name": "b", "lacksStateWith": {"user": "ann"}, "timeoutMs": 5000}));
+    // And when A comes back its presence is accepted at once, not after a 15 s renewal.
+    c.call("reconnect", json!({"name": "a"}));
+    c.call("waitAwareness", json!({"name": "b", "hasStateWith": {"user": "ann"}, "timeoutMs": 5000}));
+}
+
+#[test]
+fn simultaneous_first_connections_share_one_document() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    for round in 0..20 {
+        let room = format!("fresh-{round}");
+        let names: Vec<String> = (0..3).map(|i| format!("r{round}c{i}")).collect();
+        for n in &names {
+            c.send("connect", json!({"name": n, "url": url, "room": room}));
+        }
+        let waits: Vec<u64> = names.iter().map(|n| c.send("waitSynced", json!({"name": n}))).collect();
+        for w in waits {
+            assert_eq!(c.reply(w)["ok"], true);
+        }
+        for (i, n) in names.iter().enumerate() {
+            c.call("insertText", json!({"name": n, "index": 0, "text": format!("{i}")}));
+        }
+        for n in &names {
+            let v = c.call("waitText", json!({"name": n, "contains": "0", "timeoutMs": 5000}));
+            let v2 = c.call("waitText", json!({"name": n, "contains": "1", "timeoutMs": 5000}));
+            let v3 = c.call("waitText", json!({"name": n, "contains": "2", "timeoutMs": 5000}));
+            assert!(v["ok"] == true && v2["ok"] == true && v3["ok"] == true, "round {round}: {n} diverged");
+        }
+        for n in &names {
+            c.call("destroy", json!({"name": n}));
+        }
+    }
+}
+
+/// Restart the server on the same port and database, by signal or by kill -9.
+fn restart_keeps_what_clients_saw(signal: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moai.db");
+    let port = closed_port().to_string();
+    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    c.connect("a", &url, "doc", json!({}));
+    c.connect("b", &url, "doc", json!({}));
+    c.call("waitSynced", json!({"name": "b"}));
+    for i in 0..20 {
+        c.call("insertText", json!({"name": "a", "text": format!("{i},")}));
+    }
+    let seen = c.call("waitText", json!({"name": "b", "contains": "19,"}))["text"].clone();
+    server.signal(signal);
+    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
+    drop(server);
+    // A fresh client after the restart sees everything B saw.
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    c.connect("fresh", &url, "doc", json!({}));
+    c.call("waitSynced", json!({"name": "fresh"}));
+    assert_eq!(c.text("fresh"), seen.as_str().unwrap());
+}
+
+#[test]
+fn sigterm_restart_keeps_every_update_another_client_saw() {
+    restart_keeps_what_clients_saw("TERM");
+}
+
+#[test]
+fn kill_9_restart_keeps_every_update_another_client_saw() {
+    restart_keeps_what_clients_saw("KILL");
+}
+
+#[test]
+fn offline_edits_of_two_clients_merge_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moai.db");
+    let port = closed_port().to_string();
+    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    c.connect("a", &url, "trip", json!({"maxBackoffTime": 300}));
+    c.connect("b", &url, "trip", json!({"maxBackoffTime": 300}));
+    c.call("waitSynced", json!({"name": "a"}));
+    c.call("insertText", json!({"name": "a", "text": "base."}));
+    c.call("waitText", json!({"name": "b", "equals": "base."}));
+
+    server.signal("TERM");
+    server.wait_exit(Duration::from_secs(15)).expect("stopped");
+    drop(server);
+    c.call("waitClosed", json!({"name": "a"}));
+    c.call("waitClosed", json!({"name": "b"}));
+    c.call("insertText", json!({"name": "a", "text": "A-offline."}));
+    c.call("insertText", json!({"name": "b", "text": "B-offline."}));
+
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    for n in ["a", "b"] {
+        c.call("waitText", json!({"name": n, "contains": "A-offline.", "timeoutMs": 15000}));
+        c.call("waitText", json!({"name": n, "contains": "B-offline.", "timeoutMs": 15000}));
+    }
+    assert_eq!(c.text("a"), c.text("b"));
+    assert!(c.text("a").starts_with("base."));
+}
+
+#[test]
+fn auth_accepts_good_tokens_and_stops_clients_with_4401_and_4403() {
+    let server = Server::start(&["--sync-shared-secret", "topsecret"]);
+    server.wait_ready();
+    let auth = moai_server::Auth::with_secret("topsecret");
+    let mint = |exp: Option<u64>, docs: Option<Vec<&str>>| {
+        auth.mint(&moai_server::auth::Claims {
+            sub: "u1".into(),
+            exp,
+            docs: docs.map(|d| d.into_iter().map(String::from).collect()),
+        })
+        .unwrap()
+    };
+    let mut c = YjsClients::start();
+    let url = base(&server);
+    let good = mint(None, None);
+    c.connect("query", &url, "doc", json!({"params": {"token": good}}));
+    c.call("waitSynced", json!({"name": "query"}));
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&good);
+    c.connect("proto", &url, "doc", json!({"protocols": ["yjs", format!("bearer.{b64}")]}));
+    c.call("waitSynced", json!({"name": "proto"}));
+
+    c.connect("none", &url, "doc", json!({}));
+    let closed = c.call("waitClosed", json!({"name": "none"}));
+    assert_eq!((closed["code"].as_u64(), closed["terminal"].as_bool()), (Some(4401), Some(true)), "{closed}");
+
+    c.connect("expired", &url, "doc", json!({"params": {"token": mint(Some(1), None)}}));
+    let closed = c.call("waitClosed", json!({"name": "expired"}));
+    assert_eq!((closed["code"].as_u64(), closed["terminal"].as_bool()), (Some(4403), Some(true)), "{closed}");
+
+    c.connect("scope", &url, "doc", json!({"params": {"token": mint(None, Some(vec!["other"]))}}));
+    let closed = c.call("waitClosed", json!({"name": "scope"}));
+    assert_eq!(closed["code"].as_u64(), Some(4403), "{closed}");
+    // A refused client does not keep retrying.
+    let stats = c.call("stats", json!({"name": "none"}));
+    assert_eq!(stats["closeCount"], 1, "{stats}");
+}
+
+#[test]
+fn a_silent_dead_peer_is_closed_by_the_ping_timeout() {
+    let server = Server::start(&["--yjs-ping-interval", "200ms"]);
+    server.wait_ready();
+    let mut c = YjsClients::start();
+    c.connect("ghost", &base(&server), "doc", json!({"awarenessState": {"user": "ghost"}}));
+    c.connect("watcher", &base(&server), "doc", json!({}));
+    c.call("waitAwareness", json!({"name": "watcher", "hasStateWith": {"user": "ghost"}}));
+    c.call("dropSocket", json!({"name": "ghost", "mode": "silent", "stayOffline": true}));
+    let line = server.wait_log("no pong to two pings", Duration::from_secs(10)).expect("dead peer detected");
+    assert!(line.contains("session closed"));
+    c.call("waitAwareness", json!({"name": "watcher", "lacksStateWith": {"user": "ghost"}, "timeoutMs": 5000}));
+}
