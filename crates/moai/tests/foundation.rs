@@ -229,3 +229,28 @@ fn a_client_that_never_sends_headers_is_disconnected() {
     assert!(started.elapsed() < Duration::from_secs(9), "connection was held open");
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 }
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut server = Server::start(&["--shutdown-grace", "30s"]);
+    server.wait_ready();
+    // A WebSocket client that never reads: graceful shutdown waits for its close handshake.
+    let mut ws = TcpStream::connect(server.addr).unwrap();
+    let handshake = format!(
+        "GET /sync/v1/stuck HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    );
+    ws.write_all(handshake.as_bytes()).unwrap();
+    let mut buf = [0u8; 12];
+    ws.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    server.wait_log("session open", Duration::from_secs(5)).expect("session open");
+
+    server.signal("TERM");
+    server.wait_log("shutting down", Duration::from_secs(5)).expect("first signal handled");
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits at once");
+    assert_eq!(status.code(), Some(130), "the second signal skips the graceful path");
+    drop(ws);
+}
