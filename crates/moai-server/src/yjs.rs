@@ -220,13 +220,22 @@ async fn send(socket: &mut WebSocket, msg: Message, timeout: Duration, metrics: 
     matches!(tokio::time::timeout(timeout, socket.send(msg)).await, Ok(Ok(())))
 }
 
-/// Authorises an HTTP API request for `doc`, or says why not.
-fn authorise_http(state: &AppState, headers: &HeaderMap, query: Option<&str>, doc: &str) -> Result<(), Response> {
+/// Authorises an HTTP API request for `doc` and returns the engine, or the response saying why not.
+fn authorise_http(
+    state: &AppState,
+    engines: &Engines,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    doc: &str,
+) -> Result<YjsService, Response> {
+    let Some(yjs) = engine(engines) else {
+        return Err(error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server"));
+    };
     if !valid_doc_id(doc) {
         return Err(error_response(StatusCode::BAD_REQUEST, "invalid document id"));
     }
     let token = token_from_request(headers, query);
-    state.auth.check(token.as_deref(), Some(doc), unix_now()).map(|_| ()).map_err(|e| {
+    state.auth.check(token.as_deref(), Some(doc), unix_now()).map(|_| yjs).map_err(|e| {
         state.metrics.rejected("auth");
         error_response(e.http_status(), &e.to_string())
     })
@@ -249,12 +258,10 @@ pub(crate) async fn get_update(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let Some(yjs) = engine(&engines) else {
-        return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
+    let yjs = match authorise_http(&state, &engines, &headers, query.as_deref(), &doc) {
+        Ok(yjs) => yjs,
+        Err(resp) => return resp,
     };
-    if let Err(resp) = authorise_http(&state, &headers, query.as_deref(), &doc) {
-        return resp;
-    }
     match yjs.read_state(&doc).await {
         Ok(update) => ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response(),
         Err(e) => service_error(e),
@@ -269,12 +276,10 @@ pub(crate) async fn post_update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(yjs) = engine(&engines) else {
-        return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
+    let yjs = match authorise_http(&state, &engines, &headers, query.as_deref(), &doc) {
+        Ok(yjs) => yjs,
+        Err(resp) => return resp,
     };
-    if let Err(resp) = authorise_http(&state, &headers, query.as_deref(), &doc) {
-        return resp;
-    }
     match yjs.apply_update(&doc, body.to_vec()).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => service_error(e),

@@ -102,12 +102,22 @@ fn simultaneous_first_connections_share_one_document() {
     }
 }
 
+/// Stops `server` with `signal` and starts a new one on the same port and database.
+fn restart(mut server: Server, signal: &str, db: &std::path::Path, port: &str) -> Server {
+    server.signal(signal);
+    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
+    drop(server);
+    let server = Server::start_in(tempfile::tempdir().unwrap(), db, &["--port", port]);
+    server.wait_ready();
+    server
+}
+
 /// Restart the server on the same port and database, by signal or by kill -9.
 fn restart_keeps_what_clients_saw(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("moai.db");
     let port = closed_port().to_string();
-    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
     server.wait_ready();
     let mut c = YjsClients::start();
     let url = base(&server);
@@ -118,12 +128,8 @@ fn restart_keeps_what_clients_saw(signal: &str) {
         c.call("insertText", json!({"name": "a", "text": format!("{i},")}));
     }
     let seen = c.call("waitText", json!({"name": "b", "contains": "19,"}))["text"].clone();
-    server.signal(signal);
-    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
-    drop(server);
     // A fresh client after the restart sees everything B saw.
-    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
-    server.wait_ready();
+    let _server = restart(server, signal, &db, &port);
     c.connect("fresh", &url, "doc", json!({}));
     c.call("waitSynced", json!({"name": "fresh"}));
     assert_eq!(c.text("fresh"), seen.as_str().unwrap());
@@ -154,14 +160,15 @@ fn offline_edits_of_two_clients_merge_after_a_restart() {
     c.call("insertText", json!({"name": "a", "text": "base."}));
     c.call("waitText", json!({"name": "b", "equals": "base."}));
 
+    // Both go offline (the server is stopped) and edit; the edits meet after the restart.
+    let wa = c.send("waitClosed", json!({"name": "a"}));
+    let wb = c.send("waitClosed", json!({"name": "b"}));
     server.signal("TERM");
     server.wait_exit(Duration::from_secs(15)).expect("stopped");
-    drop(server);
-    c.call("waitClosed", json!({"name": "a"}));
-    c.call("waitClosed", json!({"name": "b"}));
+    assert_eq!(c.reply(wa)["ok"], true);
+    assert_eq!(c.reply(wb)["ok"], true);
     c.call("insertText", json!({"name": "a", "text": "A-offline."}));
     c.call("insertText", json!({"name": "b", "text": "B-offline."}));
-
     let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
     server.wait_ready();
     for n in ["a", "b"] {

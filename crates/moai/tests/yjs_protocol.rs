@@ -260,3 +260,17 @@ async fn the_http_api_reads_and_writes_documents() {
     let (status, _) = http(server.addr, "GET", &format!("{path}?token={token}"), &[], b"");
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn unknown_message_types_are_ignored_and_counted() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut a = connect(&server.ws_url("/sync/v1/doc-u")).await;
+    a.send(WsMessage::Binary(vec![42, 1, 2, 3].into())).await.unwrap();
+    // The connection still works after it.
+    let writer = Doc::new();
+    a.send(WsMessage::Binary(sync_update_frame(&edit(&writer, "still here")).into())).await.unwrap();
+    assert_eq!(sync(&mut a).await, "still here");
+    let metrics = server.get("/metrics").1;
+    assert!(metrics.contains("moai_unknown_messages_total{protocol=\"yjs\"} 1"), "{metrics}");
+}
