@@ -96,7 +96,8 @@ pub async fn run(a: BigDocArgs) -> Result<serde_json::Value> {
 
     // Observer first, on the empty document.
     let (obs_done_tx, obs_done) = oneshot::channel();
-    let observer = Receiver::new(0, None, log_.clone(), progress.clone()).with_watch(watch(obs_done_tx));
+    let mut observer = Receiver::new(0, None, log_.clone(), progress.clone()).with_watch(watch(obs_done_tx));
+    observer.each = Some(Vec::new());
     let (observer, _) = run.open_synced(&doc, observer).await.context("observer")?;
 
     // Editor uploads.
@@ -153,10 +154,18 @@ pub async fn run(a: BigDocArgs) -> Result<serde_json::Value> {
 
     run.stop();
     drop(editor_session.out);
-    let mut obs_stats = match tokio::time::timeout(Duration::from_secs(5), observer.reader).await {
-        Ok(Ok(h)) => h.stats,
+    let (mut obs_stats, mut each) = match tokio::time::timeout(Duration::from_secs(5), observer.reader).await {
+        Ok(Ok(h)) => (h.stats, h.each.unwrap_or_default()),
         _ => anyhow::bail!("observer task did not finish"),
     };
+    // The five slowest edits and when they were due, to tell a periodic stall (e.g. a snapshot
+    // of the whole document) from random noise.
+    each.sort_by_key(|&(_, ns)| std::cmp::Reverse(ns));
+    let slowest: Vec<_> = each
+        .iter()
+        .take(5)
+        .map(|&(seq, ns)| json!({"seq": seq, "due_ms": u64::from(seq) * a.interval_ms, "latency_ms": round3(ns as f64 / 1e6)}))
+        .collect();
     let _ = tokio::time::timeout(Duration::from_secs(5), editor_session.reader).await;
 
     let mut report = a.target.header("big-doc");
@@ -174,6 +183,7 @@ pub async fn run(a: BigDocArgs) -> Result<serde_json::Value> {
             "lost_edits": u64::from(a.edits).saturating_sub(obs_stats.deliveries),
             "duplicates": obs_stats.duplicates,
             "edit_latency_ms": obs_stats.latency.summary_ms(),
+            "slowest_edits": slowest,
             "loadgen_cpu_s_edits": round3(cpu.as_secs_f64()),
             "server_during_edits": server_edits,
             "server": server_whole,

@@ -124,6 +124,8 @@ pub struct Receiver {
     writer_doc: Option<yrs::Doc>,
     /// Big-doc scenario: count the items of one client and fire when `target` have arrived.
     watch: Option<Watch>,
+    /// Big-doc scenario: keep `(seq, latency ns)` of every delivery to name the slow ones.
+    pub each: Option<Vec<(u32, u64)>>,
     pub stats: DeliveryStats,
 }
 
@@ -146,7 +148,7 @@ impl Receiver {
             Some((w, d)) => (Some(w), Some(d)),
             None => (None, None),
         };
-        Self { doc, own_writer, log, progress, seen: HashMap::new(), writer_doc, watch: None, stats: DeliveryStats::default() }
+        Self { doc, own_writer, log, progress, seen: HashMap::new(), writer_doc, watch: None, each: None, stats: DeliveryStats::default() }
     }
 
     pub fn with_watch(mut self, watch: Watch) -> Self {
@@ -217,6 +219,9 @@ impl Handler for Receiver {
                     *slot = true;
                     new += 1;
                     self.stats.latency.push_ns(now_ns.saturating_sub(sent));
+                    if let Some(each) = self.each.as_mut() {
+                        each.push((seq, now_ns.saturating_sub(sent)));
+                    }
                 }
             }
         }

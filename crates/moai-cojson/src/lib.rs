@@ -2,7 +2,9 @@
 //!
 //! No sockets, clocks or storage live here: the server edge feeds parsed
 //! frames in and carries actions out. The wire formats and verification are
-//! the foundation; [`relay`] is the server state machine built on them.
+//! the foundation; [`relay`] is the server state machine built on them, and
+//! [`service`] is the async driver that runs it against storage and the
+//! edge's per-socket queues (the only module with tasks and clocks).
 
 pub mod canonical_json;
 pub mod crypto;
@@ -17,3 +19,4 @@ pub mod dependencies;
 pub mod content_pieces;
 pub mod persistence;
 pub mod relay;
+pub mod service;

@@ -5,11 +5,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{pin_mut, TryStreamExt};
+use futures_util::pin_mut;
 use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{PgLsn, ToSql, Type};
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::Client;
 
 use crate::config::Error;
 use crate::db::{extend_xid, ident, Xid8};
@@ -54,8 +54,8 @@ fn obj(row: &Option<Row>) -> Option<Value> {
 
 /// Append rows with binary COPY inside the caller's transaction. `next_full_xid` extends the
 /// 32-bit xids (read in the same transaction, after the decoded transactions committed).
-pub(crate) async fn copy_in<C: GenericClient>(
-    client: &C,
+pub(crate) async fn copy_in(
+    client: &tokio_postgres::Transaction<'_>,
     schema: &str,
     txns: &[TxnRows<'_>],
     next_full_xid: u64,
@@ -126,7 +126,7 @@ fn page_sql(schema: &str, stitched: bool) -> String {
 pub(crate) enum PageItem {
     Row(HistoryRow),
     /// A schema change of a subscribed table.
-    SchemaChanged { position: Position, table: String },
+    SchemaChanged { table: String },
 }
 
 pub(crate) async fn load_page(
@@ -186,7 +186,7 @@ pub(crate) async fn load_page(
             b'D' => WireOp::Delete { seq, table, key: key.unwrap_or_default() },
             b'T' => WireOp::Truncate { seq, table },
             b'S' => {
-                out.push(PageItem::SchemaChanged { position, table });
+                out.push(PageItem::SchemaChanged { table });
                 continue;
             }
             other => return Err(Error::Other(format!("unknown op {:?} in change_history", other as char))),
@@ -269,21 +269,6 @@ pub(crate) async fn expire_clients(client: &Client, schema: &str, ttl: Duration)
     Ok(client
         .execute(&format!("DELETE FROM {}.clients WHERE last_seen < $1", ident(schema)), &[&cutoff])
         .await?)
-}
-
-/// Read all rows of a stream into memory (used by small helper queries).
-#[allow(dead_code)]
-pub(crate) async fn collect_rows(
-    client: &Client,
-    sql: &str,
-) -> Result<Vec<tokio_postgres::Row>, Error> {
-    let stream = client.query_raw(sql, std::iter::empty::<i32>()).await?;
-    pin_mut!(stream);
-    let mut out = Vec::new();
-    while let Some(r) = stream.try_next().await? {
-        out.push(r);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

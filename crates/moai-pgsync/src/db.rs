@@ -172,10 +172,6 @@ impl SharedClient {
         *guard = Some(c.clone());
         Ok(c)
     }
-
-    pub(crate) fn config(&self) -> &tokio_postgres::Config {
-        &self.cfg
-    }
 }
 
 #[cfg(test)]

@@ -1,18 +1,26 @@
 //! moai-pgsync: the Postgres change feed engine behind moai's `/api/sync`.
 //!
-//! Everything in this crate is sans-IO: bytes and events in, values and actions out. The
-//! replicator (pgwire-replication + tokio) and the WebSocket edge live outside and drive it.
+//! The core is sans-IO: bytes and events in, values and actions out. The async edge against a
+//! real PostgreSQL (tokio, tokio-postgres, pgwire-replication) is [`service::PgSync`] (sessions)
+//! with [`replicator`] (slot → `change_history`) and [`change_history`] (writes, pages,
+//! retention). The WebSocket edge only moves text frames in and out of
+//! [`service::PgSync::run_session`].
 //!
 //! Flow: XLogData payload → [`pgoutput::Decoder`] → [`transaction_assembler::TransactionAssembler`]
 //! → committed [`transaction_assembler::Transaction`]s keyed by `(commit_lsn, seq)` →
 //! `change_history` (replicator, not here) → page queries driven by [`session::Session`], which
 //! speaks [`protocol`] and filters with [`shape`].
 
+pub(crate) mod change_history;
+pub mod config;
+mod db;
 pub mod lsn;
 pub mod pg_time;
 pub mod pgoutput;
 pub mod position;
 pub mod protocol;
+pub mod replicator;
+pub mod service;
 pub mod session;
 pub mod shape;
 pub mod transaction_assembler;
@@ -20,3 +28,6 @@ pub mod value_mapping;
 
 pub use lsn::{Lsn, LsnParseError};
 pub use position::Position;
+pub use config::{Error, PgSyncConfig};
+pub use replicator::{FeedState, Phase};
+pub use service::{PgSync, SessionEnd};

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
@@ -71,7 +71,7 @@ pub struct FeedState {
 pub(crate) struct Replicator {
     cfg: Arc<PgSyncConfig>,
     pg: tokio_postgres::Config,
-    state: watch::Sender<FeedState>,
+    state: Arc<watch::Sender<FeedState>>,
     assembler: TransactionAssembler,
     relations_loaded: bool,
     /// WAL position to reach for readiness (set on the first successful connect).
@@ -93,7 +93,7 @@ struct Stream {
 }
 
 impl Replicator {
-    pub(crate) fn new(cfg: Arc<PgSyncConfig>, pg: tokio_postgres::Config, state: watch::Sender<FeedState>) -> Self {
+    pub(crate) fn new(cfg: Arc<PgSyncConfig>, pg: tokio_postgres::Config, state: Arc<watch::Sender<FeedState>>) -> Self {
         Replicator { cfg, pg, state, assembler: TransactionAssembler::new(), relations_loaded: false, target: None }
     }
 
@@ -268,11 +268,12 @@ impl Replicator {
 
         repl.start().await?;
         repl.wait_started().await?;
-        repl.update_applied_lsn(pgwire_replication::Lsn(watermark.0.saturating_add(1).min(u64::MAX)));
+        repl.update_applied_lsn(pgwire_replication::Lsn(watermark.0.saturating_add(1)));
         let caught_up = self.target.is_some_and(|t| watermark.0.saturating_add(1) >= t.0);
         self.state.send_modify(|st| {
+            // The durable watermark may trail the proven one published before the reconnect.
+            st.watermark = if st.generation == generation { st.watermark.max(watermark) } else { watermark };
             st.generation = generation;
-            st.watermark = watermark;
             st.horizon = horizon;
             st.caught_up |= caught_up;
         });
@@ -488,6 +489,7 @@ impl Replicator {
         let rows = [TxnRows { xid: part.xid, commit_lsn: part.commit_lsn, commit_time: part.commit_time, changes: &part.changes }];
         copy_in(&tx, &self.cfg.schema, &rows, next).await?;
         tx.commit().await?;
+        tracing::debug!(rows = part.changes.len(), "pgsync: wrote chunk of open transaction");
         Ok(())
     }
 

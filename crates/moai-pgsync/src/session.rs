@@ -340,7 +340,8 @@ impl Session {
             txns.push(WireTransaction { lsn, xid, commit_time, last, ops: g.into_iter().map(|r| r.op).collect() });
             self.open_partial = if last { None } else { Some(lsn) };
         }
-        if !txns.is_empty() {
+        let sent_any = !txns.is_empty();
+        if sent_any {
             if let Some(to) = to {
                 out.push(Action::Send(ServerMessage::Changes { from: self.sent, to, txns }));
                 self.sent = Some(to);
@@ -357,7 +358,14 @@ impl Session {
             // Everything up to `upto` is delivered: a consistent point.
             let position = Position::end_of(q.upto);
             self.sent = Some(position);
-            out.push(Action::Send(ServerMessage::UpToDate { position, watermark: q.upto }));
+            // A live session that found nothing new moves on silently: answering every empty
+            // watermark advance with `up_to_date` would make clients ack, the position write
+            // would produce WAL, the walsender's keepalive would advance the watermark again,
+            // and so on forever.
+            let silent = self.state == State::Live && !sent_any;
+            if !silent {
+                out.push(Action::Send(ServerMessage::UpToDate { position, watermark: q.upto }));
+            }
             self.state = State::Live;
         }
         self.maybe_query(out);

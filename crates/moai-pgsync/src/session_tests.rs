@@ -303,3 +303,32 @@ fn transaction_ending_exactly_at_page_boundary_is_closed_with_empty_part() {
     assert_eq!(parts, vec![(false, 4), (true, 0)]);
     assert_eq!(c.applied.len(), 4);
 }
+
+#[test]
+fn live_session_stays_quiet_when_the_watermark_moves_over_nothing() {
+    // Keepalive-proven watermark advances with no new rows must not produce frames: a client
+    // ack would write its position, whose WAL would advance the watermark again, forever.
+    let h = history(&sizes());
+    let mut s = Session::new(cfg(0x700));
+    let mut c = Client::default();
+    drive(&mut s, hello(Some(Position::new(Lsn(0x100), 2)), Some(7), 1000, 4), &h, &mut c, true);
+    assert!(s.is_live());
+    let frames_before = c.up_to_date.len();
+    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x7FF)), &h, &mut c, true);
+    assert!(actions.iter().any(|a| matches!(a, Action::QueryPage(_))), "it still looks");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Send(_))), "but sends nothing: {actions:?}");
+    assert_eq!(c.up_to_date.len(), frames_before);
+    // A later real change is still delivered, followed by up_to_date.
+    let mut h2 = h.clone();
+    let mut key = Row::new();
+    key.insert("id".into(), 1.into());
+    h2.push(HistoryRow {
+        position: Position::new(Lsn(0x900), 0),
+        xid: "999".into(),
+        commit_time: "2026-01-01T00:00:00.000Z".into(),
+        op: WireOp::Delete { seq: 0, table: "public.todos".into(), key },
+    });
+    drive(&mut s, Event::WatermarkAdvanced(Lsn(0x900)), &h2, &mut c, true);
+    assert_eq!(c.applied.last().map(|(p, _)| *p), Some(Position::new(Lsn(0x900), 0)));
+    assert_eq!(c.up_to_date.len(), frames_before + 1);
+}

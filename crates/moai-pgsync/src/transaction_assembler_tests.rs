@@ -398,3 +398,21 @@ fn decoder_and_assembler_compose_on_fuzzed_streams_without_panicking() {
     }
     assert!(committed > 100, "fuzz never reached a commit ({committed})");
 }
+
+#[test]
+fn drained_chunks_keep_seq_numbering_and_commit_holds_the_rest() {
+    let mut a = TransactionAssembler::new();
+    run(&mut a, vec![todos(ReplicaIdentity::Default, &[]), begin(0x500, 9)]);
+    for i in 0..5 {
+        run(&mut a, vec![insert(TODOS, vec![t(&i.to_string()), ColumnValue::Null, t("f")])]);
+    }
+    assert_eq!(a.open_len(), 5);
+    let part = a.drain_open().expect("open transaction");
+    assert_eq!((part.xid, part.commit_lsn), (9, Lsn(0x500)));
+    assert_eq!(part.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(a.open_len(), 0);
+    run(&mut a, vec![insert(TODOS, vec![t("5"), ColumnValue::Null, t("f")])]);
+    let txn = only_txn(run(&mut a, vec![commit(0x500)]));
+    assert_eq!(txn.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5]);
+    assert!(a.drain_open().is_none());
+}

@@ -7,4 +7,5 @@
 #[derive(Default)]
 pub struct Engines {
     pub yjs: Option<moai_yjs::service::YjsService>,
+    pub pgsync: Option<moai_pgsync::PgSync>,
 }

@@ -12,6 +12,7 @@ mod gate;
 mod health;
 mod limits;
 mod metrics;
+mod pgsync;
 mod readiness;
 mod router;
 mod serve;

@@ -12,7 +12,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::gate::{error_response, require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
-use crate::{yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use crate::{pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
 /// ready gate, so a handler cannot use one before it exists.
@@ -33,7 +33,7 @@ pub fn router(state: AppState) -> Router {
     let websocket = Router::new()
         .route("/sync", any(engine_not_enabled))
         .route("/sync/v1/{doc}", any(yjs::socket))
-        .route("/api/sync", any(engine_not_enabled))
+        .route("/api/sync", any(pgsync::socket))
         .route_layer(from_fn_with_state(state.clone(), require_upgrade));
     let engines = Router::new()
         .merge(websocket)

@@ -1,8 +1,9 @@
 //! moai's storage room.
 //!
 //! Everything moai acknowledges goes through here before the acknowledgement is sent. The
-//! crate offers async traits shaped by what the engines need to keep (for now the
-//! per-document update journal of [`DocJournal`]), and backends that implement them:
+//! crate offers async traits shaped by what the engines need to keep (the per-document update
+//! journal of [`DocJournal`] for Yjs, the per-session signed logs of [`CoValueStore`] for
+//! CoJSON), and backends that implement them:
 //!
 //! - [`SqliteStorage`]: the embedded default. One writer thread owns the connection and commits
 //!   many small writes in one transaction (group commit), so engines can await durability per
@@ -13,12 +14,17 @@
 //! and sequence numbers, never in Yjs or CoJSON types, so a PostgreSQL backend shared by several
 //! instances can be added beside SQLite without touching the engines.
 
+mod covalue_store;
 mod doc_journal;
 mod error;
 mod memory;
 mod observer;
 mod sqlite;
 
+pub use covalue_store::{
+    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, SessionAppendRecord, SessionRecord,
+    StoredKnownState,
+};
 pub use doc_journal::{DocJournal, StoredDoc};
 pub use error::StorageError;
 pub use memory::MemoryStorage;

@@ -6,12 +6,24 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::{DocJournal, StorageError, StoredDoc};
+use crate::covalue_store::check_append;
+use crate::{
+    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, StorageError, StoredDoc,
+    StoredKnownState,
+};
 
 #[derive(Default)]
 pub struct MemoryStorage {
     docs: Mutex<HashMap<String, StoredDoc>>,
     next_seq: Mutex<u64>,
+    covalues: Mutex<HashMap<String, MemoryCoValue>>,
+}
+
+/// A stored CoValue plus the per-session counter SQLite keeps in a column.
+struct MemoryCoValue {
+    record: CoValueRecord,
+    /// `bytes_since_last_signature` per session, parallel to `record.sessions`.
+    bytes_since_signature: Vec<u64>,
 }
 
 impl MemoryStorage {
@@ -47,4 +59,84 @@ impl DocJournal for MemoryStorage {
         entry.updates.retain(|(seq, _)| *seq > through_seq);
         Ok(())
     }
+}
+
+#[async_trait]
+impl CoValueStore for MemoryStorage {
+    async fn load_covalue(&self, id: &str) -> Result<Option<CoValueRecord>, StorageError> {
+        let covalues = self.covalues.lock().map_err(|_| StorageError::Closed)?;
+        Ok(covalues.get(id).map(|c| c.record.clone()))
+    }
+
+    async fn append_covalues(&self, appends: Vec<CoValueAppend>) -> Vec<Result<(), AppendError>> {
+        let Ok(mut covalues) = self.covalues.lock() else {
+            return appends.iter().map(|_| Err(StorageError::Closed.into())).collect();
+        };
+        // Checked before anything is applied, like SQLite's savepoint per append.
+        appends.into_iter().map(|append| apply(&mut covalues, append)).collect()
+    }
+
+    async fn known_states(&self, ids: Vec<String>) -> Result<Vec<Option<StoredKnownState>>, StorageError> {
+        let covalues = self.covalues.lock().map_err(|_| StorageError::Closed)?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                covalues.get(id).map(|c| StoredKnownState {
+                    header: true,
+                    sessions: c
+                        .record
+                        .sessions
+                        .iter()
+                        .map(|s| (s.session.clone(), s.transactions.len() as u64))
+                        .collect(),
+                    deleted: c.record.deleted,
+                })
+            })
+            .collect())
+    }
+}
+
+fn apply(covalues: &mut HashMap<String, MemoryCoValue>, append: CoValueAppend) -> Result<(), AppendError> {
+    let existing = covalues.get(&append.id);
+    check_append(&append, existing.is_some(), |session| {
+        Ok(existing
+            .and_then(|c| c.record.sessions.iter().find(|s| s.session == session))
+            .map_or(0, |s| s.transactions.len() as u64))
+    })?;
+    let entry = covalues.entry(append.id).or_insert_with(|| MemoryCoValue {
+        record: CoValueRecord { header: append.header.unwrap_or_default(), sessions: Vec::new(), deleted: false },
+        bytes_since_signature: Vec::new(),
+    });
+    entry.record.deleted |= append.deleted;
+    for s in append.sessions {
+        let index = match entry.record.sessions.iter().position(|r| r.session == s.session) {
+            Some(i) => i,
+            None => {
+                entry.record.sessions.push(crate::SessionRecord {
+                    session: s.session.clone(),
+                    transactions: Vec::new(),
+                    last_signature: String::new(),
+                    checkpoints: Vec::new(),
+                });
+                entry.bytes_since_signature.push(0);
+                entry.record.sessions.len() - 1
+            }
+        };
+        let stored = &mut entry.record.sessions[index];
+        stored.transactions.extend(s.transactions);
+        stored.last_signature = s.last_signature;
+        for (count, signature) in s.checkpoints {
+            // Same as SQLite's INSERT OR REPLACE keyed by count; kept ascending.
+            stored.checkpoints.retain(|(c, _)| *c != count);
+            stored.checkpoints.push((count, signature));
+        }
+        stored.checkpoints.sort_by_key(|(c, _)| *c);
+        if let Some(bytes) = entry.bytes_since_signature.get_mut(index) {
+            *bytes = match s.bytes_since_signature {
+                BytesSinceSignature::Add(b) => bytes.saturating_add(b),
+                BytesSinceSignature::Reset(b) => b,
+            };
+        }
+    }
+    Ok(())
 }

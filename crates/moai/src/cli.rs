@@ -96,6 +96,19 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_YJS_OUTBOX_FRAMES", default_value_t = 1024)]
     pub yjs_outbox_frames: usize,
 
+    /// Postgres change feed: the database to replicate from (`postgres://user@host:port/db`).
+    /// The user needs the REPLICATION attribute and CREATE on the database. Unset: /api/sync
+    /// answers 404.
+    #[arg(long, env = "PG_URL", hide_env_values = true)]
+    pub pg_url: Option<String>,
+    /// Postgres change feed: tables to publish, comma-separated `schema.table`.
+    #[arg(long, env = "PG_TABLES", value_delimiter = ',')]
+    pub pg_tables: Vec<String>,
+    /// Postgres change feed: keep change history this long (never dropping what a live client
+    /// still needs); `0s` keeps everything.
+    #[arg(long, env = "PG_RETENTION", default_value = "7d", value_parser = units::duration)]
+    pub pg_retention: Duration,
+
     /// Test hook: hold initialisation open until this file exists, so tests can observe the
     /// not-ready state deterministically.
     #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_yjs::service::{YjsConfig, YjsService};
 use moai_storage::{SqliteOptions, SqliteStorage};
 use tokio::net::TcpListener;
@@ -91,6 +92,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let Running { engines, storage } = running;
+    let pgsync = engines.pgsync.clone();
     readiness.set_ready(engines);
     metrics.set_ready(true);
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
@@ -101,7 +103,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     metrics.set_ready(false);
     shutdown.trigger();
     tokio::select! {
-        code = drain(&shutdown, server, storage, args.shutdown_grace) => Ok(code),
+        code = drain(&shutdown, server, storage, pgsync, args.shutdown_grace) => Ok(code),
         name = signals.next() => {
             tracing::warn!(signal = name, "second signal: exiting now");
             Ok(ExitCode::from(130))
@@ -129,7 +131,30 @@ async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<R
             ..YjsConfig::default()
         },
     );
-    Ok(Running { engines: Engines { yjs: Some(yjs) }, storage })
+    let pgsync = match &args.pg_url {
+        Some(url) => Some(start_pgsync(url, args).await?),
+        None => {
+            if !args.pg_tables.is_empty() {
+                anyhow::bail!("--pg-tables given without --pg-url");
+            }
+            None
+        }
+    };
+    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync }, storage })
+}
+
+/// Starts the change feed and waits until it has caught up with the WAL that existed at start,
+/// so a client that connects once /health is ready sees every change committed before.
+async fn start_pgsync(url: &str, args: &ServeArgs) -> anyhow::Result<PgSync> {
+    if args.pg_tables.is_empty() {
+        anyhow::bail!("--pg-url needs --pg-tables (comma-separated schema.table)");
+    }
+    let mut config = PgSyncConfig::new(url, args.pg_tables.clone());
+    config.retention = (!args.pg_retention.is_zero()).then_some(args.pg_retention);
+    let pgsync = PgSync::start(config).await.context("starting the Postgres change feed")?;
+    tracing::info!(tables = ?args.pg_tables, "Postgres change feed started; catching up with the WAL");
+    pgsync.wait_caught_up().await.context("catching up with the Postgres WAL")?;
+    Ok(pgsync)
 }
 
 async fn wait_for_file(path: &PathBuf) {
@@ -143,6 +168,7 @@ async fn drain(
     shutdown: &Shutdown,
     server: tokio::task::JoinHandle<()>,
     storage: SqliteStorage,
+    pgsync: Option<PgSync>,
     grace: Duration,
 ) -> ExitCode {
     let deadline = Instant::now() + grace;
@@ -152,6 +178,10 @@ async fn drain(
     let left = deadline.saturating_duration_since(Instant::now());
     if tokio::time::timeout(left, server).await.is_err() {
         tracing::warn!("HTTP requests still in flight at the end of the grace period");
+    }
+    if let Some(pg) = pgsync {
+        // Stops the replicator after its last committed batch; the slot keeps the rest.
+        pg.shutdown().await;
     }
     match storage.close().await {
         Ok(()) => {

@@ -8,8 +8,9 @@ use rusqlite::{params, Connection};
 use crate::StorageError;
 
 /// Each entry is `(version, SQL)`. Append new versions; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+pub(super) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     // The per-document journal (DocJournal). `seq` is global and monotonic so that a compaction
     // can name "everything up to here" even while appends continue.
     "CREATE TABLE doc_snapshots (
@@ -24,7 +25,44 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          data BLOB NOT NULL
      );
      CREATE INDEX doc_updates_by_doc ON doc_updates(doc, seq);",
-)];
+    ),
+    (
+        2,
+        // The CoJSON store (CoValueStore), modelled on cojson's own SQLite schema (coValues,
+        // sessions, transactions, signatureAfter) so the data maps one to one onto what a
+        // cojson server keeps. Prefixed because other engines share this database. Headers and
+        // transactions are JSON text exactly as the engine serialised them. `last_idx` is the
+        // transaction count (cojson's naming); `signature_after.tx_count` is the count at which
+        // the checkpoint signature is valid. A deleted CoValue is a flag, not a separate table.
+        "CREATE TABLE cojson_covalues (
+             row_id  INTEGER PRIMARY KEY,
+             id      TEXT NOT NULL UNIQUE,
+             header  TEXT NOT NULL,
+             deleted INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE cojson_sessions (
+             row_id         INTEGER PRIMARY KEY,
+             covalue        INTEGER NOT NULL REFERENCES cojson_covalues(row_id),
+             session_id     TEXT NOT NULL,
+             last_idx       INTEGER NOT NULL,
+             last_signature TEXT NOT NULL,
+             bytes_since_last_signature INTEGER NOT NULL,
+             UNIQUE (covalue, session_id)
+         );
+         CREATE TABLE cojson_transactions (
+             ses INTEGER NOT NULL REFERENCES cojson_sessions(row_id),
+             idx INTEGER NOT NULL,
+             tx  TEXT NOT NULL,
+             PRIMARY KEY (ses, idx)
+         ) WITHOUT ROWID;
+         CREATE TABLE cojson_signature_after (
+             ses       INTEGER NOT NULL REFERENCES cojson_sessions(row_id),
+             tx_count  INTEGER NOT NULL,
+             signature TEXT NOT NULL,
+             PRIMARY KEY (ses, tx_count)
+         ) WITHOUT ROWID;",
+    ),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

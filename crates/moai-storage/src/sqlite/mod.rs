@@ -4,6 +4,7 @@
 //! reads use a small pool of read-only connections on blocking threads, which WAL lets run
 //! beside the writer.
 
+mod covalue_store;
 mod doc_journal;
 mod migrations;
 mod readers;

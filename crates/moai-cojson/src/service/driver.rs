@@ -1,0 +1,323 @@
+//! The owner task of the relay: the only code that touches the [`Relay`].
+//!
+//! One relay serves the whole server (its state is per server: CoValues in memory and each
+//! peer's known states), so one task owns it and handles, in order: commands from sessions
+//! (connect, messages, leave), completions of the storage work it started (loads, writes), and
+//! eviction ticks. It never awaits storage or a socket: reads and writes run in tasks it spawns,
+//! whose results come back as completions; sends go to bounded per-socket queues with
+//! `try_send`, and a socket whose queue is full is closed (a skipped message would leave that
+//! client diverged without knowing it; on reconnect it resyncs).
+//!
+//! Durability is the relay's contract (acks wait for `Persisted`); this task only keeps its side
+//! of it: `Persisted` strictly after the append is durable, writes of one CoValue handed to
+//! storage in issue order ([`WriteQueue`]), `PeerDisconnected` after every close it performs.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moai_storage::CoValueStore;
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+
+use super::eviction::Eviction;
+use super::records::{from_record, to_append};
+use super::session::SessionShared;
+use super::stats::Stats;
+use super::writes::WriteQueue;
+use super::{CojsonConfig, CLOSE_STORAGE_FAILURE, CLOSE_TOO_MUCH_PARKED, CLOSE_TOO_SLOW};
+use crate::ids::CoId;
+use crate::message::SyncMessage;
+use crate::persistence::{PersistRequest, PersistToken, StoredCoValue};
+use crate::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
+
+/// From sessions to the relay task. One queue for all of a peer's commands, so connect,
+/// messages and leave are handled in the order the session issued them.
+pub(crate) enum Command {
+    Connect { peer: PeerId, outbox: mpsc::Sender<SyncMessage>, shared: Arc<SessionShared> },
+    Messages { peer: PeerId, messages: Vec<SyncMessage> },
+    Leave { peer: PeerId },
+}
+
+/// From storage tasks back to the relay task.
+enum Completion {
+    Loaded { id: CoId, stored: Option<StoredCoValue> },
+    /// One write batch: per write, its token, CoValue and outcome (error text on failure).
+    Written(Vec<(PersistToken, CoId, Result<(), String>)>),
+}
+
+struct PeerConn {
+    outbox: mpsc::Sender<SyncMessage>,
+    shared: Arc<SessionShared>,
+}
+
+pub(crate) struct Driver {
+    relay: Relay,
+    store: Arc<dyn CoValueStore>,
+    config: CojsonConfig,
+    peers: HashMap<PeerId, PeerConn>,
+    commands: mpsc::Receiver<Command>,
+    completions: mpsc::UnboundedReceiver<Completion>,
+    /// Cloned into every storage task. Unbounded on purpose: its length is bounded by the
+    /// storage work in flight, and a storage task must never wait on the relay task (which may
+    /// itself be waiting for nothing but completions).
+    completion_sender: mpsc::UnboundedSender<Completion>,
+    writes: WriteQueue,
+    eviction: Eviction,
+    stats: Arc<Stats>,
+}
+
+/// Pauses between attempts of a failing storage read.
+const LOAD_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
+
+impl Driver {
+    pub(crate) fn new(
+        store: Arc<dyn CoValueStore>,
+        config: CojsonConfig,
+        commands: mpsc::Receiver<Command>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let (completion_sender, completions) = mpsc::unbounded_channel();
+        Driver {
+            relay: Relay::new(config.relay.clone()),
+            store,
+            config,
+            peers: HashMap::new(),
+            commands,
+            completions,
+            completion_sender,
+            writes: WriteQueue::default(),
+            eviction: Eviction::default(),
+            stats,
+        }
+    }
+
+    /// Runs until every handle to the service (the service and all sessions) is gone.
+    pub(crate) async fn run(mut self) {
+        let period = self.config.evict_interval.max(Duration::from_millis(1));
+        let mut evict = interval_at(Instant::now() + period, period);
+        evict.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Completions first: they unblock acks and parked work, and free memory.
+                biased;
+                Some(done) = self.completions.recv() => self.on_completion(done),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = evict.tick() => self.evict(),
+            }
+            // Take what else is queued right now, so a burst shares one storage batch.
+            for _ in 1..self.config.max_batch.max(1) {
+                if let Ok(done) = self.completions.try_recv() {
+                    self.on_completion(done);
+                } else if let Ok(cmd) = self.commands.try_recv() {
+                    self.on_command(cmd);
+                } else {
+                    break;
+                }
+            }
+            self.flush_writes();
+            self.stats.peers.store(self.peers.len(), Ordering::Relaxed);
+            self.stats.writes_pending.store(self.writes.pending(), Ordering::Relaxed);
+        }
+        tracing::debug!("cojson relay task ended");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect { peer, outbox, shared } => {
+                self.peers.insert(peer, PeerConn { outbox, shared });
+                self.run_event(Event::PeerConnected(peer));
+            }
+            Command::Messages { peer, messages } => {
+                for msg in messages {
+                    // A peer this task closed is gone for the relay; its late messages are not.
+                    if !self.peers.contains_key(&peer) {
+                        return;
+                    }
+                    self.run_event(Event::Message(peer, msg));
+                }
+            }
+            Command::Leave { peer } => {
+                if self.peers.remove(&peer).is_some() {
+                    self.run_event(Event::PeerDisconnected(peer));
+                }
+            }
+        }
+    }
+
+    fn on_completion(&mut self, done: Completion) {
+        match done {
+            Completion::Loaded { id, stored } => self.run_event(Event::Loaded { id, stored }),
+            Completion::Written(outcomes) => {
+                self.writes.finished(outcomes.iter().map(|(_, id, _)| id));
+                for (token, id, outcome) in outcomes {
+                    match outcome {
+                        Ok(()) => self.run_event(Event::Persisted(token)),
+                        Err(error) => {
+                            let dropped = self.writes.discard(&id);
+                            self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(covalue = %id, %error, dropped_writes = dropped,
+                                "cojson write failed; closing its peers, the CoValue reloads from storage");
+                            self.run_event(Event::PersistFailed(token));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands one event to the relay and performs what it asks, including the events those
+    /// actions cause in turn (a close becomes a disconnect). Iterative, never recursive.
+    fn run_event(&mut self, event: Event) {
+        let mut events = VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            for action in self.relay.handle(event) {
+                self.perform(action, &mut events);
+            }
+        }
+    }
+
+    fn perform(&mut self, action: Action, events: &mut VecDeque<Event>) {
+        match action {
+            Action::Send(peer, msg) => {
+                let Some(conn) = self.peers.get(&peer) else { return };
+                match conn.outbox.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.stats.slow_peers_closed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = peer.0, "cojson peer too slow: outbox full, closing it");
+                        self.close(peer, CLOSE_TOO_SLOW, "too slow: outbox full".into(), events);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        // The session is gone and its leave is on the way; forget it now.
+                        self.peers.remove(&peer);
+                        events.push_back(Event::PeerDisconnected(peer));
+                    }
+                }
+            }
+            Action::Load(id) => self.spawn_load(id),
+            Action::Persist(req) => self.writes.push(req),
+            Action::Close(peer, reason) => {
+                let (code, text) = match &reason {
+                    CloseReason::TooMuchParkedContent => (CLOSE_TOO_MUCH_PARKED, "too much content waiting for dependencies"),
+                    CloseReason::StorageFailure(_) => (CLOSE_STORAGE_FAILURE, "storage failure, reconnect to resync"),
+                };
+                tracing::info!(peer = peer.0, ?reason, code, "cojson relay closes peer");
+                self.close(peer, code, text.into(), events);
+            }
+            Action::Diagnostic(d) => self.diagnostic(d),
+        }
+    }
+
+    /// Records the close for the session, drops our end of its queue (which wakes the edge) and
+    /// tells the relay the peer is gone.
+    fn close(&mut self, peer: PeerId, code: u16, reason: String, events: &mut VecDeque<Event>) {
+        if let Some(conn) = self.peers.remove(&peer) {
+            conn.shared.set_close(code, reason);
+            drop(conn.outbox);
+            events.push_back(Event::PeerDisconnected(peer));
+        }
+    }
+
+    fn diagnostic(&self, d: Diagnostic) {
+        match d {
+            Diagnostic::InvalidHeader { peer, id, error } => {
+                self.stats.invalid_headers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = peer.0, covalue = %id, %error, "cojson header rejected");
+            }
+            Diagnostic::RejectedSession { peer, id, session, error } => {
+                self.stats.rejected_sessions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = peer.0, covalue = %id, session, %error, "cojson session rejected");
+            }
+            Diagnostic::IgnoredErrored { peer, id } => {
+                tracing::debug!(peer = peer.0, covalue = %id, "message about an errored CoValue ignored");
+            }
+            Diagnostic::UnknownPeer(peer) => tracing::debug!(peer = peer.0, "cojson event for an unknown peer"),
+            // Normal after a failed write (its later tokens were abandoned).
+            Diagnostic::Unexpected(what) => tracing::debug!(what, "unexpected cojson completion"),
+            Diagnostic::StorageCorrupt { id, error } => {
+                self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(covalue = %id, %error, "stored CoValue cannot be rebuilt; treated as absent");
+            }
+        }
+    }
+
+    /// Reads a CoValue off the relay task and feeds `Loaded` back. A read that keeps failing, or
+    /// a row that does not decode, is answered as "not stored" (the relay contract has no error
+    /// answer): peers then see `known header:false` and upload what they have, and storage
+    /// refuses any write that does not continue what it really holds, so nothing is overwritten.
+    fn spawn_load(&self, id: CoId) {
+        let store = self.store.clone();
+        let done = self.completion_sender.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            let record = loop {
+                match store.load_covalue(id.as_str()).await {
+                    Ok(record) => break record,
+                    Err(error) => match LOAD_RETRIES.get(attempt) {
+                        Some(pause) => {
+                            tracing::warn!(covalue = %id, %error, attempt, "cojson load failed; retrying");
+                            attempt += 1;
+                            tokio::time::sleep(*pause).await;
+                        }
+                        None => {
+                            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(covalue = %id, %error, "cojson load failed; answering as not stored");
+                            break None;
+                        }
+                    },
+                }
+            };
+            let stored = record.and_then(|r| match from_record(r) {
+                Ok(stored) => Some(stored),
+                Err(error) => {
+                    stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(covalue = %id, %error, "stored CoValue does not decode; treated as absent");
+                    None
+                }
+            });
+            let _ = done.send(Completion::Loaded { id, stored });
+        });
+    }
+
+    /// Sends every write that may go now to storage in one call, off the relay task.
+    fn flush_writes(&mut self) {
+        let batch: Vec<PersistRequest> = self.writes.take_ready();
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let done = self.completion_sender.clone();
+        tokio::spawn(async move {
+            // Serialising the JSON happens here, not on the relay task.
+            let appends = batch.iter().map(to_append).collect();
+            let mut results = store.append_covalues(appends).await.into_iter();
+            let outcomes = batch
+                .into_iter()
+                .map(|req| {
+                    let outcome = match results.next() {
+                        Some(Ok(())) => Ok(()),
+                        Some(Err(e)) => Err(e.to_string()),
+                        None => Err("storage returned no result for this write".to_owned()),
+                    };
+                    (req.token, req.id, outcome)
+                })
+                .collect();
+            let _ = done.send(Completion::Written(outcomes));
+        });
+    }
+
+    fn evict(&mut self) {
+        let evicted = self.eviction.tick(&mut self.relay);
+        if evicted > 0 {
+            self.stats.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+            tracing::debug!(evicted, "cojson CoValues evicted from memory");
+        }
+        self.stats.resident.store(self.relay.resident_count(), Ordering::Relaxed);
+    }
+}

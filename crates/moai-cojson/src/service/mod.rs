@@ -1,0 +1,114 @@
+//! The async driver of the CoJSON engine: it runs the sans-IO [`Relay`](crate::relay::Relay)
+//! against storage and the edge's sockets.
+//!
+//! One relay serves the whole server, owned by one task (see `driver.rs`), so there are no locks
+//! around relay state and each peer's messages are handled in arrival order. Storage reads and
+//! writes run in tasks that task spawns; writes of one CoValue reach storage in issue order and
+//! everything ready at once shares one storage call (see `writes.rs`), which the storage
+//! writer's group commit then shares with other writers. Idle CoValues are evicted on a timer
+//! (see `eviction.rs`).
+//!
+//! What the edge sees: [`CojsonService::connect`] gives a [`CojsonSession`] for one socket. Its
+//! text frames go in with [`CojsonSession::receive`]; what to write comes out of
+//! [`CojsonSession::outbound`] ([`Outbound::Text`] or [`Outbound::Close`]); when the socket
+//! ends, [`CojsonSession::leave`]. Pings ([`ping_frame`], right after accept and every
+//! [`PING_INTERVAL`]), frame limits and shutdown stay at the edge.
+
+mod driver;
+mod eviction;
+mod ping;
+pub mod records;
+mod session;
+mod stats;
+mod writes;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moai_storage::CoValueStore;
+use tokio::sync::mpsc;
+
+pub use ping::{ping_frame, PING_DC, PING_INTERVAL};
+pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
+pub use stats::CojsonStats;
+
+use crate::relay::{PeerId, RelayConfig};
+use driver::{Command, Driver};
+use session::SessionShared;
+use stats::Stats;
+
+/// Close code when the peer's outbox overflowed (it could not keep up): "try again later". It
+/// resyncs on reconnect.
+pub const CLOSE_TOO_SLOW: u16 = 1013;
+/// Close code when a write of a CoValue the peer synced failed: "internal error". Reconnecting
+/// resyncs it against what storage really holds.
+pub const CLOSE_STORAGE_FAILURE: u16 = 1011;
+/// Close code when the peer parked too much content on dependencies it never sent: "policy".
+pub const CLOSE_TOO_MUCH_PARKED: u16 = 1008;
+
+/// Tunables of the CoJSON engine.
+#[derive(Debug, Clone)]
+pub struct CojsonConfig {
+    pub relay: RelayConfig,
+    /// Messages queued for one socket before it counts as too slow and is closed. Generous,
+    /// because one `load` or `reconcile` legitimately produces a burst (dependencies, pieces).
+    pub outbox_messages: usize,
+    /// Commands (frames, connects, leaves) queued for the relay task before sessions wait.
+    pub command_queue: usize,
+    /// Eviction period: a CoValue idle (evictable) for a whole period leaves memory.
+    pub evict_interval: Duration,
+    /// Most commands and completions the relay task handles before it flushes writes.
+    pub max_batch: usize,
+}
+
+impl Default for CojsonConfig {
+    fn default() -> Self {
+        CojsonConfig {
+            relay: RelayConfig::default(),
+            outbox_messages: 4096,
+            command_queue: 8192,
+            evict_interval: Duration::from_secs(30),
+            max_batch: 512,
+        }
+    }
+}
+
+/// Handle to the CoJSON engine. Cheap to clone; the relay task runs until the service and every
+/// session are dropped.
+#[derive(Clone)]
+pub struct CojsonService {
+    commands: mpsc::Sender<Command>,
+    next_peer: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    outbox_messages: usize,
+}
+
+impl CojsonService {
+    /// Starts the relay task. Must be called inside a tokio runtime.
+    pub fn new(store: Arc<dyn CoValueStore>, config: CojsonConfig) -> Self {
+        let (commands, rx) = mpsc::channel(config.command_queue.max(1));
+        let stats = Arc::new(Stats::default());
+        let outbox_messages = config.outbox_messages.max(1);
+        tokio::spawn(Driver::new(store, config, rx, stats.clone()).run());
+        CojsonService { commands, next_peer: Arc::new(AtomicU64::new(1)), stats, outbox_messages }
+    }
+
+    /// Connects a new socket. Nothing is sent to it until it sends something (cojson servers
+    /// never speak first; the edge's first ping tells the client it is connected).
+    pub async fn connect(&self) -> Result<CojsonSession, ServiceStopped> {
+        let peer = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
+        let (outbox, rx) = mpsc::channel(self.outbox_messages);
+        let shared = Arc::new(SessionShared::default());
+        self.commands
+            .send(Command::Connect { peer, outbox, shared: shared.clone() })
+            .await
+            .map_err(|_| ServiceStopped)?;
+        Ok(CojsonSession { peer, commands: self.commands.clone(), outbox: rx, shared, finished: false, left: false })
+    }
+
+    /// Counters for /metrics.
+    pub fn stats(&self) -> CojsonStats {
+        self.stats.snapshot()
+    }
+}

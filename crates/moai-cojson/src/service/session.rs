@@ -1,0 +1,184 @@
+//! One socket's view of the CoJSON engine: the way in (decoded frames to the relay task) and
+//! the way out (a bounded queue of messages the edge writes to the socket).
+//!
+//! Frames are decoded here, on the edge's task, and messages are encoded to text here too, when
+//! the edge takes them: JSON work for one socket runs on that socket's task, in parallel, and
+//! the single relay task only does what needs the shared state (verification, known states).
+//!
+//! Closing: the relay task never blocks on a socket. To close a session (relay decision, full
+//! outbox, storage failure) it records the close here and drops its end of the queue; the next
+//! [`CojsonSession::outbound`] returns that close at once, ahead of anything still queued (the
+//! peer resyncs on reconnect, so stale queued frames are worth nothing).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use super::driver::Command;
+use crate::message::{encode_frame, frame_is_clean, parse_frame, Incoming, SyncMessage};
+use crate::relay::PeerId;
+
+/// What the edge must do with the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// Write one text frame (one cojson message).
+    Text(String),
+    /// Close the socket with this code and reason. Nothing follows it.
+    Close { code: u16, reason: String },
+}
+
+/// What became of one inbound frame. Material for logs and metrics; the session stays open
+/// whatever the frame held, as cojson's transport does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Messages handed to the relay.
+    pub messages: usize,
+    /// Lines that were JSON but not a valid message (dropped one by one).
+    pub bad_messages: usize,
+    /// The frame had a line that is not JSON and was dropped whole (cojson-transport-ws does the
+    /// same: one `JSON.parse` failure drops the frame).
+    pub dropped_frame: bool,
+}
+
+/// The service has stopped; the session is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the CoJSON service has stopped")]
+pub struct ServiceStopped;
+
+/// Shared between the session and the relay task: a close the task decided on.
+#[derive(Default, Debug)]
+pub(crate) struct SessionShared {
+    close: Mutex<Option<(u16, String)>>,
+}
+
+impl SessionShared {
+    /// Records the close; the first one wins.
+    pub(crate) fn set_close(&self, code: u16, reason: String) {
+        let mut slot = self.close.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((code, reason));
+        }
+    }
+
+    fn take_close(&self) -> Option<(u16, String)> {
+        self.close.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+pub struct CojsonSession {
+    pub(crate) peer: PeerId,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) outbox: mpsc::Receiver<SyncMessage>,
+    pub(crate) shared: Arc<SessionShared>,
+    /// A close (or the end) was returned; nothing more comes out.
+    pub(crate) finished: bool,
+    pub(crate) left: bool,
+}
+
+impl CojsonSession {
+    /// The relay's number for this connection (for log lines).
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Hands one inbound text frame to the relay: split on `"\n"`, each line decoded. A frame
+    /// with a line that is not JSON is dropped whole; a line that is JSON but not a valid
+    /// message is dropped alone; pings and unknown objects are ignored. Never closes the
+    /// session. Waits while the relay's queue is full, which slows down reading this socket
+    /// instead of growing memory.
+    pub async fn receive(&self, frame: &str) -> Result<Received, ServiceStopped> {
+        let lines = parse_frame(frame);
+        let mut received = Received::default();
+        if !frame_is_clean(&lines) {
+            tracing::debug!(peer = self.peer.0, "cojson frame with invalid JSON dropped");
+            received.dropped_frame = true;
+            return Ok(received);
+        }
+        let mut messages = Vec::with_capacity(lines.len());
+        for line in lines {
+            match line {
+                Ok(Incoming::Sync(msg)) => messages.push(msg),
+                Ok(Incoming::Ping { .. } | Incoming::Ignored) => {}
+                Err(e) => {
+                    tracing::debug!(peer = self.peer.0, error = %e, "invalid cojson message dropped");
+                    received.bad_messages += 1;
+                }
+            }
+        }
+        received.messages = messages.len();
+        if !messages.is_empty() {
+            self.commands.send(Command::Messages { peer: self.peer, messages }).await.map_err(|_| ServiceStopped)?;
+        }
+        Ok(received)
+    }
+
+    /// The next thing to write to the socket. After an [`Outbound::Close`], or when the service
+    /// has stopped, `None`.
+    pub async fn outbound(&mut self) -> Option<Outbound> {
+        if self.finished {
+            return None;
+        }
+        if let Some(close) = self.closing() {
+            return Some(close);
+        }
+        match self.outbox.recv().await {
+            Some(msg) => Some(Outbound::Text(encode_frame(std::slice::from_ref(&msg)))),
+            // The relay task dropped its end: a close was recorded first, or the service ended.
+            None => {
+                self.finished = true;
+                self.shared.take_close().map(|(code, reason)| Outbound::Close { code, reason })
+            }
+        }
+    }
+
+    /// The next thing to write if one is ready right now.
+    pub fn try_outbound(&mut self) -> Option<Outbound> {
+        if self.finished {
+            return None;
+        }
+        if let Some(close) = self.closing() {
+            return Some(close);
+        }
+        match self.outbox.try_recv() {
+            Ok(msg) => Some(Outbound::Text(encode_frame(std::slice::from_ref(&msg)))),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                self.finished = true;
+                self.shared.take_close().map(|(code, reason)| Outbound::Close { code, reason })
+            }
+        }
+    }
+
+    fn closing(&mut self) -> Option<Outbound> {
+        let (code, reason) = self.shared.take_close()?;
+        self.finished = true;
+        Some(Outbound::Close { code, reason })
+    }
+
+    /// Leaves: the relay forgets this peer's subscriptions and pending work. Call it when the
+    /// socket closes, for whatever reason (dropping the session does it too).
+    pub async fn leave(mut self) {
+        self.left = true;
+        let _ = self.commands.send(Command::Leave { peer: self.peer }).await;
+    }
+}
+
+impl Drop for CojsonSession {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        // Dropped without leave() (a cancelled edge task): still leave, or the relay would keep
+        // this peer's subscriptions forever. Leave goes through the same queue as messages, so it
+        // is never handled before a message sent earlier.
+        let leave = Command::Leave { peer: self.peer };
+        if let Err(mpsc::error::TrySendError::Full(leave)) = self.commands.try_send(leave) {
+            let commands = self.commands.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = commands.send(leave).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The async driver against real storage: two sessions syncing through the service (memory and
+//! SQLite), acks only after durability, restart from SQLite, forged content, slow peers,
+//! malformed frames, eviction and storage failures.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use moai_cojson::ids::SessionId;
+use moai_cojson::message::{encode_frame, SyncMessage};
+use moai_cojson::service::{
+    CojsonConfig, CojsonService, CojsonSession, Outbound, CLOSE_STORAGE_FAILURE, CLOSE_TOO_SLOW,
+};
+use moai_storage::{CoValueStore, MemoryStorage, NoopObserver, SqliteOptions, SqliteStorage};
+use serde_json::{json, Value};
+
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).unwrap()
+}
+
+async fn send(session: &CojsonSession, msg: SyncMessage) {
+    let received = session.receive(&encode_frame(&[msg])).await.expect("service running");
+    assert_eq!(received.messages, 1);
+}
+
+/// The next outbound item, with a bound so a bug fails instead of hanging.
+async fn next(session: &mut CojsonSession) -> Outbound {
+    tokio::time::timeout(Duration::from_secs(10), session.outbound())
+        .await
+        .expect("timed out waiting for the service")
+        .expect("session ended")
+}
+
+async fn next_msg(session: &mut CojsonSession) -> SyncMessage {
+    match next(session).await {
+        Outbound::Text(text) => SyncMessage::from_json(&text).expect("the service sends valid messages"),
+        Outbound::Close { code, reason } => panic!("closed {code} {reason}"),
+    }
+}
+
+async fn next_msgs(session: &mut CojsonSession, n: usize) -> Vec<SyncMessage> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(next_msg(session).await);
+    }
+    out
+}
+
+/// Nothing arrives for a while.
+async fn silent(session: &mut CojsonSession) -> bool {
+    tokio::time::timeout(Duration::from_millis(150), session.outbound()).await.is_err()
+}
+
+fn sqlite(path: &Path) -> SqliteStorage {
+    SqliteStorage::open(path, SqliteOptions::default(), Arc::new(NoopObserver)).expect("open sqlite")
+}
+
+/// Alice uploads account, group and map on `a`; returns once all three are acked.
+async fn upload(a: &mut CojsonSession, w: &mut World) {
+    let (acc, grp, map) = (w.account_upload(), w.group_upload(), w.map_upload());
+    // One frame with three lines, as a batching client sends its first burst.
+    let received = a.receive(&encode_frame(&[acc, grp, map])).await.unwrap();
+    assert_eq!(received.messages, 3);
+    let acks = next_msgs(a, 3).await;
+    assert_eq!(
+        acks.iter().map(kind).collect::<Vec<_>>(),
+        vec![("known", w.alice.account.to_string()), ("known", w.group.to_string()), ("known", w.map.to_string())]
+    );
+    assert_eq!(known_of(&acks[2]).count(&sid(&w.map_writer.session)), 1);
+}
+
+/// Bob loads the map knowing nothing and gets account, group, map, each with its header.
+async fn load_map(b: &mut CojsonSession, w: &World) -> Vec<SyncMessage> {
+    send(b, load(&w.map, None)).await;
+    let got = next_msgs(b, 3).await;
+    assert_eq!(
+        got.iter().map(kind).collect::<Vec<_>>(),
+        vec![
+            ("content", w.alice.account.to_string()),
+            ("content", w.group.to_string()),
+            ("content", w.map.to_string())
+        ]
+    );
+    assert!(got.iter().all(|m| as_content(m).header.is_some()));
+    got
+}
+
+async fn two_peers_sync(store: Arc<dyn CoValueStore>) {
+    let svc = CojsonService::new(store.clone(), CojsonConfig::default());
+    let mut a = svc.connect().await.unwrap();
+    let mut b = svc.connect().await.unwrap();
+    let mut w = World::new();
+    upload(&mut a, &mut w).await;
+
+    let got = load_map(&mut b, &w).await;
+    let map = as_content(&got[2]);
+    assert_eq!(map.header.as_ref(), Some(&w.map_header), "header exactly as uploaded");
+    assert_eq!(map.new[0].1.new_transactions[0], set("hello", json!("world"), 1002));
+
+    // A live edit: forwarded to Bob, acked to Alice once durable.
+    let edit = w.map_edit("n", 2000);
+    send(&a, edit).await;
+    let fwd = next_msg(&mut b).await;
+    let c = as_content(&fwd);
+    assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (1, 1));
+    let ack = next_msg(&mut a).await;
+    assert_eq!(known_of(&ack).count(&sid(&w.map_writer.session)), 2);
+    let stored = store.load_covalue(w.map.as_str()).await.unwrap().unwrap();
+    assert_eq!(stored.sessions[0].transactions.len(), 2, "acked means stored");
+    assert_eq!(svc.stats().peers, 2);
+    a.leave().await;
+    b.leave().await;
+}
+
+#[tokio::test]
+async fn two_peers_sync_through_memory_storage() {
+    two_peers_sync(Arc::new(MemoryStorage::new())).await;
+}
+
+#[tokio::test]
+async fn two_peers_sync_through_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    two_peers_sync(Arc::new(sqlite(&dir.path().join("moai.db")))).await;
+}
+
+#[tokio::test]
+async fn a_restarted_server_serves_everything_from_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moai.db");
+    let mut w = World::new();
+    let sent_map = {
+        let store = sqlite(&path);
+        let svc = CojsonService::new(Arc::new(store.clone()), CojsonConfig::default());
+        let mut a = svc.connect().await.unwrap();
+        upload(&mut a, &mut w).await;
+        let edit = w.map_edit("second", 3000);
+        send(&a, edit).await;
+        next_msg(&mut a).await; // acked: durable
+        a.leave().await;
+        drop(svc);
+        store.close().await.unwrap();
+        w.map_writer.count
+    };
+    assert_eq!(sent_map, 2);
+
+    // A new process: new storage handle, new service, empty memory.
+    let svc = CojsonService::new(Arc::new(sqlite(&path)), CojsonConfig::default());
+    let mut b = svc.connect().await.unwrap();
+    let got = load_map(&mut b, &w).await;
+    let map = as_content(&got[2]);
+    assert_eq!(map.header.as_ref(), Some(&w.map_header));
+    assert_eq!(map.new[0].1.new_transactions.len(), 2);
+    assert_eq!(map.new[0].1.new_transactions[1], set("second", json!(3000), 3000));
+    // The hash chain rebuilt from storage verifies the continuation of the session.
+    let edit = w.map_edit("third", 4000);
+    let mut a = svc.connect().await.unwrap();
+    send(&a, edit).await;
+    assert_eq!(known_of(&next_msg(&mut a).await).count(&sid(&w.map_writer.session)), 3);
+    assert_eq!(as_content(&next_msg(&mut b).await).new[0].1.after, 2);
+}
+
+mod gated {
+    //! A store whose appends wait for a gate, to observe what happens before durability.
+    use super::*;
+    use moai_storage::{AppendError, CoValueAppend, CoValueRecord, StorageError, StoredKnownState};
+    use tokio::sync::{Notify, Semaphore};
+
+    pub struct GatedStore {
+        pub inner: MemoryStorage,
+        pub entered: Notify,
+        pub gate: Semaphore,
+        pub fail: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl CoValueStore for GatedStore {
+        async fn load_covalue(&self, id: &str) -> Result<Option<CoValueRecord>, StorageError> {
+            self.inner.load_covalue(id).await
+        }
+        async fn append_covalues(&self, appends: Vec<CoValueAppend>) -> Vec<Result<(), AppendError>> {
+            self.entered.notify_one();
+            self.gate.acquire().await.unwrap().forget();
+            if self.fail.load(Ordering::SeqCst) {
+                return appends.iter().map(|_| Err(StorageError::CommitFailed("disk on fire".into()).into())).collect();
+            }
+            self.inner.append_covalues(appends).await
+        }
+        async fn known_states(&self, ids: Vec<String>) -> Result<Vec<Option<StoredKnownState>>, StorageError> {
+            self.inner.known_states(ids).await
+        }
+    }
+
+    pub fn new() -> Arc<GatedStore> {
+        Arc::new(GatedStore {
+            inner: MemoryStorage::new(),
+            entered: Notify::new(),
+            gate: Semaphore::new(0),
+            fail: AtomicBool::new(false),
+        })
+    }
+}
+
+#[tokio::test]
+async fn acks_go_out_only_after_the_write_is_durable() {
+    let store = gated::new();
+    let svc = CojsonService::new(store.clone(), CojsonConfig::default());
+    let mut a = svc.connect().await.unwrap();
+    let mut w = World::new();
+    let acc = w.account_upload();
+    send(&a, acc).await;
+    store.entered.notified().await; // the write is inside storage now
+    assert!(silent(&mut a).await, "acked before durable");
+    assert!(store.inner.load_covalue(w.alice.account.as_str()).await.unwrap().is_none());
+
+    store.gate.add_permits(1);
+    let ack = next_msg(&mut a).await;
+    assert_eq!(kind(&ack), ("known", w.alice.account.to_string()));
+    assert!(store.inner.load_covalue(w.alice.account.as_str()).await.unwrap().is_some());
+
+    // Two edits while the first write is held: one batch in flight per CoValue, the second
+    // waits and goes out after it, so storage sees them in order and both are acked.
+    store.gate.add_permits(1);
+    let grp = w.group_upload();
+    send(&a, grp).await;
+    next_msg(&mut a).await;
+    let map = w.map_upload();
+    send(&a, map).await;
+    store.entered.notified().await;
+    let (e1, e2) = (w.map_edit("x", 5000), w.map_edit("y", 5001));
+    send(&a, e1).await;
+    send(&a, e2).await;
+    assert!(silent(&mut a).await);
+    store.gate.add_permits(10);
+    let acks = next_msgs(&mut a, 3).await;
+    for ack in &acks {
+        assert_eq!(kind(ack), ("known", w.map.to_string()));
+    }
+    assert_eq!(known_of(&acks[2]).count(&sid(&w.map_writer.session)), 3);
+    let stored = store.inner.load_covalue(w.map.as_str()).await.unwrap().unwrap();
+    assert_eq!(stored.sessions[0].transactions.len(), 3);
+}
+
+#[tokio::test]
+async fn a_failed_write_closes_its_peers_and_nothing_unstored_is_acked() {
+    let store = gated::new();
+    let svc = CojsonService::new(store.clone(), CojsonConfig::default());
+    let mut a = svc.connect().await.unwrap();
+    let mut w = World::new();
+    store.fail.store(true, Ordering::SeqCst);
+    store.gate.add_permits(10);
+    let acc = w.account_upload();
+    send(&a, acc).await;
+    match next(&mut a).await {
+        Outbound::Close { code, reason } => {
+            assert_eq!(code, CLOSE_STORAGE_FAILURE);
+            assert!(reason.contains("storage"), "{reason}");
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert!(a.outbound().await.is_none(), "nothing after the close");
+    assert_eq!(svc.stats().storage_failures_total, 1);
+
+    // Storage heals; a reconnecting client uploads again and it sticks.
+    store.fail.store(false, Ordering::SeqCst);
+    let mut a = svc.connect().await.unwrap();
+    let mut w2 = World::new();
+    let acc = w2.account_upload();
+    send(&a, acc).await;
+    assert_eq!(kind(&next_msg(&mut a).await), ("known", w.alice.account.to_string()));
+}
+
+#[tokio::test]
+async fn forged_content_is_rejected_without_affecting_other_peers() {
+    let svc = CojsonService::new(Arc::new(MemoryStorage::new()), CojsonConfig::default());
+    let mut a = svc.connect().await.unwrap();
+    let mut b = svc.connect().await.unwrap();
+    let mut w = World::new();
+    upload(&mut a, &mut w).await;
+    load_map(&mut b, &w).await;
+
+    let mut m = svc.connect().await.unwrap(); // Mallory
+    let honest_writer = w.map_writer.clone();
+    let SyncMessage::Content(mut forged) = w.map_edit("evil", 6000) else { unreachable!() };
+    forged.new[0].1.new_transactions[0]["changes"] =
+        Value::String(json!([{"op":"set","key":"evil","value":666}]).to_string());
+    send(&m, SyncMessage::Content(forged)).await;
+    let reply = next_msg(&mut m).await;
+    assert_eq!(known_of(&reply).count(&sid(&w.map_writer.session)), 1, "unchanged state");
+    assert!(silent(&mut b).await, "nothing forwarded to Bob");
+    assert_eq!(svc.stats().rejected_sessions_total, 1);
+
+    // The honest edit still goes through from Alice, and Bob gets it.
+    w.map_writer = honest_writer;
+    let edit = w.map_edit("good", 6001);
+    send(&a, edit).await;
+    assert_eq!(known_of(&next_msg(&mut a).await).count(&sid(&w.map_writer.session)), 2);
+    let fwd = next_msg(&mut b).await;
+    assert_eq!(as_content(&fwd).new[0].1.new_transactions[0], set("good", json!(6001), 6001));
+}
+
+#[tokio::test]
+async fn a_peer_that_cannot_keep_up_is_closed_not_skipped() {
+    let config = CojsonConfig { outbox_messages: 2, ..CojsonConfig::default() };
+    let svc = CojsonService::new(Arc::new(MemoryStorage::new()), config);
+    let mut a = svc.connect().await.unwrap();
+    let mut slow = svc.connect().await.unwrap();
+    let mut w = World::new();
+    upload(&mut a, &mut w).await;
+    // Three messages for an outbox of two, and the slow peer reads nothing meanwhile.
+    send(&slow, load(&w.map, None)).await;
+    // The close comes first: queued frames of a dropped session are worth nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while svc.stats().slow_peers_closed_total == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never closed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match next(&mut slow).await {
+        Outbound::Close { code, .. } => assert_eq!(code, CLOSE_TOO_SLOW),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert!(slow.outbound().await.is_none());
+    // Others are unaffected.
+    let edit = w.map_edit("still", 7000);
+    send(&a, edit).await;
+    assert_eq!(kind(&next_msg(&mut a).await), ("known", w.map.to_string()));
+}
+
+#[tokio::test]
+async fn malformed_frames_are_dropped_and_the_session_stays_open() {
+    let svc = CojsonService::new(Arc::new(MemoryStorage::new()), CojsonConfig::default());
+    let mut a = svc.connect().await.unwrap();
+    let w = World::new();
+    let good = encode_frame(&[load(&w.map, None)]);
+
+    // A line that is not JSON drops the whole frame (as cojson-transport-ws does).
+    let r = a.receive(&format!("{good}\nnot json")).await.unwrap();
+    assert!(r.dropped_frame && r.messages == 0);
+    // JSON that is not a valid message is dropped alone; pings and unknown objects are ignored.
+    let r = a.receive(&format!("{{\"action\":\"nope\"}}\n{{\"type\":\"ping\",\"time\":1}}\n[1]\n{good}")).await.unwrap();
+    assert_eq!((r.messages, r.bad_messages, r.dropped_frame), (1, 1, false));
+    assert_eq!(a.receive("").await.unwrap().messages, 0);
+    // Exactly one answer: the load of the valid line.
+    assert_eq!(kind(&next_msg(&mut a).await), ("known", w.map.to_string()));
+    assert!(silent(&mut a).await);
+}
+
+#[tokio::test]
+async fn idle_covalues_are_evicted_and_reload_from_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CojsonConfig { evict_interval: Duration::from_millis(20), ..CojsonConfig::default() };
+    let svc = CojsonService::new(Arc::new(sqlite(&dir.path().join("moai.db"))), config);
+    let mut a = svc.connect().await.unwrap();
+    let mut w = World::new();
+    upload(&mut a, &mut w).await;
+    a.leave().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = svc.stats();
+        if stats.evicted_total >= 3 && stats.resident_covalues == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never evicted: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b = svc.connect().await.unwrap();
+    load_map(&mut b, &w).await;
+}
+
+#[tokio::test]
+async fn the_service_keeps_running_when_sessions_are_dropped_without_leaving() {
+    let svc = CojsonService::new(Arc::new(MemoryStorage::new()), CojsonConfig::default());
+    for _ in 0..50 {
+        let a = svc.connect().await.unwrap();
+        drop(a);
+    }
+    let mut b = svc.connect().await.unwrap();
+    let w = World::new();
+    send(&b, load(&w.map, None)).await;
+    assert_eq!(kind(&next_msg(&mut b).await), ("known", w.map.to_string()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while svc.stats().peers != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "dropped sessions never left");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

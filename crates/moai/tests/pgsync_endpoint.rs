@@ -1,0 +1,99 @@
+//! The Postgres change feed through the real binary and a real PostgreSQL cluster: readiness,
+//! /api/sync over WebSocket (snapshot, then live changes), auth, and the 404 when disabled.
+//! The engine's own suite (crates/moai-pgsync/tests) covers exactness, restarts and faults.
+
+mod support;
+
+#[path = "../../moai-pgsync/tests/support/pg.rs"]
+mod pg;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::Server;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("timed out waiting for the change feed")
+            .expect("stream ended")
+            .expect("websocket error");
+        match msg {
+            WsMessage::Text(t) => return serde_json::from_str(&t).expect("server sent JSON"),
+            WsMessage::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn sql(url: &str, statements: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to postgres");
+    tokio::spawn(conn);
+    client.batch_execute(statements).await.expect("sql");
+}
+
+#[tokio::test]
+async fn change_feed_is_404_when_not_configured() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    match tokio_tungstenite::connect_async(server.ws_url("/api/sync")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 404);
+            let body = String::from_utf8(resp.body().clone().unwrap_or_default()).unwrap();
+            assert!(body.contains("--pg-url"), "{body}");
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_new_client_gets_a_snapshot_then_live_changes() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a'),(2,'b'),(3,'c');").await;
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
+    server.wait_ready();
+    let token = moai_server::Auth::with_secret("pgs")
+        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None })
+        .unwrap();
+
+    // Without a token: 4401.
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/api/sync")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() {
+        Some(Ok(WsMessage::Close(Some(f)))) => assert_eq!(u16::from(f.code), 4401),
+        other => panic!("expected close 4401, got {other:?}"),
+    }
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "client_id": "e2e-1", "position": null,
+                       "shapes": [{"id": "s1", "table": "public.items"}]});
+    ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    let mut names = Vec::new();
+    loop {
+        let m = next_json(&mut ws).await;
+        match m["type"].as_str().unwrap() {
+            "snapshot_batch" => names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].clone())),
+            "up_to_date" => break,
+            "error" => panic!("{m}"),
+            _ => {}
+        }
+    }
+    names.sort_by_key(|v| v.to_string());
+    assert_eq!(names, vec![json!("a"), json!("b"), json!("c")]);
+
+    sql(&url, "INSERT INTO public.items VALUES (4,'d')").await;
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "changes" {
+            let ops = &m["txns"][0]["ops"];
+            assert_eq!(ops[0]["op"], "insert", "{m}");
+            assert_eq!(ops[0]["row"]["name"], "d", "{m}");
+            break;
+        }
+    }
+}
