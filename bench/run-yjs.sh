@@ -20,7 +20,7 @@ SCENARIOS="${SCENARIOS:-fanout-paced fanout-max big-doc idle}"
 DOCS="${DOCS:-20}" CLIENTS="${CLIENTS:-10}" WRITERS="${WRITERS:-2}"
 UPDATES="${UPDATES:-200}" RATE="${RATE:-25}"          # fanout-paced: 1000 updates/s offered
 MAX_UPDATES="${MAX_UPDATES:-500}"                     # fanout-max: unpaced, 20 000 updates
-BIG_MB="${BIG_MB:-10}" EDITS="${EDITS:-100}" EDIT_INTERVAL_MS="${EDIT_INTERVAL_MS:-30}"
+BIG_MB="${BIG_MB:-10}" EDITS="${EDITS:-300}" EDIT_INTERVAL_MS="${EDIT_INTERVAL_MS:-30}"  # 9 s of edits: longer than a 5 s snapshot debounce
 IDLE_CONNS="${IDLE_CONNS:-2000}" IDLE_DOCS="${IDLE_DOCS:-100}"
 BASE_PORT="${BASE_PORT:-24100}"
 

@@ -19,7 +19,6 @@ import { createServer } from 'node:http'
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { parseArgs } from 'node:util'
-import Database from 'better-sqlite3'
 import { WebSocketServer } from 'ws'
 import { LocalNode, getSqliteStorage } from 'cojson'
 import { WasmCrypto } from 'cojson/crypto/WasmCrypto'
@@ -42,8 +41,19 @@ const { values: opts } = parseArgs({
 })
 
 // cojson's SQLiteDatabaseDriver over better-sqlite3 (synchronous, like jazz-run's).
-// Prepared statements are cached per SQL text.
-const betterSqliteDriver = (filename) => {
+// Prepared statements are cached per SQL text. Imported lazily so that --in-memory works without
+// the native module (bench/run-yjs.sh installs this directory with `npm ci --ignore-scripts`,
+// which leaves better-sqlite3 unbuilt).
+const betterSqliteDriver = async (filename) => {
+  let Database
+  try {
+    Database = (await import('better-sqlite3')).default
+    new Database(':memory:').close() // loads the native binding now
+  } catch (e) {
+    log(`better-sqlite3 unusable (${e.message.split('\n')[0]}).`)
+    log('Build it with `npm rebuild better-sqlite3` in bench/peers (npm ci --ignore-scripts skips it), or use --in-memory.')
+    process.exit(2)
+  }
   const db = new Database(filename)
   db.pragma('journal_mode = WAL')
   const stmts = new Map()
@@ -70,7 +80,7 @@ const localNode = new LocalNode(agentSecret, crypto.newRandomSessionID(crypto.ge
 
 if (!opts['in-memory']) {
   mkdirSync(dirname(opts.db), { recursive: true })
-  localNode.setStorage(getSqliteStorage(betterSqliteDriver(opts.db)))
+  localNode.setStorage(getSqliteStorage(await betterSqliteDriver(opts.db)))
 }
 localNode.enableGarbageCollector()
 

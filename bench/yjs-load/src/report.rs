@@ -74,6 +74,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 fn fmt(x: Option<f64>) -> String {
     match x {
         None => "–".into(),
+        Some(x) if x.fract() == 0.0 => format!("{x:.0}"),
         Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
         Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
         Some(x) => format!("{x:.2}"),
@@ -213,10 +214,25 @@ fn targets(cases: &BTreeMap<String, BTreeMap<(usize, String), Group>>, a: &Repor
             "fanout" => {
                 let d = |g: &Group| g.med("/deliveries_per_s", 1.0);
                 let p99 = |g: &Group| g.med("/latency_ms/p99", 1.0);
-                let best = groups
-                    .iter()
-                    .filter(|((_, l), _)| *l != a.subject && *l != a.relay)
-                    .max_by(|x, y| d(x.1).unwrap_or(0.0).total_cmp(&d(y.1).unwrap_or(0.0)));
+                let peers = || groups.iter().filter(|((_, l), _)| *l != a.subject && *l != a.relay);
+                let paced = subject.runs[0]["rate_per_writer"].as_f64().unwrap_or(0.0) > 0.0;
+                if paced {
+                    // Fixed offered load: every server delivers the same rate, so only latency
+                    // compares; against the peer with the lowest p99.
+                    let best = peers().min_by(|x, y| {
+                        p99(x.1).unwrap_or(f64::INFINITY).total_cmp(&p99(y.1).unwrap_or(f64::INFINITY))
+                    });
+                    if let (Some(((_, peer), g)), Some(sp)) = (best, p99(subject)) {
+                        let pp = p99(g).unwrap_or(f64::INFINITY);
+                        lines.push(format!(
+                            "{case} (fixed load, latency only): p99 {sp:.1} ms vs best peer {peer} {pp:.1} ms (half: {:.1}) {}",
+                            pp / 2.0,
+                            ok(sp <= pp / 2.0)
+                        ));
+                    }
+                    continue;
+                }
+                let best = peers().max_by(|x, y| d(x.1).unwrap_or(0.0).total_cmp(&d(y.1).unwrap_or(0.0)));
                 if let (Some(((_, peer), g)), Some(sd), Some(sp)) = (best, d(subject), p99(subject)) {
                     let (pd, pp) = (d(g).unwrap_or(0.0), p99(g).unwrap_or(f64::INFINITY));
                     lines.push(format!(

@@ -91,7 +91,9 @@ impl PgSyncConfig {
 pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("postgres: {0}")]
+    /// Shown with the server's message: tokio-postgres' own Display says only "db error",
+    /// which would hide e.g. "password authentication failed" from the operator.
+    #[error("postgres: {}", sql_detail(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error("replication: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
@@ -101,4 +103,11 @@ pub enum Error {
     Assemble(#[from] AssembleError),
     #[error("{0}")]
     Other(String),
+}
+
+fn sql_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }

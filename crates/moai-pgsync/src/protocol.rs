@@ -173,6 +173,10 @@ pub enum ErrorCode {
     ShapeInvalid,
     Overloaded,
     Internal,
+    /// Not in spec §5: the hello's position is above the server's watermark, i.e. it was not
+    /// issued by this history (a client talking to a restored or different database). Fatal;
+    /// the client must drop its data and reconnect with `position: null`.
+    PositionAhead,
 }
 
 /// Failure to read a client frame; the session answers with `error{bad_request}`.
@@ -184,6 +188,32 @@ impl ClientMessage {
     pub fn from_json(text: &str) -> Result<Self, FrameError> {
         Ok(serde_json::from_str(text)?)
     }
+}
+
+/// Why a frame that claims to be a hello does not parse, naming the field (serde's own error
+/// for internally tagged enums has no path). `None` if the frame is not a hello object at all.
+pub fn explain_bad_hello(text: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let obj = v.as_object()?;
+    if obj.get("type").and_then(Value::as_str) != Some("hello") {
+        return None;
+    }
+    fn check<T: serde::de::DeserializeOwned>(obj: &Map<String, Value>, field: &str, required: bool) -> Option<String> {
+        match obj.get(field) {
+            None if required => Some(format!("{field}: missing")),
+            None => None,
+            Some(v) => serde_json::from_value::<T>(v.clone()).err().map(|e| format!("{field}: {e} (got {v})")),
+        }
+    }
+    check::<u32>(obj, "protocol", true)
+        .or_else(|| check::<String>(obj, "client_id", true))
+        .or_else(|| check::<Option<u64>>(obj, "generation", false))
+        .or_else(|| check::<Option<Position>>(obj, "position", false))
+        .or_else(|| check::<Vec<ShapeRequest>>(obj, "shapes", true))
+        .or_else(|| check::<Option<String>>(obj, "auth", false))
+        .or_else(|| check::<Option<u32>>(obj, "max_batch_rows", false))
+        .or_else(|| check::<Option<u32>>(obj, "window", false))
+        .or_else(|| serde_json::from_value::<Hello>(v.clone()).err().map(|e| e.to_string()))
 }
 
 impl ServerMessage {
@@ -261,6 +291,26 @@ mod tests {
         ] {
             assert!(ClientMessage::from_json(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bad_hellos_are_explained_by_field() {
+        let base = r#"{"type":"hello","protocol":1,"client_id":"c","shapes":[]"#;
+        for (extra, want) in [
+            (r#","position":{"lsn":"zz","seq":1}}"#, "position: LSN must have the form X/Y"),
+            (r#","position":{"lsn":"0/1","seq":-1}}"#, "position: invalid value: integer `-1`"),
+            (r#","position":"0/1"}"#, "position: invalid type: string"),
+            (r#","generation":"7"}"#, "generation: invalid type: string"),
+            (r#","window":1.5}"#, "window: invalid type: floating point"),
+        ] {
+            let text = format!("{base}{extra}");
+            assert!(ClientMessage::from_json(&text).is_err(), "{text}");
+            let why = explain_bad_hello(&text).expect("explained");
+            assert!(why.starts_with(want), "{why} should start with {want}");
+        }
+        assert_eq!(explain_bad_hello(r#"{"type":"hello"}"#).as_deref(), Some("protocol: missing"));
+        assert_eq!(explain_bad_hello(r#"{"type":"ack"}"#), None);
+        assert_eq!(explain_bad_hello("garbage"), None);
     }
 
     #[test]

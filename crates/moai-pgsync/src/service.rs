@@ -320,6 +320,22 @@ impl Driver {
                     events.push_back(Event::Client(ClientMessage::Hello(h)));
                 }
                 Ok(m) => events.push_back(Event::Client(m)),
+                // Nothing can happen before a valid hello, so a bad one ends the session with
+                // a message naming the offending field instead of leaving the client waiting.
+                Err(e) if self.hello.is_none() => {
+                    let message = match crate::protocol::explain_bad_hello(&text) {
+                        Some(detail) => format!("invalid hello: {detail}"),
+                        None => format!("expected a hello first: {e}"),
+                    };
+                    let msg = ServerMessage::Error(ErrorMessage {
+                        code: ErrorCode::BadRequest,
+                        message,
+                        retry_after_ms: None,
+                        fatal: true,
+                    });
+                    let _ = self.send(&msg).await;
+                    return SessionEnd::Closed;
+                }
                 Err(e) => {
                     let msg = ServerMessage::Error(ErrorMessage {
                         code: ErrorCode::BadRequest,
@@ -359,7 +375,13 @@ impl Driver {
         }
         self.shapes = shapes;
         self.hello = Some(h.clone());
-        let position = if h.generation == Some(self.generation) { h.position } else { None };
+        // A position ahead of the watermark is rejected by the session: don't register it.
+        let watermark = self.feed.borrow().watermark;
+        let same_generation = h.generation == Some(self.generation);
+        if same_generation && h.position.is_some_and(|p| p.lsn > watermark) {
+            return Ok(());
+        }
+        let position = if same_generation { h.position } else { None };
         if let Err(e) = self.register(&h.client_id, position, &h.shapes).await {
             tracing::warn!(error = %e, "pgsync: client registration failed");
         }

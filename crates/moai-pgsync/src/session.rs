@@ -225,6 +225,20 @@ impl Session {
         let refetch = match (h.position, h.generation) {
             (None, _) => None,
             (Some(_), g) if g != Some(self.cfg.generation) => Some(RefetchReason::GenerationChanged),
+            // Every position this server hands out is at or below its watermark, and the
+            // watermark never moves back within a generation (after a restart, sessions are
+            // served only once the watermark passed the WAL end seen at start-up, which is
+            // above anything issued before). A position above it was not issued by this
+            // history: serving it would move the client's position backwards or skip changes.
+            (Some(p), _) if p.lsn > self.watermark => {
+                let message = format!(
+                    "position (lsn {}, seq {}) is ahead of this server's history (watermark {}, generation {}): it was not \
+                     issued by this server; drop local data and reconnect with position null",
+                    p.lsn, p.seq, self.watermark, self.cfg.generation
+                );
+                out.extend(self.fail(ErrorCode::PositionAhead, &message, true));
+                return;
+            }
             // A position at the horizon is still fine: rows above it are all retained.
             (Some(p), _) if p.lsn < self.cfg.horizon => Some(RefetchReason::PositionTooOld),
             (Some(p), _) => {

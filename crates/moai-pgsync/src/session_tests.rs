@@ -265,6 +265,37 @@ fn refetch_cases_and_protocol_errors() {
 }
 
 #[test]
+fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
+    // At the watermark (even with any seq) is fine: it is the end of what was served.
+    let mut s = Session::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::end_of(Lsn(0x100))), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
+
+    let mut s = Session::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
+    match &out[..] {
+        [Action::Send(ServerMessage::Error(e)), Action::Close] => {
+            assert_eq!(e.code, ErrorCode::PositionAhead);
+            assert!(e.fatal);
+            assert!(e.message.contains("0/101") && e.message.contains("watermark 0/100"), "{}", e.message);
+        }
+        other => panic!("expected error + close, got {other:?}"),
+    }
+    assert!(s.is_closed());
+
+    // Once the watermark has moved past it, the same position is served.
+    let mut s = Session::new(cfg(0x100));
+    s.handle(Event::WatermarkAdvanced(Lsn(0x200)));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
+
+    // Another generation's position is a refetch, not an error, however high it is.
+    let mut s = Session::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(u64::MAX), 0)), Some(6), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, .. })));
+}
+
+#[test]
 fn pages_that_break_the_keyset_contract_are_fatal() {
     let h = history(&[3]);
     for bad in [

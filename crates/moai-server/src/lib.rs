@@ -7,6 +7,7 @@
 //! drives them and never the other way round.
 
 pub mod auth;
+mod cojson;
 mod engines;
 mod gate;
 mod health;

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use axum::response::Response;
 use axum::routing::{any, get};
 use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -12,7 +11,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::gate::{error_response, require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
-use crate::{pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use crate::{cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
 /// ready gate, so a handler cannot use one before it exists.
@@ -31,7 +30,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     // WebSocket endpoints: ready gate first, then the upgrade check.
     let websocket = Router::new()
-        .route("/sync", any(engine_not_enabled))
+        .route("/sync", any(cojson::socket))
         .route("/sync/v1/{doc}", any(yjs::socket))
         .route("/api/sync", any(pgsync::socket))
         .route_layer(from_fn_with_state(state.clone(), require_upgrade));
@@ -49,9 +48,4 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(state.limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout))
         .with_state(state)
-}
-
-/// Answer of an endpoint whose engine this build or configuration does not run.
-async fn engine_not_enabled() -> Response {
-    error_response(StatusCode::NOT_FOUND, "This sync engine is not enabled on this server")
 }

@@ -168,11 +168,7 @@ pub(crate) fn check_append(
         }
         let next = s.after.saturating_add(s.transactions.len() as u64);
         if let Some(&(count, _)) = s.checkpoints.iter().find(|(c, _)| *c <= s.after || *c > next) {
-            return Err(AppendError::CheckpointOutOfRange {
-                id: append.id.clone(),
-                session: s.session.clone(),
-                count,
-            });
+            return Err(AppendError::CheckpointOutOfRange { id: append.id.clone(), session: s.session.clone(), count });
         }
         match seen.iter_mut().find(|(name, _)| *name == s.session) {
             Some(entry) => entry.1 = next,

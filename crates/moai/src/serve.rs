@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use moai_cojson::service::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_yjs::service::{YjsConfig, YjsService};
 use moai_storage::{SqliteOptions, SqliteStorage};
@@ -140,7 +141,8 @@ async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<R
             None
         }
     };
-    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync }, storage })
+    let cojson = CojsonService::new(Arc::new(storage.clone()), CojsonConfig::default());
+    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson) }, storage })
 }
 
 /// Starts the change feed and waits until it has caught up with the WAL that existed at start,

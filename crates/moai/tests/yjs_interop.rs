@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::yjs_clients::YjsClients;
+use support::node_driver::NodeDriver;
 use support::{closed_port, Server};
 
 fn base(server: &Server) -> String {
@@ -16,7 +16,7 @@ fn base(server: &Server) -> String {
 fn late_joiner_gets_the_full_state_and_live_edits_flow_both_ways() {
     let server = Server::start(&[]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     c.connect("a", &url, "notes", json!({}));
     c.call("waitSynced", json!({"name": "a"}));
@@ -33,7 +33,7 @@ fn late_joiner_gets_the_full_state_and_live_edits_flow_both_ways() {
 fn concurrent_edits_converge() {
     let server = Server::start(&[]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     for name in ["a", "b"] {
         c.connect(name, &url, "race", json!({}));
@@ -55,7 +55,7 @@ fn concurrent_edits_converge() {
 fn awareness_flows_both_ways_and_an_abrupt_drop_removes_presence() {
     let server = Server::start(&[]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     c.connect("a", &url, "room", json!({"awarenessState": {"user": "ann"}}));
     c.connect("b", &url, "room", json!({"awarenessState": {"user": "bob"}}));
@@ -75,7 +75,7 @@ fn awareness_flows_both_ways_and_an_abrupt_drop_removes_presence() {
 fn simultaneous_first_connections_share_one_document() {
     let server = Server::start(&[]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     for round in 0..20 {
         let room = format!("fresh-{round}");
@@ -119,7 +119,7 @@ fn restart_keeps_what_clients_saw(signal: &str) {
     let port = closed_port().to_string();
     let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     c.connect("a", &url, "doc", json!({}));
     c.connect("b", &url, "doc", json!({}));
@@ -152,7 +152,7 @@ fn offline_edits_of_two_clients_merge_after_a_restart() {
     let port = closed_port().to_string();
     let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     c.connect("a", &url, "trip", json!({"maxBackoffTime": 300}));
     c.connect("b", &url, "trip", json!({"maxBackoffTime": 300}));
@@ -192,7 +192,7 @@ fn auth_accepts_good_tokens_and_stops_clients_with_4401_and_4403() {
         })
         .unwrap()
     };
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     let url = base(&server);
     let good = mint(None, None);
     c.connect("query", &url, "doc", json!({"params": {"token": good}}));
@@ -222,7 +222,7 @@ fn auth_accepts_good_tokens_and_stops_clients_with_4401_and_4403() {
 fn a_silent_dead_peer_is_closed_by_the_ping_timeout() {
     let server = Server::start(&["--yjs-ping-interval", "200ms"]);
     server.wait_ready();
-    let mut c = YjsClients::start();
+    let mut c = NodeDriver::yjs();
     c.connect("ghost", &base(&server), "doc", json!({"awarenessState": {"user": "ghost"}}));
     c.connect("watcher", &base(&server), "doc", json!({}));
     c.call("waitAwareness", json!({"name": "watcher", "hasStateWith": {"user": "ghost"}}));

@@ -42,7 +42,10 @@ pub(crate) enum Command {
 
 /// From storage tasks back to the relay task.
 enum Completion {
-    Loaded { id: CoId, stored: Option<StoredCoValue> },
+    Loaded {
+        id: CoId,
+        stored: Option<StoredCoValue>,
+    },
     /// One write batch: per write, its token, CoValue and outcome (error text on failure).
     Written(Vec<(PersistToken, CoId, Result<(), String>)>),
 }
@@ -64,6 +67,8 @@ pub(crate) struct Driver {
     /// itself be waiting for nothing but completions).
     completion_sender: mpsc::UnboundedSender<Completion>,
     writes: WriteQueue,
+    /// Loads asked for during this cycle, in issue order (see [`Driver::flush_loads`]).
+    loads: Vec<CoId>,
     eviction: Eviction,
     stats: Arc<Stats>,
 }
@@ -88,6 +93,7 @@ impl Driver {
             completions,
             completion_sender,
             writes: WriteQueue::default(),
+            loads: Vec::new(),
             eviction: Eviction::default(),
             stats,
         }
@@ -119,9 +125,18 @@ impl Driver {
                     break;
                 }
             }
+            self.flush_loads();
             self.flush_writes();
             self.stats.peers.store(self.peers.len(), Ordering::Relaxed);
             self.stats.writes_pending.store(self.writes.pending(), Ordering::Relaxed);
+        }
+        // Everyone is gone, but writes may still wait behind a batch in flight: finish them, so
+        // what the relay accepted reaches storage (nobody is left to ack; peers that reconnect
+        // find it there).
+        while self.writes.pending() > 0 {
+            let Some(done) = self.completions.recv().await else { break };
+            self.on_completion(done);
+            self.flush_writes();
         }
         tracing::debug!("cojson relay task ended");
     }
@@ -199,11 +214,13 @@ impl Driver {
                     }
                 }
             }
-            Action::Load(id) => self.spawn_load(id),
+            Action::Load(id) => self.loads.push(id),
             Action::Persist(req) => self.writes.push(req),
             Action::Close(peer, reason) => {
                 let (code, text) = match &reason {
-                    CloseReason::TooMuchParkedContent => (CLOSE_TOO_MUCH_PARKED, "too much content waiting for dependencies"),
+                    CloseReason::TooMuchParkedContent => {
+                        (CLOSE_TOO_MUCH_PARKED, "too much content waiting for dependencies")
+                    }
                     CloseReason::StorageFailure(_) => (CLOSE_STORAGE_FAILURE, "storage failure, reconnect to resync"),
                 };
                 tracing::info!(peer = peer.0, ?reason, code, "cojson relay closes peer");
@@ -246,42 +263,28 @@ impl Driver {
         }
     }
 
-    /// Reads a CoValue off the relay task and feeds `Loaded` back. A read that keeps failing, or
-    /// a row that does not decode, is answered as "not stored" (the relay contract has no error
-    /// answer): peers then see `known header:false` and upload what they have, and storage
-    /// refuses any write that does not continue what it really holds, so nothing is overwritten.
-    fn spawn_load(&self, id: CoId) {
-        let store = self.store.clone();
+    /// Reads the CoValues asked for during this cycle, off the relay task: concurrently, but
+    /// answered in the order they were asked for. Order matters: a frame carrying an account, its
+    /// group and a map asks for all three; answered out of order, the relay would process the
+    /// map before the group and ask the client for a group that is in the same frame.
+    fn flush_loads(&mut self) {
+        if self.loads.is_empty() {
+            return;
+        }
+        let reads: Vec<_> = std::mem::take(&mut self.loads)
+            .into_iter()
+            .map(|id| {
+                let read = tokio::spawn(load(self.store.clone(), id.clone(), self.stats.clone()));
+                (id, read)
+            })
+            .collect();
         let done = self.completion_sender.clone();
-        let stats = self.stats.clone();
         tokio::spawn(async move {
-            let mut attempt = 0;
-            let record = loop {
-                match store.load_covalue(id.as_str()).await {
-                    Ok(record) => break record,
-                    Err(error) => match LOAD_RETRIES.get(attempt) {
-                        Some(pause) => {
-                            tracing::warn!(covalue = %id, %error, attempt, "cojson load failed; retrying");
-                            attempt += 1;
-                            tokio::time::sleep(*pause).await;
-                        }
-                        None => {
-                            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(covalue = %id, %error, "cojson load failed; answering as not stored");
-                            break None;
-                        }
-                    },
-                }
-            };
-            let stored = record.and_then(|r| match from_record(r) {
-                Ok(stored) => Some(stored),
-                Err(error) => {
-                    stats.storage_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(covalue = %id, %error, "stored CoValue does not decode; treated as absent");
-                    None
-                }
-            });
-            let _ = done.send(Completion::Loaded { id, stored });
+            for (id, read) in reads {
+                // A read task that panicked (it cannot, but) answers "not stored" like a failure.
+                let stored = read.await.unwrap_or(None);
+                let _ = done.send(Completion::Loaded { id, stored });
+            }
         });
     }
 
@@ -319,5 +322,38 @@ impl Driver {
             tracing::debug!(evicted, "cojson CoValues evicted from memory");
         }
         self.stats.resident.store(self.relay.resident_count(), Ordering::Relaxed);
+    }
+}
+
+/// Reads and decodes one CoValue. A read that keeps failing, or a row that does not decode, is
+/// answered as "not stored" (the relay contract has no error answer): peers then see `known
+/// header:false` and upload what they have, and storage refuses any write that does not continue
+/// what it really holds, so nothing stored is overwritten.
+async fn load(store: Arc<dyn CoValueStore>, id: CoId, stats: Arc<Stats>) -> Option<StoredCoValue> {
+    let mut attempt = 0;
+    let record = loop {
+        match store.load_covalue(id.as_str()).await {
+            Ok(record) => break record,
+            Err(error) => match LOAD_RETRIES.get(attempt) {
+                Some(pause) => {
+                    tracing::warn!(covalue = %id, %error, attempt, "cojson load failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(*pause).await;
+                }
+                None => {
+                    stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(covalue = %id, %error, "cojson load failed; answering as not stored");
+                    break None;
+                }
+            },
+        }
+    }?;
+    match from_record(record) {
+        Ok(stored) => Some(stored),
+        Err(error) => {
+            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(covalue = %id, %error, "stored CoValue does not decode; treated as absent");
+            None
+        }
     }
 }

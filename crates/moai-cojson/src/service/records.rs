@@ -113,3 +113,105 @@ pub fn known_state_from_record(id: CoId, stored: StoredKnownState) -> Result<Kno
     }
     Ok(KnownState { id, header: stored.header, sessions })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::AgentSecret;
+    use crate::persistence::{PersistToken, SessionAppend};
+    use moai_storage::SessionRecord;
+
+    fn sig() -> Signature {
+        AgentSecret::from_seed(&[3; 32]).signer.sign(b"x")
+    }
+
+    #[test]
+    fn values_survive_the_trip_through_text_exactly() {
+        let header: Value = serde_json::from_str(
+            r#"{"type":"comap","ruleset":{"type":"unsafeAllowAll"},"meta":{"z":1,"a":1.50},"uniqueness":"zU"}"#,
+        )
+        .unwrap();
+        let tx: Value =
+            serde_json::from_str(r#"{"privacy":"trusting","madeAt":1700000000000.0,"changes":"[]","zz":0.1}"#).unwrap();
+        let session = SessionId::parse("co_zA_session_zS").unwrap();
+        let req = PersistRequest {
+            token: PersistToken(1),
+            id: CoId::parse("co_zX").unwrap(),
+            header: Some(header.clone()),
+            sessions: vec![SessionAppend {
+                session: session.clone(),
+                after: 0,
+                transactions: vec![tx.clone(), tx.clone()],
+                last_signature: sig(),
+                checkpoints: vec![(2, sig())],
+            }],
+            deleted: false,
+        };
+        let append = to_append(&req);
+        assert_eq!(append.sessions[0].transactions[0], tx.to_string());
+        assert!(append.sessions[0].transactions[0].contains("1700000000000.0"), "number text kept");
+        assert_eq!(append.sessions[0].bytes_since_signature, BytesSinceSignature::Reset(0));
+        let record = CoValueRecord {
+            header: append.header.clone().unwrap(),
+            sessions: vec![SessionRecord {
+                session: append.sessions[0].session.clone(),
+                transactions: append.sessions[0].transactions.clone(),
+                last_signature: append.sessions[0].last_signature.clone(),
+                checkpoints: append.sessions[0].checkpoints.clone(),
+            }],
+            deleted: false,
+        };
+        let stored = from_record(record).unwrap();
+        assert_eq!(stored.header, header);
+        assert_eq!(stored.header.to_string(), header.to_string(), "key order kept");
+        assert_eq!(stored.sessions[0].transactions, vec![tx.clone(), tx]);
+        assert_eq!(stored.sessions[0].checkpoints.get(&2), Some(&sig()));
+    }
+
+    fn record(sessions: &[&str], deleted: bool) -> CoValueRecord {
+        CoValueRecord {
+            header: "{}".into(),
+            sessions: sessions
+                .iter()
+                .map(|s| SessionRecord {
+                    session: (*s).into(),
+                    transactions: vec!["{}".into()],
+                    last_signature: sig().to_z_string(),
+                    checkpoints: vec![],
+                })
+                .collect(),
+            deleted,
+        }
+    }
+
+    #[test]
+    fn a_deleted_covalue_keeps_only_its_delete_sessions() {
+        let stored = from_record(record(&["co_zA_session_zS", "co_zA_session_zD$"], true)).unwrap();
+        let names: Vec<&str> = stored.sessions.iter().map(|s| s.session.as_str()).collect();
+        assert_eq!(names, vec!["co_zA_session_zD$"]);
+        let known = known_state_from_record(
+            CoId::parse("co_zX").unwrap(),
+            StoredKnownState {
+                header: true,
+                sessions: vec![("co_zA_session_zS".into(), 3), ("co_zA_session_zD$".into(), 1)],
+                deleted: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(known.sessions.len(), 1);
+    }
+
+    #[test]
+    fn unreadable_rows_are_typed_errors() {
+        let mut bad_header = record(&[], false);
+        bad_header.header = "{".into();
+        assert!(matches!(from_record(bad_header), Err(RecordError::HeaderJson(_))));
+        assert!(matches!(from_record(record(&["nonsense"], false)), Err(RecordError::SessionId(_))));
+        let mut bad_tx = record(&["co_zA_session_zS"], false);
+        bad_tx.sessions[0].transactions[0] = "not json".into();
+        assert!(matches!(from_record(bad_tx), Err(RecordError::TransactionJson { index: 0, .. })));
+        let mut bad_sig = record(&["co_zA_session_zS"], false);
+        bad_sig.sessions[0].last_signature = "signature_z!".into();
+        assert!(matches!(from_record(bad_sig), Err(RecordError::Signature { .. })));
+    }
+}

@@ -36,6 +36,13 @@ impl PgCluster {
 
     /// Start with extra `postgresql.conf` lines.
     pub fn start_with(extra_conf: &[&str]) -> PgCluster {
+        Self::start_with_hba(extra_conf, &[])
+    }
+
+    /// Start with extra `postgresql.conf` lines and `pg_hba.conf` lines placed *before* the
+    /// default trust rules (the first matching line wins), e.g. to require a password for one
+    /// role: `host all syncer 127.0.0.1/32 scram-sha-256`.
+    pub fn start_with_hba(extra_conf: &[&str], hba_first: &[&str]) -> PgCluster {
         let bin = find_bin_dir();
         let run_as = if unsafe_geteuid() == 0 { Some(unprivileged_user()) } else { None };
         let dir = tempfile::Builder::new().prefix("moai-pg-").tempdir_in("/tmp").expect("temp dir");
@@ -63,6 +70,14 @@ impl PgCluster {
             conf.push('\n');
         }
         append(&data.join("postgresql.conf"), &conf);
+        if !hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+            let mut new = hba_first.join("\n");
+            new.push('\n');
+            new.push_str(&old);
+            std::fs::write(&hba, new).expect("write pg_hba.conf");
+        }
         // initdb's default pg_hba already trusts local and 127.0.0.1 replication; be explicit.
         append(
             &data.join("pg_hba.conf"),

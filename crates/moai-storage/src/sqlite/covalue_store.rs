@@ -48,9 +48,8 @@ fn covalue_row(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
 /// Checks and applies one append. Runs inside the caller's savepoint.
 fn apply_append(conn: &Connection, append: &CoValueAppend) -> Result<(), Failure> {
     let existing = covalue_row(conn, &append.id)?;
-    let mut session_count = conn.prepare_cached(
-        "SELECT last_idx FROM cojson_sessions WHERE covalue = ?1 AND session_id = ?2",
-    )?;
+    let mut session_count =
+        conn.prepare_cached("SELECT last_idx FROM cojson_sessions WHERE covalue = ?1 AND session_id = ?2")?;
     check_append(append, existing.is_some(), |session| {
         let row = existing.unwrap_or(-1);
         let count: Option<i64> =
@@ -83,8 +82,9 @@ fn apply_append(conn: &Connection, append: &CoValueAppend) -> Result<(), Failure
          RETURNING row_id",
     )?;
     let mut insert_tx = conn.prepare_cached("INSERT INTO cojson_transactions(ses, idx, tx) VALUES (?1, ?2, ?3)")?;
-    let mut insert_sig =
-        conn.prepare_cached("INSERT OR REPLACE INTO cojson_signature_after(ses, tx_count, signature) VALUES (?1, ?2, ?3)")?;
+    let mut insert_sig = conn.prepare_cached(
+        "INSERT OR REPLACE INTO cojson_signature_after(ses, tx_count, signature) VALUES (?1, ?2, ?3)",
+    )?;
     for s in &append.sessions {
         let new_count = s.after.saturating_add(s.transactions.len() as u64);
         let (reset, bytes) = match s.bytes_since_signature {
@@ -165,7 +165,10 @@ fn known_states(conn: &Connection, ids: &[String]) -> rusqlite::Result<Vec<Optio
 }
 
 /// Runs `f` in one read transaction, so it sees one committed state of the database.
-fn in_read_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+fn in_read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
     conn.execute_batch("BEGIN")?;
     let result = f(conn);
     let _ = conn.execute_batch("COMMIT");
@@ -272,7 +275,10 @@ mod tests {
     #[tokio::test]
     async fn reload_equals_what_was_written() {
         for (store, _dir) in stores() {
-            store.append_covalue(append(ID, Some(HEADER), vec![session("s1_session_zA", 0, 2, vec![2])])).await.unwrap();
+            store
+                .append_covalue(append(ID, Some(HEADER), vec![session("s1_session_zA", 0, 2, vec![2])]))
+                .await
+                .unwrap();
             store
                 .append_covalue(append(
                     ID,
@@ -329,7 +335,8 @@ mod tests {
             let before = store.load_covalue(ID).await.unwrap();
 
             // A good new session plus a gap in the old one: nothing of it may be stored.
-            let gap = append(ID, None, vec![session("s2_session_zB", 0, 1, vec![]), session("s1_session_zA", 3, 1, vec![])]);
+            let gap =
+                append(ID, None, vec![session("s2_session_zB", 0, 1, vec![]), session("s1_session_zA", 3, 1, vec![])]);
             match store.append_covalue(gap).await {
                 Err(AppendError::CountMismatch { id, session, after, stored }) => {
                     assert_eq!((id.as_str(), session.as_str(), after, stored), (ID, "s1_session_zA", 3, 2));

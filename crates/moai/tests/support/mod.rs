@@ -1,7 +1,7 @@
 //! Starts the real `moai` binary for integration tests and talks to it over real sockets.
 #![allow(dead_code)]
 
-pub mod yjs_clients;
+pub mod node_driver;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

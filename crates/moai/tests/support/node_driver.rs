@@ -1,5 +1,7 @@
-//! Remote control for real npm `yjs` + `y-websocket` clients hosted by `interop/yjs-driver.mjs`
-//! (protocol in interop/README.md). One driver process hosts many named clients.
+//! Remote control for real npm clients hosted by a Node driver in `interop/`:
+//! `yjs-driver.mjs` (yjs + y-websocket, protocol in interop/README.md) or `cojson-driver.mjs`
+//! (cojson + cojson-transport-ws, protocol in interop/COJSON.md). One driver process hosts many
+//! named clients.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -13,7 +15,7 @@ use serde_json::{json, Value};
 
 type Replies = Arc<(Mutex<HashMap<u64, Value>>, Condvar)>;
 
-pub struct YjsClients {
+pub struct NodeDriver {
     child: Child,
     stdin: ChildStdin,
     replies: Replies,
@@ -24,16 +26,26 @@ fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop")
 }
 
-impl YjsClients {
-    pub fn start() -> Self {
+impl NodeDriver {
+    /// Real yjs + y-websocket clients.
+    pub fn yjs() -> Self {
+        Self::start("yjs-driver.mjs")
+    }
+
+    /// Real cojson clients.
+    pub fn cojson() -> Self {
+        Self::start("cojson-driver.mjs")
+    }
+
+    fn start(script: &str) -> Self {
         let dir = interop_dir();
         assert!(
-            dir.join("node_modules/y-websocket").exists(),
+            dir.join("node_modules/y-websocket").exists() && dir.join("node_modules/cojson").exists(),
             "npm packages missing: run ./scripts/test (or `npm ci` in {})",
             dir.display()
         );
         let mut child = Command::new("node")
-            .arg("yjs-driver.mjs")
+            .arg(script)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -57,7 +69,7 @@ impl YjsClients {
         Self { child, stdin, replies, next_id: 1 }
     }
 
-    /// Sends a command without waiting; returns its id for [`YjsClients::reply`].
+    /// Sends a command without waiting; returns its id for [`NodeDriver::reply`].
     pub fn send(&mut self, cmd: &str, mut args: Value) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -78,7 +90,7 @@ impl YjsClients {
             if let Some(v) = map.remove(&id) {
                 return v;
             }
-            let left = deadline.checked_duration_since(Instant::now()).expect("yjs driver did not answer");
+            let left = deadline.checked_duration_since(Instant::now()).expect("node driver did not answer");
             map = cv.wait_timeout(map, left).unwrap().0;
         }
     }
@@ -112,7 +124,7 @@ impl YjsClients {
     }
 }
 
-impl Drop for YjsClients {
+impl Drop for NodeDriver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
