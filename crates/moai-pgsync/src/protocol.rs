@@ -298,10 +298,12 @@ mod tests {
         let base = r#"{"type":"hello","protocol":1,"client_id":"c","shapes":[]"#;
         for (extra, want) in [
             (r#","position":{"lsn":"zz","seq":1}}"#, "position: LSN must have the form X/Y"),
-            (r#","position":{"lsn":"0/1","seq":-1}}"#, "position: invalid value: integer `-1`"),
+            // The exact serde text differs when serde_json's arbitrary_precision feature is on
+            // (moai-cojson enables it for the whole binary), so only the field is pinned here.
+            (r#","position":{"lsn":"0/1","seq":-1}}"#, "position: invalid"),
             (r#","position":"0/1"}"#, "position: invalid type: string"),
             (r#","generation":"7"}"#, "generation: invalid type: string"),
-            (r#","window":1.5}"#, "window: invalid type: floating point"),
+            (r#","window":1.5}"#, "window: invalid"),
         ] {
             let text = format!("{base}{extra}");
             assert!(ClientMessage::from_json(&text).is_err(), "{text}");

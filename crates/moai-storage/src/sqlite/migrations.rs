@@ -62,6 +62,21 @@ pub(super) const MIGRATIONS: &[(i64, &str)] = &[
              PRIMARY KEY (ses, tx_count)
          ) WITHOUT ROWID;",
     ),
+    (
+        3,
+        // Snapshots are written in chunks, one commit each, so compacting a large document never
+        // holds the single writer (and every document's journal appends behind it) for one huge
+        // transaction. `doc_snapshots.version` names the complete chunk set; NULL means the
+        // snapshot is inline in `doc_snapshots.snapshot` (written before this migration).
+        "CREATE TABLE doc_snapshot_chunks (
+             doc     TEXT NOT NULL,
+             version INTEGER NOT NULL,
+             idx     INTEGER NOT NULL,
+             data    BLOB NOT NULL,
+             PRIMARY KEY (doc, version, idx)
+         ) WITHOUT ROWID;
+         ALTER TABLE doc_snapshots ADD COLUMN version INTEGER;",
+    ),
 ];
 
 /// The schema version this binary writes.
