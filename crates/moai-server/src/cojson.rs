@@ -22,7 +22,7 @@ use tokio::time::{interval_at, Instant};
 use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -132,7 +132,11 @@ async fn run(mut socket: WebSocket, cojson: CojsonService, state: &AppState, log
                 }
                 Some(Err(e)) if is_too_big(&e) => {
                     metrics.rejected("frame_too_big");
-                    break (close::TOO_BIG, format!("message larger than {} bytes", state.limits.max_frame_bytes));
+                    let reason = format!("message larger than {} bytes", state.limits.max_frame_bytes);
+                    session.leave().await;
+                    close_after_read_error(&mut socket, close::TOO_BIG, &reason, Duration::from_millis(500)).await;
+                    log.set_close(close::TOO_BIG, reason);
+                    return;
                 }
                 Some(Err(_)) | None => {
                     log.set_close(1006, "connection dropped");

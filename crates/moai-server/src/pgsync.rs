@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
 use crate::{AppState, Direction, Engines, Protocol};
 
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -96,7 +96,7 @@ async fn run(mut socket: WebSocket, pg: PgSync, state: &AppState, log: &mut Sess
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Err(e)) if is_too_big(&e) => {
                     metrics.rejected("frame_too_big");
-                    close_gracefully(&mut socket, close::TOO_BIG, "message too large", CLOSE_LINGER).await;
+                    close_after_read_error(&mut socket, close::TOO_BIG, "message too large", Duration::from_millis(500)).await;
                     log.set_close(close::TOO_BIG, "message too large");
                     return;
                 }

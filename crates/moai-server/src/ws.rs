@@ -38,8 +38,11 @@ pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade 
     ws.max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
+        // Every send is flushed at once anyway; buffering only delays. tungstenite requires
+        // max_write_buffer_size > write_buffer_size, or it panics on the first write.
+        .write_buffer_size(0)
         // Bounds what a client that stopped reading can make us hold (writes also time out).
-        .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2).max(READ_BUFFER_BYTES))
+        .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2).saturating_add(READ_BUFFER_BYTES))
 }
 
 /// A close frame with a code and a reason (truncated to the 123 bytes a close frame allows).
@@ -65,6 +68,22 @@ pub async fn close_gracefully(socket: &mut axum::extract::ws::WebSocket, code: u
         if matches!(msg, Message::Close(_)) {
             break;
         }
+    }
+}
+
+/// Closes a WebSocket whose input can no longer be read (after a frame over the size limit the
+/// stream is unusable): send the close frame, then keep the socket open for `linger` before
+/// dropping it. Dropping at once, with the client's oversized payload still unread, makes the
+/// kernel answer with a reset that can overtake our close frame, and the client would see 1006
+/// instead of 1009.
+pub async fn close_after_read_error(
+    socket: &mut axum::extract::ws::WebSocket,
+    code: u16,
+    reason: &str,
+    linger: std::time::Duration,
+) {
+    if tokio::time::timeout(linger, socket.send(close_message(code, reason))).await.is_ok() {
+        tokio::time::sleep(linger).await;
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::time::{interval_at, sleep_until, Instant};
 use crate::auth::{token_from_request, AuthError};
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 /// Heartbeat timings of Yjs sockets.
@@ -181,7 +181,11 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
                 }
                 Some(Err(e)) if is_too_big(&e) => {
                     metrics.rejected("frame_too_big");
-                    break (close::TOO_BIG, format!("message larger than {} bytes", state.limits.max_frame_bytes));
+                    let reason = format!("message larger than {} bytes", state.limits.max_frame_bytes);
+                    session.leave().await;
+                    close_after_read_error(&mut socket, close::TOO_BIG, &reason, Duration::from_millis(500)).await;
+                    log.set_close(close::TOO_BIG, reason);
+                    return;
                 }
                 Some(Err(e)) => {
                     log.set_close(1006, format!("read error: {e}"));

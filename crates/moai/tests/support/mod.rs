@@ -118,6 +118,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Whatever a test did, the server must never have panicked (a panicking session task
+        // would otherwise go unnoticed: tokio contains it and the server keeps running).
+        if !std::thread::panicking() {
+            if let Some(line) = self.logs().iter().find(|l| l.contains("panicked at")) {
+                panic!("moai panicked during this test: {line}");
+            }
+        }
     }
 }
 
