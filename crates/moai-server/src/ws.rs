@@ -29,9 +29,9 @@ pub mod close {
 
 /// Read buffer of each WebSocket. tungstenite's default is 128 KiB, allocated and zero-filled
 /// per socket, so every idle connection cost ~134 KiB of RSS (measured by the Yjs benchmark).
-/// Sync messages are small; a large one is read in several 4 KiB chunks at the cost of a few
-/// more read calls.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Sync messages are small; a large one is read in 1 KiB chunks at the cost of
+/// more read calls (a 10 MB message is ~10 000 reads: milliseconds).
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// Applies moai's frame limit and buffer sizes to an upgrade.
 pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
