@@ -22,7 +22,7 @@ use tokio::time::{interval_at, Instant};
 use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, send_with_deadline, SessionLog};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -169,5 +169,5 @@ async fn run(mut socket: WebSocket, cojson: CojsonService, state: &AppState, log
 
 async fn send(socket: &mut WebSocket, frame: String, timeout: Duration, metrics: &Metrics) -> bool {
     metrics.message(Protocol::Cojson, Direction::Out, frame.len());
-    matches!(tokio::time::timeout(timeout, socket.send(Message::Text(frame.into()))).await, Ok(Ok(())))
+    send_with_deadline(socket, Message::Text(frame.into()), timeout).await
 }

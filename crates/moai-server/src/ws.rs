@@ -87,6 +87,17 @@ pub async fn close_after_read_error(
     }
 }
 
+/// Writes one message, giving up after `timeout`. Most writes complete on the first poll (the
+/// kernel buffer has room); only those that do not pay for a timer, which keeps a timer
+/// insert-and-cancel off the path of every delivered message.
+pub async fn send_with_deadline(socket: &mut axum::extract::ws::WebSocket, msg: Message, timeout: std::time::Duration) -> bool {
+    let mut write = std::pin::pin!(socket.send(msg));
+    match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(result) => result.is_ok(),
+        std::task::Poll::Pending => matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))),
+    }
+}
+
 /// Whether a receive error means the peer sent a message over the size limit (close 1009) rather
 /// than a broken connection.
 pub fn is_too_big(err: &axum::Error) -> bool {

@@ -19,12 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use moai_yjs::service::{Outbound, ServiceError, YjsService};
 use moai_yjs::KEEPALIVE_FRAME;
-use tokio::time::{interval_at, sleep_until, Instant};
+use tokio::time::{interval_at, Instant};
 
 use crate::auth::{token_from_request, AuthError};
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, send_with_deadline, SessionLog};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 /// Heartbeat timings of Yjs sockets.
@@ -137,7 +137,11 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
 
     let mut ping = interval_at(Instant::now() + hb.ping_interval, hb.ping_interval);
     let mut unanswered_pings = 0u32;
-    let mut keepalive_at = Instant::now() + hb.idle_keepalive;
+    // The keepalive timer is armed once and re-armed only when it fires: sends just record
+    // when they happened, so no timer is touched per message.
+    let mut last_sent = Instant::now();
+    let keepalive = tokio::time::sleep(hb.idle_keepalive);
+    tokio::pin!(keepalive);
     let shutdown = state.shutdown.token().clone();
 
     let (code, reason): (u16, String) = loop {
@@ -148,7 +152,7 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
                     if !send(&mut socket, Message::Binary(frame), hb.write_timeout, metrics).await {
                         break (1006, "write failed".into());
                     }
-                    keepalive_at = Instant::now() + hb.idle_keepalive;
+                    last_sent = Instant::now();
                 }
                 Some(Outbound::Close { code, reason }) => break (code, reason),
                 None if session.was_too_slow() => {
@@ -202,11 +206,15 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
                     break (1006, "write failed".into());
                 }
             }
-            _ = sleep_until(keepalive_at) => {
-                if !send(&mut socket, Message::Binary(Bytes::from_static(&KEEPALIVE_FRAME)), hb.write_timeout, metrics).await {
-                    break (1006, "write failed".into());
+            _ = &mut keepalive => {
+                let due = last_sent + hb.idle_keepalive;
+                if Instant::now() >= due {
+                    if !send(&mut socket, Message::Binary(Bytes::from_static(&KEEPALIVE_FRAME)), hb.write_timeout, metrics).await {
+                        break (1006, "write failed".into());
+                    }
+                    last_sent = Instant::now();
                 }
-                keepalive_at = Instant::now() + hb.idle_keepalive;
+                keepalive.as_mut().reset(last_sent + hb.idle_keepalive);
             }
         }
     };
@@ -221,7 +229,7 @@ async fn send(socket: &mut WebSocket, msg: Message, timeout: Duration, metrics: 
     if let Message::Binary(b) = &msg {
         metrics.message(Protocol::Yjs, Direction::Out, b.len());
     }
-    matches!(tokio::time::timeout(timeout, socket.send(msg)).await, Ok(Ok(())))
+    send_with_deadline(socket, msg, timeout).await
 }
 
 /// Authorises an HTTP API request for `doc` and returns the engine, or the response saying why not.
