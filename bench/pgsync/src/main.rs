@@ -46,9 +46,8 @@ impl Store for BenchStore {
     fn upsert_snapshot(&mut self, table: &str, rows: Vec<(Row, Row)>) -> Result<(), StoreError> {
         self.inner.upsert_snapshot(table, rows)
     }
-    fn apply(&mut self, txn: &Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError> {
-        self.inner.apply(txn, resume)?;
-        self.ops.fetch_add(txn.ops.len() as u64, Ordering::Relaxed);
+    fn apply(&mut self, txn: Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError> {
+        let n = txn.ops.len() as u64;
         if self.record_times {
             let now = Instant::now();
             let mut m = self.applied_at.lock().unwrap();
@@ -60,6 +59,8 @@ impl Store for BenchStore {
                 }
             }
         }
+        self.inner.apply(txn, resume)?;
+        self.ops.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
     fn set_resume_point(&mut self, point: ResumePoint) -> Result<(), StoreError> {
@@ -227,14 +228,14 @@ async fn catchup(a: &Args) {
     loop {
         let r = c
             .query_one(
-                "SELECT (SELECT count(*) FROM moai_sync.change_history WHERE commit_lsn > $1::text::pg_lsn), \
-                        (SELECT watermark >= $2::text::pg_lsn FROM moai_sync.replication_state)",
-                &[&start_lsn, &end_lsn],
+                "SELECT count(*) FROM moai_sync.change_history WHERE commit_lsn > $1::text::pg_lsn \
+                 AND commit_lsn <= (SELECT watermark FROM moai_sync.replication_state)",
+                &[&start_lsn],
             )
             .await
             .unwrap();
-        let (n, done): (i64, bool) = (r.get(0), r.get(1));
-        if n >= rows && done {
+        let n: i64 = r.get(0);
+        if n >= rows {
             break;
         }
         if t_ingest.elapsed() > Duration::from_secs(600) {
@@ -244,7 +245,13 @@ async fn catchup(a: &Args) {
     }
     let ingest_secs = t_write.elapsed().as_secs_f64();
 
-    // 4. Resume and time the catch-up.
+    // 4. Resume and time the catch-up. `--hold-ms` pauses first (and says so on stderr) so a
+    // profiler can be attached to exactly this phase.
+    let hold = a.num("--hold-ms", 0);
+    if hold > 0 {
+        eprintln!("RESUMING in {hold} ms");
+        tokio::time::sleep(Duration::from_millis(hold)).await;
+    }
     let before = ops.load(Ordering::Relaxed);
     let store = BenchStore { inner: store.inner, applied_at: Arc::default(), ops: ops.clone(), record_times: false };
     let t0 = Instant::now();

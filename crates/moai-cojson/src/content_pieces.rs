@@ -54,6 +54,16 @@ fn has_content(piece: &ContentMessage) -> bool {
     piece.header.is_some() || !piece.new.is_empty()
 }
 
+/// True when [`new_content_since`] with `Some(known)` would be empty: the peer has the header
+/// and, in every session we would send, at least our count. Allocation-free.
+pub fn peer_lacks_no_content(state: &CoValueState, known: &KnownState) -> bool {
+    known.header
+        && state
+            .sessions
+            .iter()
+            .all(|(session, log)| (state.deleted && !session.is_delete_session()) || known.count(session) >= log.count())
+}
+
 /// The pieces to send a peer whose (optimistic) known state is `known`
 /// (`None`: nothing known, send everything). Empty when the peer lacks
 /// nothing. Never panics: ranges that do not fit the stored log are skipped.
@@ -183,8 +193,14 @@ mod tests {
         let state = state_with(&[("a", 3, 10, &[])]);
         let mut known = state.known_state();
         assert!(new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES).is_empty());
+        assert!(peer_lacks_no_content(&state, &known));
+        known.header = false;
+        assert!(!peer_lacks_no_content(&state, &known));
+        assert_eq!(new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES).len(), 1, "the header alone");
+        known.header = true;
         let sid = SessionId::parse("co_zA_session_za").unwrap();
         known.sessions.insert(sid.clone(), 1);
+        assert!(!peer_lacks_no_content(&state, &known));
         let pieces = new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES);
         assert_eq!(shape(&pieces), vec![vec![(sid.as_str().to_string(), 1, 2)]]);
         assert!(pieces[0].header.is_none());

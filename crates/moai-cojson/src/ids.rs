@@ -33,6 +33,9 @@ macro_rules! string_id {
         pub struct $name(String);
 
         impl $name {
+            fn from_text(s: &str) -> Self {
+                $name(s.to_string())
+            }
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -67,7 +70,7 @@ impl CoId {
     /// that is not a real header hash simply never verifies.
     pub fn parse(s: &str) -> Result<Self, IdError> {
         if s.starts_with(Self::PREFIX) {
-            Ok(CoId(s.to_string()))
+            Ok(CoId::from_text(s))
         } else {
             Err(IdError::NotCoId(s.to_string()))
         }
@@ -85,7 +88,7 @@ impl AgentId {
     /// `isAgentID`: starts with `sealer_` and contains `/signer_`.
     pub fn parse(s: &str) -> Result<Self, IdError> {
         if s.starts_with("sealer_") && s.contains("/signer_") {
-            Ok(AgentId(s.to_string()))
+            Ok(AgentId::from_text(s))
         } else {
             Err(IdError::NotAgentId(s.to_string()))
         }
@@ -93,12 +96,12 @@ impl AgentId {
 
     /// The `sealer_z…` half (`getAgentSealerID`: split on `/`, first part).
     pub fn sealer_part(&self) -> &str {
-        self.0.split('/').next().unwrap_or("")
+        self.as_str().split('/').next().unwrap_or("")
     }
 
     /// The `signer_z…` half (`getAgentSignerID`: split on `/`, second part).
     pub fn signer_part(&self) -> &str {
-        self.0.split('/').nth(1).unwrap_or("")
+        self.as_str().split('/').nth(1).unwrap_or("")
     }
 }
 
@@ -133,17 +136,18 @@ impl SessionId {
         if CoId::parse(author).is_err() && AgentId::parse(author).is_err() {
             return Err(IdError::BadSessionAuthor(s.to_string()));
         }
-        Ok(SessionId(s.to_string()))
+        Ok(SessionId::from_text(s))
     }
 
     /// `accountOrAgentIDfromSessionID`: everything before the first `_session`.
     pub fn author(&self) -> SessionAuthor {
-        let idx = self.0.find(Self::MARKER).unwrap_or(self.0.len());
-        let author = &self.0[..idx];
+        let text = self.as_str();
+        let idx = text.find(Self::MARKER).unwrap_or(text.len());
+        let author = &text[..idx];
         match AgentId::parse(author) {
             Ok(agent) => SessionAuthor::Agent(agent),
             // `parse` guaranteed the author is one of the two.
-            Err(_) => SessionAuthor::Account(CoId(author.to_string())),
+            Err(_) => SessionAuthor::Account(CoId::from_text(author)),
         }
     }
 
@@ -166,6 +170,21 @@ mod tests {
     use super::*;
 
     const AGENT: &str = "sealer_zFvgUkVsCYAeDiSwJ7NiuWJuWSgs2XAAmpYpzevUNAXXY/signer_z8fKE8XJ3ehoENeu254iAFVpHtZuLwHtCWgeBZfYXTSeo";
+
+    #[test]
+    fn ids_behave_like_their_text() {
+        let short = CoId::parse("co_z59T41o3v8kmKGicaPBnmYXFskT").unwrap();
+        let long_text = format!("co_z{}", "x".repeat(100));
+        let long = CoId::parse(&long_text).unwrap();
+        assert_eq!(long.as_str(), long_text);
+        assert_eq!(short.clone().into_string(), "co_z59T41o3v8kmKGicaPBnmYXFskT");
+        assert_eq!(format!("{short:?}"), "CoId(\"co_z59T41o3v8kmKGicaPBnmYXFskT\")");
+        assert_eq!(short.cmp(&long), short.as_str().cmp(long.as_str()));
+        let json = serde_json::to_string(&long).unwrap();
+        assert_eq!(serde_json::from_str::<CoId>(&json).unwrap(), long);
+        let agent = SessionId::parse(&format!("{AGENT}_session_zAbc")).unwrap();
+        assert_eq!(agent.as_str(), format!("{AGENT}_session_zAbc"));
+    }
 
     #[test]
     fn co_id_requires_prefix() {

@@ -62,18 +62,22 @@ impl KnownState {
 
     pub fn merge_sessions(&mut self, other: &SessionCounts) {
         for (session, &count) in other {
-            let entry = self.sessions.entry(session.clone()).or_insert(0);
-            if count > *entry {
-                *entry = count;
-            }
+            self.raise(session, count);
         }
     }
 
     /// Raises one session's count (never lowers it).
     pub fn raise(&mut self, session: &SessionId, count: u64) {
-        let entry = self.sessions.entry(session.clone()).or_insert(0);
-        if count > *entry {
-            *entry = count;
+        // Look up first: the common case (a session we already count) clones nothing.
+        match self.sessions.get_mut(session) {
+            Some(entry) => {
+                if count > *entry {
+                    *entry = count;
+                }
+            }
+            None => {
+                self.sessions.insert(session.clone(), count);
+            }
         }
     }
 

@@ -24,6 +24,7 @@ use crate::canonical_json::js_number_value;
 use crate::ids::{CoId, IdError, SessionId};
 use crate::known_state::{KnownState, SessionCounts};
 use serde_json::{Map, Number, Value};
+use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -294,6 +295,49 @@ fn classify(v: &Value) -> Result<Incoming, MessageError> {
     Ok(Incoming::Ignored)
 }
 
+/// The shape of almost every line a client sends a relay: a plain `known` (the ack of each
+/// content message). Decoded straight from the text, without building a `Value` tree. Anything
+/// else (other fields, escapes in strings, counts written as floats, bad IDs, duplicate
+/// fields…) fails here and takes the general path, which then decides exactly as before.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainKnown<'a> {
+    action: &'a str,
+    id: &'a str,
+    header: bool,
+    #[serde(borrow)]
+    sessions: std::collections::BTreeMap<&'a str, u64>,
+    #[serde(rename = "isCorrection", default)]
+    is_correction: Option<bool>,
+    #[serde(rename = "asDependencyOf", default, borrow)]
+    as_dependency_of: Option<&'a str>,
+}
+
+fn plain_known(text: &str) -> Option<SyncMessage> {
+    let k: PlainKnown<'_> = serde_json::from_str(text).ok()?;
+    if k.action != "known" {
+        return None;
+    }
+    let id = CoId::parse(k.id).ok()?;
+    let mut sessions = SessionCounts::new();
+    for (session, count) in k.sessions {
+        if count > 9_007_199_254_740_992 {
+            return None;
+        }
+        sessions.insert(SessionId::parse(session).ok()?, count);
+    }
+    let as_dependency_of = match k.as_dependency_of {
+        None => None,
+        Some(dep) => Some(CoId::parse(dep).ok()?),
+    };
+    Some(SyncMessage::Known(KnownMessage {
+        state: KnownState { id, header: k.header, sessions },
+        is_correction: k.is_correction.unwrap_or(false),
+        as_dependency_of,
+        extra: Map::new(),
+    }))
+}
+
 /// Splits a text frame on `"\n"` and decodes each part independently: a bad
 /// line yields an error for that line only. (cojson-transport-ws drops the
 /// whole frame if any part fails to `JSON.parse`; per-line results let the
@@ -307,6 +351,9 @@ pub fn parse_frame(frame: &str) -> Vec<Result<Incoming, LineError>> {
         .split('\n')
         .enumerate()
         .map(|(line, text)| {
+            if let Some(msg) = plain_known(text) {
+                return Ok(Incoming::Sync(msg));
+            }
             serde_json::from_str::<Value>(text)
                 .map_err(|e| MessageError::Json(e.to_string()))
                 .and_then(|v| classify(&v))
@@ -418,6 +465,62 @@ impl Ping {
         obj.insert("time".into(), Value::Number(Number::from(self.time)));
         obj.insert("dc".into(), self.dc.clone().into());
         Value::Object(obj).to_string()
+    }
+}
+
+/// A message on its way out, cheap to clone and shareable between recipients: when the same
+/// content goes to many peers, the relay builds it once and every peer's queue gets the same
+/// `Outgoing`. Its JSON text is made once, by whichever socket writes it first.
+#[derive(Clone)]
+pub struct Outgoing(Arc<OutgoingInner>);
+
+struct OutgoingInner {
+    msg: SyncMessage,
+    json: OnceLock<String>,
+}
+
+impl Outgoing {
+    pub fn new(msg: SyncMessage) -> Self {
+        Outgoing(Arc::new(OutgoingInner { msg, json: OnceLock::new() }))
+    }
+
+    pub fn message(&self) -> &SyncMessage {
+        &self.0.msg
+    }
+
+    /// The message as one JSON line ([`SyncMessage::to_json`]), encoded on first use.
+    pub fn json(&self) -> &str {
+        self.0.json.get_or_init(|| self.0.msg.to_json())
+    }
+
+    /// Whether both are the same shared message (not just equal ones).
+    pub fn ptr_eq(a: &Outgoing, b: &Outgoing) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl From<SyncMessage> for Outgoing {
+    fn from(msg: SyncMessage) -> Self {
+        Outgoing::new(msg)
+    }
+}
+
+impl std::ops::Deref for Outgoing {
+    type Target = SyncMessage;
+    fn deref(&self) -> &SyncMessage {
+        &self.0.msg
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.msg.fmt(f)
+    }
+}
+
+impl PartialEq for Outgoing {
+    fn eq(&self, other: &Self) -> bool {
+        Outgoing::ptr_eq(self, other) || self.0.msg == other.0.msg
     }
 }
 

@@ -19,6 +19,7 @@ use crate::covalue::{CoValueState, SessionLog};
 use crate::crypto::Signature;
 use crate::header::{Header, HeaderError};
 use crate::ids::{CoId, SessionId};
+use crate::known_state::KnownState;
 use crate::transaction_hash::{canonical_transaction, SessionHasher, TransactionError};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -71,6 +72,35 @@ pub struct StoredCoValue {
     pub header: Value,
     pub sessions: Vec<StoredSession>,
     pub deleted: bool,
+}
+
+impl StoredCoValue {
+    /// What this stored CoValue holds as a known state (header + per-session counts), the
+    /// answer a driver gives to [`crate::relay::Action::LoadKnown`] when it holds whole
+    /// CoValues anyway (tests, memory).
+    pub fn stored_known(&self, id: &CoId) -> StoredKnown {
+        let mut state = KnownState::empty(id.clone());
+        state.header = true;
+        for s in &self.sessions {
+            state.raise(&s.session, s.transactions.len() as u64);
+        }
+        StoredKnown::Stored { state, deleted: self.deleted }
+    }
+}
+
+/// The answer to a known-state read ([`crate::relay::Action::LoadKnown`]): what storage holds
+/// of one CoValue, without its transactions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredKnown {
+    /// Stored: the header and these per-session counts are durable. `deleted` as stored (the
+    /// relay takes the full-load path for a deleted CoValue, whose served sessions are a rule
+    /// of the engine, not of storage).
+    Stored { state: KnownState, deleted: bool },
+    /// Storage does not have it.
+    NotStored,
+    /// The read failed or the row does not decode: the relay falls back to a full `Load`
+    /// (whose answer has its own failure rule).
+    Unreadable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

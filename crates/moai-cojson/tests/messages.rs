@@ -154,3 +154,38 @@ fn hostile_inputs_do_not_panic() {
         let _ = parse_frame(text);
     }
 }
+
+/// `parse_frame` decodes plain `known` lines without a `Value` tree; every line must decode (or
+/// fail) exactly as the general path decodes it.
+#[test]
+fn plain_known_fast_path_matches_the_general_path() {
+    let lines = [
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":2,"co_zC_session_zD":0}}"#,
+        r#"{"action":"known","id":"co_zX","header":false,"sessions":{}}"#,
+        r#"{"action":"known","isCorrection":true,"asDependencyOf":"co_zY","id":"co_zX","header":false,"sessions":{}}"#,
+        r#"{"action":"known","isCorrection":null,"asDependencyOf":null,"id":"co_zX","header":true,"sessions":{}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":2,"co_zA_session_zB":1}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":2.0}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":9007199254740993}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":-1}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{"bob_session_z1":1}}"#,
+        r#"{"action":"known","id":"nope","header":true,"sessions":{}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{},"extra":[1]}"#,
+        r#"{"action":"known","id":"co_z\u0058","header":true,"sessions":{}}"#,
+        r#"{"action":"known","action":"known","id":"co_zX","header":true,"sessions":{}}"#,
+        r#"{"action":"known","id":"co_zX","header":true,"sessions":{},"asDependencyOf":"bad"}"#,
+        r#"{"action":"load","id":"co_zX","header":true,"sessions":{"co_zA_session_zB":2}}"#,
+        r#" {"action":"known","id":"co_zX","header":true,"sessions":{}} "#,
+    ];
+    for line in lines {
+        let general = serde_json::from_str::<Value>(line)
+            .map_err(|e| MessageError::Json(e.to_string()))
+            .and_then(|v| SyncMessage::from_value(&v));
+        let fast = match parse_frame(line).remove(0) {
+            Ok(Incoming::Sync(msg)) => Ok(msg),
+            Ok(other) => panic!("{line}: {other:?}"),
+            Err(e) => Err(e.error),
+        };
+        assert_eq!(fast, general, "{line}");
+    }
+}

@@ -7,6 +7,7 @@ use common::*;
 use moai_cojson::ids::{CoId, SessionId};
 use moai_cojson::known_state::KnownState;
 use moai_cojson::message::{KnownMessage, ReconcileMessage, SyncMessage};
+use moai_cojson::persistence::StoredKnown;
 use moai_cojson::relay::{CloseReason, Diagnostic, Event, NotEvictable, PeerId, Relay, RelayConfig};
 use moai_cojson::verify::VerifyError;
 use serde_json::{json, Map, Value};
@@ -115,6 +116,41 @@ fn live_edit_is_forwarded_at_once_and_acked_after_persisted() {
     assert!(d.take(b).is_empty());
     // The store holds both transactions.
     assert_eq!(d.store[&w.map].sessions[0].transactions.len(), 2);
+}
+
+#[test]
+fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing() {
+    let (mut d, mut w, a) = uploaded();
+    let (b, c, e) = (d.connect(2), d.connect(3), d.connect(4));
+    for p in [b, c, e] {
+        d.msg(p, load(&w.map, None));
+        d.take(p);
+    }
+    // Eve reports a session the relay does not have: another known state, so the content she
+    // gets is built for her (equal, not shared).
+    let mut other = d.relay.known_state(&w.map).unwrap();
+    other.sessions.insert(sid("co_zOther_session_zX"), 5);
+    d.msg(e, SyncMessage::Known(KnownMessage { state: other, is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    assert!(d.take(e).is_empty());
+    d.shared.clear();
+
+    let edit = w.map_edit("n", 2000);
+    d.msg(a, edit);
+    let to = |d: &Driver, p: PeerId| d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>();
+    let (fb, fc, fe) = (to(&d, b), to(&d, c), to(&d, e));
+    assert_eq!((fb.len(), fc.len(), fe.len()), (1, 1, 1));
+    assert!(moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fc[0]), "same state, same message");
+    assert!(!moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fe[0]));
+    assert_eq!(fb[0], fe[0]);
+    assert_eq!(as_content(&fb[0]).new[0].1.after, 1);
+    assert_eq!(fb[0].json(), fc[0].json());
+    // Their acks produce nothing.
+    d.take(b);
+    d.take(c);
+    for p in [b, c] {
+        d.msg(p, SyncMessage::Known(KnownMessage { state: d.relay.known_state(&w.map).unwrap(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+        assert!(d.take(p).is_empty());
+    }
 }
 
 #[test]
@@ -601,4 +637,261 @@ fn disconnect_drops_parked_content() {
     }
     // The parked map never got stored.
     assert!(d.persists.is_empty());
+}
+
+// ---------- lazy `load`: answers from the stored known state ----------
+
+/// `uploaded()`, then Alice leaves and everything is evicted: storage holds account, group and
+/// map, memory nothing. Returns the map's known state as stored.
+fn stored_only() -> (Driver, World, KnownState) {
+    let (mut d, w, a) = uploaded();
+    let map_state = d.relay.known_state(&w.map).unwrap();
+    d.run(Event::PeerDisconnected(a));
+    for id in [&w.alice.account, &w.group, &w.map] {
+        d.relay.evict(id).unwrap();
+    }
+    assert_eq!(d.relay.resident_count(), 0);
+    d.loads.clear();
+    d.known_loads.clear();
+    (d, w, map_state)
+}
+
+#[test]
+fn a_peer_that_has_everything_gets_known_without_a_full_load() {
+    let (mut d, w, stored) = stored_only();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, Some(stored.clone())));
+    let reply = d.take(b);
+    assert_eq!(reply.len(), 1, "{reply:?}");
+    assert_eq!(known_of(&reply[0]), &stored, "the stored known state");
+    assert!(d.loads.is_empty(), "no full load: {:?}", d.loads);
+    assert_eq!(d.known_loads, vec![vec![w.map.clone()]], "one known-state read");
+    assert_eq!(d.relay.resident_count(), 0, "nothing loaded into memory");
+    assert!(d.relay.is_subscribed(b, &w.map), "the load subscribes");
+
+    // A peer that is ahead of us also lacks nothing: `known`, and it uploads what we lack.
+    let mut ahead = stored.clone();
+    ahead.raise(&sid(&w.map_writer.session), 5);
+    let c = d.connect(3);
+    d.msg(c, load(&w.map, Some(ahead)));
+    assert_eq!(known_of(&d.take(c)[0]), &stored);
+    assert_eq!(d.known_loads.len(), 1, "answered from the shell: no second read");
+    assert!(d.loads.is_empty());
+
+    // A `known` repeating what it has: nothing more to say (it was told already).
+    d.msg(b, SyncMessage::Known(KnownMessage { state: stored.clone(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    assert!(d.take(b).is_empty());
+    assert!(d.loads.is_empty());
+
+    // Once nobody is subscribed, the shell is evictable like anything else.
+    assert_eq!(d.relay.evict(&w.map), Err(NotEvictable::Subscribed));
+    d.run(Event::PeerDisconnected(b));
+    d.run(Event::PeerDisconnected(c));
+    assert!(d.relay.evictable().contains(&w.map));
+    d.relay.evict(&w.map).unwrap();
+}
+
+#[test]
+fn a_peer_that_lacks_a_session_triggers_a_full_load_and_gets_content_dependencies_first() {
+    let (mut d, mut w, a) = uploaded();
+    let edit = w.map_edit("second", 2000);
+    d.msg(a, edit);
+    d.persist_all();
+    d.run(Event::PeerDisconnected(a));
+    for id in [&w.alice.account, &w.group, &w.map] {
+        d.relay.evict(id).unwrap();
+    }
+    d.loads.clear();
+
+    // Bob has the header and the first transaction only.
+    let mut bobs = KnownState::empty(w.map.clone());
+    bobs.header = true;
+    bobs.raise(&sid(&w.map_writer.session), 1);
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, Some(bobs)));
+    assert_eq!(d.known_loads, vec![vec![w.map.clone()]], "the cheap read came first");
+    assert!(d.loads.contains(&w.map), "then the full load");
+    let got = d.take(b);
+    assert_eq!(
+        got.iter().map(kind).collect::<Vec<_>>(),
+        vec![
+            ("content", w.alice.account.to_string()),
+            ("content", w.group.to_string()),
+            ("content", w.map.to_string())
+        ],
+        "dependencies first, as on the full path"
+    );
+    let map = as_content(&got[2]);
+    assert!(map.header.is_none(), "Bob has the header");
+    assert_eq!(map.new[0].1.after, 1);
+    assert_eq!(map.new[0].1.new_transactions, vec![set("second", json!(2000), 2000)]);
+    assert!(d.relay.is_subscribed(b, &w.map));
+}
+
+#[test]
+fn a_load_without_header_skips_the_known_state_read() {
+    let (mut d, w, _) = stored_only();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    assert!(d.known_loads.is_empty(), "it lacks the header of anything stored");
+    assert_eq!(d.take(b).len(), 3);
+    // Unknown to storage with header:true (the client created it offline): not found, cheaply.
+    let offline = CoId::parse("co_zOfflineCreated").unwrap();
+    let c = d.connect(3);
+    d.msg(c, load(&offline, Some(KnownState { id: offline.clone(), header: true, sessions: Default::default() })));
+    assert_eq!(known_of(&d.take(c)[0]), &KnownState::empty(offline.clone()));
+    assert_eq!(d.known_loads.last(), Some(&vec![offline.clone()]));
+    assert!(!d.loads.contains(&offline), "no full load for what storage does not have");
+}
+
+#[test]
+fn a_subscribed_but_not_resident_covalue_still_forwards_new_content() {
+    let (mut d, mut w, stored) = stored_only();
+    // Bob reconnects as a client does: loads of everything it holds, all answered lazily.
+    let b = d.connect(2);
+    let has = |id: &CoId, session: &str| {
+        let mut k = KnownState { id: id.clone(), header: true, sessions: Default::default() };
+        k.raise(&sid(session), 1);
+        k
+    };
+    d.msg(b, load(&w.alice.account, Some(has(&w.alice.account, &w.account_writer.session))));
+    d.msg(b, load(&w.group, Some(has(&w.group, &w.group_writer.session))));
+    d.msg(b, load(&w.map, Some(stored.clone())));
+    assert_eq!(d.take(b).iter().filter(|m| kind(m).0 == "known").count(), 3);
+    // Carol only loaded the map.
+    let c = d.connect(4);
+    d.msg(c, load(&w.map, Some(stored)));
+    d.take(c);
+    assert!(d.loads.is_empty());
+    assert_eq!(d.relay.resident_count(), 0);
+
+    // Alice comes back (loads answered lazily too) and edits the map: the upload loads it
+    // whole, applies, forwards.
+    let a = d.connect(3);
+    d.msg(a, load(&w.alice.account, Some(has(&w.alice.account, &w.account_writer.session))));
+    d.msg(a, load(&w.group, Some(has(&w.group, &w.group_writer.session))));
+    d.msg(a, load(&w.map, Some(has(&w.map, &w.map_writer.session))));
+    d.take(a);
+    assert!(d.loads.is_empty());
+    let edit = w.map_edit("later", 3000);
+    d.msg(a, edit);
+    assert!(d.loads.contains(&w.map), "the upload path loads the CoValue whole");
+    let fwd = d.take(b);
+    assert_eq!(fwd.iter().map(kind).collect::<Vec<_>>(), vec![("content", w.map.to_string())], "{fwd:?}");
+    let m = as_content(&fwd[0]);
+    assert!(m.header.is_none());
+    assert_eq!((m.new[0].1.after, m.new[0].1.new_transactions.len()), (1, 1));
+    // Carol never said what she has of the account and group: they go first, as on any
+    // content sent to a client that did not report them.
+    let fwd = d.take(c);
+    assert_eq!(
+        fwd.iter().map(kind).collect::<Vec<_>>(),
+        vec![
+            ("content", w.alice.account.to_string()),
+            ("content", w.group.to_string()),
+            ("content", w.map.to_string())
+        ]
+    );
+    assert_eq!(as_content(&fwd[2]).new[0].1.after, 1);
+    // The ack to Alice still waits for durability.
+    assert!(d.take(a).is_empty(), "the sender gets nothing before its ack");
+    d.persist_all();
+    let ack = d.take(a);
+    assert_eq!(ack.len(), 1);
+    assert_eq!(known_of(&ack[0]).count(&sid(&w.map_writer.session)), 2);
+}
+
+#[test]
+fn loads_of_one_cycle_share_one_known_state_read_and_waiters_are_answered_together() {
+    let (mut d, w, stored) = stored_only();
+    // Several peers' loads arrive while the read is in flight: they wait on it, no second read.
+    let peers: Vec<PeerId> = (10..20).map(|n| d.connect(n)).collect();
+    let mut group_state = KnownState::empty(w.group.clone());
+    group_state.header = true;
+    group_state.raise(&sid(&w.group_writer.session), 1);
+    // Hold the answers: model a storage read in flight.
+    let mut held = Vec::new();
+    for &p in &peers {
+        for msg in [load(&w.map, Some(stored.clone())), load(&w.group, Some(group_state.clone()))] {
+            for action in d.relay.handle(Event::Message(p, msg)) {
+                match action {
+                    moai_cojson::relay::Action::LoadKnown(ids) => held.extend(ids),
+                    other => panic!("nothing but the read before it lands: {other:?}"),
+                }
+            }
+        }
+    }
+    assert_eq!(held, vec![w.map.clone(), w.group.clone()], "one read per CoValue");
+    assert!(d.relay.evict(&w.map).is_err(), "busy while the read is in flight");
+    let answers = held.iter().map(|id| (id.clone(), d.store[id].stored_known(id))).collect();
+    d.run(Event::KnownLoaded(answers));
+    for &p in &peers {
+        let got = d.take(p);
+        let mut kinds = got.iter().map(kind).collect::<Vec<_>>();
+        kinds.sort();
+        let mut expected = vec![("known", w.map.to_string()), ("known", w.group.to_string())];
+        expected.sort();
+        assert_eq!(kinds, expected);
+    }
+    assert!(d.loads.is_empty());
+}
+
+#[test]
+fn a_deleted_or_unreadable_stored_known_state_falls_back_to_a_full_load() {
+    let (mut d, w, stored) = stored_only();
+    // Unreadable: the answer comes from a full load.
+    let b = d.connect(2);
+    let mut actions = d.relay.handle(Event::Message(b, load(&w.map, Some(stored.clone()))));
+    assert!(matches!(&actions[..], [moai_cojson::relay::Action::LoadKnown(ids)] if ids == &vec![w.map.clone()]));
+    actions = d.relay.handle(Event::KnownLoaded(vec![(w.map.clone(), StoredKnown::Unreadable)]));
+    assert_eq!(actions, vec![moai_cojson::relay::Action::Load(w.map.clone())]);
+    let stored_map = d.store[&w.map].clone();
+    d.run(Event::Loaded { id: w.map.clone(), stored: Some(stored_map) });
+    let got = d.take(b);
+    assert_eq!(got.iter().filter(|m| kind(m) == ("known", w.map.to_string())).count(), 1, "{got:?}");
+
+    // Deleted: full load as well (which sessions survive is decided on the whole CoValue).
+    let (mut d, w, stored) = stored_only();
+    d.store.get_mut(&w.group).unwrap().deleted = true;
+    let _ = stored;
+    let mut group_state = KnownState::empty(w.group.clone());
+    group_state.header = true;
+    group_state.raise(&sid(&w.group_writer.session), 1);
+    let c = d.connect(3);
+    d.msg(c, load(&w.group, Some(group_state)));
+    assert_eq!(d.known_loads, vec![vec![w.group.clone()]]);
+    assert!(d.loads.contains(&w.group));
+    assert!(!d.take(c).is_empty(), "answered");
+}
+
+#[test]
+fn reconcile_of_covalues_not_in_memory_compares_stored_known_states() {
+    let (mut d, w, stored) = stored_only();
+    let a = d.connect(1);
+    let same = moai_cojson::relay::sessions_hash(&stored.sessions);
+    let unknown = CoId::parse("co_zUnknownToServer").unwrap();
+    d.msg(
+        a,
+        SyncMessage::Reconcile(ReconcileMessage {
+            id: "b1".into(),
+            values: vec![
+                (w.map.clone(), same),
+                (w.group.clone(), "shortHash_zDifferent".into()),
+                (unknown.clone(), "shortHash_zX".into()),
+            ],
+            extra: Map::new(),
+        }),
+    );
+    let sent = d.take(a);
+    assert_eq!(sent.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.group.to_string()), ("load", unknown.to_string())]);
+    let SyncMessage::Load(s, _) = &sent[0] else { panic!() };
+    assert!(s.header && s.count(&sid(&w.group_writer.session)) == 1, "load carries the stored state: {s:?}");
+    assert!(d.loads.is_empty(), "no full load: {:?}", d.loads);
+    assert_eq!(d.known_loads.len(), 1, "one read for the whole batch");
+    // The client has exactly that: known settles it, still without loading anything.
+    d.msg(a, SyncMessage::Known(KnownMessage { state: s.clone(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(unknown), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    let out = d.take(a);
+    assert!(matches!(&out[..], [SyncMessage::ReconcileAck(id)] if id == "b1"), "{out:?}");
+    assert!(d.loads.is_empty());
 }

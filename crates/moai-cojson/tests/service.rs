@@ -35,9 +35,33 @@ async fn next(session: &mut CojsonSession) -> Outbound {
         .expect("session ended")
 }
 
+thread_local! {
+    /// Messages of a multi-line frame not yet taken by `next_msg`, per session (each test runs
+    /// on its own thread, so peer numbers of different tests never meet here).
+    static PENDING: std::cell::RefCell<std::collections::HashMap<u64, std::collections::VecDeque<SyncMessage>>> =
+        Default::default();
+}
+
+fn pending_msg(session: &CojsonSession) -> Option<SyncMessage> {
+    PENDING.with(|p| p.borrow_mut().get_mut(&session.peer().0).and_then(|q| q.pop_front()))
+}
+
+/// The next message: a frame may hold several, joined by "\n" (the session coalesces what is
+/// queued at once).
 async fn next_msg(session: &mut CojsonSession) -> SyncMessage {
+    if let Some(msg) = pending_msg(session) {
+        return msg;
+    }
     match next(session).await {
-        Outbound::Text(text) => SyncMessage::from_json(&text).expect("the service sends valid messages"),
+        Outbound::Text(text) => {
+            let mut msgs = text
+                .split('\n')
+                .map(|line| SyncMessage::from_json(line).expect("the service sends valid messages"))
+                .collect::<std::collections::VecDeque<_>>();
+            let first = msgs.pop_front().expect("a frame holds a message");
+            PENDING.with(|p| p.borrow_mut().entry(session.peer().0).or_default().extend(msgs));
+            first
+        }
         Outbound::Close { code, reason } => panic!("closed {code} {reason}"),
     }
 }
@@ -52,6 +76,9 @@ async fn next_msgs(session: &mut CojsonSession, n: usize) -> Vec<SyncMessage> {
 
 /// Nothing arrives for a while.
 async fn silent(session: &mut CojsonSession) -> bool {
+    if PENDING.with(|p| p.borrow().get(&session.peer().0).is_some_and(|q| !q.is_empty())) {
+        return false;
+    }
     tokio::time::timeout(Duration::from_millis(150), session.outbound()).await.is_err()
 }
 
@@ -394,4 +421,88 @@ async fn the_service_keeps_running_when_sessions_are_dropped_without_leaving() {
         assert!(tokio::time::Instant::now() < deadline, "dropped sessions never left");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A reconnect storm after a restart: 1000 clients reconnect at once and `load` the five CoValues
+/// they already hold. Every load is answered `known` from the stored known states: no CoValue is
+/// read whole, and the known-state reads are batched into a handful of storage calls. A later
+/// edit is still forwarded to the (subscribed, not resident) clients.
+#[tokio::test]
+async fn a_reconnect_storm_is_answered_from_stored_known_states() {
+    const CLIENTS: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moai.db");
+    let mut w = World::new();
+    let extra: Vec<(moai_cojson::ids::CoId, serde_json::Value, Writer)> = (2..=3)
+        .map(|n| {
+            let header = map_header(&w.group, &format!("zMap{n}"));
+            let id = moai_cojson::crypto::id_for_header(&header);
+            (id, header, w.alice.account_session(&format!("Map{n}")))
+        })
+        .collect();
+    // Five CoValues stored, then the server restarts.
+    let mut held: Vec<moai_cojson::known_state::KnownState> = Vec::new();
+    {
+        let store = sqlite(&path);
+        let svc = CojsonService::new(Arc::new(store.clone()), CojsonConfig::default());
+        let mut a = svc.connect().await.unwrap();
+        upload(&mut a, &mut w).await;
+        let mut frame = Vec::new();
+        for (id, header, writer) in extra.iter().cloned() {
+            let mut writer = writer;
+            let s = writer.append(vec![set("n", json!(1), 1100)]);
+            frame.push(content(Some(&header), &id, vec![s]));
+        }
+        a.receive(&encode_frame(&frame)).await.unwrap();
+        next_msgs(&mut a, 2).await;
+        for id in [&w.alice.account, &w.group, &w.map, &extra[0].0, &extra[1].0] {
+            let k = store.known_states(vec![id.as_str().to_owned()]).await.unwrap().pop().unwrap().unwrap();
+            held.push(moai_cojson::service::records::known_state_from_record(id.clone(), k).unwrap());
+        }
+        a.leave().await;
+        drop(svc);
+        store.close().await.unwrap();
+    }
+
+    let svc = CojsonService::new(Arc::new(sqlite(&path)), CojsonConfig::default());
+    let frame = encode_frame(&held.iter().map(|k| load(&k.id, Some(k.clone()))).collect::<Vec<_>>());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let svc = svc.clone();
+        let frame = frame.clone();
+        tasks.spawn(async move {
+            let mut s = svc.connect().await.unwrap();
+            assert_eq!(s.receive(&frame).await.unwrap().messages, 5);
+            let got = next_msgs(&mut s, 5).await;
+            (s, got)
+        });
+    }
+    let mut sessions = Vec::with_capacity(CLIENTS);
+    while let Some(done) = tasks.join_next().await {
+        let (s, got) = done.unwrap();
+        for (msg, expected) in got.iter().zip(&held) {
+            assert_eq!(known_of(msg), expected, "answered `known` with the stored state, in order");
+        }
+        sessions.push(s);
+    }
+    let stats = svc.stats();
+    assert_eq!(stats.full_loads_total, 0, "no CoValue read whole: {stats:?}");
+    assert!(stats.known_state_loads_total <= 5, "each known state read once, then served from memory: {stats:?}");
+    assert!(stats.known_state_reads_total <= 5, "batched into few storage calls (not 5000): {stats:?}");
+    assert_eq!(stats.resident_covalues, 0);
+
+    // Alice edits the map: it is loaded whole now, and every reconnected client gets the edit.
+    let mut a = svc.connect().await.unwrap();
+    let edit = w.map_edit("after-storm", 9000);
+    a.receive(&frame).await.unwrap();
+    assert!(next_msgs(&mut a, 5).await.iter().all(|m| kind(m).0 == "known"));
+    send(&a, edit).await;
+    assert_eq!(known_of(&next_msg(&mut a).await).count(&sid(&w.map_writer.session)), 2);
+    for s in sessions.iter_mut().step_by(97) {
+        let fwd = next_msg(s).await;
+        let c = as_content(&fwd);
+        assert_eq!(c.id, w.map);
+        assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (1, 1));
+    }
+    assert!(svc.stats().full_loads_total >= 1);
 }

@@ -103,8 +103,21 @@ fn string(v: &Value, name: &str) -> Result<String, ProtocolError> {
     field(v, name)?.as_str().map(str::to_owned).ok_or_else(|| err(format!("{name:?} is not a string")))
 }
 
-fn object(v: &Value, name: &str) -> Result<Row, ProtocolError> {
-    field(v, name)?.as_object().cloned().ok_or_else(|| err(format!("{name:?} is not an object")))
+/// Move an object member out of `v` (rows are the bulk of every frame: no copies).
+fn take_object(v: &mut Value, name: &str) -> Result<Row, ProtocolError> {
+    match v.get_mut(name).map(Value::take) {
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(err(format!("{name:?} is not an object"))),
+        None => Err(err(format!("missing field {name:?}"))),
+    }
+}
+
+fn take_array(v: &mut Value, name: &str) -> Result<Vec<Value>, ProtocolError> {
+    match v.get_mut(name).map(Value::take) {
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => Err(err(format!("{name:?} is not an array"))),
+        None => Err(err(format!("missing field {name:?}"))),
+    }
 }
 
 fn strings(v: &Value, name: &str) -> Result<Vec<String>, ProtocolError> {
@@ -118,35 +131,39 @@ fn lsn(v: &Value, name: &str) -> Result<Lsn, ProtocolError> {
     string(v, name)?.parse()
 }
 
-fn op(v: &Value) -> Result<Op, ProtocolError> {
-    let table = string(v, "table")?;
-    Ok(match field(v, "op")?.as_str() {
-        Some("insert") => Op::Insert { table, key: object(v, "key")?, row: object(v, "row")? },
+fn op(mut v: Value) -> Result<Op, ProtocolError> {
+    let table = string(&v, "table")?;
+    let kind = field(&v, "op")?.as_str().map(str::to_owned);
+    Ok(match kind.as_deref() {
+        Some("insert") => Op::Insert { table, key: take_object(&mut v, "key")?, row: take_object(&mut v, "row")? },
         Some("update") => Op::Update {
             table,
-            key: object(v, "key")?,
-            old_key: v.get("old_key").and_then(Value::as_object).cloned(),
-            row: object(v, "row")?,
+            key: take_object(&mut v, "key")?,
+            old_key: match v.get_mut("old_key").map(Value::take) {
+                Some(Value::Object(m)) => Some(m),
+                _ => None,
+            },
+            row: take_object(&mut v, "row")?,
         },
-        Some("delete") => Op::Delete { table, key: object(v, "key")? },
+        Some("delete") => Op::Delete { table, key: take_object(&mut v, "key")? },
         Some("truncate") => Op::Truncate { table },
         other => return Err(err(format!("unknown op {other:?}"))),
     })
 }
 
-fn txn_part(v: &Value) -> Result<TxnPart, ProtocolError> {
+fn txn_part(mut v: Value) -> Result<TxnPart, ProtocolError> {
     Ok(TxnPart {
-        lsn: lsn(v, "lsn")?,
+        lsn: lsn(&v, "lsn")?,
         xid: v.get("xid").and_then(Value::as_str).unwrap_or_default().to_owned(),
         commit_time: v.get("commit_time").and_then(Value::as_str).unwrap_or_default().to_owned(),
-        last: field(v, "last")?.as_bool().ok_or_else(|| err("\"last\" is not a bool"))?,
-        ops: field(v, "ops")?.as_array().ok_or_else(|| err("\"ops\" is not an array"))?.iter().map(op).collect::<Result<_, _>>()?,
+        last: field(&v, "last")?.as_bool().ok_or_else(|| err("\"last\" is not a bool"))?,
+        ops: take_array(&mut v, "ops")?.into_iter().map(op).collect::<Result<_, _>>()?,
     })
 }
 
 impl ServerMessage {
     pub fn parse(text: &str) -> Result<ServerMessage, ProtocolError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let mut v: Value = serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
         let kind = string(&v, "type")?;
         Ok(match kind.as_str() {
             "welcome" => ServerMessage::Welcome {
@@ -162,20 +179,18 @@ impl ServerMessage {
             },
             "snapshot_batch" => ServerMessage::SnapshotBatch {
                 snapshot_id: string(&v, "snapshot_id")?,
-                rows: field(&v, "rows")?
-                    .as_array()
-                    .and_then(|a| a.iter().map(|r| r.as_object().cloned()).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| err("\"rows\" is not an array of objects"))?,
+                rows: take_array(&mut v, "rows")?
+                    .into_iter()
+                    .map(|r| match r {
+                        Value::Object(m) => Ok(m),
+                        _ => Err(err("\"rows\" is not an array of objects")),
+                    })
+                    .collect::<Result<_, _>>()?,
             },
             "snapshot_end" => ServerMessage::SnapshotEnd { snapshot_id: string(&v, "snapshot_id")? },
             "changes" => ServerMessage::Changes {
                 to: Position::from_json(field(&v, "to")?)?,
-                txns: field(&v, "txns")?
-                    .as_array()
-                    .ok_or_else(|| err("\"txns\" is not an array"))?
-                    .iter()
-                    .map(txn_part)
-                    .collect::<Result<_, _>>()?,
+                txns: take_array(&mut v, "txns")?.into_iter().map(txn_part).collect::<Result<_, _>>()?,
             },
             "up_to_date" => {
                 ServerMessage::UpToDate { position: Position::from_json(field(&v, "position")?)?, watermark: lsn(&v, "watermark")? }

@@ -232,7 +232,7 @@ impl Session {
                 tracing::debug!(lsn = %txn.lsn, "pgsync client: skipping a transaction applied before");
             } else {
                 let resume = (!self.snapshotting).then_some(ResumePoint { generation, position: end });
-                store.apply(&txn, resume)?;
+                store.apply(txn, resume)?;
                 r.applied += 1;
                 self.applied = Some(end);
             }

@@ -31,7 +31,8 @@ pub trait Store: Send + 'static {
 
     /// Apply one complete transaction atomically together with `resume` (`None` while a
     /// snapshot's catch-up is still running: the data is not a consistent point yet).
-    fn apply(&mut self, txn: &Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError>;
+    /// The transaction is passed by value so a store can move rows in without copying them.
+    fn apply(&mut self, txn: Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError>;
 
     /// Record a consistent point (`up_to_date`).
     fn set_resume_point(&mut self, point: ResumePoint) -> Result<(), StoreError>;
@@ -117,26 +118,34 @@ impl MemoryStore {
         self.resets
     }
 
-    fn apply_op(&mut self, op: &Op) {
+    fn rows_of(&mut self, table: String) -> &mut BTreeMap<String, Row> {
+        // Look up by &str first: the common case (table exists) allocates nothing.
+        if !self.tables.contains_key(&table) {
+            self.tables.insert(table.clone(), BTreeMap::new());
+        }
+        self.tables.get_mut(&table).expect("inserted above")
+    }
+
+    fn apply_op(&mut self, op: Op) {
         match op {
             Op::Insert { table, key, row } => {
-                self.tables.entry(table.clone()).or_default().insert(key_text(key), row.clone());
+                self.rows_of(table).insert(key_text(&key), row);
             }
             Op::Update { table, key, old_key, row } => {
-                let rows = self.tables.entry(table.clone()).or_default();
-                let mut base = rows.remove(&key_text(old_key.as_ref().unwrap_or(key))).unwrap_or_default();
+                let rows = self.rows_of(table);
+                let mut base = rows.remove(&key_text(old_key.as_ref().unwrap_or(&key))).unwrap_or_default();
                 for (k, v) in row {
-                    base.insert(k.clone(), v.clone());
+                    base.insert(k, v);
                 }
-                rows.insert(key_text(key), base);
+                rows.insert(key_text(&key), base);
             }
             Op::Delete { table, key } => {
-                if let Some(rows) = self.tables.get_mut(table) {
-                    rows.remove(&key_text(key));
+                if let Some(rows) = self.tables.get_mut(&table) {
+                    rows.remove(&key_text(&key));
                 }
             }
             Op::Truncate { table } => {
-                self.tables.remove(table);
+                self.tables.remove(&table);
             }
         }
     }
@@ -164,13 +173,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn apply(&mut self, txn: &Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError> {
+    fn apply(&mut self, txn: Transaction, resume: Option<ResumePoint>) -> Result<(), StoreError> {
         // In memory every step is infallible, so the transaction is trivially atomic.
-        for op in &txn.ops {
-            self.apply_op(op);
-        }
         if let Some(j) = &mut self.journal {
             j.push(txn.lsn);
+        }
+        for op in txn.ops {
+            self.apply_op(op);
         }
         if resume.is_some() {
             self.resume = resume;
@@ -205,8 +214,8 @@ mod tests {
         s.upsert_snapshot(&t, vec![(row(json!({"id":1})), row(json!({"id":1,"a":"x","big":"B"})))]).unwrap();
         let patch = Op::Update { table: t.clone(), key: row(json!({"id":1})), old_key: None, row: row(json!({"id":1,"a":"y"})) };
         let p = ResumePoint { generation: 1, position: Position::end_of(Lsn(10)) };
-        s.apply(&txn(10, vec![patch.clone()]), Some(p)).unwrap();
-        s.apply(&txn(10, vec![patch]), Some(p)).unwrap(); // replay converges
+        s.apply(txn(10, vec![patch.clone()]), Some(p)).unwrap();
+        s.apply(txn(10, vec![patch]), Some(p)).unwrap(); // replay converges
         assert_eq!(s.get(&t, &row(json!({"id":1}))), Some(&row(json!({"id":1,"a":"y","big":"B"}))), "patch keeps unsent columns");
         // Key change moves the row.
         let moved = Op::Update {
@@ -215,15 +224,15 @@ mod tests {
             old_key: Some(row(json!({"id":1}))),
             row: row(json!({"id":2})),
         };
-        s.apply(&txn(11, vec![moved]), None).unwrap();
+        s.apply(txn(11, vec![moved]), None).unwrap();
         assert_eq!(s.table(&t).len(), 1);
         assert_eq!(s.get(&t, &row(json!({"id":2}))).unwrap()["big"], "B");
         assert_eq!(s.resume_point(), Some(p), "None leaves the resume point alone");
-        s.apply(&txn(12, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
-        s.apply(&txn(13, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
+        s.apply(txn(12, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
+        s.apply(txn(13, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
         assert!(s.table(&t).is_empty());
-        s.apply(&txn(14, vec![Op::Insert { table: t.clone(), key: row(json!({"id":5})), row: row(json!({"id":5})) }]), None).unwrap();
-        s.apply(&txn(15, vec![Op::Truncate { table: t.clone() }]), None).unwrap();
+        s.apply(txn(14, vec![Op::Insert { table: t.clone(), key: row(json!({"id":5})), row: row(json!({"id":5})) }]), None).unwrap();
+        s.apply(txn(15, vec![Op::Truncate { table: t.clone() }]), None).unwrap();
         assert!(s.table(&t).is_empty());
         assert_eq!(s.journal().len(), 7, "the store journals what it is given; dedup is the session's job");
         s.reset(std::slice::from_ref(&t)).unwrap();

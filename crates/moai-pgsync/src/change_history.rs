@@ -157,6 +157,9 @@ pub(crate) async fn load_page(
         }
     };
     let mut out = Vec::with_capacity(rows.len());
+    // Rows of one transaction share their commit time: format it once per transaction, not
+    // once per row (it showed up in catch-up profiles).
+    let mut last_time: Option<(SystemTime, String)> = None;
     for r in rows {
         let lsn = Lsn(u64::from(r.try_get::<_, PgLsn>(0)?));
         let seq = u32::try_from(r.try_get::<_, i32>(1)?).map_err(|_| Error::Other("negative seq".into()))?;
@@ -194,7 +197,14 @@ pub(crate) async fn load_page(
         out.push(PageItem::Row(HistoryRow {
             position,
             xid,
-            commit_time: pg_time::to_rfc3339(system_time_to_pg_micros(time)),
+            commit_time: match &last_time {
+                Some((t, text)) if *t == time => text.clone(),
+                _ => {
+                    let text = pg_time::to_rfc3339(system_time_to_pg_micros(time));
+                    last_time = Some((time, text.clone()));
+                    text
+                }
+            },
             op: wire,
         }));
     }

@@ -105,6 +105,24 @@ pub enum Error {
     Other(String),
 }
 
+impl Error {
+    /// The replication slot is held by another connection: another moai instance replicating
+    /// the same database, or one that died and whose walsender Postgres has not reaped yet.
+    /// Not a start-up failure: this instance waits as a standby until the slot is free.
+    pub fn is_slot_in_use(&self) -> bool {
+        match self {
+            // SQLSTATE 55006 (object_in_use) on the SQL side…
+            Error::Sql(e) => e.as_db_error().is_some_and(|db| db.code().code() == "55006"),
+            // …and the server's message on the replication protocol side.
+            Error::Replication(e) => {
+                let text = e.to_string();
+                text.contains("is active for PID") || text.contains("55006")
+            }
+            _ => false,
+        }
+    }
+}
+
 fn sql_detail(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),

@@ -22,6 +22,17 @@ pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, Error> {
     Ok(cfg)
 }
 
+/// The same connection settings with `synchronous_commit = off`, for the shared client: its
+/// only writes are client registrations and acked positions, which the client's own hello
+/// overrides, so waiting for a WAL flush on each would only add latency to the page queries
+/// queued behind them on that connection. (The replicator's writes stay synchronous: it acks
+/// the slot only after they are durable.)
+pub(crate) fn with_async_commit(mut cfg: tokio_postgres::Config) -> tokio_postgres::Config {
+    let options = format!("{} -c synchronous_commit=off", cfg.get_options().unwrap_or(SESSION_OPTIONS));
+    cfg.options(&options);
+    cfg
+}
+
 pub(crate) async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, Error> {
     let (client, connection) = cfg.connect(NoTls).await?;
     tokio::spawn(async move {

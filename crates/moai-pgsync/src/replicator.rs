@@ -111,7 +111,12 @@ impl Replicator {
             match attempt {
                 Ok(()) => break, // stop requested
                 Err(e) => {
-                    if let Some(f) = first.take() {
+                    if e.is_slot_in_use() {
+                        // Standby: keep trying; readiness stays false until we hold the slot.
+                        tracing::warn!(error = %e, slot = %self.cfg.slot_name,
+                            "replication slot is in use by another connection (another moai, or one that died \
+                             and Postgres has not noticed yet); waiting for it");
+                    } else if let Some(f) = first.take() {
                         let _ = f.send(Err(e));
                         self.state.send_modify(|s| s.phase = Phase::Stopped);
                         return;

@@ -91,7 +91,7 @@ impl PgSync {
             Err(_) => return Err(Error::Other("replicator ended during startup".into())),
         }
         let inner = Arc::new(Inner {
-            shared: SharedClient::new(pg.clone()),
+            shared: SharedClient::new(db::with_async_commit(pg.clone())),
             cfg,
             pg,
             feed_tx,
@@ -157,13 +157,19 @@ impl PgSync {
             hello: None,
             shapes: Vec::new(),
             generation: 0,
+            unpersisted: None,
+            last_persist: None,
         };
         pin_mut!(cancel);
-        tokio::select! {
+        let end = tokio::select! {
             biased;
             _ = &mut cancel => SessionEnd::Cancelled,
             end = driver.run(&mut inbound) => end,
-        }
+        };
+        // The last ack is written before the session reports its end, so whoever reacts to
+        // the end (a test, a shutdown) sees the registry up to date.
+        driver.flush_position().await;
+        end
     }
 }
 
@@ -204,7 +210,18 @@ struct Driver {
     /// (shape id, shape) in hello order.
     shapes: Vec<(String, Shape)>,
     generation: u64,
+    /// Acked position not yet written to the registry (writes are coalesced).
+    unpersisted: Option<Position>,
+    last_persist: Option<tokio::time::Instant>,
 }
+
+/// Acked positions are written to the registry at most this often per session (spec 4.5:
+/// "about 1 per second per client"). The registry only feeds retention and metrics (the
+/// client's hello is authoritative), so a position that is up to this old costs nothing but
+/// slightly more conservative retention, while writing every ack put two commits per
+/// delivered transaction on the connection that also serves page queries, which showed up as
+/// commit→client latency.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Control flow out of an action: keep going, or end the session.
 type Flow = Result<(), SessionEnd>;
@@ -273,7 +290,12 @@ impl Driver {
             let text = if let Some(t) = early.pop_front() {
                 t
             } else {
+                let persist_at = self.persist_deadline();
                 tokio::select! {
+                    _ = tokio::time::sleep_until(persist_at.unwrap_or_else(tokio::time::Instant::now)), if persist_at.is_some() => {
+                        self.persist_soon(true);
+                        continue;
+                    }
                     msg = inbound.recv() => match msg {
                         Some(t) => t,
                         None => return SessionEnd::ClientClosed,
@@ -407,20 +429,61 @@ impl Driver {
         Ok(())
     }
 
-    async fn persist(&self, p: Position) -> Result<(), Error> {
-        let Some(h) = &self.hello else { return Ok(()) };
-        let client = self.inner.shared.get().await?;
-        client
-            .execute(
-                &format!(
-                    "UPDATE {}.clients SET pos_lsn = $2, pos_seq = $3, generation = $4, last_seen = now() \
-                     WHERE client_id = $1 AND (pos_lsn IS NULL OR generation <> $4 OR (pos_lsn, pos_seq) < ($2, $3))",
-                    ident(&self.inner.cfg.schema)
-                ),
-                &[&h.client_id, &PgLsn::from(p.lsn.0), &i64::from(p.seq), &(self.generation as i64)],
-            )
-            .await?;
-        Ok(())
+    /// The registry write for an acked position. Monotonic in SQL, so writes that overlap or
+    /// complete out of order never move a position backwards.
+    fn persist_write(&self, p: Position) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let client_id = self.hello.as_ref()?.client_id.clone();
+        let inner = self.inner.clone();
+        let generation = self.generation as i64;
+        Some(async move {
+            let res = async {
+                let client = inner.shared.get().await?;
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE {}.clients SET pos_lsn = $2, pos_seq = $3, generation = $4, last_seen = now() \
+                             WHERE client_id = $1 AND (pos_lsn IS NULL OR generation <> $4 OR (pos_lsn, pos_seq) < ($2, $3))",
+                            ident(&inner.cfg.schema)
+                        ),
+                        &[&client_id, &PgLsn::from(p.lsn.0), &i64::from(p.seq), &generation],
+                    )
+                    .await?;
+                Ok::<(), Error>(())
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "pgsync: persisting client position failed");
+            }
+        })
+    }
+
+    /// Write the pending position in the background if the interval allows (or `force`).
+    fn persist_soon(&mut self, force: bool) {
+        let due = force || self.last_persist.is_none_or(|t| t.elapsed() >= PERSIST_INTERVAL);
+        if !due {
+            return;
+        }
+        if let Some(p) = self.unpersisted.take() {
+            if let Some(write) = self.persist_write(p) {
+                tokio::spawn(write);
+            }
+            self.last_persist = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// When the pending position must be written by (`None`: nothing pending).
+    fn persist_deadline(&self) -> Option<tokio::time::Instant> {
+        self.unpersisted?;
+        Some(self.last_persist.map_or_else(tokio::time::Instant::now, |t| t + PERSIST_INTERVAL))
+    }
+
+    /// Write the pending position now and wait for it (session end).
+    async fn flush_position(&mut self) {
+        if let Some(p) = self.unpersisted.take() {
+            if let Some(write) = self.persist_write(p) {
+                write.await;
+            }
+        }
     }
 
     async fn exec(&mut self, action: Action, events: &mut VecDeque<Event>) -> Flow {
@@ -432,9 +495,8 @@ impl Driver {
             Action::Send(msg) => self.send(&msg).await,
             Action::Close => Err(SessionEnd::Closed),
             Action::PersistPosition(p) => {
-                if let Err(e) = self.persist(p).await {
-                    tracing::warn!(error = %e, "pgsync: persisting client position failed");
-                }
+                self.unpersisted = Some(p);
+                self.persist_soon(false);
                 Ok(())
             }
             Action::TakeSnapshot { shapes } => match self.snapshot(&shapes).await {
@@ -595,6 +657,11 @@ fn filter_op(shapes: &[(String, Shape)], op: WireOp) -> Option<WireOp> {
     let on_table: Vec<&Shape> = shapes.iter().map(|(_, s)| s).filter(|s| &s.table == table).collect();
     if on_table.is_empty() {
         return None;
+    }
+    // A whole-table shape (no predicate, no projection) takes every op as is: no evaluation,
+    // no copies. This is the common case and the hot path of catch-up.
+    if on_table.iter().any(|s| s.conditions.is_empty() && s.columns.is_none()) {
+        return Some(op);
     }
     let passing = |row: &Row| -> Vec<&Shape> { on_table.iter().copied().filter(|s| s.evaluate(row) != Truth::False).collect() };
     let project = |shapes: &[&Shape], row: &Row| -> Row {

@@ -97,3 +97,40 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
         }
     }
 }
+
+/// One replicator per database: the slot is the lock. A second instance waits as a standby
+/// (not ready, not exiting) and takes over when the first one dies.
+#[tokio::test]
+async fn a_second_instance_waits_for_the_slot_and_takes_over() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
+    let args = ["--pg-url", url.as_str(), "--pg-tables", "public.items"];
+    let mut first = Server::start(&args);
+    first.wait_ready();
+
+    let mut second = Server::start(&args);
+    second.wait_log("replication slot is in use", Duration::from_secs(30)).expect("the standby says why it waits");
+    assert_eq!(second.get("/health").0, 503, "a standby is not ready");
+    assert!(second.child.try_wait().unwrap().is_none(), "a standby does not exit");
+
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    second.wait_ready();
+    sql(&url, "INSERT INTO public.items VALUES (2,'b')").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(second.ws_url("/api/sync")).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "client_id": "standby-1", "position": null,
+                       "shapes": [{"id": "s1", "table": "public.items"}]});
+    ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    let mut rows = 0;
+    loop {
+        let m = next_json(&mut ws).await;
+        match m["type"].as_str().unwrap() {
+            "snapshot_batch" => rows += m["rows"].as_array().unwrap().len(),
+            "up_to_date" => break,
+            "error" => panic!("{m}"),
+            _ => {}
+        }
+    }
+    assert_eq!(rows, 2, "the new primary serves everything");
+}

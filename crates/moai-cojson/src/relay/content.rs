@@ -3,7 +3,8 @@
 //! Order of checks, each of which may park the message and resume it later
 //! from the top (so a resumed message sees the state as it is then):
 //! 1. the CoValue must be resolved: in memory, or known to be absent from
-//!    storage (a `Load` is issued first — it may have been evicted);
+//!    storage (a `Load` is issued first — it may have been evicted, or be
+//!    only a shell whose known state answered a lazy `load`);
 //! 2. unknown CoValue without header → `known {isCorrection, header:false}`;
 //!    an invalid header (or ID mismatch) → nothing, as cojson (probe);
 //! 3. dependencies (owner group, branch source, author accounts, group
@@ -48,7 +49,9 @@ impl Relay {
         // 1. Resolve the CoValue itself.
         let slot = self.slots.entry(id.clone()).or_default();
         let header: Header = match &slot.residence {
-            Residence::Unknown | Residence::Loading => {
+            // A shell (stored known state only) is loaded whole: content is
+            // verified against, and applied to, the whole CoValue.
+            Residence::Unknown | Residence::LoadingKnown | Residence::Shell(_) | Residence::Loading => {
                 self.request_load(&id);
                 self.park(&id, Job::Content { peer, msg });
                 return;
@@ -159,6 +162,7 @@ impl Relay {
     /// dependencies and issues the write. Returns (anything applied, header
     /// installed, CoValue deleted).
     fn apply_verdict(&mut self, id: &CoId, verdict: crate::verify::ContentVerdict) -> (bool, bool, bool) {
+        self.content_memo = None;
         let Some(slot) = self.slots.get_mut(id) else { return (false, false, false) };
         let applied = match &mut slot.residence {
             Residence::InMemory(r) => r.state.apply_verdict(verdict),
@@ -218,11 +222,11 @@ impl Relay {
             let residence = self.slots.get(dep).map(|s| &s.residence);
             match residence {
                 Some(Residence::InMemory(_)) => continue,
-                None | Some(Residence::Unknown) => {
+                None | Some(Residence::Unknown) | Some(Residence::Shell(_)) => {
                     self.request_load(dep);
                     wait_on_storage.get_or_insert_with(|| dep.clone());
                 }
-                Some(Residence::Loading) => {
+                Some(Residence::Loading) | Some(Residence::LoadingKnown) => {
                     wait_on_storage.get_or_insert_with(|| dep.clone());
                 }
                 Some(Residence::Absent) => {

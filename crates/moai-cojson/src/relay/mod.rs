@@ -11,6 +11,11 @@
 //!   and `PeerDisconnected`. Perform `Send`s for one peer in order.
 //! * `Load(id)`: read the CoValue and answer `Loaded { id, stored }` exactly
 //!   once (`None` if storage does not have it).
+//! * `LoadKnown(ids)`: read only the stored known states (header + session
+//!   counts, no transactions) and answer each id exactly once in a
+//!   `KnownLoaded` (one event may answer many ids, in any grouping). Ids of
+//!   several `LoadKnown`s may share one storage read. At most one read (full
+//!   or known-state) of a CoValue is in flight at a time.
 //! * `Persist(req)`: write it atomically and answer `Persisted(token)` only
 //!   once it is durable, or `PersistFailed(token)`. Refuse an append whose
 //!   `after` is not the stored count. Writes of one CoValue may complete in
@@ -28,6 +33,13 @@
 //!   dependencies first. Forwarding does not wait for durability: the
 //!   content is signed by its author, and after a crash a peer that holds
 //!   more than the relay uploads it again on reconnect.
+//! * A `load` (or `known`) about a CoValue that is not in memory, from a peer
+//!   that says it has the header, is first compared with the *stored known
+//!   state* (`LoadKnown`): if the peer lacks nothing, the answer is `known`
+//!   without loading the CoValue (spec §4.1.4, what makes reconnect storms
+//!   cheap); otherwise the CoValue is loaded whole and answered as usual.
+//!   The peer is subscribed either way, and content arriving later loads the
+//!   CoValue whole before it is applied and forwarded.
 //!
 //! The handlers live in `content.rs` (incoming content), `sending.rs`
 //! (answers and dependency-first sending) and `reconcile.rs`.
@@ -43,8 +55,8 @@ pub use reconcile::sessions_hash;
 use crate::header::HeaderError;
 use crate::ids::CoId;
 use crate::known_state::KnownState;
-use crate::message::{KnownMessage, SyncMessage};
-use crate::persistence::{rebuild, PersistRequest, PersistToken, StoredCoValue, StoredError};
+use crate::message::{KnownMessage, Outgoing, SyncMessage};
+use crate::persistence::{rebuild, PersistRequest, PersistToken, StoredCoValue, StoredError, StoredKnown};
 use crate::verify::{DeletePolicy, DenyDeletes, HeaderLookup, VerifyError};
 use crate::content_pieces::PIECE_LIMIT_BYTES;
 use crate::dependencies::covalue_dependencies;
@@ -66,6 +78,8 @@ pub enum Event {
     PeerDisconnected(PeerId),
     /// The answer to [`Action::Load`].
     Loaded { id: CoId, stored: Option<StoredCoValue> },
+    /// Answers to [`Action::LoadKnown`]: per CoValue, what storage holds of it.
+    KnownLoaded(Vec<(CoId, StoredKnown)>),
     /// The write with this token is durable.
     Persisted(PersistToken),
     /// The write with this token failed (nothing of it is stored).
@@ -101,8 +115,13 @@ pub enum Diagnostic {
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)] // actions are consumed at once
 pub enum Action {
-    Send(PeerId, SyncMessage),
+    /// Send this message to the peer. The same [`Outgoing`] may go to many peers (content
+    /// fanned out to peers at the same known state is built once), so it is encoded once.
+    Send(PeerId, Outgoing),
     Load(CoId),
+    /// Read the stored known states of these CoValues (no transactions);
+    /// answer with [`Event::KnownLoaded`]. At most one per `handle` call.
+    LoadKnown(Vec<CoId>),
     Persist(PersistRequest),
     Close(PeerId, CloseReason),
     Diagnostic(Diagnostic),
@@ -147,6 +166,12 @@ pub struct Relay {
     next_token: u64,
     ready: VecDeque<Job>,
     out: Vec<Action>,
+    /// Known-state reads asked for during this `handle` call (one action).
+    known_loads: Vec<CoId>,
+    /// The content pieces last built for a peer (see `sending.rs`), reused for every other
+    /// peer at the same known state of the same CoValue. Cleared whenever any CoValue's state
+    /// may have changed: at the start of `handle`, on apply, on evict.
+    content_memo: Option<sending::ContentMemo>,
 }
 
 /// Header lookup over the CoValues in memory (author accounts).
@@ -179,13 +204,16 @@ impl Relay {
             subscribers: HashMap::new(),
             tokens: HashMap::new(),
             next_token: 0,
+            content_memo: None,
             ready: VecDeque::new(),
             out: Vec::new(),
+            known_loads: Vec::new(),
         }
     }
 
     /// Processes one event; returns what the driver must do, in order.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        self.content_memo = None;
         match event {
             Event::PeerConnected(peer) => {
                 self.drop_peer(peer);
@@ -194,6 +222,11 @@ impl Relay {
             Event::PeerDisconnected(peer) => self.drop_peer(peer),
             Event::Message(peer, msg) => self.on_message(peer, msg),
             Event::Loaded { id, stored } => self.on_loaded(id, stored),
+            Event::KnownLoaded(answers) => {
+                for (id, stored) in answers {
+                    self.on_known_loaded(id, stored);
+                }
+            }
             Event::Persisted(token) => self.on_persisted(token),
             Event::PersistFailed(token) => self.on_persist_failed(token),
         }
@@ -201,6 +234,10 @@ impl Relay {
         // an attacker could choose).
         while let Some(job) = self.ready.pop_front() {
             self.run_job(job);
+        }
+        if !self.known_loads.is_empty() {
+            let ids = std::mem::take(&mut self.known_loads);
+            self.out.push(Action::LoadKnown(ids));
         }
         std::mem::take(&mut self.out)
     }
@@ -231,7 +268,7 @@ impl Relay {
         }
         match &slot.residence {
             Residence::InMemory(r) if !r.pending.is_empty() || !r.acks.is_empty() => Err(NotEvictable::Pending),
-            Residence::Loading => Err(NotEvictable::Busy),
+            Residence::Loading | Residence::LoadingKnown => Err(NotEvictable::Busy),
             _ => Ok(()),
         }
     }
@@ -251,12 +288,17 @@ impl Relay {
         self.evict_check(id, slot)?;
         self.slots.remove(id);
         self.subscribers.remove(id);
+        self.content_memo = None;
         Ok(())
     }
 
     // ---------- plumbing shared by the handlers ----------
 
     fn send(&mut self, peer: PeerId, msg: SyncMessage) {
+        self.send_shared(peer, Outgoing::new(msg));
+    }
+
+    fn send_shared(&mut self, peer: PeerId, msg: Outgoing) {
         if self.peers.get(&peer).is_some_and(|p| !p.closing) {
             self.out.push(Action::Send(peer, msg));
         }
@@ -285,16 +327,29 @@ impl Relay {
         let p = self.peers.get_mut(&peer)?;
         if !p.known.contains_key(id) {
             self.subscribers.entry(id.clone()).or_default().insert(peer);
+            p.known.insert(id.clone(), PeerKnown::new(id.clone()));
         }
-        Some(p.known.entry(id.clone()).or_insert_with(|| PeerKnown::new(id.clone())))
+        p.known.get_mut(id)
     }
 
-    /// Asks the driver for a CoValue unless it is already resolved or loading.
+    /// Asks the driver for a whole CoValue unless it is already resolved or a
+    /// read is in flight (a known-state read in flight is awaited first: its
+    /// waiters run again when it lands and ask for the full load then).
     fn request_load(&mut self, id: &CoId) {
         let slot = self.slots.entry(id.clone()).or_default();
-        if matches!(slot.residence, Residence::Unknown) {
+        if matches!(slot.residence, Residence::Unknown | Residence::Shell(_)) {
             slot.residence = Residence::Loading;
             self.out.push(Action::Load(id.clone()));
+        }
+    }
+
+    /// Asks the driver for the stored known state of a CoValue never looked
+    /// up (or evicted). Callers park their job on `id`.
+    fn request_known_load(&mut self, id: &CoId) {
+        let slot = self.slots.entry(id.clone()).or_default();
+        if matches!(slot.residence, Residence::Unknown) {
+            slot.residence = Residence::LoadingKnown;
+            self.known_loads.push(id.clone());
         }
     }
 
@@ -411,14 +466,17 @@ impl Relay {
 
     /// `handleKnownState` / `handleCorrection`.
     fn on_known(&mut self, peer: PeerId, k: KnownMessage) {
-        let id = k.state.id.clone();
-        let header = k.state.header;
-        let Some(entry) = self.peer_known(peer, &id) else { return };
-        if k.is_correction {
-            entry.set(k.state);
+        let KnownMessage { state, is_correction, .. } = k;
+        let header = state.header;
+        let Some(entry) = self.peer_known(peer, &state.id) else { return };
+        let id = if is_correction {
+            let id = state.id.clone();
+            entry.set(state);
+            id
         } else {
-            entry.combine(&k.state);
-        }
+            entry.combine(&state);
+            state.id
+        };
         // The peer's answer to a dependency request: it does not have it.
         if let Some(p) = self.peers.get_mut(&peer) {
             if p.requested.remove(&id) && !header {
@@ -426,11 +484,16 @@ impl Relay {
                 self.wake(&id);
             }
         }
-        self.answer(peer, id.clone(), false);
+        // An ack of content the peer now has: usually nothing to answer, found out without
+        // cloning anything.
+        if !self.answer_settled(peer, &id, false) {
+            self.answer_full(peer, id.clone(), false);
+        }
         self.reconcile_settled(peer, &id);
     }
 
     fn on_loaded(&mut self, id: CoId, stored: Option<StoredCoValue>) {
+        self.content_memo = None;
         let Some(slot) = self.slots.get_mut(&id).filter(|s| matches!(s.residence, Residence::Loading)) else {
             self.diagnostic(Diagnostic::Unexpected("Loaded without a pending Load"));
             return;
@@ -460,6 +523,30 @@ impl Relay {
         self.wake(&id);
     }
 
+    fn on_known_loaded(&mut self, id: CoId, stored: StoredKnown) {
+        let Some(slot) = self.slots.get_mut(&id).filter(|s| matches!(s.residence, Residence::LoadingKnown)) else {
+            self.diagnostic(Diagnostic::Unexpected("KnownLoaded without a pending LoadKnown"));
+            return;
+        };
+        match stored {
+            StoredKnown::Stored { mut state, deleted: false } => {
+                state.id = id.clone();
+                state.header = true;
+                slot.residence = Residence::Shell(state);
+            }
+            StoredKnown::NotStored => slot.residence = Residence::Absent,
+            // Deleted (which sessions it serves is decided on the whole
+            // CoValue) or unreadable: load it whole. Waiters stay parked until
+            // that answer, so they never ask for the known state again.
+            StoredKnown::Stored { deleted: true, .. } | StoredKnown::Unreadable => {
+                slot.residence = Residence::Unknown;
+                self.request_load(&id);
+                return;
+            }
+        }
+        self.wake(&id);
+    }
+
     fn on_persisted(&mut self, token: PersistToken) {
         let Some(id) = self.tokens.remove(&token) else {
             self.diagnostic(Diagnostic::Unexpected("Persisted for an unknown token"));
@@ -478,6 +565,7 @@ impl Relay {
     /// in flight are abandoned (storage refuses them: their `after` no
     /// longer matches).
     fn on_persist_failed(&mut self, token: PersistToken) {
+        self.content_memo = None;
         let Some(id) = self.tokens.remove(&token) else {
             self.diagnostic(Diagnostic::Unexpected("PersistFailed for an unknown token"));
             return;

@@ -2,8 +2,8 @@
 //!
 //! A client with local storage periodically lists, in batches, every
 //! CoValue it stores with a short hash of its session counts. For each
-//! entry we compare with our own known state (loading from storage when the
-//! CoValue is not in memory):
+//! entry we compare with our own known state (when the CoValue is not in
+//! memory, the stored known state, read without its transactions):
 //! * unknown to us → `load {header:false}` (the client then uploads it);
 //! * different hash → `load` with our known state (the client sends what we
 //!   lack, or tells us what it has);
@@ -54,9 +54,14 @@ impl Relay {
                     let state = r.state.known_state();
                     (sessions_hash(&state.sessions) != hash).then_some(state)
                 }
+                Some(Residence::Shell(state)) => (sessions_hash(&state.sessions) != hash).then(|| state.clone()),
                 Some(Residence::Absent) => Some(KnownState::empty(id.clone())),
-                Some(Residence::Loading) | Some(Residence::Unknown) | None => {
-                    self.request_load(&id);
+                Some(Residence::Unknown) | None => {
+                    self.request_known_load(&id);
+                    self.park(&id, Job::Reconcile { peer, batch, id: id.clone(), hash });
+                    return;
+                }
+                Some(Residence::Loading) | Some(Residence::LoadingKnown) => {
                     self.park(&id, Job::Reconcile { peer, batch, id: id.clone(), hash });
                     return;
                 }

@@ -1,6 +1,7 @@
-//! What the relay holds per CoValue: where it is (unknown, being loaded,
-//! absent from storage, in memory), the work waiting on it, and — for a
-//! CoValue in memory — the durability bookkeeping that gates acks.
+//! What the relay holds per CoValue: where it is (unknown, its stored known
+//! state being read or held as a shell, being loaded, absent from storage, in
+//! memory), the work waiting on it, and — for a CoValue in memory — the
+//! durability bookkeeping that gates acks.
 //!
 //! Durability: every write the relay hands to the driver gets a token that
 //! joins this CoValue's FIFO `pending`. Completions may arrive in any order;
@@ -23,7 +24,8 @@ use super::PeerId;
 /// re-run from the start when that CoValue's situation changes.
 #[derive(Debug, Clone)]
 pub(crate) enum Job {
-    /// Answer `load`/`known`: send what the peer lacks, dependencies first.
+    /// Answer `load`/`known`: send what the peer lacks, dependencies first
+    /// (or only `known`, from the stored known state, if it lacks nothing).
     Answer { peer: PeerId, id: CoId, force_known: bool },
     /// Incoming content waiting for its CoValue or its dependencies.
     Content { peer: PeerId, msg: ContentMessage },
@@ -87,6 +89,12 @@ impl Resident {
 pub(crate) enum Residence {
     /// Never looked up, or evicted: storage must be asked.
     Unknown,
+    /// A `LoadKnown` (known state only) is in flight.
+    LoadingKnown,
+    /// Not in memory, but what storage holds of it is known (header + these counts): a
+    /// `load` from a peer that has all of it is answered from this alone. Exact while the
+    /// slot stays a shell, because every write of a CoValue needs it in memory first.
+    Shell(KnownState),
     /// A `Load` is in flight.
     Loading,
     /// Storage does not have it and no peer has provided it yet.

@@ -2,8 +2,8 @@
 //!
 //! One relay serves the whole server (its state is per server: CoValues in memory and each
 //! peer's known states), so one task owns it and handles, in order: commands from sessions
-//! (connect, messages, leave), completions of the storage work it started (loads, writes), and
-//! eviction ticks. It never awaits storage or a socket: reads and writes run in tasks it spawns,
+//! (connect, messages, leave), completions of the storage work it started (loads, known-state
+//! reads, writes), and eviction ticks. It never awaits storage or a socket: reads and writes run in tasks it spawns,
 //! whose results come back as completions; sends go to bounded per-socket queues with
 //! `try_send`, and a socket whose queue is full is closed (a skipped message would leave that
 //! client diverged without knowing it; on reconnect it resyncs).
@@ -22,20 +22,20 @@ use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use super::eviction::Eviction;
-use super::records::{from_record, to_append};
+use super::records::{from_record, known_state_from_record, to_append};
 use super::session::SessionShared;
 use super::stats::Stats;
 use super::writes::WriteQueue;
 use super::{CojsonConfig, CLOSE_STORAGE_FAILURE, CLOSE_TOO_MUCH_PARKED, CLOSE_TOO_SLOW};
 use crate::ids::CoId;
-use crate::message::SyncMessage;
-use crate::persistence::{PersistRequest, PersistToken, StoredCoValue};
+use crate::message::{Outgoing, SyncMessage};
+use crate::persistence::{PersistRequest, PersistToken, StoredCoValue, StoredKnown};
 use crate::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
 
 /// From sessions to the relay task. One queue for all of a peer's commands, so connect,
 /// messages and leave are handled in the order the session issued them.
 pub(crate) enum Command {
-    Connect { peer: PeerId, outbox: mpsc::Sender<SyncMessage>, shared: Arc<SessionShared> },
+    Connect { peer: PeerId, outbox: mpsc::Sender<Outgoing>, shared: Arc<SessionShared> },
     Messages { peer: PeerId, messages: Vec<SyncMessage> },
     Leave { peer: PeerId },
 }
@@ -46,12 +46,14 @@ enum Completion {
         id: CoId,
         stored: Option<StoredCoValue>,
     },
+    /// One known-state read: per CoValue, what storage holds of it.
+    KnownLoaded(Vec<(CoId, StoredKnown)>),
     /// One write batch: per write, its token, CoValue and outcome (error text on failure).
     Written(Vec<(PersistToken, CoId, Result<(), String>)>),
 }
 
 struct PeerConn {
-    outbox: mpsc::Sender<SyncMessage>,
+    outbox: mpsc::Sender<Outgoing>,
     shared: Arc<SessionShared>,
 }
 
@@ -69,9 +71,14 @@ pub(crate) struct Driver {
     writes: WriteQueue,
     /// Loads asked for during this cycle, in issue order (see [`Driver::flush_loads`]).
     loads: Vec<CoId>,
+    /// Known-state reads asked for during this cycle (see [`Driver::flush_known_loads`]).
+    known_loads: Vec<CoId>,
     eviction: Eviction,
     stats: Arc<Stats>,
 }
+
+/// Most CoValues in one `known_states` call (one read transaction).
+const KNOWN_STATES_PER_READ: usize = 1000;
 
 /// Pauses between attempts of a failing storage read.
 const LOAD_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
@@ -94,6 +101,7 @@ impl Driver {
             completion_sender,
             writes: WriteQueue::default(),
             loads: Vec::new(),
+            known_loads: Vec::new(),
             eviction: Eviction::default(),
             stats,
         }
@@ -125,6 +133,7 @@ impl Driver {
                     break;
                 }
             }
+            self.flush_known_loads();
             self.flush_loads();
             self.flush_writes();
             self.stats.peers.store(self.peers.len(), Ordering::Relaxed);
@@ -167,6 +176,7 @@ impl Driver {
     fn on_completion(&mut self, done: Completion) {
         match done {
             Completion::Loaded { id, stored } => self.run_event(Event::Loaded { id, stored }),
+            Completion::KnownLoaded(answers) => self.run_event(Event::KnownLoaded(answers)),
             Completion::Written(outcomes) => {
                 self.writes.finished(outcomes.iter().map(|(_, id, _)| id));
                 for (token, id, outcome) in outcomes {
@@ -215,6 +225,7 @@ impl Driver {
                 }
             }
             Action::Load(id) => self.loads.push(id),
+            Action::LoadKnown(ids) => self.known_loads.extend(ids),
             Action::Persist(req) => self.writes.push(req),
             Action::Close(peer, reason) => {
                 let (code, text) = match &reason {
@@ -271,6 +282,7 @@ impl Driver {
         if self.loads.is_empty() {
             return;
         }
+        self.stats.full_loads.fetch_add(self.loads.len() as u64, Ordering::Relaxed);
         let reads: Vec<_> = std::mem::take(&mut self.loads)
             .into_iter()
             .map(|id| {
@@ -286,6 +298,26 @@ impl Driver {
                 let _ = done.send(Completion::Loaded { id, stored });
             }
         });
+    }
+
+    /// Reads the known states asked for during this cycle (a reconnect storm's `load`s and
+    /// `reconcile` entries) off the relay task, in as few storage calls as possible: one per
+    /// [`KNOWN_STATES_PER_READ`] CoValues, each one short read transaction without transactions.
+    fn flush_known_loads(&mut self) {
+        if self.known_loads.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.known_loads);
+        for chunk in ids.chunks(KNOWN_STATES_PER_READ) {
+            self.stats.known_state_reads.fetch_add(1, Ordering::Relaxed);
+            self.stats.known_state_loads.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let (store, stats, done) = (self.store.clone(), self.stats.clone(), self.completion_sender.clone());
+            let chunk = chunk.to_vec();
+            tokio::spawn(async move {
+                let answers = load_known(store, chunk, stats).await;
+                let _ = done.send(Completion::KnownLoaded(answers));
+            });
+        }
     }
 
     /// Sends every write that may go now to storage in one call, off the relay task.
@@ -356,4 +388,59 @@ async fn load(store: Arc<dyn CoValueStore>, id: CoId, stats: Arc<Stats>) -> Opti
             None
         }
     }
+}
+
+/// Reads the stored known states of `ids` in one call. A read that keeps failing answers every id
+/// as [`StoredKnown::Unreadable`], and a row that does not decode answers its id so: the relay
+/// then falls back to a full load (with its own failure rule), never to "not stored".
+async fn load_known(store: Arc<dyn CoValueStore>, ids: Vec<CoId>, stats: Arc<Stats>) -> Vec<(CoId, StoredKnown)> {
+    let keys: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
+    let mut attempt = 0;
+    let rows = loop {
+        match store.known_states(keys.clone()).await {
+            Ok(rows) if rows.len() == ids.len() => break Some(rows),
+            Ok(rows) => {
+                stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(asked = ids.len(), got = rows.len(), "known_states returned the wrong number of rows");
+                break None;
+            }
+            Err(error) => match LOAD_RETRIES.get(attempt) {
+                Some(pause) => {
+                    tracing::warn!(covalues = ids.len(), %error, attempt, "cojson known-state read failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(*pause).await;
+                }
+                None => {
+                    stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(covalues = ids.len(), %error,
+                        "cojson known-state read failed; loading whole instead");
+                    break None;
+                }
+            },
+        }
+    };
+    let Some(rows) = rows else {
+        return ids.into_iter().map(|id| (id, StoredKnown::Unreadable)).collect();
+    };
+    ids.into_iter()
+        .zip(rows)
+        .map(|(id, row)| {
+            let answer = match row {
+                None => StoredKnown::NotStored,
+                Some(row) => {
+                    let deleted = row.deleted;
+                    match known_state_from_record(id.clone(), row) {
+                        Ok(state) => StoredKnown::Stored { state, deleted },
+                        Err(error) => {
+                            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(covalue = %id, %error,
+                                "stored known state does not decode; loading whole instead");
+                            StoredKnown::Unreadable
+                        }
+                    }
+                }
+            };
+            (id, answer)
+        })
+        .collect()
 }

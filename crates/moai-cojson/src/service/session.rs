@@ -15,13 +15,19 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::driver::Command;
-use crate::message::{encode_frame, frame_is_clean, parse_frame, Incoming, SyncMessage};
+use crate::message::{frame_is_clean, parse_frame, Incoming, Outgoing};
 use crate::relay::PeerId;
+
+/// A frame is not extended with further queued messages once it is this long (a single longer
+/// message still goes whole).
+const COALESCE_BYTES: usize = 64 * 1024;
 
 /// What the edge must do with the socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    /// Write one text frame (one cojson message).
+    /// Write one text frame: one cojson message, or several joined by `"\n"` when more than
+    /// one was ready at once (cojson clients split frames on `"\n"`, as their own batching
+    /// sends them).
     Text(String),
     /// Close the socket with this code and reason. Nothing follows it.
     Close { code: u16, reason: String },
@@ -68,7 +74,7 @@ impl SessionShared {
 pub struct CojsonSession {
     pub(crate) peer: PeerId,
     pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) outbox: mpsc::Receiver<SyncMessage>,
+    pub(crate) outbox: mpsc::Receiver<Outgoing>,
     pub(crate) shared: Arc<SessionShared>,
     /// A close (or the end) was returned; nothing more comes out.
     pub(crate) finished: bool,
@@ -122,7 +128,7 @@ impl CojsonSession {
             return Some(close);
         }
         match self.outbox.recv().await {
-            Some(msg) => Some(Outbound::Text(encode_frame(std::slice::from_ref(&msg)))),
+            Some(msg) => Some(Outbound::Text(self.frame_from(msg))),
             // The relay task dropped its end: a close was recorded first, or the service ended.
             None => {
                 self.finished = true;
@@ -140,13 +146,28 @@ impl CojsonSession {
             return Some(close);
         }
         match self.outbox.try_recv() {
-            Ok(msg) => Some(Outbound::Text(encode_frame(std::slice::from_ref(&msg)))),
+            Ok(msg) => Some(Outbound::Text(self.frame_from(msg))),
             Err(mpsc::error::TryRecvError::Empty) => None,
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 self.finished = true;
                 self.shared.take_close().map(|(code, reason)| Outbound::Close { code, reason })
             }
         }
+    }
+
+    /// One text frame starting with `first`, followed by every message already queued behind
+    /// it (joined by `"\n"`) up to [`COALESCE_BYTES`]: one socket write and one client wakeup
+    /// for a burst. Messages shared by many peers were encoded once ([`Outgoing::json`]).
+    fn frame_from(&mut self, first: Outgoing) -> String {
+        let mut frame = String::from(first.json());
+        while frame.len() < COALESCE_BYTES {
+            let Ok(next) = self.outbox.try_recv() else { break };
+            let json = next.json();
+            frame.reserve(json.len() + 1);
+            frame.push('\n');
+            frame.push_str(json);
+        }
+        frame
     }
 
     fn closing(&mut self) -> Option<Outbound> {

@@ -14,6 +14,9 @@ pub(crate) struct Stats {
     pub(crate) invalid_headers: AtomicU64,
     pub(crate) slow_peers_closed: AtomicU64,
     pub(crate) storage_failures: AtomicU64,
+    pub(crate) full_loads: AtomicU64,
+    pub(crate) known_state_loads: AtomicU64,
+    pub(crate) known_state_reads: AtomicU64,
 }
 
 /// A snapshot of [`super::CojsonService::stats`].
@@ -35,6 +38,15 @@ pub struct CojsonStats {
     pub slow_peers_closed_total: u64,
     /// Failed writes, failed loads and unreadable stored CoValues since start.
     pub storage_failures_total: u64,
+    /// CoValues read whole from storage (`load_covalue`: header and every transaction) since
+    /// start.
+    pub full_loads_total: u64,
+    /// CoValues whose stored known state alone was read (`known_states`: header and session
+    /// counts, no transactions) since start: the cheap path of `load` and `reconcile`.
+    pub known_state_loads_total: u64,
+    /// Storage calls that read those known states (one per cycle and up to 1000 CoValues)
+    /// since start.
+    pub known_state_reads_total: u64,
 }
 
 impl Stats {
@@ -48,6 +60,9 @@ impl Stats {
             invalid_headers_total: self.invalid_headers.load(Ordering::Relaxed),
             slow_peers_closed_total: self.slow_peers_closed.load(Ordering::Relaxed),
             storage_failures_total: self.storage_failures.load(Ordering::Relaxed),
+            full_loads_total: self.full_loads.load(Ordering::Relaxed),
+            known_state_loads_total: self.known_state_loads.load(Ordering::Relaxed),
+            known_state_reads_total: self.known_state_reads.load(Ordering::Relaxed),
         }
     }
 }

@@ -7,7 +7,7 @@ use moai_cojson::crypto::{id_for_header, AgentSecret};
 use moai_cojson::ids::CoId;
 use moai_cojson::known_state::KnownState;
 use moai_cojson::message::{ContentMessage, SessionNewContent, SyncMessage};
-use moai_cojson::persistence::{PersistRequest, PersistToken, StoredCoValue, StoredSession};
+use moai_cojson::persistence::{PersistRequest, PersistToken, StoredCoValue, StoredKnown, StoredSession};
 use moai_cojson::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
 use moai_cojson::transaction_hash::{canonical_transaction, SessionHasher};
 use serde_json::{json, Map, Value};
@@ -164,8 +164,13 @@ pub struct Driver {
     pub store: HashMap<CoId, StoredCoValue>,
     pub unpersisted: Vec<PersistToken>,
     pub persists: Vec<PersistRequest>,
+    /// Full loads asked for.
     pub loads: Vec<CoId>,
+    /// Known-state reads asked for, one entry per `LoadKnown` action.
+    pub known_loads: Vec<Vec<CoId>>,
     pub sent: Vec<(PeerId, SyncMessage)>,
+    /// Every `Send` as the relay issued it (to check sharing).
+    pub shared: Vec<(PeerId, moai_cojson::message::Outgoing)>,
     pub closed: Vec<(PeerId, CloseReason)>,
     pub diagnostics: Vec<Diagnostic>,
     /// When set, `Load`s are held here instead of answered.
@@ -181,7 +186,9 @@ impl Driver {
             unpersisted: Vec::new(),
             persists: Vec::new(),
             loads: Vec::new(),
+            known_loads: Vec::new(),
             sent: Vec::new(),
+            shared: Vec::new(),
             closed: Vec::new(),
             diagnostics: Vec::new(),
             hold_loads: false,
@@ -194,7 +201,10 @@ impl Driver {
         while let Some(ev) = queue.pop_front() {
             for action in self.relay.handle(ev) {
                 match action {
-                    Action::Send(peer, msg) => self.sent.push((peer, msg)),
+                    Action::Send(peer, msg) => {
+                        self.sent.push((peer, msg.message().clone()));
+                        self.shared.push((peer, msg));
+                    }
                     Action::Load(id) => {
                         self.loads.push(id.clone());
                         if self.hold_loads {
@@ -203,6 +213,17 @@ impl Driver {
                             let stored = self.store.get(&id).cloned();
                             queue.push_back(Event::Loaded { id, stored });
                         }
+                    }
+                    Action::LoadKnown(ids) => {
+                        self.known_loads.push(ids.clone());
+                        let answers = ids
+                            .into_iter()
+                            .map(|id| {
+                                let known = self.store.get(&id).map_or(StoredKnown::NotStored, |s| s.stored_known(&id));
+                                (id, known)
+                            })
+                            .collect();
+                        queue.push_back(Event::KnownLoaded(answers));
                     }
                     Action::Persist(req) => {
                         self.write(&req);
