@@ -143,6 +143,12 @@ impl Auth {
         Ok(Some(claims))
     }
 
+    /// [`Auth::check`] at the current time.
+    pub fn check_now(&self, token: Option<&str>, resource: Option<&str>) -> Result<Option<Claims>, AuthError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.check(token, resource, now)
+    }
+
     fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let (signed, sig_hex) = if let Some(rest) = token.strip_prefix(SCOPED_PREFIX) {
             let (payload, sig) = rest.rsplit_once('.').ok_or(AuthError::Malformed)?;

@@ -22,10 +22,11 @@ use tokio::time::{interval_at, Instant};
 use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, send_with_deadline, SessionLog};
+use crate::ws::{
+    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_with_deadline, SessionInfo,
+    SessionLog, CLOSE_LINGER,
+};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
-
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 fn now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
@@ -44,25 +45,11 @@ pub(crate) async fn socket(
         return error_response(StatusCode::NOT_FOUND, "The CoJSON engine is not enabled on this server");
     };
     let token = token_from_request(&headers, query.as_deref());
-    let verdict = state.auth.check(token.as_deref(), None, now().as_secs()).map(|_| ());
-    let peer = peer.map(|c| c.0 .0);
-    let slot = slot.map(|s| s.0);
-    let tracker = state.shutdown.clone();
-    limit_upgrade(ws, &state.limits)
-        .on_failed_upgrade(|e| tracing::info!(error = %e, "cojson upgrade failed"))
-        .on_upgrade(move |mut socket| {
-            tracker.track(async move {
-                let mut log = SessionLog::open(Protocol::Cojson, peer, "/sync", state.metrics.clone(), slot);
-                match verdict {
-                    Err(e) => {
-                        state.metrics.rejected("auth");
-                        close_gracefully(&mut socket, e.close_code(), &e.to_string(), CLOSE_LINGER).await;
-                        log.set_close(e.close_code(), e.to_string());
-                    }
-                    Ok(()) => run(socket, cojson, &state, &mut log).await,
-                }
-            })
-        })
+    let verdict = state.auth.check_now(token.as_deref(), None).map(|_| ()).map_err(|e| (e.close_code(), e.to_string()));
+    let info = SessionInfo { protocol: Protocol::Cojson, target: "/sync".into(), peer: peer.map(|c| c.0 .0), slot: slot.map(|s| s.0) };
+    accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
+        run(socket, cojson, &state, &mut log).await
+    })
 }
 
 async fn run(mut socket: WebSocket, cojson: CojsonService, state: &AppState, log: &mut SessionLog) {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
@@ -17,10 +17,11 @@ use tokio::sync::mpsc;
 use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, SessionLog};
+use crate::ws::{
+    accept_session, close, close_after_read_error, close_gracefully, is_too_big, SessionInfo, SessionLog, CLOSE_LINGER,
+};
 use crate::{AppState, Direction, Engines, Protocol};
 
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Frames buffered each way between the socket and the session.
 const QUEUE: usize = 256;
 
@@ -39,27 +40,12 @@ pub(crate) async fn socket(
             "The Postgres change feed is not enabled on this server: start moai with --pg-url and --pg-tables",
         );
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let token = token_from_request(&headers, query.as_deref());
-    let verdict = state.auth.check(token.as_deref(), None, now).map(|_| ());
-    let peer = peer.map(|c| c.0 .0);
-    let slot = slot.map(|s| s.0);
-    let tracker = state.shutdown.clone();
-    limit_upgrade(ws, &state.limits)
-        .on_failed_upgrade(|e| tracing::info!(error = %e, "pgsync upgrade failed"))
-        .on_upgrade(move |mut socket| {
-            tracker.track(async move {
-                let mut log = SessionLog::open(Protocol::Pgsync, peer, "/api/sync", state.metrics.clone(), slot);
-                match verdict {
-                    Err(e) => {
-                        state.metrics.rejected("auth");
-                        close_gracefully(&mut socket, e.close_code(), &e.to_string(), CLOSE_LINGER).await;
-                        log.set_close(e.close_code(), e.to_string());
-                    }
-                    Ok(()) => run(socket, pg, &state, &mut log).await,
-                }
-            })
-        })
+    let verdict = state.auth.check_now(token.as_deref(), None).map(|_| ()).map_err(|e| (e.close_code(), e.to_string()));
+    let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: peer.map(|c| c.0 .0), slot: slot.map(|s| s.0) };
+    accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
+        run(socket, pg, &state, &mut log).await
+    })
 }
 
 async fn run(mut socket: WebSocket, pg: PgSync, state: &AppState, log: &mut SessionLog) {

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use std::future::Future;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
 
 use crate::serve::ConnectionSlot;
 use crate::{Limits, Metrics, Protocol};
@@ -104,6 +107,53 @@ pub fn is_too_big(err: &axum::Error) -> bool {
     let text = err.to_string();
     // tungstenite's CapacityError: "Space limit exceeded: Message too long: N > M".
     text.contains("Message too long") || text.contains("Space limit exceeded")
+}
+
+/// How long a closing socket waits for the client's close frame.
+pub const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Who a new session is: for its log lines and metrics.
+pub struct SessionInfo {
+    pub protocol: Protocol,
+    pub target: String,
+    pub peer: Option<SocketAddr>,
+    pub slot: Option<ConnectionSlot>,
+}
+
+/// What every WebSocket endpoint does once it has decided: upgrade (with moai's limits), open
+/// the session log, then either refuse with the verdict's close code (auth, bad document id:
+/// decided before the upgrade, told after it, because a 44xx close stops client retries where an
+/// HTTP status would not) or hand the socket to `run`. The session is tracked, so shutdown
+/// waits for it.
+pub fn accept_session<F, Fut>(
+    ws: WebSocketUpgrade,
+    state: crate::AppState,
+    info: SessionInfo,
+    verdict: Result<(), (u16, String)>,
+    run: F,
+) -> Response
+where
+    F: FnOnce(WebSocket, crate::AppState, SessionLog) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tracker = state.shutdown.clone();
+    let protocol = info.protocol;
+    limit_upgrade(ws, &state.limits)
+        .on_failed_upgrade(move |e| tracing::info!(?protocol, error = %e, "upgrade failed"))
+        .on_upgrade(move |mut socket| {
+            tracker.track(async move {
+                let mut log = SessionLog::open(info.protocol, info.peer, info.target, state.metrics.clone(), info.slot);
+                match verdict {
+                    Err((code, reason)) => {
+                        tracing::info!(?protocol, peer = ?info.peer, code, %reason, "connection refused");
+                        state.metrics.rejected(if code == 4400 { "bad_request" } else { "auth" });
+                        close_gracefully(&mut socket, code, &reason, CLOSE_LINGER).await;
+                        log.set_close(code, reason);
+                    }
+                    Ok(()) => run(socket, state, log).await,
+                }
+            })
+        })
 }
 
 /// Logs and counts one session from open to close.

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -21,10 +21,13 @@ use moai_yjs::service::{Outbound, ServiceError, YjsService};
 use moai_yjs::KEEPALIVE_FRAME;
 use tokio::time::{interval_at, Instant};
 
-use crate::auth::{token_from_request, AuthError};
+use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
-use crate::ws::{close, close_after_read_error, close_gracefully, is_too_big, limit_upgrade, send_with_deadline, SessionLog};
+use crate::ws::{
+    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_with_deadline, SessionInfo,
+    SessionLog, CLOSE_LINGER,
+};
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
 
 /// Heartbeat timings of Yjs sockets.
@@ -52,10 +55,6 @@ fn valid_doc_id(doc: &str) -> bool {
     !doc.is_empty() && doc.len() <= 512 && !doc.chars().any(char::is_control)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn engine(engines: &Engines) -> Option<YjsService> {
     engines.yjs.clone()
 }
@@ -74,48 +73,19 @@ pub(crate) async fn socket(
     let Some(yjs) = engine(&engines) else {
         return error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server");
     };
-    // Decide before upgrading, tell after: a 4xx close code stops y-websocket's retries, an
-    // HTTP error status would not.
     let verdict = if !valid_doc_id(&doc) {
         Err((4400, "invalid document id".to_owned()))
     } else {
         let token = token_from_request(&headers, query.as_deref());
-        state
-            .auth
-            .check(token.as_deref(), Some(&doc), unix_now())
-            .map(|_| ())
-            .map_err(|e: AuthError| (e.close_code(), e.to_string()))
+        state.auth.check_now(token.as_deref(), Some(&doc)).map(|_| ()).map_err(|e| (e.close_code(), e.to_string()))
     };
-    let peer = peer.map(|c| c.0 .0);
-    let slot = slot.map(|s| s.0);
-    let tracker = state.shutdown.clone();
-    limit_upgrade(ws, &state.limits)
-        // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
-        // completes their handshake without echoing the token.
-        .protocols(["yjs"])
-        .on_failed_upgrade(|e| tracing::info!(error = %e, "yjs upgrade failed"))
-        .on_upgrade(move |socket| {
-            tracker.track(async move {
-                let mut log = SessionLog::open(Protocol::Yjs, peer, &doc, state.metrics.clone(), slot);
-                match verdict {
-                    Err((code, reason)) => {
-                        tracing::info!(doc = %doc, peer = ?peer, code, %reason, "yjs connection refused");
-                        state.metrics.rejected(if code == 4400 { "bad_doc_id" } else { "auth" });
-                        refuse(socket, code, &reason, &mut log).await;
-                    }
-                    Ok(()) => run(socket, yjs, &doc, &state, &mut log).await,
-                }
-            })
-        })
+    let info = SessionInfo { protocol: Protocol::Yjs, target: doc.clone(), peer: peer.map(|c| c.0 .0), slot: slot.map(|s| s.0) };
+    // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
+    // completes their handshake without echoing the token.
+    accept_session(ws.protocols(["yjs"]), state, info, verdict, move |socket, state, mut log| async move {
+        run(socket, yjs, &doc, &state, &mut log).await
+    })
 }
-
-async fn refuse(mut socket: WebSocket, code: u16, reason: &str, log: &mut SessionLog) {
-    close_gracefully(&mut socket, code, reason, CLOSE_LINGER).await;
-    log.set_close(code, reason);
-}
-
-/// How long a closing socket waits for the client's close frame.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Pumps one socket until either side closes, the document drops it, or shutdown begins.
 async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState, log: &mut SessionLog) {
@@ -247,7 +217,7 @@ fn authorise_http(
         return Err(error_response(StatusCode::BAD_REQUEST, "invalid document id"));
     }
     let token = token_from_request(headers, query);
-    state.auth.check(token.as_deref(), Some(doc), unix_now()).map(|_| yjs).map_err(|e| {
+    state.auth.check_now(token.as_deref(), Some(doc)).map(|_| yjs).map_err(|e| {
         state.metrics.rejected("auth");
         error_response(e.http_status(), &e.to_string())
     })

@@ -4,6 +4,8 @@
 //! Frames are decoded here, on the edge's task, and messages are encoded to text here too, when
 //! the edge takes them: JSON work for one socket runs on that socket's task, in parallel, and
 //! the single relay task only does what needs the shared state (verification, known states).
+//! A message the relay fanned out to many peers is one shared [`Outgoing`], encoded by the first
+//! socket task that takes it; the others reuse its text.
 //!
 //! Closing: the relay task never blocks on a socket. To close a session (relay decision, full
 //! outbox, storage failure) it records the close here and drops its end of the queue; the next
