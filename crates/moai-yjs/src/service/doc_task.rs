@@ -20,6 +20,7 @@ use moai_storage::DocJournal;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::compactor::Compactor;
 use super::registry::RegistryRef;
 use super::session::SessionFlags;
 use super::{Outbound, ServiceError, Session, YjsConfig};
@@ -73,6 +74,7 @@ struct DocTask {
     self_sender: mpsc::Sender<Command>,
     registry: RegistryRef,
     storage: Arc<dyn DocJournal>,
+    compactor: Arc<Compactor>,
     config: YjsConfig,
     /// Journal bytes not yet folded into a snapshot.
     journal_bytes: usize,
@@ -87,7 +89,9 @@ pub(crate) fn spawn(
     registry: RegistryRef,
 ) {
     tokio::spawn(async move {
-        let Some((storage, config)) = registry.upgrade().map(|r| (r.storage.clone(), r.config.clone())) else {
+        let Some((storage, config, compactor)) =
+            registry.upgrade().map(|r| (r.storage.clone(), r.config.clone(), r.compactor.clone()))
+        else {
             return;
         };
         match load(&doc_id, storage.as_ref()).await {
@@ -103,6 +107,7 @@ pub(crate) fn spawn(
                     self_sender,
                     registry,
                     storage,
+                    compactor,
                     config,
                     journal_bytes,
                     compaction: None,
@@ -366,8 +371,9 @@ impl DocTask {
     fn maybe_compact(&mut self) {
         if self.compaction.is_none() && self.journal_bytes >= self.config.compact_journal_bytes {
             let storage = self.storage.clone();
+            let compactor = self.compactor.clone();
             let doc_id = self.doc_id.clone();
-            self.compaction = Some(tokio::spawn(async move { compact(&doc_id, storage.as_ref()).await }));
+            self.compaction = Some(tokio::spawn(async move { compact(&doc_id, storage.as_ref(), &compactor).await }));
         }
     }
 
@@ -386,7 +392,7 @@ impl DocTask {
     /// meanwhile. Returns whether the task ended.
     async fn evict(&mut self) -> bool {
         if self.journal_bytes > 0 {
-            match compact(&self.doc_id, self.storage.as_ref()).await {
+            match compact(&self.doc_id, self.storage.as_ref(), &self.compactor).await {
                 Ok(folded) => self.journal_bytes = self.journal_bytes.saturating_sub(folded),
                 Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction before eviction failed"),
             }
@@ -410,20 +416,21 @@ impl DocTask {
     }
 }
 
-/// Rebuilds the document from storage on a blocking thread and replaces the journal prefix it
-/// covers with one snapshot. Returns the journal bytes folded.
-async fn compact(doc_id: &str, storage: &dyn DocJournal) -> Result<usize, String> {
+/// Rebuilds the document from storage on the low-priority compaction thread and replaces the
+/// journal prefix it covers with one snapshot. Returns the journal bytes folded.
+async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) -> Result<usize, String> {
     let stored = storage.load(doc_id).await.map_err(|e| e.to_string())?;
     let Some(through) = stored.last_seq() else { return Ok(0) };
     let folded = stored.journal_bytes();
     let id = doc_id.to_owned();
-    let snapshot = tokio::task::spawn_blocking(move || {
-        let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
-            .map_err(|e| e.to_string())?;
-        room.encode_state_as_update().map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let snapshot = compactor
+        .run(move || {
+            let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
+                .map_err(|e| e.to_string())?;
+            room.encode_state_as_update().map_err(|e| e.to_string())
+        })
+        .await
+        .ok_or_else(|| "the compaction thread is gone".to_owned())??;
     storage.compact(doc_id, snapshot, through).await.map_err(|e| e.to_string())?;
     Ok(folded)
 }

@@ -11,6 +11,7 @@
 //! [`Session::outbound`]), and [`YjsService::read_state`] / [`YjsService::apply_update`] serve
 //! the HTTP API. Sockets, heartbeats and auth stay at the edge.
 
+mod compactor;
 mod doc_task;
 mod registry;
 mod session;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use moai_storage::DocJournal;
 use tokio::sync::{mpsc, oneshot};
 
+use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
 use super::{ServiceError, Session, YjsConfig};
 
@@ -24,6 +25,7 @@ pub(crate) struct Registry {
     next_generation: Mutex<u64>,
     pub(crate) storage: Arc<dyn DocJournal>,
     pub(crate) config: YjsConfig,
+    pub(crate) compactor: Arc<Compactor>,
 }
 
 #[derive(Clone)]
@@ -34,7 +36,13 @@ struct Entry {
 
 impl Registry {
     pub(crate) fn new(storage: Arc<dyn DocJournal>, config: YjsConfig) -> Arc<Self> {
-        Arc::new(Self { docs: Mutex::default(), next_generation: Mutex::new(0), storage, config })
+        Arc::new(Self {
+            docs: Mutex::default(),
+            next_generation: Mutex::new(0),
+            storage,
+            config,
+            compactor: Arc::new(Compactor::start()),
+        })
     }
 
     pub(crate) fn loaded(&self) -> usize {
