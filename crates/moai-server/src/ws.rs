@@ -36,16 +36,22 @@ pub mod close {
 /// more read calls (a 10 MB message is ~10 000 reads: milliseconds).
 const READ_BUFFER_BYTES: usize = 1024;
 
+/// Bytes of queued frames written per system call during a burst.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Applies moai's frame limit and buffer sizes to an upgrade.
 pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
     ws.max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
-        // Every send is flushed at once anyway; buffering only delays. tungstenite requires
-        // max_write_buffer_size > write_buffer_size, or it panics on the first write.
-        .write_buffer_size(0)
+        // Frames fed in a burst are written together, one system call per flush rather than
+        // per frame (see `send_all_with_deadline`). The buffer only grows while used.
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         // Bounds what a client that stopped reading can make us hold (writes also time out).
-        .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2).saturating_add(READ_BUFFER_BYTES))
+        // tungstenite panics unless this exceeds write_buffer_size, hence the floor.
+        .max_write_buffer_size(
+            limits.max_frame_bytes.saturating_mul(2).max(WRITE_BUFFER_BYTES * 2).saturating_add(READ_BUFFER_BYTES),
+        )
 }
 
 /// A close frame with a code and a reason (truncated to the 123 bytes a close frame allows).
@@ -95,6 +101,26 @@ pub async fn close_after_read_error(
 /// insert-and-cancel off the path of every delivered message.
 pub async fn send_with_deadline(socket: &mut axum::extract::ws::WebSocket, msg: Message, timeout: std::time::Duration) -> bool {
     let mut write = std::pin::pin!(socket.send(msg));
+    match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(result) => result.is_ok(),
+        std::task::Poll::Pending => matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))),
+    }
+}
+
+/// Writes several messages with one flush (so a burst costs one system call per ~64 KiB, not
+/// one per frame), giving up after `timeout` like [`send_with_deadline`].
+pub async fn send_all_with_deadline(
+    socket: &mut axum::extract::ws::WebSocket,
+    msgs: Vec<Message>,
+    timeout: std::time::Duration,
+) -> bool {
+    use futures_util::SinkExt;
+    let mut write = std::pin::pin!(async {
+        for msg in msgs {
+            socket.feed(msg).await?;
+        }
+        socket.flush().await
+    });
     match futures_util::poll!(write.as_mut()) {
         std::task::Poll::Ready(result) => result.is_ok(),
         std::task::Poll::Pending => matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))),

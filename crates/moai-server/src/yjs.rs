@@ -25,10 +25,14 @@ use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
 use crate::ws::{
-    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_with_deadline, SessionInfo,
-    SessionLog, CLOSE_LINGER,
+    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_all_with_deadline,
+    send_with_deadline, SessionInfo, SessionLog, CLOSE_LINGER,
 };
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
+
+/// Most queued frames written with one flush; bounds how long one socket's burst can delay its
+/// other duties (pings, reads).
+const MAX_FRAMES_PER_FLUSH: usize = 256;
 
 /// Heartbeat timings of Yjs sockets.
 #[derive(Debug, Clone)]
@@ -119,10 +123,30 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
             _ = shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down".into()),
             out = session.outbound() => match out {
                 Some(Outbound::Frame(frame)) => {
-                    if !send(&mut socket, Message::Binary(frame), hb.write_timeout, metrics).await {
+                    // Take whatever else is already queued and write it with one flush.
+                    let mut frames = vec![frame];
+                    let mut then = None;
+                    while frames.len() < MAX_FRAMES_PER_FLUSH {
+                        match session.try_outbound() {
+                            Some(Outbound::Frame(f)) => frames.push(f),
+                            Some(Outbound::Close { code, reason }) => {
+                                then = Some((code, reason));
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    for f in &frames {
+                        metrics.message(Protocol::Yjs, Direction::Out, f.len());
+                    }
+                    let msgs = frames.into_iter().map(Message::Binary).collect();
+                    if !send_all_with_deadline(&mut socket, msgs, hb.write_timeout).await {
                         break (1006, "write failed".into());
                     }
                     last_sent = Instant::now();
+                    if let Some(close) = then {
+                        break close;
+                    }
                 }
                 Some(Outbound::Close { code, reason }) => break (code, reason),
                 None if session.was_too_slow() => {
