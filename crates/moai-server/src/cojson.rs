@@ -23,7 +23,7 @@ use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
 use crate::ws::{
-    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_with_deadline, SessionInfo,
+    accept_session, client_close, close, close_gracefully, close_too_big, is_too_big, send_with_deadline, SessionInfo,
     SessionLog, CLOSE_LINGER,
 };
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
@@ -112,17 +112,14 @@ async fn run(mut socket: WebSocket, cojson: CojsonService, state: &AppState, log
                 Some(Ok(Message::Pong(_))) => unanswered = 0,
                 Some(Ok(Message::Ping(_))) => {}
                 Some(Ok(Message::Close(frame))) => {
-                    let (c, r) = frame.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
-                    log.set_close(c, format!("client closed: {r}"));
+                    let (code, reason) = client_close(frame);
+                    log.set_close(code, reason);
                     session.leave().await;
                     return;
                 }
                 Some(Err(e)) if is_too_big(&e) => {
-                    metrics.rejected("frame_too_big");
-                    let reason = format!("message larger than {} bytes", state.limits.max_frame_bytes);
                     session.leave().await;
-                    close_after_read_error(&mut socket, close::TOO_BIG, &reason, Duration::from_millis(500)).await;
-                    log.set_close(close::TOO_BIG, reason);
+                    close_too_big(&mut socket, state, log).await;
                     return;
                 }
                 Some(Err(_)) | None => {

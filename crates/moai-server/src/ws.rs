@@ -127,6 +127,22 @@ pub async fn send_all_with_deadline(
     }
 }
 
+/// The code and reason of a close frame the client sent, for the session log (1005 when the
+/// frame carried no code).
+pub fn client_close(frame: Option<CloseFrame>) -> (u16, String) {
+    let (code, reason) = frame.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
+    (code, format!("client closed: {reason}"))
+}
+
+/// Answers a frame over the size limit: counted, closed with 1009, logged. The caller has
+/// already left its document/relay, so nothing from this socket is processed any more.
+pub async fn close_too_big(socket: &mut WebSocket, state: &crate::AppState, log: &mut SessionLog) {
+    state.metrics.rejected("frame_too_big");
+    let reason = format!("message larger than {} bytes", state.limits.max_frame_bytes);
+    close_after_read_error(socket, close::TOO_BIG, &reason, std::time::Duration::from_millis(500)).await;
+    log.set_close(close::TOO_BIG, reason);
+}
+
 /// Whether a receive error means the peer sent a message over the size limit (close 1009) rather
 /// than a broken connection.
 pub fn is_too_big(err: &axum::Error) -> bool {

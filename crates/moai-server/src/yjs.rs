@@ -25,7 +25,7 @@ use crate::auth::token_from_request;
 use crate::gate::error_response;
 use crate::serve::ConnectionSlot;
 use crate::ws::{
-    accept_session, close, close_after_read_error, close_gracefully, is_too_big, send_all_with_deadline,
+    accept_session, client_close, close, close_gracefully, close_too_big, is_too_big, send_all_with_deadline,
     send_with_deadline, SessionInfo, SessionLog, CLOSE_LINGER,
 };
 use crate::{AppState, Direction, Engines, Metrics, Protocol};
@@ -172,17 +172,14 @@ async fn run(mut socket: WebSocket, yjs: YjsService, doc: &str, state: &AppState
                 Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
                 Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
                 Some(Ok(Message::Close(frame))) => {
-                    let (c, r) = frame.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
-                    log.set_close(c, format!("client closed: {r}"));
+                    let (code, reason) = client_close(frame);
+                    log.set_close(code, reason);
                     session.leave().await;
                     return;
                 }
                 Some(Err(e)) if is_too_big(&e) => {
-                    metrics.rejected("frame_too_big");
-                    let reason = format!("message larger than {} bytes", state.limits.max_frame_bytes);
                     session.leave().await;
-                    close_after_read_error(&mut socket, close::TOO_BIG, &reason, Duration::from_millis(500)).await;
-                    log.set_close(close::TOO_BIG, reason);
+                    close_too_big(&mut socket, state, log).await;
                     return;
                 }
                 Some(Err(e)) => {
