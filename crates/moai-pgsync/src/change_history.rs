@@ -282,8 +282,60 @@ pub(crate) async fn expire_clients(client: &Client, schema: &str, ttl: Duration)
 }
 
 #[cfg(test)]
+#[path = "../tests/support/pg.rs"]
+mod pg_cluster;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db;
+
+    /// Catch-up after a large ingest, before autovacuum analyzed the table: every page must
+    /// walk the primary key from the position and stop after `limit` rows. Any other plan
+    /// (bitmap scan of the whole backlog + top-N sort, or seq scan + sort) makes each page cost
+    /// as much as the entire backlog. Checked for both page statements, on the connection
+    /// settings the service uses for pages.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn page_queries_walk_the_key_in_order_on_an_unanalyzed_backlog() {
+        let pg = pg_cluster::PgCluster::start();
+        let cfg = db::parse_url(&pg.url()).unwrap();
+        let setup = db::connect(&cfg).await.unwrap();
+        setup.batch_execute(&db::schema_ddl("moai_sync")).await.unwrap();
+        // 100k rows, 100 per transaction, as a bulk ingest leaves them: no ANALYZE.
+        setup
+            .batch_execute(
+                "INSERT INTO moai_sync.change_history (commit_lsn, seq, xid, commit_time, tbl, op, pk, data) \
+                 SELECT ('0/' || to_hex(16777216 + (i / 100) * 256))::pg_lsn, i % 100, (1000 + i / 100)::text::xid8, \
+                        now(), 'public.items', 'I', jsonb_build_object('id', i), jsonb_build_object('id', i, 'v', 'x') \
+                 FROM generate_series(0, 99999) AS i",
+            )
+            .await
+            .unwrap();
+        let pages = db::connect(&db::for_page_queries(cfg)).await.unwrap();
+        let after = PgLsn::from(16_777_216u64 + 10 * 256);
+        let upto = PgLsn::from(u64::MAX >> 1);
+        let tables = vec!["public.items".to_string()];
+        let (seq, limit) = (5i64, 5000i64);
+        let plans = [
+            {
+                let sql = format!("EXPLAIN {}", page_sql("moai_sync", false).replace("$7", "$5"));
+                let params: [&(dyn ToSql + Sync); 5] = [&after, &seq, &upto, &limit, &tables];
+                pages.query(&sql, &params).await.unwrap()
+            },
+            {
+                let sql = format!("EXPLAIN {}", page_sql("moai_sync", true));
+                let (h, snap) = ("0/1000A00".to_string(), "1005:1010:1007".to_string());
+                let params: [&(dyn ToSql + Sync); 7] = [&after, &seq, &upto, &limit, &h, &snap, &tables];
+                pages.query(&sql, &params).await.unwrap()
+            },
+        ];
+        for rows in plans {
+            let plan: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+            let plan = plan.join("\n");
+            assert!(plan.contains("Index Scan using change_history_pkey"), "page plan:\n{plan}");
+            assert!(!plan.contains("Sort") && !plan.contains("Bitmap") && !plan.contains("Seq Scan"), "page plan:\n{plan}");
+        }
+    }
 
     #[test]
     fn pg_time_round_trip() {

@@ -59,6 +59,9 @@ struct Inner {
     feed_tx: Arc<watch::Sender<FeedState>>,
     feed: watch::Receiver<FeedState>,
     shared: SharedClient,
+    /// Page queries only, with planner settings that keep them on the ordered index scan
+    /// ([`db::for_page_queries`]); also keeps pages from queueing behind registry writes.
+    pages: SharedClient,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     snapshot_ids: AtomicU64,
@@ -92,6 +95,7 @@ impl PgSync {
         }
         let inner = Arc::new(Inner {
             shared: SharedClient::new(db::with_async_commit(pg.clone())),
+            pages: SharedClient::new(db::for_page_queries(pg.clone())),
             cfg,
             pg,
             feed_tx,
@@ -539,7 +543,7 @@ impl Driver {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let res = async {
-                let client = self.inner.shared.get().await?;
+                let client = self.inner.pages.get().await?;
                 change_history::load_page(&client, &self.inner.cfg.schema, q, &tables).await
             }
             .await;
