@@ -11,7 +11,7 @@
 //! * [`Store::reset`] forgets the rows of the given tables **and** the resume point, so an
 //!   interrupted re-snapshot is restarted rather than resumed over partial data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
@@ -43,48 +43,61 @@ pub trait Store: Send + 'static {
 /// serde_json's `preserve_order` feature, maps keep arrival order, and a composite key sent as
 /// `{"b":1,"a":2}` in a snapshot and `{"a":2,"b":1}` in a change would be two different rows.
 pub fn key_text(key: &Row) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(32);
     canonical_object(key, &mut out);
-    out
+    // Only serde_json's output and ASCII punctuation went in.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn canonical_object(m: &Row, out: &mut String) {
-    let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-    entries.sort_by(|a, b| a.0.cmp(b.0));
-    out.push('{');
-    for (i, (k, v)) in entries.into_iter().enumerate() {
+fn canonical_object(m: &Row, out: &mut Vec<u8>) {
+    out.push(b'{');
+    let write_member = |i: usize, k: &String, v: &Value, out: &mut Vec<u8>| {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(&Value::String(k.clone()).to_string());
-        out.push(':');
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
         canonical(v, out);
+    };
+    if m.len() == 1 {
+        // The common key: one column, nothing to sort.
+        if let Some((k, v)) = m.iter().next() {
+            write_member(0, k, v, out);
+        }
+    } else {
+        let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (k, v)) in entries.into_iter().enumerate() {
+            write_member(i, k, v, out);
+        }
     }
-    out.push('}');
+    out.push(b'}');
 }
 
-fn canonical(v: &Value, out: &mut String) {
+fn canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => canonical_object(m, out),
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => out.push_str(&scalar.to_string()),
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
     }
 }
 
-/// Rows in `BTreeMap`s: table → key text → row. Optionally keeps a journal of applied
+/// Rows in hash maps: table → key text → row. Optionally keeps a journal of applied
 /// transaction LSNs (tests use it to prove nothing was applied twice).
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
-    tables: BTreeMap<String, BTreeMap<String, Row>>,
+    tables: HashMap<String, HashMap<String, Row>>,
     resume: Option<ResumePoint>,
     journal: Option<Vec<Lsn>>,
     resets: u64,
@@ -102,7 +115,7 @@ impl MemoryStore {
 
     /// Rows of one table: key text → row.
     pub fn table(&self, table: &str) -> BTreeMap<String, Row> {
-        self.tables.get(table).cloned().unwrap_or_default()
+        self.tables.get(table).map(|t| t.iter().map(|(k, r)| (k.clone(), r.clone())).collect()).unwrap_or_default()
     }
 
     pub fn get(&self, table: &str, key: &Row) -> Option<&Row> {
@@ -118,12 +131,8 @@ impl MemoryStore {
         self.resets
     }
 
-    fn rows_of(&mut self, table: String) -> &mut BTreeMap<String, Row> {
-        // Look up by &str first: the common case (table exists) allocates nothing.
-        if !self.tables.contains_key(&table) {
-            self.tables.insert(table.clone(), BTreeMap::new());
-        }
-        self.tables.get_mut(&table).expect("inserted above")
+    fn rows_of(&mut self, table: String) -> &mut HashMap<String, Row> {
+        self.tables.entry(table).or_default()
     }
 
     fn apply_op(&mut self, op: Op) {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::pin_mut;
 use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{PgLsn, ToSql, Type};
+use tokio_postgres::types::{FromSql, PgLsn, ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::config::Error;
@@ -18,6 +18,7 @@ use crate::pg_time;
 use crate::pgoutput::PgTimestamp;
 use crate::position::Position;
 use crate::protocol::{Row, WireOp};
+use crate::raw_row::RawRow;
 use crate::session::{HistoryRow, PageQuery};
 use crate::transaction_assembler::{Change, ChangeOp};
 
@@ -123,6 +124,30 @@ fn page_sql(schema: &str, stitched: bool) -> String {
     )
 }
 
+/// A `jsonb` column as its JSON text, without parsing it: the binary wire form of `jsonb` is a
+/// format version byte (1) followed by the text (see [`RawRow`]).
+struct JsonbText(String);
+
+impl<'a> FromSql<'a> for JsonbText {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.split_first() {
+            Some((1, text)) => Ok(JsonbText(std::str::from_utf8(text)?.to_owned())),
+            Some((v, _)) => Err(format!("unsupported jsonb format version {v}").into()),
+            None => Err("empty jsonb value".into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+}
+
+/// NULL → `None`; an object → its text; anything else in a row column is corruption.
+fn raw_object(v: Option<JsonbText>) -> Result<Option<RawRow>, Error> {
+    v.map(|JsonbText(text)| RawRow::from_json(text).map_err(|e| Error::Other(format!("change_history: {e}"))))
+        .transpose()
+}
+
 pub(crate) enum PageItem {
     Row(HistoryRow),
     /// A schema change of a subscribed table.
@@ -168,13 +193,9 @@ pub(crate) async fn load_page(
         let time: SystemTime = r.try_get(3)?;
         let table: String = r.try_get(4)?;
         let op: i8 = r.try_get(5)?;
-        let as_row = |v: Option<Value>| match v {
-            Some(Value::Object(m)) => Some(m),
-            _ => None,
-        };
-        let key = as_row(r.try_get(6)?);
-        let old_key = as_row(r.try_get(7)?);
-        let data = as_row(r.try_get(8)?);
+        let key = raw_object(r.try_get(6)?)?;
+        let old_key = raw_object(r.try_get(7)?)?;
+        let data = raw_object(r.try_get(8)?)?;
         let unchanged: Option<Vec<String>> = r.try_get(9)?;
         let wire = match op as u8 {
             b'I' => WireOp::Insert { seq, table, key: key.unwrap_or_default(), row: data.unwrap_or_default() },

@@ -19,6 +19,7 @@ pub mod pg_time;
 pub mod pgoutput;
 pub mod position;
 pub mod protocol;
+pub mod raw_row;
 pub mod replicator;
 pub mod service;
 pub mod session;

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::lsn::Lsn;
 use crate::position::Position;
+use crate::raw_row::RawRow;
 
 /// The protocol major version this crate speaks (`hello.protocol`).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -128,19 +129,19 @@ pub struct WireTransaction {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WireOp {
-    Insert { seq: u32, table: String, key: Row, row: Row },
+    Insert { seq: u32, table: String, key: RawRow, row: RawRow },
     /// Patch semantics: `row` holds the sent columns, `unchanged` those left out (TOAST).
     Update {
         seq: u32,
         table: String,
-        key: Row,
+        key: RawRow,
         /// The key before the update when it changed, else `null`.
-        old_key: Option<Row>,
-        row: Row,
+        old_key: Option<RawRow>,
+        row: RawRow,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         unchanged: Vec<String>,
     },
-    Delete { seq: u32, table: String, key: Row },
+    Delete { seq: u32, table: String, key: RawRow },
     Truncate { seq: u32, table: String },
 }
 
@@ -242,6 +243,10 @@ mod tests {
         }
     }
 
+    fn raw(v: Value) -> RawRow {
+        RawRow::from_row(&row(v))
+    }
+
     #[test]
     fn hello_from_spec_example_parses() {
         let text = r#"{"type":"hello","protocol":1,"client_id":"5d1","generation":7,
@@ -326,16 +331,16 @@ mod tests {
                 commit_time: "2026-11-22T03:04:05.123Z".into(),
                 last: true,
                 ops: vec![
-                    WireOp::Insert { seq: 0, table: "public.todos".into(), key: row(json!({"id":9})), row: row(json!({"id":9,"title":"a"})) },
+                    WireOp::Insert { seq: 0, table: "public.todos".into(), key: raw(json!({"id":9})), row: raw(json!({"id":9,"title":"a"})) },
                     WireOp::Update {
                         seq: 1,
                         table: "public.todos".into(),
-                        key: row(json!({"id":3})),
+                        key: raw(json!({"id":3})),
                         old_key: None,
-                        row: row(json!({"id":3,"done":true})),
+                        row: raw(json!({"id":3,"done":true})),
                         unchanged: vec!["body".into()],
                     },
-                    WireOp::Delete { seq: 2, table: "public.todos".into(), key: row(json!({"id":4})) },
+                    WireOp::Delete { seq: 2, table: "public.todos".into(), key: raw(json!({"id":4})) },
                     WireOp::Truncate { seq: 3, table: "public.todos".into() },
                 ],
             }],

@@ -24,6 +24,7 @@ use crate::db::{self, ident, qualified_ident, SharedClient};
 use crate::lsn::Lsn;
 use crate::pgoutput::RelationCache;
 use crate::position::Position;
+use crate::raw_row::RawRow;
 use crate::protocol::{
     ClientMessage, ColumnSchema, ErrorCode, ErrorMessage, Hello, RefetchReason, Row, ServerMessage, ServerState,
     ShapeRequest, ShapeSchema, WireOp, WireTransaction,
@@ -163,6 +164,7 @@ impl PgSync {
             generation: 0,
             unpersisted: None,
             last_persist: None,
+            prefetched: None,
         };
         pin_mut!(cancel);
         let end = tokio::select! {
@@ -217,6 +219,20 @@ struct Driver {
     /// Acked position not yet written to the registry (writes are coalesced).
     unpersisted: Option<Position>,
     last_persist: Option<tokio::time::Instant>,
+    /// The next page, already being read (see [`Driver::prefetch`]).
+    prefetched: Option<Prefetch>,
+}
+
+/// A page query started ahead of its turn; aborted if the session ends first.
+struct Prefetch {
+    query: PageQuery,
+    task: JoinHandle<Result<Vec<PageItem>, Error>>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Acked positions are written to the registry at most this often per session (spec 4.5:
@@ -285,7 +301,14 @@ impl Driver {
         let mut events: VecDeque<Event> = VecDeque::new();
         loop {
             while let Some(ev) = events.pop_front() {
-                for action in session.handle(ev) {
+                let actions = session.handle(ev);
+                if let Some(q) = actions.iter().find_map(|a| match a {
+                    Action::QueryPage(q) => Some(q),
+                    _ => None,
+                }) {
+                    self.prefetch(q.clone());
+                }
+                for action in actions {
                     if let Err(end) = self.exec(action, &mut events).await {
                         return end;
                     }
@@ -515,7 +538,14 @@ impl Driver {
                 Err(e) => Err(self.fatal(ErrorCode::Internal, format!("snapshot failed: {e}")).await),
             },
             Action::QueryPage(q) => {
-                let items = match self.load_page(&q).await {
+                let items = match self.prefetched.take() {
+                    Some(mut p) if p.query == q => match (&mut p.task).await {
+                        Ok(r) => r,
+                        Err(e) => Err(Error::Other(format!("page query task: {e}"))),
+                    },
+                    _ => load_page(self.inner.clone(), self.tables(), q).await,
+                };
+                let items = match items {
                     Ok(items) => items,
                     Err(e) => return Err(self.fatal(ErrorCode::Internal, format!("reading history failed: {e}")).await),
                 };
@@ -536,27 +566,17 @@ impl Driver {
         }
     }
 
-    /// Page query with retries across connection loss (Postgres restarts).
-    async fn load_page(&self, q: &PageQuery) -> Result<Vec<PageItem>, Error> {
-        let tables: Vec<String> = self.shapes.iter().map(|(_, s)| s.table.clone()).collect();
-        let mut delay = Duration::from_millis(50);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let res = async {
-                let client = self.inner.pages.get().await?;
-                change_history::load_page(&client, &self.inner.cfg.schema, q, &tables).await
-            }
-            .await;
-            match res {
-                Ok(items) => return Ok(items),
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "pgsync: page query failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+    /// Start reading the page the session just asked for, before the actions queued ahead of
+    /// it (typically encoding and sending the previous page) run: PostgreSQL produces the next
+    /// page while this task encodes the current one. Without it the two took turns, and a
+    /// catch-up ran at the speed of their sum.
+    fn prefetch(&mut self, query: PageQuery) {
+        let task = tokio::spawn(load_page(self.inner.clone(), self.tables(), query.clone()));
+        self.prefetched = Some(Prefetch { query, task });
+    }
+
+    fn tables(&self) -> Vec<String> {
+        self.shapes.iter().map(|(_, s)| s.table.clone()).collect()
     }
 
     async fn table_columns(&self, table: &str) -> Result<Vec<ColumnInfo>, Error> {
@@ -650,6 +670,28 @@ impl Driver {
     }
 }
 
+/// Page query with retries across connection loss (Postgres restarts).
+async fn load_page(inner: Arc<Inner>, tables: Vec<String>, q: PageQuery) -> Result<Vec<PageItem>, Error> {
+    let mut delay = Duration::from_millis(50);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = async {
+            let client = inner.pages.get().await?;
+            change_history::load_page(&client, &inner.cfg.schema, &q, &tables).await
+        }
+        .await;
+        match res {
+            Ok(items) => return Ok(items),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "pgsync: page query failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Insert: sent if the row can match a shape. Update: sent (projected) if the new row can match;
 /// otherwise sent as a delete of the key (the row moved out, or the client never had it:
 /// deleting an absent key is a no-op). Delete/truncate: sent to shapes on that table whose
@@ -668,33 +710,39 @@ fn filter_op(shapes: &[(String, Shape)], op: WireOp) -> Option<WireOp> {
         return Some(op);
     }
     let passing = |row: &Row| -> Vec<&Shape> { on_table.iter().copied().filter(|s| s.evaluate(row) != Truth::False).collect() };
-    let project = |shapes: &[&Shape], row: &Row| -> Row {
+    let project = |shapes: &[&Shape], row: Row| -> RawRow {
         if shapes.iter().any(|s| s.columns.is_none()) {
-            return row.clone();
+            return RawRow::from_row(&row);
         }
-        row.iter()
+        let kept: Row = row
+            .into_iter()
             .filter(|(k, _)| shapes.iter().any(|s| s.columns.as_ref().is_some_and(|c| c.contains(k))))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect();
+        RawRow::from_row(&kept)
     };
+    // Otherwise the rows are parsed to evaluate predicates and to project columns.
     match op {
         WireOp::Insert { seq, table, key, row } => {
+            let row = row.to_row();
             let p = passing(&row);
-            (!p.is_empty()).then(|| WireOp::Insert { seq, row: project(&p, &row), table, key })
+            (!p.is_empty()).then(|| WireOp::Insert { seq, row: project(&p, row), table, key })
         }
         WireOp::Update { seq, table, key, old_key, row, unchanged } => {
+            let row = row.to_row();
             let p = passing(&row);
             if p.is_empty() {
                 return Some(WireOp::Delete { seq, table, key: old_key.unwrap_or(key) });
             }
-            let projected = project(&p, &row);
             let unchanged = unchanged
                 .into_iter()
                 .filter(|c| p.iter().any(|s| s.columns.as_ref().is_none_or(|l| l.contains(c))))
                 .collect();
-            Some(WireOp::Update { seq, table, key, old_key, row: projected, unchanged })
+            let row = project(&p, row);
+            Some(WireOp::Update { seq, table, key, old_key, row, unchanged })
         }
-        WireOp::Delete { seq, table, key } => (!passing(&key).is_empty()).then_some(WireOp::Delete { seq, table, key }),
+        WireOp::Delete { seq, table, key } => {
+            (!passing(&key.to_row()).is_empty()).then_some(WireOp::Delete { seq, table, key })
+        }
         t @ WireOp::Truncate { .. } => Some(t),
     }
 }
@@ -766,6 +814,10 @@ mod tests {
         }
     }
 
+    fn raw(v: Value) -> RawRow {
+        RawRow::from_row(&row(v))
+    }
+
     fn shapes() -> Vec<(String, Shape)> {
         vec![(
             "todos".into(),
@@ -778,16 +830,16 @@ mod tests {
         let op = WireOp::Insert {
             seq: 0,
             table: "public.todos".into(),
-            key: row(json!({"id":1})),
-            row: row(json!({"id":1,"title":"a","owner":"u1","secret":"x"})),
+            key: raw(json!({"id":1})),
+            row: raw(json!({"id":1,"title":"a","owner":"u1","secret":"x"})),
         };
         let Some(WireOp::Insert { row: r, .. }) = filter_op(&shapes(), op) else { panic!() };
-        assert_eq!(r, row(json!({"id":1,"title":"a"})));
+        assert_eq!(r, raw(json!({"id":1,"title":"a"})));
         let other = WireOp::Insert {
             seq: 0,
             table: "public.todos".into(),
-            key: row(json!({"id":2})),
-            row: row(json!({"id":2,"title":"b","owner":"u2"})),
+            key: raw(json!({"id":2})),
+            row: raw(json!({"id":2,"title":"b","owner":"u2"})),
         };
         assert_eq!(filter_op(&shapes(), other), None);
         let elsewhere = WireOp::Truncate { seq: 0, table: "public.other".into() };
@@ -799,14 +851,14 @@ mod tests {
         let op = WireOp::Update {
             seq: 3,
             table: "public.todos".into(),
-            key: row(json!({"id":1})),
+            key: raw(json!({"id":1})),
             old_key: None,
-            row: row(json!({"id":1,"title":"a","owner":"u2"})),
+            row: raw(json!({"id":1,"title":"a","owner":"u2"})),
             unchanged: vec![],
         };
         assert_eq!(
             filter_op(&shapes(), op),
-            Some(WireOp::Delete { seq: 3, table: "public.todos".into(), key: row(json!({"id":1})) })
+            Some(WireOp::Delete { seq: 3, table: "public.todos".into(), key: raw(json!({"id":1})) })
         );
     }
 }

@@ -28,6 +28,7 @@ use crate::pgoutput::{
 };
 use crate::position::Position;
 use crate::protocol::{ColumnSchema, Row, WireOp, WireTransaction};
+use crate::raw_row::RawRow;
 use crate::value_mapping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,16 +114,17 @@ impl Transaction {
 impl Change {
     pub fn to_wire(&self) -> Option<WireOp> {
         let table = self.table.clone();
-        let key = self.key.clone().unwrap_or_default();
+        let raw = |r: &Option<Row>| r.as_ref().map(RawRow::from_row);
+        let key = raw(&self.key).unwrap_or_default();
         let seq = self.seq;
         Some(match self.op {
-            ChangeOp::Insert => WireOp::Insert { seq, table, key, row: self.row.clone().unwrap_or_default() },
+            ChangeOp::Insert => WireOp::Insert { seq, table, key, row: raw(&self.row).unwrap_or_default() },
             ChangeOp::Update => WireOp::Update {
                 seq,
                 table,
                 key,
-                old_key: self.old_key.clone(),
-                row: self.row.clone().unwrap_or_default(),
+                old_key: raw(&self.old_key),
+                row: raw(&self.row).unwrap_or_default(),
                 unchanged: self.unchanged.clone(),
             },
             ChangeOp::Delete => WireOp::Delete { seq, table, key },
