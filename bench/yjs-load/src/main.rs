@@ -6,6 +6,7 @@
 
 mod bigdoc;
 mod client;
+mod cojson_floor;
 mod common;
 mod fanout;
 mod idle;
@@ -43,6 +44,8 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Bare broadcast relay (no CRDT, no storage): the ceiling.
     Relay(relay::RelayArgs),
+    /// Bare CoJSON-shaped fan-out relay (bench/cojson/floor.sh): the per-delivery I/O floor.
+    CojsonFloor(cojson_floor::FloorArgs),
     /// Exit 0 once one client can connect and sync (retries until --wait-s).
     Probe(probe::ProbeArgs),
     /// Markdown table of medians from a directory of JSON reports.
@@ -51,9 +54,15 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // cojson-floor --current-thread: the same relay without cross-thread wakeups.
+    let current = matches!(&cli.command, Command::CojsonFloor(a) if a.current_thread);
+    let mut rt = if current {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     rt.enable_all();
-    if let Some(n) = cli.threads {
+    if let (Some(n), false) = (cli.threads, current) {
         rt.worker_threads(n.max(1));
     }
     let rt = match rt.build() {
@@ -70,6 +79,7 @@ fn main() {
             Command::BigDoc(a) => bigdoc::run(a).await?,
             Command::Idle(a) => idle::run(a).await?,
             Command::Relay(a) => return relay::run(a).await,
+            Command::CojsonFloor(a) => return cojson_floor::run(a).await,
             Command::Probe(a) => return probe::run(a).await,
             Command::Report(a) => return report::run(a),
         };
