@@ -436,7 +436,26 @@ const commands = {
     // after CO_VALUE_LOADING_CONFIG.RETRY_DELAY = 3 s).
     const v = await withTimeout(c.node.load(id, !retry), timeoutMs, `loading ${id}`)
     if (v === 'unavailable') return { available: false, content: 'unavailable' }
-    return { available: true, type: v.core.verified.header.type, header: v.core.verified.header, content: contentJSON(v) }
+    return { available: true, type: v.core.verified.header.type, header: v.core.verified.header, content: contentJSON(v), deleted: v.core.isDeleted }
+  },
+
+  // Delete a CoValue the way an app does (`CoValueCore.deleteCoValue`): cojson first checks
+  // locally that this account is admin of the owner group, then sends one delete session.
+  async deleteCoValue ({ name, coId: id, timeoutMs }) {
+    const c = getClient(name)
+    const v = await loadAvailable(c, id, timeoutMs)
+    v.core.deleteCoValue()
+    return { deleted: v.core.isDeleted }
+  },
+
+  // A delete sent by a client that skips those local checks (a non-admin, or a modified
+  // client): the same signed delete session through `makeTransaction`, which only the
+  // server's check can stop.
+  async forgeDelete ({ name, coId: id, timeoutMs }) {
+    const c = getClient(name)
+    const v = await loadAvailable(c, id, timeoutMs)
+    const made = v.core.makeTransaction([], 'trusting', { deleted: id })
+    return { made: Boolean(made), deleted: v.core.isDeleted }
   },
 
   async waitSynced ({ name, coId: id, timeoutMs = DEFAULT_TIMEOUT_MS }) {

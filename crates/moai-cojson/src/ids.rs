@@ -151,6 +151,12 @@ impl SessionId {
         }
     }
 
+    /// The author's ID as text (account `co_z…` or agent ID), borrowed.
+    pub fn author_str(&self) -> &str {
+        let text = self.as_str();
+        &text[..text.find(Self::MARKER).unwrap_or(text.len())]
+    }
+
     /// `isDeleteSessionID`: the last character is `$`. (The spec describes the
     /// full shape `…_session_d<base58>$`; cojson checks only the `$`.)
     pub fn is_delete_session(&self) -> bool {

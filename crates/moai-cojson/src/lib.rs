@@ -15,6 +15,7 @@ pub mod message;
 pub mod header;
 pub mod covalue;
 pub mod verify;
+pub mod group_roles;
 pub mod dependencies;
 pub mod content_pieces;
 pub mod persistence;

@@ -78,13 +78,14 @@ impl HeaderLookup for HashMap<CoId, Header> {
 }
 
 /// The only role check cojson makes at ingest: is the author of a delete an
-/// admin of the owning group at `madeAt`. That needs group evaluation, which
-/// lives outside this module.
+/// admin of the owning group at `madeAt`. That needs the group's transactions,
+/// which this module does not see: the relay answers it from the CoValues in
+/// memory with [`crate::group_roles`].
 pub trait DeletePolicy {
     fn author_is_admin(&self, owner_group: &CoId, author: &SessionAuthor, made_at: u64) -> bool;
 }
 
-/// Rejects every delete: the safe default until group evaluation exists.
+/// Rejects every delete (for verifying without any group state, e.g. tests).
 pub struct DenyDeletes;
 
 impl DeletePolicy for DenyDeletes {

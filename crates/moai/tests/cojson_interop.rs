@@ -155,6 +155,61 @@ fn forged_signatures_and_header_mismatches_are_rejected_without_harming_others()
     c.call("waitSynced", json!({"name": "b", "coId": map}));
 }
 
+/// Deleting a CoValue (jazz `deleteCoValue`): moai accepts the delete only from an admin of the
+/// owner group at the delete's time, keeps it across a restart, and serves the deleted value
+/// (header + delete session) to everyone after; a signed delete from a mere writer changes
+/// nothing for anyone.
+#[test]
+fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moai.db");
+    let port = closed_port().to_string();
+    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    let url = sync_url(&server);
+    let mut c = NodeDriver::cojson();
+    let (_group, map, list) = seed(&mut c, &url); // a is admin; everyone may write
+
+    // b can write the map but is no admin: cojson itself would refuse, so b skips its checks.
+    c.call("createAccount", json!({"name": "b", "url": url}));
+    c.call("setKey", json!({"name": "b", "coId": map, "key": "by_b", "value": 1}));
+    c.call("waitSynced", json!({"name": "b", "coId": map}));
+    let refused = c.try_call("deleteCoValue", json!({"name": "b", "coId": map}));
+    assert_eq!(refused["ok"], false, "cojson refuses a writer's delete locally: {refused}");
+    assert_eq!(c.call("forgeDelete", json!({"name": "b", "coId": map}))["deleted"], true);
+    // moai refuses it: a writer's honest edit made after it still arrives, and a fresh node
+    // sees the map whole.
+    c.call("setKey", json!({"name": "a", "coId": map, "key": "after_forgery", "value": true}));
+    c.call("waitSynced", json!({"name": "a", "coId": map}));
+    c.call("createAccount", json!({"name": "c", "url": url}));
+    let seen = c.call("load", json!({"name": "c", "coId": map}));
+    assert_eq!(seen["deleted"], false, "{seen}");
+    assert_eq!(seen["content"]["by_b"], 1, "{seen}");
+    assert_eq!(seen["content"]["after_forgery"], true, "{seen}");
+
+    // The admin deletes the map; a node that never saw it gets the deleted value.
+    assert_eq!(c.call("deleteCoValue", json!({"name": "a", "coId": map}))["deleted"], true);
+    c.call("waitSynced", json!({"name": "a", "coId": map}));
+    c.call("createAccount", json!({"name": "d", "url": url}));
+    let gone = c.call("load", json!({"name": "d", "coId": map}));
+    assert_eq!((gone["available"].as_bool(), gone["deleted"].as_bool()), (Some(true), Some(true)), "{gone}");
+    assert_eq!(gone["content"], json!({}), "{gone}");
+    // Other CoValues of the group are untouched.
+    assert_eq!(c.call("getList", json!({"name": "d", "coId": list}))["list"], json!(["milk"]));
+
+    // The delete survives kill -9.
+    server.signal("KILL");
+    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
+    drop(server);
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
+    server.wait_ready();
+    c.call("createAccount", json!({"name": "e", "url": url}));
+    let after_restart = c.call("load", json!({"name": "e", "coId": map}));
+    assert_eq!(after_restart["deleted"], true, "{after_restart}");
+    assert_eq!(after_restart["content"], json!({}), "{after_restart}");
+    drop(server);
+}
+
 #[test]
 fn malformed_frames_are_ignored_and_pings_arrive() {
     let server = Server::start(&[]);

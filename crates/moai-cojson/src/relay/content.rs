@@ -22,7 +22,7 @@
 //! 6. fan-out to every subscribed peer (the sender gets only what it lacks).
 
 use super::slot::{Job, PendingAck, Residence, Resident};
-use super::{Diagnostic, PeerId, Relay, Slot, SlotHeaders};
+use super::{Diagnostic, PeerId, Relay, Slot, SlotGroups, SlotHeaders};
 use crate::covalue::CoValueState;
 use crate::dependencies::{content_dependencies, covalue_dependencies, session_content_dependencies};
 use crate::header::Header;
@@ -88,7 +88,7 @@ impl Relay {
 
         // 4. Verify against the current state; nothing changes yet.
         let existing = self.slots.get(&id).and_then(Slot::resident).map(|r| &r.state);
-        let verdict = match verify_content(existing, &msg, &SlotHeaders(&self.slots), self.deletes.as_ref()) {
+        let verdict = match verify_content(existing, &msg, &SlotHeaders(&self.slots), &SlotGroups(&self.slots)) {
             Ok(v) => v,
             Err(ContentError::HeaderMissing) => {
                 self.send_known(peer, KnownState::empty(id), true);

@@ -57,7 +57,10 @@ use crate::ids::CoId;
 use crate::known_state::KnownState;
 use crate::message::{KnownMessage, Outgoing, SyncMessage};
 use crate::persistence::{rebuild, PersistRequest, PersistToken, StoredCoValue, StoredError, StoredKnown};
-use crate::verify::{DeletePolicy, DenyDeletes, HeaderLookup, VerifyError};
+use crate::covalue::CoValueState;
+use crate::group_roles::{self, CoValueLookup};
+use crate::ids::SessionAuthor;
+use crate::verify::{DeletePolicy, HeaderLookup, VerifyError};
 use crate::content_pieces::PIECE_LIMIT_BYTES;
 use crate::dependencies::covalue_dependencies;
 use crate::header::Header;
@@ -157,7 +160,6 @@ pub enum NotEvictable {
 
 pub struct Relay {
     config: RelayConfig,
-    deletes: Box<dyn DeletePolicy + Send>,
     peers: HashMap<PeerId, PeerState>,
     slots: HashMap<CoId, Slot>,
     /// Reverse index of `PeerState::known`: who is subscribed to what.
@@ -183,6 +185,24 @@ impl HeaderLookup for SlotHeaders<'_> {
     }
 }
 
+/// The delete permission check over the groups in memory: the author must be admin of the
+/// owner group at the delete's `madeAt` ([`group_roles`]). Owner groups (and their parents,
+/// when the group arrived as content) are dependencies of the CoValue, so they are resident
+/// by the time its content is verified; one that is not counts as giving no role.
+struct SlotGroups<'a>(&'a HashMap<CoId, Slot>);
+
+impl CoValueLookup for SlotGroups<'_> {
+    fn state(&self, id: &CoId) -> Option<&CoValueState> {
+        self.0.get(id)?.resident().map(|r| &r.state)
+    }
+}
+
+impl DeletePolicy for SlotGroups<'_> {
+    fn author_is_admin(&self, owner_group: &CoId, author: &SessionAuthor, made_at: u64) -> bool {
+        group_roles::is_admin(self, owner_group, author.as_str(), made_at)
+    }
+}
+
 impl Default for Relay {
     fn default() -> Self {
         Self::new(RelayConfig::default())
@@ -190,15 +210,9 @@ impl Default for Relay {
 }
 
 impl Relay {
-    /// A relay that rejects every delete (no group evaluation yet).
     pub fn new(config: RelayConfig) -> Self {
-        Self::with_delete_policy(config, Box::new(DenyDeletes))
-    }
-
-    pub fn with_delete_policy(config: RelayConfig, deletes: Box<dyn DeletePolicy + Send>) -> Self {
         Relay {
             config,
-            deletes,
             peers: HashMap::new(),
             slots: HashMap::new(),
             subscribers: HashMap::new(),
