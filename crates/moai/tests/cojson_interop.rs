@@ -78,13 +78,47 @@ fn concurrent_same_key_edits_converge() {
     assert_eq!(a_view["map"], b_view["map"], "both nodes converge to the same map");
 }
 
+/// A server on a fixed port and database, so that it can be restarted in place
+/// ([`Restartable::restart`]) and clients reconnect to the same URL.
+struct Restartable {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    port: String,
+    server: Option<Server>,
+}
+
+impl Restartable {
+    fn start() -> Restartable {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("moai.db");
+        let mut r = Restartable { _dir: dir, db, port: closed_port().to_string(), server: None };
+        r.up();
+        r
+    }
+
+    fn up(&mut self) {
+        let server = Server::start_in(tempfile::tempdir().unwrap(), &self.db, &["--port", &self.port]);
+        server.wait_ready();
+        self.server = Some(server);
+    }
+
+    fn url(&self) -> String {
+        sync_url(self.server.as_ref().expect("running"))
+    }
+
+    /// Stop with `signal` (TERM: graceful; KILL: crash) and start again on the same database.
+    fn restart(&mut self, signal: &str) {
+        let mut server = self.server.take().expect("running");
+        server.signal(signal);
+        server.wait_exit(Duration::from_secs(15)).expect("server stopped");
+        drop(server);
+        self.up();
+    }
+}
+
 fn restart_keeps_everything_acked(signal: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("moai.db");
-    let port = closed_port().to_string();
-    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
-    server.wait_ready();
-    let url = sync_url(&server);
+    let mut server = Restartable::start();
+    let url = server.url();
     let mut c = NodeDriver::cojson();
     let (_group, map, list) = seed(&mut c, &url);
     for i in 0..10 {
@@ -92,11 +126,7 @@ fn restart_keeps_everything_acked(signal: &str) {
     }
     c.call("setKey", json!({"name": "a", "coId": map, "key": "last", "value": "written before the crash"}));
     c.call("waitSynced", json!({"name": "a"})); // acknowledged by moai
-    server.signal(signal);
-    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
-    drop(server);
-    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
-    server.wait_ready();
+    server.restart(signal);
     // A fresh node with no storage of its own gets everything back from moai.
     c.call("createAccount", json!({"name": "fresh", "url": url}));
     assert_eq!(c.call("getMap", json!({"name": "fresh", "coId": map}))["map"]["last"], "written before the crash");
@@ -161,12 +191,8 @@ fn forged_signatures_and_header_mismatches_are_rejected_without_harming_others()
 /// nothing for anyone.
 #[test]
 fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("moai.db");
-    let port = closed_port().to_string();
-    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
-    server.wait_ready();
-    let url = sync_url(&server);
+    let mut server = Restartable::start();
+    let url = server.url();
     let mut c = NodeDriver::cojson();
     let (_group, map, list) = seed(&mut c, &url); // a is admin; everyone may write
 
@@ -198,16 +224,11 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     assert_eq!(c.call("getList", json!({"name": "d", "coId": list}))["list"], json!(["milk"]));
 
     // The delete survives kill -9.
-    server.signal("KILL");
-    server.wait_exit(Duration::from_secs(15)).expect("server stopped");
-    drop(server);
-    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &["--port", &port]);
-    server.wait_ready();
+    server.restart("KILL");
     c.call("createAccount", json!({"name": "e", "url": url}));
     let after_restart = c.call("load", json!({"name": "e", "coId": map}));
     assert_eq!(after_restart["deleted"], true, "{after_restart}");
     assert_eq!(after_restart["content"], json!({}), "{after_restart}");
-    drop(server);
 }
 
 #[test]
