@@ -231,6 +231,32 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     assert_eq!(after_restart["content"], json!({}), "{after_restart}");
 }
 
+/// The API Jazz apps use, not just cojson underneath it: two jazz-tools 0.20.19 workers
+/// (`startWorker` with a sync server URL, separate accounts, no shared storage) share a
+/// `co.list` of `co.map`s through moai, with live edits both ways
+/// (interop/jazz-tools-check.mjs does the steps and reports one JSON line).
+#[test]
+fn jazz_tools_workers_share_a_list_through_moai() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop/jazz-tools-check.mjs");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", &sync_url(&server), "--timeout-ms", "30000"])
+        .output()
+        .expect("node must be installed to run interop tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!("no JSON report ({e}); stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    assert_eq!(report["ok"], true, "{report}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["versions"]["jazz-tools"], "0.20.19", "{report}");
+    for step in ["a.create", "b.load", "b.subscribe", "a.setDone", "b.push"] {
+        assert!(!report["steps"][step].is_null(), "step {step} missing: {report}");
+    }
+}
+
 #[test]
 fn malformed_frames_are_ignored_and_pings_arrive() {
     let server = Server::start(&[]);
