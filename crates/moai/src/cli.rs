@@ -69,6 +69,13 @@ pub struct ServeArgs {
     /// How long shutdown waits for sessions to close before closing storage and exiting.
     #[arg(long, env = "MOAI_SHUTDOWN_GRACE", default_value = "10s", value_parser = units::duration)]
     pub shutdown_grace: Duration,
+    /// Async worker threads. Default: one less than the CPU cores, at least one. The storage
+    /// writer and the compactor have threads of their own, and on a 2-core machine one worker
+    /// measured better than two for every load (docs/benchmarks.md: less CPU per message and
+    /// lower latency, because wake-ups stay on one thread).
+    #[arg(long, env = "MOAI_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+
     /// fsync every group commit (survives power loss). With false, acknowledged writes still
     /// survive a crash of moai, but the last commits may be lost if the machine loses power.
     #[arg(long, env = "MOAI_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]

@@ -14,9 +14,21 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 
+/// See `ServeArgs::worker_threads`.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let workers = match &cli.command {
+        None => cli.serve.worker_threads.map(usize::from),
+        Some(Command::Serve(args)) => args.worker_threads.map(usize::from),
+        Some(_) => Some(1), // the client commands make one request at a time
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers.unwrap_or_else(default_worker_threads));
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("moai: cannot start the async runtime: {e}");

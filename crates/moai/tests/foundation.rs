@@ -127,6 +127,16 @@ fn an_unusable_db_path_fails_initialisation_clearly() {
 }
 
 #[test]
+fn worker_threads_can_be_set_and_zero_is_refused() {
+    let out = Command::new(BIN).args(["serve", "--worker-threads", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"), "{out:?}");
+    // One worker serves as usual.
+    let server = Server::start(&["--worker-threads", "1"]);
+    server.wait_ready();
+}
+
+#[test]
 fn a_corrupt_database_fails_initialisation_and_is_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("moai.db");
