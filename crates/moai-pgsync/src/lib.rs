@@ -11,6 +11,7 @@
 //! `change_history` (replicator, not here) → page queries driven by [`session::Session`], which
 //! speaks [`protocol`] and filters with [`shape`].
 
+pub mod access;
 pub(crate) mod change_history;
 pub mod config;
 mod db;
@@ -27,6 +28,7 @@ pub mod shape;
 pub mod transaction_assembler;
 pub mod value_mapping;
 
+pub use access::Access;
 pub use lsn::{Lsn, LsnParseError};
 pub use position::Position;
 pub use config::{Error, PgSyncConfig};

@@ -178,6 +178,9 @@ pub enum ErrorCode {
     /// issued by this history (a client talking to a restored or different database). Fatal;
     /// the client must drop its data and reconnect with `position: null`.
     PositionAhead,
+    /// Not in spec §5: the token is valid but does not open a table the hello asks for
+    /// (see [`crate::access`]). Fatal; retrying with the same token cannot help.
+    Forbidden,
 }
 
 /// Failure to read a client frame; the session answers with `error{bad_request}`.

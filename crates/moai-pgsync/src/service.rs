@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::IsolationLevel;
 
+use crate::access::Access;
 use crate::change_history::{self, PageItem};
 use crate::config::{Error, PgSyncConfig};
 use crate::db::{self, ident, qualified_ident, SharedClient};
@@ -150,6 +151,7 @@ impl PgSync {
         &self,
         mut inbound: mpsc::Receiver<String>,
         outbound: mpsc::Sender<String>,
+        access: Access,
         cancel: C,
     ) -> SessionEnd
     where
@@ -165,6 +167,7 @@ impl PgSync {
             unpersisted: None,
             last_persist: None,
             prefetched: None,
+            access,
         };
         pin_mut!(cancel);
         let end = tokio::select! {
@@ -221,6 +224,8 @@ struct Driver {
     last_persist: Option<tokio::time::Instant>,
     /// The next page, already being read (see [`Driver::prefetch`]).
     prefetched: Option<Prefetch>,
+    /// What the token lets this session read; applied to the hello's shapes.
+    access: Access,
 }
 
 /// A page query started ahead of its turn; aborted if the session ends first.
@@ -363,6 +368,12 @@ impl Driver {
             };
             match ClientMessage::from_json(&text) {
                 Ok(ClientMessage::Hello(h)) if self.hello.is_none() => {
+                    // The token's tables and row predicates become part of the shapes, so the
+                    // session core serves exactly what the token allows.
+                    let h = match self.access.restrict_hello(h) {
+                        Ok(h) => h,
+                        Err(why) => return self.fatal(ErrorCode::Forbidden, why).await,
+                    };
                     if let Err(end) = self.accept_hello(&h).await {
                         return end;
                     }
@@ -798,7 +809,7 @@ fn _session_future_is_send() {
     let (otx, _orx) = mpsc::channel::<String>(1);
     let p: Option<PgSync> = None;
     if let Some(p) = p {
-        is_send(async move { p.run_session(irx, otx, std::future::pending::<()>()).await });
+        is_send(async move { p.run_session(irx, otx, Access::all(), std::future::pending::<()>()).await });
     }
 }
 

@@ -9,14 +9,17 @@
 //! - **Scoped** `mt1.<payload>.<signature>`: payload = base64url (no padding) of a JSON object
 //!   `{"sub": userId, "exp": unix-seconds?, "docs": [docId or "prefix*", …]?}`, signature =
 //!   lowercase hex HMAC-SHA256(key = secret, message = "mt1." + payload). `exp` bounds its
-//!   life; `docs` limits which Yjs documents it opens (an entry ending in `*` is a prefix).
-//!   Minted by `moai token USER [--doc D] [--ttl 1h]`.
+//!   life; `docs` limits which Yjs documents it opens (an entry ending in `*` is a prefix);
+//!   `tables` (`{"schema.table": "predicate" | null, …}`) limits what the change feed serves.
+//!   Minted by `moai token USER [--doc D] [--table T] [--ttl 1h]`.
 //!
 //! Signatures are compared in constant time (HMAC's own verify). A missing, malformed or
 //! forged token is "unauthorized" (WebSocket close 4401, HTTP 401); a valid token that has
 //! expired or does not cover the document is "forbidden" (4403, HTTP 403). y-websocket ≥ 3.1
 //! stops reconnecting on 4400–4499, which is why WebSockets are upgraded and then closed rather
 //! than refused with an HTTP status (browsers would retry that forever).
+
+use std::collections::BTreeMap;
 
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -64,13 +67,17 @@ impl AuthError {
 }
 
 /// Who a verified token speaks for, and what it may open.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docs: Option<Vec<String>>,
+    /// Change feed: the tables (`schema.table`) the token opens, each with an optional row
+    /// predicate ANDed into every shape on it (`moai_pgsync::Access`). Absent: all tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<BTreeMap<String, Option<String>>>,
 }
 
 impl Claims {
@@ -114,7 +121,7 @@ impl Auth {
 
     /// Mints a token. Plain form when neither expiry nor scope is given. None without a secret.
     pub fn mint(&self, claims: &Claims) -> Option<String> {
-        if claims.exp.is_none() && claims.docs.is_none() {
+        if claims.exp.is_none() && claims.docs.is_none() && claims.tables.is_none() {
             let sig = self.mac(claims.sub.as_bytes())?.finalize().into_bytes();
             return Some(format!("{}:{}", claims.sub, hex::encode(sig)));
         }
@@ -163,7 +170,7 @@ impl Auth {
             let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| AuthError::Malformed)?;
             serde_json::from_slice(&json).map_err(|_| AuthError::Malformed)
         } else {
-            Ok(Claims { sub: signed.to_owned(), exp: None, docs: None })
+            Ok(Claims { sub: signed.to_owned(), ..Claims::default() })
         }
     }
 }
@@ -224,7 +231,7 @@ mod tests {
     use super::*;
 
     fn claims(sub: &str) -> Claims {
-        Claims { sub: sub.into(), exp: None, docs: None }
+        Claims { sub: sub.into(), ..Claims::default() }
     }
 
     #[test]
@@ -247,7 +254,7 @@ mod tests {
     fn scoped_tokens_expire_and_are_limited_to_their_documents() {
         let auth = Auth::with_secret("k");
         let t = auth
-            .mint(&Claims { sub: "bob".into(), exp: Some(100), docs: Some(vec!["notes".into(), "team-*".into()]) })
+            .mint(&Claims { sub: "bob".into(), exp: Some(100), docs: Some(vec!["notes".into(), "team-*".into()]), ..Claims::default() })
             .unwrap();
         assert!(t.starts_with("mt1."));
         assert!(auth.check(Some(&t), Some("notes"), 99).is_ok());
@@ -262,6 +269,19 @@ mod tests {
         assert!(head.starts_with("mt1."));
         // Another server's secret does not verify.
         assert_eq!(Auth::with_secret("other").check(Some(&t), Some("notes"), 0), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn table_scopes_round_trip_and_cannot_be_widened() {
+        let auth = Auth::with_secret("k");
+        let tables = BTreeMap::from([("public.todos".to_string(), Some("owner_id = 'u1'".to_string())), ("public.tags".to_string(), None)]);
+        let t = auth.mint(&Claims { sub: "u1".into(), tables: Some(tables.clone()), ..Claims::default() }).unwrap();
+        assert!(t.starts_with("mt1."), "a table scope needs the scoped form");
+        assert_eq!(auth.check(Some(&t), None, 0).unwrap().unwrap().tables, Some(tables));
+        // Dropping the predicate from the payload breaks the signature.
+        let (_, sig) = t.rsplit_once('.').unwrap();
+        let widened = URL_SAFE_NO_PAD.encode(br#"{"sub":"u1","tables":{"public.todos":null}}"#);
+        assert_eq!(auth.check(Some(&format!("mt1.{widened}.{sig}")), None, 0), Err(AuthError::BadSignature));
     }
 
     #[test]

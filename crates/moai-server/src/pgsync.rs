@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
-use moai_pgsync::{PgSync, SessionEnd};
+use moai_pgsync::{Access, PgSync, SessionEnd};
 use tokio::sync::mpsc;
 
 use crate::auth::token_from_request;
@@ -41,19 +41,25 @@ pub(crate) async fn socket(
         );
     };
     let token = token_from_request(&headers, query.as_deref());
-    let verdict = state.auth.check_now(token.as_deref(), None).map(|_| ()).map_err(|e| (e.close_code(), e.to_string()));
+    let verdict = state.auth.check_now(token.as_deref(), None).map_err(|e| (e.close_code(), e.to_string()));
+    // A token that names tables opens only those (and only their rows it allows).
+    let access = match &verdict {
+        Ok(Some(claims)) => claims.tables.clone().map_or_else(Access::all, Access::tables),
+        _ => Access::all(),
+    };
+    let verdict = verdict.map(|_| ());
     let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: peer.map(|c| c.0 .0), slot: slot.map(|s| s.0) };
     accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
-        run(socket, pg, &state, &mut log).await
+        run(socket, pg, access, &state, &mut log).await
     })
 }
 
-async fn run(mut socket: WebSocket, pg: PgSync, state: &AppState, log: &mut SessionLog) {
+async fn run(mut socket: WebSocket, pg: PgSync, access: Access, state: &AppState, log: &mut SessionLog) {
     let metrics = &state.metrics;
     let (in_tx, in_rx) = mpsc::channel::<String>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<String>(QUEUE);
     let mut in_tx = Some(in_tx);
-    let session = pg.run_session(in_rx, out_tx, state.shutdown.token().clone().cancelled_owned());
+    let session = pg.run_session(in_rx, out_tx, access, state.shutdown.token().clone().cancelled_owned());
     tokio::pin!(session);
 
     let end = loop {

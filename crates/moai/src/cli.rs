@@ -148,6 +148,11 @@ pub struct TokenArgs {
     /// Limit the token to this Yjs document (repeatable; a trailing `*` matches a prefix).
     #[arg(long = "doc")]
     pub docs: Vec<String>,
+    /// Limit the change feed to this table (repeatable): `schema.table`, or
+    /// `"schema.table WHERE predicate"` to also limit its rows (shape syntax, e.g.
+    /// `"public.todos WHERE owner_id = 'u1'"`).
+    #[arg(long = "table")]
+    pub tables: Vec<String>,
     /// Make the token expire after this long (e.g. 1h, 30m).
     #[arg(long, value_parser = units::duration)]
     pub ttl: Option<Duration>,

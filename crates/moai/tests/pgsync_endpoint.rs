@@ -59,7 +59,7 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
     let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let token = moai_server::Auth::with_secret("pgs")
-        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None })
+        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None, tables: None })
         .unwrap();
 
     // Without a token: 4401.
@@ -96,6 +96,82 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
             break;
         }
     }
+}
+
+/// Reads the session's frames until `up_to_date`, returning the snapshot rows' `name`s (sorted),
+/// or the error message the server sent instead.
+async fn snapshot_names(ws: &mut Ws) -> Result<Vec<String>, Value> {
+    let mut names = Vec::new();
+    loop {
+        let m = next_json(ws).await;
+        match m["type"].as_str().unwrap() {
+            "snapshot_batch" => names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned())),
+            "up_to_date" => break,
+            "error" => return Err(m),
+            _ => {}
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A token minted with `moai token --table "… WHERE …"` opens only that table and only those
+/// rows: in the snapshot and in live changes, whatever `where` the client sends; a shape on
+/// another table is refused with `forbidden`.
+#[tokio::test]
+async fn a_table_scoped_token_bounds_tables_and_rows() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(
+        &url,
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text, owner text); \
+         INSERT INTO public.items VALUES (1,'a','u1'),(2,'b','u2'),(3,'c','u1'); \
+         CREATE TABLE public.other (id int PRIMARY KEY, name text); INSERT INTO public.other VALUES (1,'x');",
+    )
+    .await;
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items,public.other", "--sync-shared-secret", "pgs"]);
+    server.wait_ready();
+    let out = std::process::Command::new(support::BIN)
+        .args(["token", "u1", "--table", "public.items WHERE owner = 'u1'", "--secret", "pgs"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let connect = || async {
+        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        ws
+    };
+    let hello = |id: &str, shapes: Value| json!({"type": "hello", "protocol": 1, "client_id": id, "position": null, "shapes": shapes});
+
+    // The whole table, as far as the token allows.
+    let mut ws = connect().await;
+    ws.send(WsMessage::Text(hello("u1-a", json!([{"id": "s", "table": "public.items"}])).to_string().into())).await.unwrap();
+    assert_eq!(snapshot_names(&mut ws).await.unwrap(), vec!["a", "c"]);
+    sql(&url, "INSERT INTO public.items VALUES (4,'d','u2'); INSERT INTO public.items VALUES (5,'e','u1');").await;
+    let mut live = Vec::new();
+    while live.len() < 1 {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "changes" {
+            for txn in m["txns"].as_array().unwrap() {
+                live.extend(txn["ops"].as_array().unwrap().iter().map(|op| op["row"]["name"].as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    assert_eq!(live, vec!["e"], "u2's row never reaches u1");
+
+    // Asking for someone else's rows gets none of them.
+    let mut ws = connect().await;
+    ws.send(WsMessage::Text(hello("u1-b", json!([{"id": "s", "table": "public.items", "where": "owner = 'u2'"}])).to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(snapshot_names(&mut ws).await.unwrap(), Vec::<String>::new());
+
+    // A published table the token does not name.
+    let mut ws = connect().await;
+    ws.send(WsMessage::Text(hello("u1-c", json!([{"id": "o", "table": "public.other"}])).to_string().into())).await.unwrap();
+    let err = snapshot_names(&mut ws).await.unwrap_err();
+    assert_eq!((err["code"].as_str(), err["fatal"].as_bool()), (Some("forbidden"), Some(true)), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("public.other"), "{err}");
 }
 
 /// One replicator per database: the slot is the lock. A second instance waits as a standby
