@@ -184,7 +184,7 @@ impl Session {
                 }
                 return Err(match code.as_str() {
                     "unauthorized" => Halt::Stop(ClientError::Unauthorized(message)),
-                    "bad_request" | "shape_invalid" => Halt::Stop(ClientError::Rejected { code, message }),
+                    "bad_request" | "shape_invalid" | "forbidden" => Halt::Stop(ClientError::Rejected { code, message }),
                     // Our position is not from this history: start over with a snapshot.
                     "position_ahead" => {
                         store.reset(&self.tables(None))?;
@@ -349,6 +349,7 @@ mod tests {
         let fatal = |code: &str| msg(json!({"type":"error","code":code,"message":"m","retry_after_ms":1500,"fatal":true}));
         assert!(matches!(s.handle(fatal("unauthorized"), &mut store), Err(Halt::Stop(ClientError::Unauthorized(_)))));
         assert!(matches!(s.handle(fatal("shape_invalid"), &mut store), Err(Halt::Stop(ClientError::Rejected { .. }))));
+        assert!(matches!(s.handle(fatal("forbidden"), &mut store), Err(Halt::Stop(ClientError::Rejected { .. }))));
         match s.handle(fatal("overloaded"), &mut store) {
             Err(Halt::Retry { after, .. }) => assert_eq!(after, Some(Duration::from_millis(1500))),
             other => panic!("{other:?}"),
