@@ -49,6 +49,10 @@ fn table_spec(spec: &str) -> anyhow::Result<(String, Option<String>)> {
     if predicate.as_deref() == Some("") {
         bail!("--table {spec:?}: WHERE without a predicate");
     }
+    // A predicate the server cannot parse would make every session with this token fail.
+    if let Err(e) = moai_pgsync::shape::Shape::parse(table, None, predicate.as_deref()) {
+        bail!("--table {spec:?}: {e}");
+    }
     Ok((table.to_owned(), predicate))
 }
 
@@ -63,7 +67,7 @@ mod tests {
             table_spec("public.todos where owner_id = 'u1' AND done = false").unwrap(),
             ("public.todos".into(), Some("owner_id = 'u1' AND done = false".into()))
         );
-        for bad in ["todos", "public.todos WHERE ", "a.b.c", "public. todos"] {
+        for bad in ["todos", "public.todos WHERE ", "a.b.c", "public. todos", "public.todos WHERE owner_id ==", "public.todos WHERE x = 'unterminated"] {
             assert!(table_spec(bad).is_err(), "{bad}");
         }
     }
