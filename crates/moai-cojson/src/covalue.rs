@@ -51,6 +51,8 @@ pub struct Applied {
     /// Sessions whose verdict no longer matched the state (stale verdict).
     pub stale: Vec<SessionId>,
     pub deleted_now: bool,
+    /// Sessions dropped by that delete (their stored content is erased too).
+    pub erased: Vec<SessionId>,
 }
 
 impl CoValueState {
@@ -85,6 +87,7 @@ impl CoValueState {
         applied.sessions = rest.sessions;
         applied.stale = rest.stale;
         applied.deleted_now = rest.deleted_now;
+        applied.erased = rest.erased;
         applied
     }
 
@@ -123,6 +126,7 @@ impl CoValueState {
             if vs.is_delete {
                 state.deleted = true;
                 applied.deleted_now = true;
+                applied.erased.extend(state.sessions.keys().filter(|s| !s.is_delete_session()).cloned());
                 state.sessions.retain(|s, _| s.is_delete_session());
                 applied.sessions.retain(|(s, _, _)| s.is_delete_session());
             }

@@ -53,8 +53,13 @@ pub struct PersistRequest {
     pub header: Option<Value>,
     pub sessions: Vec<SessionAppend>,
     /// Set by the write that deletes the CoValue: afterwards only delete
-    /// sessions (ending in `$`) are part of it; the driver may drop the rest.
+    /// sessions (ending in `$`) are part of it.
     pub deleted: bool,
+    /// The sessions whose stored content this write erases: on delete, every
+    /// session that is not a delete session. Nobody is served them again, and
+    /// a user who deletes expects the data gone, not hidden (the reference
+    /// server erases only with `enableDeletedCoValuesErasure`, later).
+    pub erase: Vec<SessionId>,
 }
 
 /// One session as read back from storage.
@@ -161,6 +166,7 @@ pub fn persist_request(
     header_installed: bool,
     sessions: &[(SessionId, u64, u64)],
     deleted_now: bool,
+    erase: &[SessionId],
 ) -> PersistRequest {
     let appends = sessions
         .iter()
@@ -186,5 +192,6 @@ pub fn persist_request(
         header: header_installed.then(|| state.header.raw.clone()),
         sessions: appends,
         deleted: deleted_now,
+        erase: erase.to_vec(),
     }
 }

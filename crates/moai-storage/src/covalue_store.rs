@@ -81,8 +81,11 @@ pub struct CoValueAppend {
     pub header: Option<String>,
     pub sessions: Vec<SessionAppendRecord>,
     /// Marks the CoValue deleted (never cleared). Which sessions a deleted CoValue still serves is
-    /// the engine's rule; storage keeps every row it was given.
+    /// the engine's rule, carried out through `erase_sessions`.
     pub deleted: bool,
+    /// Sessions whose stored rows (transactions, signatures, the session) this same write
+    /// removes, e.g. the content of a CoValue its owner deleted. Applied after `sessions`.
+    pub erase_sessions: Vec<String>,
 }
 
 /// What is stored of a CoValue, without its transactions.

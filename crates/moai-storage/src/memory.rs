@@ -108,6 +108,7 @@ fn apply(covalues: &mut HashMap<String, MemoryCoValue>, append: CoValueAppend) -
         bytes_since_signature: Vec::new(),
     });
     entry.record.deleted |= append.deleted;
+    let erase = append.erase_sessions;
     for s in append.sessions {
         let index = match entry.record.sessions.iter().position(|r| r.session == s.session) {
             Some(i) => i,
@@ -136,6 +137,18 @@ fn apply(covalues: &mut HashMap<String, MemoryCoValue>, append: CoValueAppend) -
                 BytesSinceSignature::Add(b) => bytes.saturating_add(b),
                 BytesSinceSignature::Reset(b) => b,
             };
+        }
+    }
+    // Sessions and their byte counters are parallel vectors: remove from both.
+    let mut i = 0;
+    while i < entry.record.sessions.len() {
+        if erase.contains(&entry.record.sessions[i].session) {
+            entry.record.sessions.remove(i);
+            if i < entry.bytes_since_signature.len() {
+                entry.bytes_since_signature.remove(i);
+            }
+        } else {
+            i += 1;
         }
     }
     Ok(())

@@ -106,12 +106,16 @@ impl Restartable {
         sync_url(self.server.as_ref().expect("running"))
     }
 
-    /// Stop with `signal` (TERM: graceful; KILL: crash) and start again on the same database.
-    fn restart(&mut self, signal: &str) {
+    /// Stop with `signal` (TERM: graceful; KILL: crash).
+    fn stop(&mut self, signal: &str) {
         let mut server = self.server.take().expect("running");
         server.signal(signal);
         server.wait_exit(Duration::from_secs(15)).expect("server stopped");
-        drop(server);
+    }
+
+    /// Stop with `signal` and start again on the same database.
+    fn restart(&mut self, signal: &str) {
+        self.stop(signal);
         self.up();
     }
 }
@@ -223,8 +227,20 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     // Other CoValues of the group are untouched.
     assert_eq!(c.call("getList", json!({"name": "d", "coId": list}))["list"], json!(["milk"]));
 
-    // The delete survives kill -9.
-    server.restart("KILL");
+    // The delete survives kill -9, and the deleted content is gone from the database, not
+    // just hidden: only the delete session is stored.
+    server.stop("KILL");
+    let stored = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use moai_storage::CoValueStore;
+        let db = moai_storage::SqliteStorage::open(&server.db, Default::default(), std::sync::Arc::new(moai_storage::NoopObserver)).unwrap();
+        let record = db.load_covalue(&map).await.unwrap().expect("the map is stored");
+        db.close().await.unwrap();
+        record
+    });
+    assert!(stored.deleted);
+    let sessions: Vec<&str> = stored.sessions.iter().map(|s| s.session.as_str()).collect();
+    assert!(!sessions.is_empty() && sessions.iter().all(|s| s.ends_with('$')), "{sessions:?}");
+    server.up();
     c.call("createAccount", json!({"name": "e", "url": url}));
     let after_restart = c.call("load", json!({"name": "e", "coId": map}));
     assert_eq!(after_restart["deleted"], true, "{after_restart}");

@@ -201,7 +201,7 @@ impl Relay {
                 written.raise(session, *after);
             }
             r.pending.push_back((token, false, written));
-            let req = persist_request(token, &r.state, applied.header_installed, &applied.sessions, applied.deleted_now);
+            let req = persist_request(token, &r.state, applied.header_installed, &applied.sessions, applied.deleted_now, &applied.erased);
             self.tokens.insert(token, id.clone());
             self.out.push(Action::Persist(req));
         }

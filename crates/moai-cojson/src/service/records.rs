@@ -48,6 +48,7 @@ pub fn to_append(req: &PersistRequest) -> CoValueAppend {
             })
             .collect(),
         deleted: req.deleted,
+        erase_sessions: req.erase.iter().map(|s| s.as_str().to_owned()).collect(),
     }
 }
 
@@ -146,6 +147,7 @@ mod tests {
                 checkpoints: vec![(2, sig())],
             }],
             deleted: false,
+            erase: vec![],
         };
         let append = to_append(&req);
         assert_eq!(append.sessions[0].transactions[0], tx.to_string());

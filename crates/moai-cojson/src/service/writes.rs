@@ -72,6 +72,7 @@ mod tests {
             header: None,
             sessions: Vec::new(),
             deleted: false,
+            erase: vec![],
         }
     }
 

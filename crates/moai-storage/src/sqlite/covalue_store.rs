@@ -102,6 +102,18 @@ fn apply_append(conn: &Connection, append: &CoValueAppend) -> Result<(), Failure
             insert_sig.execute(params![ses, to_sql(*count)?, signature])?;
         }
     }
+    if !append.erase_sessions.is_empty() {
+        let mut find = conn.prepare_cached("SELECT row_id FROM cojson_sessions WHERE covalue = ?1 AND session_id = ?2")?;
+        let mut erase_txs = conn.prepare_cached("DELETE FROM cojson_transactions WHERE ses = ?1")?;
+        let mut erase_sigs = conn.prepare_cached("DELETE FROM cojson_signature_after WHERE ses = ?1")?;
+        let mut erase_session = conn.prepare_cached("DELETE FROM cojson_sessions WHERE row_id = ?1")?;
+        for session in &append.erase_sessions {
+            let Some(ses) = find.query_row(params![covalue, session], |r| r.get::<_, i64>(0)).optional()? else { continue };
+            erase_txs.execute(params![ses])?;
+            erase_sigs.execute(params![ses])?;
+            erase_session.execute(params![ses])?;
+        }
+    }
     Ok(())
 }
 
@@ -263,7 +275,7 @@ mod tests {
     }
 
     fn append(id: &str, header: Option<&str>, sessions: Vec<SessionAppendRecord>) -> CoValueAppend {
-        CoValueAppend { id: id.into(), header: header.map(Into::into), sessions, deleted: false }
+        CoValueAppend { id: id.into(), header: header.map(Into::into), sessions, deleted: false, erase_sessions: vec![] }
     }
 
     fn stores() -> Vec<(Box<dyn CoValueStore>, tempfile::TempDir)> {
@@ -324,7 +336,19 @@ mod tests {
             store.append_covalue(del).await.unwrap();
             let deleted = store.load_covalue(ID).await.unwrap().unwrap();
             assert!(deleted.deleted);
-            assert_eq!(deleted.sessions.len(), 3);
+            assert_eq!(deleted.sessions.len(), 3, "nothing erased unless asked");
+
+            // Erasing the deleted CoValue's content leaves the header and the delete session.
+            let mut erase = append(ID, None, vec![]);
+            erase.erase_sessions = vec!["s1_session_zA".into(), "s2_session_zB".into(), "never_session_zX".into()];
+            store.append_covalue(erase).await.unwrap();
+            let erased = store.load_covalue(ID).await.unwrap().unwrap();
+            assert_eq!((erased.header.as_str(), erased.deleted), (HEADER, true));
+            assert_eq!(erased.sessions.iter().map(|s| s.session.as_str()).collect::<Vec<_>>(), vec!["s3_session_zD$"]);
+            let known = store.known_states(vec![ID.into()]).await.unwrap();
+            assert_eq!(known[0].as_ref().unwrap().sessions, vec![("s3_session_zD$".to_string(), 1)]);
+            // An erased session starts again from nothing (its old count is gone too).
+            store.append_covalue(append(ID, None, vec![session("s1_session_zA", 0, 1, vec![])])).await.unwrap();
         }
     }
 
