@@ -360,6 +360,16 @@ const commands = {
     return { group: contentJSON(group) }
   },
 
+  // `child.extend(parent, role)`: the child group inherits the parent's members (`inherit`,
+  // stored as `parent_<id>: "extend"`) or gives them one fixed role.
+  async extendGroup ({ name, groupId, parentId, role = 'inherit', timeoutMs }) {
+    const c = getClient(name)
+    const child = await loadAvailable(c, groupId, timeoutMs)
+    const parent = await loadAvailable(c, parentId, timeoutMs)
+    child.extend(parent, role)
+    return { group: contentJSON(child) }
+  },
+
   async createMap ({ name, groupId, init, privacy = 'private', timeoutMs }) {
     const c = getClient(name)
     const group = await loadAvailable(c, groupId, timeoutMs)

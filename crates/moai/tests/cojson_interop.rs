@@ -247,6 +247,43 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     assert_eq!(after_restart["content"], json!({}), "{after_restart}");
 }
 
+/// Who may delete follows the owner group's roles at the delete's time, including roles
+/// inherited from a parent group: an admin of the parent (through `extend`) may delete, a
+/// manager of the owner group may not (cojson requires exactly admin).
+#[test]
+fn inherited_admins_may_delete_and_managers_may_not() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let url = sync_url(&server);
+    let mut c = NodeDriver::cojson();
+    for name in ["a", "b", "m"] {
+        c.call("createAccount", json!({"name": name, "url": url}));
+    }
+    let account = |c: &mut NodeDriver, name: &str| c.call("stats", json!({"name": name}))["accountId"].as_str().unwrap().to_owned();
+    let (b, m) = (account(&mut c, "b"), account(&mut c, "m"));
+    // a makes a parent group with b as admin, and a team group extending it with m as manager.
+    let parent = c.call("createGroup", json!({"name": "a"}))["groupId"].as_str().unwrap().to_owned();
+    c.call("addMember", json!({"name": "a", "groupId": parent, "memberAccountId": b, "role": "admin"}));
+    let team = c.call("createGroup", json!({"name": "a", "everyone": "reader"}))["groupId"].as_str().unwrap().to_owned();
+    c.call("extendGroup", json!({"name": "a", "groupId": team, "parentId": parent}));
+    c.call("addMember", json!({"name": "a", "groupId": team, "memberAccountId": m, "role": "manager"}));
+    let first = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 1}}))["mapId"].as_str().unwrap().to_owned();
+    let second = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 2}}))["mapId"].as_str().unwrap().to_owned();
+    c.call("waitSynced", json!({"name": "a"}));
+
+    // The manager's delete (cojson refuses it locally, so it is forged) is refused by moai.
+    c.call("forgeDelete", json!({"name": "m", "coId": first}));
+    // The parent's admin deletes the second map the normal way.
+    assert_eq!(c.call("deleteCoValue", json!({"name": "b", "coId": second}))["deleted"], true);
+    c.call("waitSynced", json!({"name": "b", "coId": second}));
+
+    c.call("createAccount", json!({"name": "fresh", "url": url}));
+    let kept = c.call("load", json!({"name": "fresh", "coId": first}));
+    assert_eq!((kept["deleted"].as_bool(), &kept["content"]), (Some(false), &json!({"n": 1})), "{kept}");
+    let gone = c.call("load", json!({"name": "fresh", "coId": second}));
+    assert_eq!((gone["deleted"].as_bool(), &gone["content"]), (Some(true), &json!({})), "{gone}");
+}
+
 /// The API Jazz apps use, not just cojson underneath it: two jazz-tools 0.20.19 workers
 /// (`startWorker` with a sync server URL, separate accounts, no shared storage) share a
 /// `co.list` of `co.map`s through moai, with live edits both ways
