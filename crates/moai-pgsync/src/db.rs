@@ -22,17 +22,6 @@ pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, Error> {
     Ok(cfg)
 }
 
-/// The same connection settings with `synchronous_commit = off`, for the shared client: its
-/// only writes are client registrations and acked positions, which the client's own hello
-/// overrides, so waiting for a WAL flush on each would only add latency to the page queries
-/// queued behind them on that connection. (The replicator's writes stay synchronous: it acks
-/// the slot only after they are durable.)
-pub(crate) fn with_async_commit(mut cfg: tokio_postgres::Config) -> tokio_postgres::Config {
-    let options = format!("{} -c synchronous_commit=off", cfg.get_options().unwrap_or(SESSION_OPTIONS));
-    cfg.options(&options);
-    cfg
-}
-
 /// Settings for the connection that serves history pages. A page is `ORDER BY commit_lsn, seq
 /// LIMIT n` after a keyset position, and the only good plan for it walks the primary key in
 /// order and stops after `n` rows. Right after a large ingest, before autovacuum has analyzed

@@ -96,7 +96,10 @@ impl PgSync {
             Err(_) => return Err(Error::Other("replicator ended during startup".into())),
         }
         let inner = Arc::new(Inner {
-            shared: SharedClient::new(db::with_async_commit(pg.clone())),
+            // Registrations and acked positions, committed durably. (They used to share a
+            // connection with page queries, with synchronous_commit off so that position
+            // writes would not delay pages; pages have their own connection now.)
+            shared: SharedClient::new(pg.clone()),
             pages: SharedClient::new(db::for_page_queries(pg.clone())),
             cfg,
             pg,
