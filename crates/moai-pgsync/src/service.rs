@@ -372,7 +372,8 @@ impl Driver {
             match ClientMessage::from_json(&text) {
                 Ok(ClientMessage::Hello(h)) if self.hello.is_none() => {
                     // The token's tables and row predicates become part of the shapes, so the
-                    // session core serves exactly what the token allows.
+                    // session core serves exactly what the token allows. Every way a shape can
+                    // enter a session must pass here (`subscribe`, not implemented yet, too).
                     let h = match self.access.restrict_hello(h) {
                         Ok(h) => h,
                         Err(why) => return self.fatal(ErrorCode::Forbidden, why).await,
