@@ -12,8 +12,7 @@
 // anything but the server) and one `WebSocketPeerWithReconnection` to the sync server, wired as
 // jazz-tools wires it. Commands run concurrently: match replies by `id`.
 
-import { createInterface } from 'node:readline'
-import { readFileSync } from 'node:fs'
+import { out, serveCommands, versions } from './command-loop.mjs'
 import { isDeepStrictEqual } from 'node:util'
 import WebSocket from 'ws'
 import { LocalNode } from 'cojson'
@@ -28,7 +27,6 @@ const ACTIONS = ['load', 'known', 'content', 'done', 'reconcile', 'reconcile-ack
 // Output. stdout carries the protocol only; cojson's logger uses console.debug/info/warn/error,
 // so send console.log/info/debug to stderr too.
 
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 const log = (...args) => process.stderr.write('[cojson-driver] ' + args.join(' ') + '\n')
 console.log = console.info = console.debug = (...args) => console.error(...args)
 const emitEvent = (event, fields) => out({ event, ...fields })
@@ -603,29 +601,10 @@ const commands = {
 // ---------------------------------------------------------------------------------------------
 // Main loop
 
-const handle = async (line) => {
-  if (!line.trim()) return
-  let msg
-  try { msg = JSON.parse(line) } catch (e) { return out({ id: null, ok: false, error: `bad JSON: ${e.message}` }) }
-  const id = msg.id ?? null
-  const fn = Object.hasOwn(commands, msg.cmd) ? commands[msg.cmd] : null
-  if (!fn) return out({ id, ok: false, error: `unknown cmd ${JSON.stringify(msg.cmd)}` })
-  try {
-    const result = await fn(msg)
-    out({ ...result, id, ok: true })
-  } catch (e) {
-    out({ id, ok: false, error: errText(e) })
-  }
-}
+serveCommands(commands)
 
-const rl = createInterface({ input: process.stdin, crlfDelay: Infinity })
-rl.on('line', (line) => { handle(line) })
-// The test process went away (or closed our stdin): do not linger as an orphan.
-rl.on('close', () => process.exit(0))
-
-const version = (pkg) => JSON.parse(readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url))).version
 emitEvent('ready', {
-  versions: Object.fromEntries(['cojson', 'cojson-transport-ws', 'cojson-core-wasm', 'ws'].map((p) => [p, version(p)])),
+  versions: versions(['cojson', 'cojson-transport-ws', 'cojson-core-wasm', 'ws']),
   crypto: cryptoKind,
   pid: process.pid
 })

@@ -10,8 +10,7 @@
 // Commands run concurrently: a `wait*` command never blocks the commands after it, so replies
 // can come out of order; match them by `id`.
 
-import { createInterface } from 'node:readline'
-import { readFileSync } from 'node:fs'
+import { out, serveCommands, versions } from './command-loop.mjs'
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import * as awarenessProtocol from 'y-protocols/awareness'
@@ -24,7 +23,6 @@ const MESSAGE_TYPES = ['sync', 'awareness', 'auth', 'queryAwareness'] // y-webso
 // Output. stdout carries the protocol only, so everything any library prints goes to stderr
 // (y-websocket uses console.warn/error, which already go there; console.log would not).
 
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 const log = (...args) => process.stderr.write('[yjs-driver] ' + args.join(' ') + '\n')
 console.log = console.info = console.debug = (...args) => console.error(...args)
 
@@ -391,26 +389,7 @@ const commands = {
 // ---------------------------------------------------------------------------------------------
 // Main loop
 
-const handle = async (line) => {
-  if (!line.trim()) return
-  let msg
-  try { msg = JSON.parse(line) } catch (e) { return out({ id: null, ok: false, error: `bad JSON: ${e.message}` }) }
-  const id = msg.id ?? null
-  const fn = Object.hasOwn(commands, msg.cmd) ? commands[msg.cmd] : null
-  if (!fn) return out({ id, ok: false, error: `unknown cmd ${JSON.stringify(msg.cmd)}` })
-  try {
-    const result = await fn(msg)
-    out({ ...result, id, ok: true })
-  } catch (e) {
-    out({ id, ok: false, error: String(e && e.message ? e.message : e) })
-  }
-}
+serveCommands(commands)
 
-const rl = createInterface({ input: process.stdin, crlfDelay: Infinity })
-rl.on('line', (line) => { handle(line) })
-// The test process went away (or closed our stdin): do not linger as an orphan.
-rl.on('close', () => process.exit(0))
-
-const version = (pkg) => JSON.parse(readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url))).version
-emitEvent('ready', { versions: Object.fromEntries(['yjs', 'y-websocket', 'y-protocols', 'ws'].map((p) => [p, version(p)])), pid: process.pid })
+emitEvent('ready', { versions: versions(['yjs', 'y-websocket', 'y-protocols', 'ws']), pid: process.pid })
 log('ready')
