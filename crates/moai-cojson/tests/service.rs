@@ -506,3 +506,33 @@ async fn a_reconnect_storm_is_answered_from_stored_known_states() {
     }
     assert!(svc.stats().full_loads_total >= 1);
 }
+
+#[tokio::test]
+async fn a_read_only_session_reads_but_its_content_never_reaches_storage_or_peers() {
+    let store = Arc::new(MemoryStorage::default());
+    let svc = CojsonService::new(store.clone(), CojsonConfig::default());
+    let viewer = svc.connect_with(true).await.unwrap();
+    let mut refused = World::new();
+    let (acc, grp, map) = (refused.account_upload(), refused.group_upload(), refused.map_upload());
+    let received = viewer.receive(&encode_frame(&[acc, grp, map])).await.unwrap();
+    assert_eq!((received.messages, received.read_only_dropped), (0, 3), "all three are content");
+    for id in [refused.alice.account.to_string(), refused.group.to_string(), refused.map.to_string()] {
+        assert!(store.load_covalue(&id).await.unwrap().is_none(), "{id} was stored from a read-only session");
+    }
+
+    // Content from a writing session is stored, and the viewer can read it.
+    let mut w = World::new();
+    let mut writer = svc.connect().await.unwrap();
+    upload(&mut writer, &mut w).await;
+    let mut viewer = viewer;
+    let got = load_map(&mut viewer, &w).await;
+    assert_eq!(as_content(&got[2]).new[0].1.new_transactions[0], set("hello", json!("world"), 1002));
+
+    // A live edit from the viewer is dropped; the writer's next edit is the one that lands.
+    let received = viewer.receive(&encode_frame(&[w.map_edit("v", 2000)])).await.unwrap();
+    assert_eq!(received.read_only_dropped, 1);
+    let stored = store.load_covalue(w.map.as_str()).await.unwrap().unwrap();
+    assert_eq!(stored.sessions[0].transactions.len(), 1, "the viewer's edit was not stored");
+    viewer.leave().await;
+    writer.leave().await;
+}

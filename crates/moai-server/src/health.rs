@@ -1,4 +1,5 @@
-//! `GET /health` (readiness) and `GET /healthz` (liveness), plus `GET /metrics`.
+//! `GET /health` (readiness) and `GET /healthz` (liveness), plus `GET /metrics` (behind a bearer
+//! token when `--metrics-token` is set: metrics name documents' traffic and error rates).
 //!
 //! /health is what orchestration gates traffic on: 200 only when ready, 503 otherwise, so a
 //! platform check that only looks at the status code does the right thing. /healthz answers 200
@@ -6,11 +7,14 @@
 //! that is still loading.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use sha2::Digest as _;
+use subtle::ConstantTimeEq as _;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::gate::error_response;
 use crate::{AppState, Phase};
 
 fn body(state: &AppState) -> (bool, serde_json::Value) {
@@ -42,7 +46,28 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], Json(v)).into_response()
 }
 
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+/// Whether `headers` carry `Authorization: Bearer <expected>` (compared in constant time).
+fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .unwrap_or("");
+    // Compare digests, so neither the length nor the content of the token leaks through timing.
+    let digest = |s: &str| sha2::Sha256::digest(s.as_bytes());
+    digest(given).ct_eq(&digest(expected)).into()
+}
+
+pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        if !bearer_matches(&headers, expected) {
+            state.metrics.rejected("metrics_auth");
+            let mut resp = error_response(StatusCode::UNAUTHORIZED, "metrics require the bearer token set by --metrics-token");
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
     state.metrics.set_ready(state.readiness.engines().is_some());
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

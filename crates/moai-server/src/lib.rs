@@ -7,6 +7,7 @@
 //! drives them and never the other way round.
 
 pub mod auth;
+mod caller;
 mod cojson;
 mod engines;
 mod gate;
@@ -14,6 +15,8 @@ mod health;
 mod limits;
 mod metrics;
 mod pgsync;
+mod pump;
+pub mod quota;
 mod readiness;
 mod router;
 mod serve;
@@ -29,4 +32,4 @@ pub use readiness::{Phase, Readiness};
 pub use router::{router, AppState};
 pub use serve::serve;
 pub use shutdown::Shutdown;
-pub use yjs::Heartbeat;
+pub use pump::Heartbeat;

@@ -11,7 +11,13 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Open TCP connections (WebSockets included) at once; more get 503 and are closed.
     pub max_connections: usize,
-    /// Time a client has to send its request headers (the WebSocket handshake included).
+    /// Open TCP connections from one IP address; 0 = no limit (the default: behind a proxy or
+    /// load balancer every client has the proxy's address).
+    pub max_connections_per_ip: usize,
+    /// Open WebSocket sessions per token subject; 0 = no limit. Over it: close 1013.
+    pub max_sessions_per_user: usize,
+    /// Time a client has to send its request headers (the WebSocket handshake included). A TCP
+    /// connection that sends nothing at all is closed after it too.
     pub handshake_timeout: Duration,
     /// Time a plain HTTP request may take end to end; longer ones get 408.
     pub request_timeout: Duration,
@@ -23,6 +29,8 @@ impl Default for Limits {
             max_frame_bytes: 16 * 1024 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: 0,
+            max_sessions_per_user: 0,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
         }

@@ -11,6 +11,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::gate::{error_response, require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
+use crate::quota::Quota;
 use crate::{cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
@@ -25,6 +26,10 @@ pub struct AppState {
     /// Token checks (open when SYNC_SHARED_SECRET is unset).
     pub auth: Auth,
     pub heartbeat: Heartbeat,
+    /// Bearer token that /metrics requires; None leaves /metrics open.
+    pub metrics_token: Option<String>,
+    /// Open WebSocket sessions per token subject (`Limits::max_sessions_per_user`).
+    pub sessions_per_user: Arc<Quota<String>>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -5,7 +5,7 @@
 //! wait ~40 ms for Nagle), a cap on open connections that also covers upgraded WebSockets, a
 //! deadline for request headers (slowloris), and a stop that is driven by [`Shutdown`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
@@ -19,17 +19,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
+use crate::quota::{Quota, QuotaGuard};
 use crate::{Limits, Metrics, Shutdown};
 
-/// A connection slot. It is shared between the HTTP connection and a WebSocket session upgraded
-/// from it, and frees the slot when both are done.
+/// A connection slot (one of `max_connections`, and one of the peer IP's). It is shared between
+/// the HTTP connection and a WebSocket session upgraded from it, and frees the slot when both
+/// are done.
 #[derive(Clone)]
-pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, QuotaGuard)>);
 
 /// Serves `app` on `listener` until `shutdown` is triggered, then stops accepting and lets
 /// in-flight HTTP requests finish (WebSocket sessions are closed by their own tasks).
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, metrics: Arc<Metrics>, shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = Quota::<IpAddr>::new(limits.max_connections_per_ip);
     let graceful = GracefulShutdown::new();
     // HTTP/1.1 only: WebSocket upgrades are HTTP/1.1, and sync clients speak nothing else.
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
@@ -57,17 +60,38 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, metrics: 
             tokio::spawn(refuse(stream));
             continue;
         };
-        let slot = ConnectionSlot(Arc::new(permit));
+        let Some(ip_unit) = per_ip.try_acquire(&peer.ip()) else {
+            metrics.rejected("max_connections_per_ip");
+            tracing::warn!(%peer, max = limits.max_connections_per_ip, "connection refused: too many open connections from this address");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let slot = ConnectionSlot(Arc::new((permit, ip_unit)));
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
             req.extensions_mut().insert(slot.clone());
             app.clone().oneshot(req)
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let first_byte_timeout = limits.handshake_timeout;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header timeout starts with the first byte of a request, so a connection
+            // that sends nothing at all would hold its slot forever: wait for that byte first.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return, // closed or failed before sending anything
+                Err(_) => {
+                    metrics.rejected("silent_connection");
+                    tracing::info!(%peer, timeout = ?first_byte_timeout, "connection closed: nothing received in time");
+                    return;
+                }
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 log_connection_error(peer, e.as_ref());
             }
         });

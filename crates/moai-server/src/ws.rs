@@ -12,6 +12,7 @@ use std::future::Future;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 
+use crate::quota::QuotaGuard;
 use crate::serve::ConnectionSlot;
 use crate::{Limits, Metrics, Protocol};
 
@@ -26,6 +27,8 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The request named something invalid (a bad document id).
+    pub const BAD_REQUEST: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const FORBIDDEN: u16 = 4403;
 }
@@ -160,6 +163,8 @@ pub struct SessionInfo {
     pub target: String,
     pub peer: Option<SocketAddr>,
     pub slot: Option<ConnectionSlot>,
+    /// The session's unit of the per-user quota, held until it ends.
+    pub user_unit: Option<QuotaGuard>,
 }
 
 /// What every WebSocket endpoint does once it has decided: upgrade (with moai's limits), open
@@ -185,10 +190,11 @@ where
         .on_upgrade(move |mut socket| {
             tracker.track(async move {
                 let mut log = SessionLog::open(info.protocol, info.peer, info.target, state.metrics.clone(), info.slot);
+                log.hold(info.user_unit);
                 match verdict {
                     Err((code, reason)) => {
                         tracing::info!(?protocol, peer = ?info.peer, code, %reason, "connection refused");
-                        state.metrics.rejected(if code == 4400 { "bad_request" } else { "auth" });
+                        state.metrics.rejected(if code == close::BAD_REQUEST { "bad_request" } else { "auth" });
                         close_gracefully(&mut socket, code, &reason, CLOSE_LINGER).await;
                         log.set_close(code, reason);
                     }
@@ -206,6 +212,7 @@ pub struct SessionLog {
     opened: Instant,
     metrics: Arc<Metrics>,
     _slot: Option<ConnectionSlot>,
+    _user_unit: Option<QuotaGuard>,
     close: Option<(u16, String)>,
 }
 
@@ -220,7 +227,12 @@ impl SessionLog {
         let target = target.into();
         metrics.connection_opened(protocol);
         tracing::info!(?protocol, peer = ?peer, %target, "session open");
-        Self { protocol, peer, target, opened: Instant::now(), metrics, _slot: slot, close: None }
+        Self { protocol, peer, target, opened: Instant::now(), metrics, _slot: slot, _user_unit: None, close: None }
+    }
+
+    /// Keeps the session's per-user quota unit until the session ends.
+    pub(crate) fn hold(&mut self, unit: Option<QuotaGuard>) {
+        self._user_unit = unit;
     }
 
     /// Records why the session ended, for the close log line.

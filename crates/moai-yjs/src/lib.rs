@@ -26,7 +26,7 @@ mod test_util;
 
 pub use apply::ApplyError;
 pub use awareness::{AwarenessEntry, AwarenessTracker, AwarenessUpdate};
-pub use conn::ConnId;
+pub use conn::{Access, ConnId};
 pub use lib0::DecodeError;
 pub use load::{load_doc, load_room, LoadError};
 pub use protocol::{AuthMessage, Message, MessageReader, SyncMessage, KEEPALIVE_FRAME};

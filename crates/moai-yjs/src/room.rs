@@ -31,7 +31,7 @@
 //! Reads ([`Room::encode_state_as_update`]) see memory, which can be ahead of storage by the
 //! batch in flight; an HTTP reader needing only durable data must wait for that batch too.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 use yrs::updates::decoder::Decode;
@@ -40,11 +40,15 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::apply::{apply_v1, has_pending, ApplyError};
 use crate::awareness::{AwarenessTracker, AwarenessUpdate};
-use crate::conn::ConnId;
+use crate::conn::{Access, ConnId};
 use crate::protocol::{
-    awareness_frame, sync_step1_frame, sync_step2_frame, sync_update_frame, Message, MessageReader,
-    SyncMessage,
+    awareness_frame, permission_denied_frame, sync_step1_frame, sync_step2_frame, sync_update_frame, Message,
+    MessageReader, SyncMessage,
 };
+
+/// What a read-only connection is told (once) when it sends a document update. y-websocket
+/// clients show it as "Permission denied" (y-protocols' auth message) and stay connected.
+pub const READ_ONLY_REASON: &str = "read-only: document updates from this connection are not accepted";
 
 /// WebSocket close code for a frame we cannot parse as a y-websocket message.
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
@@ -93,6 +97,8 @@ pub struct RoomStats {
     pub updates_without_effect: u64,
     /// Frames that made us close the connection.
     pub rejected_frames: u64,
+    /// Document updates dropped because their connection is read-only.
+    pub read_only_dropped: u64,
 }
 
 pub struct Room {
@@ -100,6 +106,8 @@ pub struct Room {
     doc: Doc,
     awareness: AwarenessTracker,
     conns: BTreeSet<ConnId>,
+    /// Read-only connections, each with whether it was already told its updates are dropped.
+    read_only: BTreeMap<ConnId, bool>,
     stats: RoomStats,
 }
 
@@ -128,6 +136,7 @@ impl Room {
             doc,
             awareness: AwarenessTracker::default(),
             conns: BTreeSet::new(),
+            read_only: BTreeMap::new(),
             stats: RoomStats::default(),
         }
     }
@@ -169,8 +178,19 @@ impl Room {
     /// client's offline edits get uploaded — and, if anybody is present, one awareness message
     /// with every state. Two frames: JS clients read one message per frame.
     pub fn connect(&mut self, conn: ConnId) -> Result<Vec<Action>, RoomError> {
+        self.connect_with(conn, Access::ReadWrite)
+    }
+
+    /// [`Room::connect`] with the connection's access. A read-only connection syncs and shows
+    /// presence like any other, but its document updates (SyncStep2, Update) are dropped: never
+    /// applied, persisted or broadcast. The first one it sends is answered with a
+    /// permission-denied auth message ([`READ_ONLY_REASON`]).
+    pub fn connect_with(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
         let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
         self.conns.insert(conn);
+        if access == Access::ReadOnly {
+            self.read_only.insert(conn, false);
+        }
         self.awareness.add_connection(conn);
         let mut actions = vec![Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) }];
         if let Some(all) = self.awareness.all_states() {
@@ -185,6 +205,7 @@ impl Room {
         if !self.conns.remove(&conn) {
             return Vec::new();
         }
+        self.read_only.remove(&conn);
         match self.awareness.remove_connection(conn) {
             Some(removed) => vec![Action::Broadcast {
                 except: Some(conn),
@@ -234,6 +255,15 @@ impl Room {
                 let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
                 let update = txn.encode_state_as_update_v1(&sv);
                 actions.push(Action::Send { conn, frame: sync_step2_frame(&update) });
+            }
+            Message::Sync(SyncMessage::Step2(_)) | Message::Sync(SyncMessage::Update(_))
+                if self.read_only.contains_key(&conn) =>
+            {
+                self.stats.read_only_dropped += 1;
+                if let Some(told) = self.read_only.get_mut(&conn).filter(|told| !**told) {
+                    *told = true;
+                    actions.push(Action::Send { conn, frame: permission_denied_frame(READ_ONLY_REASON) });
+                }
             }
             Message::Sync(SyncMessage::Step2(update)) | Message::Sync(SyncMessage::Update(update)) => {
                 let applied = apply_v1(&self.doc, update);

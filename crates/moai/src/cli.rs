@@ -60,12 +60,24 @@ pub struct ServeArgs {
     /// Most open connections (WebSockets included); further ones get 503.
     #[arg(long, env = "MOAI_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
-    /// Time a client has to send its request headers, WebSocket handshake included.
+    /// Most open connections from one IP address; 0 = no limit (the default, because behind a
+    /// proxy or load balancer every client has the proxy's address). Further ones get 503.
+    #[arg(long, env = "MOAI_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// Most open WebSocket sessions per token subject (user); 0 = no limit. Further ones are
+    /// closed with 1013 (clients retry with backoff).
+    #[arg(long, env = "MOAI_MAX_SESSIONS_PER_USER", default_value_t = 0)]
+    pub max_sessions_per_user: usize,
+    /// Time a client has to send its request headers, WebSocket handshake included; a
+    /// connection that sends nothing at all is closed after it too.
     #[arg(long, env = "MOAI_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = units::duration)]
     pub handshake_timeout: Duration,
     /// Time a plain HTTP request may take; longer ones get 408.
     #[arg(long, env = "MOAI_REQUEST_TIMEOUT", default_value = "30s", value_parser = units::duration)]
     pub request_timeout: Duration,
+    /// Time a new WebSocket may stay silent before its first message; closed with 1008 after.
+    #[arg(long, env = "MOAI_FIRST_MESSAGE_TIMEOUT", default_value = "30s", value_parser = units::duration)]
+    pub first_message_timeout: Duration,
     /// How long shutdown waits for sessions to close before closing storage and exiting.
     #[arg(long, env = "MOAI_SHUTDOWN_GRACE", default_value = "10s", value_parser = units::duration)]
     pub shutdown_grace: Duration,
@@ -86,9 +98,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SYNC_SHARED_SECRET", hide_env_values = true)]
     pub sync_shared_secret: Option<String>,
 
-    /// Yjs: WebSocket ping interval; a socket that misses two pongs is closed.
-    #[arg(long, env = "MOAI_YJS_PING_INTERVAL", default_value = "30s", value_parser = units::duration)]
-    pub yjs_ping_interval: Duration,
+    /// Bearer token that GET /metrics requires (`Authorization: Bearer …`). Unset: /metrics is
+    /// open to anyone who can reach the port.
+    #[arg(long, env = "MOAI_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// WebSocket ping interval of every endpoint; a socket that misses two pongs is closed.
+    /// (`--yjs-ping-interval`, its name before it applied to every endpoint, still works.)
+    #[arg(long, alias = "yjs-ping-interval", env = "MOAI_PING_INTERVAL", default_value = "30s", value_parser = units::duration)]
+    pub ping_interval: Duration,
     /// Yjs: send the empty awareness frame to sockets idle this long (browsers cannot see
     /// pings and drop a socket silent for 30 s).
     #[arg(long, env = "MOAI_YJS_KEEPALIVE", default_value = "15s", value_parser = units::duration)]
@@ -153,6 +171,14 @@ pub struct TokenArgs {
     /// `"public.todos WHERE owner_id = 'u1'"`).
     #[arg(long = "table")]
     pub tables: Vec<String>,
+    /// Open the CoJSON endpoint (/sync). Needed when the token also names documents or tables:
+    /// a token that names any resource opens only what it names.
+    #[arg(long)]
+    pub cojson: bool,
+    /// Read-only: the session loads and receives updates and presence, but its writes are
+    /// dropped (Yjs updates, HTTP POST, CoJSON content).
+    #[arg(long)]
+    pub read_only: bool,
     /// Make the token expire after this long (e.g. 1h, 30m).
     #[arg(long, value_parser = units::duration)]
     pub ttl: Option<Duration>,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use moai_server::quota::Quota;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 use moai_cojson::service::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
@@ -36,6 +37,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_frame_bytes: args.max_frame_bytes,
         max_body_bytes: args.max_body_bytes,
         max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        max_sessions_per_user: args.max_sessions_per_user,
         handshake_timeout: args.handshake_timeout,
         request_timeout: args.request_timeout,
     };
@@ -64,10 +67,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         version: VERSION,
         auth,
         heartbeat: Heartbeat {
-            ping_interval: args.yjs_ping_interval,
+            ping_interval: args.ping_interval,
             idle_keepalive: args.yjs_keepalive,
+            first_message_timeout: args.first_message_timeout,
             ..Heartbeat::default()
         },
+        metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        sessions_per_user: Arc::new(Quota::new(limits.max_sessions_per_user)),
     };
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));

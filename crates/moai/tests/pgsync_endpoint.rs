@@ -59,7 +59,7 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
     let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let token = moai_server::Auth::with_secret("pgs")
-        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None, tables: None })
+        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None, tables: None, ..Default::default() })
         .unwrap();
 
     // Without a token: 4401.
@@ -209,4 +209,51 @@ async fn a_second_instance_waits_for_the_slot_and_takes_over() {
         }
     }
     assert_eq!(rows, 2, "the new primary serves everything");
+}
+
+async fn close_code(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed in time") {
+            Some(Ok(WsMessage::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// The change feed admits only tokens that open it, closes a session when its token expires,
+/// and pings like every other endpoint.
+#[tokio::test]
+async fn the_change_feed_checks_scopes_expiry_and_pings() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs", "--ping-interval", "300ms"]);
+    server.wait_ready();
+    let auth = moai_server::Auth::with_secret("pgs");
+
+    // A token scoped to Yjs documents does not open the change feed.
+    let docs = auth.mint(&moai_server::auth::Claims { sub: "u".into(), docs: Some(vec!["*".into()]), ..Default::default() }).unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={docs}"))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 4403);
+
+    // A token that expires in two seconds: served, pinged, then closed with 4403.
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
+    let short = auth.mint(&moai_server::auth::Claims { sub: "u".into(), exp: Some(exp), ..Default::default() }).unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={short}"))).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "client_id": "exp-1", "position": null,
+                       "shapes": [{"id": "s1", "table": "public.items"}]});
+    ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    assert_eq!(snapshot_names(&mut ws).await.unwrap(), vec!["a"]);
+    let mut pings = 0;
+    let (code, reason) = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed in time") {
+            Some(Ok(WsMessage::Ping(_))) => pings += 1,
+            Some(Ok(WsMessage::Close(Some(f)))) => break (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => {}
+            other => panic!("expected pings then a close, got {other:?}"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (4403, "token expired"));
+    assert!(pings >= 1, "the change feed sent no WebSocket ping");
 }

@@ -189,7 +189,7 @@ fn auth_accepts_good_tokens_and_stops_clients_with_4401_and_4403() {
             sub: "u1".into(),
             exp,
             docs: docs.map(|d| d.into_iter().map(String::from).collect()),
-            tables: None,
+            ..Default::default()
         })
         .unwrap()
     };

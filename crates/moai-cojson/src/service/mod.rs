@@ -97,6 +97,14 @@ impl CojsonService {
     /// Connects a new socket. Nothing is sent to it until it sends something (cojson servers
     /// never speak first; the edge's first ping tells the client it is connected).
     pub async fn connect(&self) -> Result<CojsonSession, ServiceStopped> {
+        self.connect_with(false).await
+    }
+
+    /// [`CojsonService::connect`] for a read-only session: it loads and receives like any
+    /// other, but content it sends (new transactions, deletes) is dropped before the relay sees
+    /// it: never verified, stored, acknowledged or forwarded. cojson has no message to refuse
+    /// content, so the client is not told on the wire; its edits stay unacknowledged (unsynced).
+    pub async fn connect_with(&self, read_only: bool) -> Result<CojsonSession, ServiceStopped> {
         let peer = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
         let (outbox, rx) = mpsc::channel(self.outbox_messages);
         let shared = Arc::new(SessionShared::default());
@@ -104,7 +112,7 @@ impl CojsonService {
             .send(Command::Connect { peer, outbox, shared: shared.clone() })
             .await
             .map_err(|_| ServiceStopped)?;
-        Ok(CojsonSession { peer, commands: self.commands.clone(), outbox: rx, shared, finished: false, left: false })
+        Ok(CojsonSession { peer, commands: self.commands.clone(), outbox: rx, shared, read_only, finished: false, left: false })
     }
 
     /// Counters for /metrics.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::driver::Command;
-use crate::message::{frame_is_clean, parse_frame, Incoming, Outgoing};
+use crate::message::{frame_is_clean, parse_frame, Incoming, Outgoing, SyncMessage};
 use crate::relay::PeerId;
 
 /// A frame is not extended with further queued messages once it is this long (a single longer
@@ -43,6 +43,8 @@ pub struct Received {
     pub messages: usize,
     /// Lines that were JSON but not a valid message (dropped one by one).
     pub bad_messages: usize,
+    /// Content messages dropped because the session is read-only.
+    pub read_only_dropped: usize,
     /// The frame had a line that is not JSON and was dropped whole (cojson-transport-ws does the
     /// same: one `JSON.parse` failure drops the frame).
     pub dropped_frame: bool,
@@ -78,6 +80,8 @@ pub struct CojsonSession {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) outbox: mpsc::Receiver<Outgoing>,
     pub(crate) shared: Arc<SessionShared>,
+    /// Content from this session is dropped ([`super::CojsonService::connect_with`]).
+    pub(crate) read_only: bool,
     /// A close (or the end) was returned; nothing more comes out.
     pub(crate) finished: bool,
     pub(crate) left: bool,
@@ -105,6 +109,7 @@ impl CojsonSession {
         let mut messages = Vec::with_capacity(lines.len());
         for line in lines {
             match line {
+                Ok(Incoming::Sync(SyncMessage::Content(_))) if self.read_only => received.read_only_dropped += 1,
                 Ok(Incoming::Sync(msg)) => messages.push(msg),
                 Ok(Incoming::Ping { .. } | Incoming::Ignored) => {}
                 Err(e) => {

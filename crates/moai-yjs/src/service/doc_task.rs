@@ -25,7 +25,7 @@ use super::registry::RegistryRef;
 use super::session::SessionFlags;
 use super::{Outbound, ServiceError, Session, YjsConfig};
 use crate::room::{Action, RoomError};
-use crate::{load_room, ConnId, Room};
+use crate::{load_room, Access, ConnId, Room};
 
 /// Close code for "the server could not serve this document" (load or storage failure).
 const CLOSE_INTERNAL: u16 = 1011;
@@ -39,6 +39,7 @@ pub(crate) enum Reply<T> {
 
 pub(crate) enum Command {
     Join {
+        access: Access,
         outbox: mpsc::Sender<Outbound>,
         outbound: Option<mpsc::Receiver<Outbound>>,
         reply: oneshot::Sender<Reply<Session>>,
@@ -235,11 +236,11 @@ impl DocTask {
 
     fn handle(&mut self, cmd: Command, actions: &mut Vec<Action>, deferred: &mut Vec<Deferred>) {
         match cmd {
-            Command::Join { outbox, outbound, reply } => {
+            Command::Join { access, outbox, outbound, reply } => {
                 let conn = ConnId(self.next_conn);
                 self.next_conn += 1;
                 let Some(outbound) = outbound else { return };
-                match self.room.connect(conn) {
+                match self.room.connect_with(conn, access) {
                     Ok(connect_actions) => {
                         let flags = Arc::new(SessionFlags::default());
                         self.conns.insert(conn, Connection { outbox, flags: flags.clone() });

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moai_storage::DocJournal;
+
+use crate::Access;
 use thiserror::Error;
 
 pub use session::{Outbound, Session};
@@ -82,7 +84,13 @@ impl YjsService {
     /// Connects a new socket to `doc_id`, loading the document if needed. The session's
     /// outbound queue already holds the server's SyncStep1 (and awareness states, if any).
     pub async fn join(&self, doc_id: &str) -> Result<Session, ServiceError> {
-        self.registry.join(doc_id).await
+        self.registry.join(doc_id, Access::ReadWrite).await
+    }
+
+    /// [`YjsService::join`] with the connection's access: a read-only session loads, receives
+    /// updates and shows presence, but its document updates are dropped ([`crate::Room::connect_with`]).
+    pub async fn join_as(&self, doc_id: &str, access: Access) -> Result<Session, ServiceError> {
+        self.registry.join(doc_id, access).await
     }
 
     /// The whole document as one Yjs v1 update.

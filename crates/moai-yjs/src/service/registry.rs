@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
 use super::{ServiceError, Session, YjsConfig};
+use crate::Access;
 
 /// How many times a caller re-resolves a document that was being evicted under it.
 const RETRIES: usize = 8;
@@ -111,11 +112,11 @@ impl Registry {
         Err(ServiceError::Unavailable(format!("document {doc_id} kept closing while we tried to reach it")))
     }
 
-    pub(crate) async fn join(self: &Arc<Self>, doc_id: &str) -> Result<Session, ServiceError> {
+    pub(crate) async fn join(self: &Arc<Self>, doc_id: &str, access: Access) -> Result<Session, ServiceError> {
         let outbox_frames = self.config.outbox_frames;
         let make = move |reply| {
             let (outbox, outbound) = mpsc::channel(outbox_frames);
-            Command::Join { outbox, outbound: Some(outbound), reply }
+            Command::Join { access, outbox, outbound: Some(outbound), reply }
         };
         self.request(doc_id, make).await
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod node_driver;
+pub mod ws;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
