@@ -32,6 +32,24 @@ use crate::lib0::{write_bytes, write_var_u64, DecodeError, Reader};
 /// which stale relays can still arrive and for clients that come back, so a bound is safe.
 pub const DEFAULT_MAX_TOMBSTONES: usize = 4096;
 
+/// Client ids one connection may own at once. A y-websocket socket introduces one (its own doc's
+/// client id); a reconnect race can briefly add another. Relays of other clients' states are not
+/// owned, so a busy room does not count against it.
+pub const DEFAULT_MAX_CLIENTS_PER_CONNECTION: usize = 64;
+
+/// Largest JSON state of one awareness entry. Presence (a name, a colour, a cursor) is well under
+/// a kilobyte; the state is kept in memory and sent to every joiner.
+pub const DEFAULT_MAX_STATE_BYTES: usize = 64 * 1024;
+
+/// An awareness update over a limit; the room closes the connection that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AwarenessLimitError {
+    #[error("awareness state of {bytes} bytes is over the limit of {max}")]
+    StateTooLarge { bytes: usize, max: usize },
+    #[error("connection would own {owned} awareness client ids, over the limit of {max}")]
+    TooManyClients { owned: usize, max: usize },
+}
+
 /// One entry of an awareness update: `state == None` is JSON `null` (the client left).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwarenessEntry {
@@ -110,8 +128,13 @@ pub struct AwarenessTracker {
     conns: HashMap<ConnId, ConnInfo>,
     /// Increases on every join and every removal; see the module docs.
     epoch: u64,
-    tombstone_order: VecDeque<u64>,
+    /// Tombstones in removal order, each with the epoch of its removal: an entry whose client
+    /// has since come back or been removed again (another epoch) is stale and skipped, so
+    /// forgetting the oldest tombstone is O(1).
+    tombstone_order: VecDeque<(u64, u64)>,
     max_tombstones: usize,
+    max_clients_per_connection: usize,
+    max_state_bytes: usize,
 }
 
 impl Default for AwarenessTracker {
@@ -128,7 +151,16 @@ impl AwarenessTracker {
             epoch: 0,
             tombstone_order: VecDeque::new(),
             max_tombstones,
+            max_clients_per_connection: DEFAULT_MAX_CLIENTS_PER_CONNECTION,
+            max_state_bytes: DEFAULT_MAX_STATE_BYTES,
         }
+    }
+
+    /// Sets the per-connection limits (client ids owned, bytes of one state).
+    pub fn with_limits(mut self, max_clients_per_connection: usize, max_state_bytes: usize) -> Self {
+        self.max_clients_per_connection = max_clients_per_connection;
+        self.max_state_bytes = max_state_bytes;
+        self
     }
 
     /// Registers a connection. Must be called before it sends anything, and before the
@@ -143,55 +175,62 @@ impl AwarenessTracker {
     /// to be broadcast to every connection including the sender (the echo keeps a lone client
     /// under y-websocket's 30 s silence limit and hands a returning client its bumped clock).
     /// Returns `None` when nothing changed. Updates from unregistered connections are ignored.
-    pub fn apply(&mut self, conn: ConnId, update: &AwarenessUpdate) -> Option<AwarenessUpdate> {
-        let joined_epoch = self.conns.get(&conn)?.joined_epoch;
+    pub fn apply(&mut self, conn: ConnId, update: &AwarenessUpdate) -> Result<Option<AwarenessUpdate>, AwarenessLimitError> {
+        let Some(info) = self.conns.get(&conn) else { return Ok(None) };
+        let joined_epoch = info.joined_epoch;
+        // Check the limits before changing anything, counting only what would be accepted.
+        let mut newly_owned = BTreeSet::new();
+        for entry in &update.entries {
+            if let Some(state) = &entry.state {
+                if state.len() > self.max_state_bytes {
+                    return Err(AwarenessLimitError::StateTooLarge { bytes: state.len(), max: self.max_state_bytes });
+                }
+                if !info.owned.contains(&entry.client_id) && self.decide(joined_epoch, entry).is_some() {
+                    newly_owned.insert(entry.client_id);
+                }
+            }
+        }
+        let owned = info.owned.len() + newly_owned.len();
+        if owned > self.max_clients_per_connection {
+            return Err(AwarenessLimitError::TooManyClients { owned, max: self.max_clients_per_connection });
+        }
         let mut changed = Vec::new();
         for entry in &update.entries {
             if let Some(out) = self.apply_entry(conn, joined_epoch, entry) {
                 changed.push(out);
             }
         }
-        (!changed.is_empty()).then_some(AwarenessUpdate { entries: changed })
+        Ok((!changed.is_empty()).then_some(AwarenessUpdate { entries: changed }))
     }
 
-    fn apply_entry(
-        &mut self,
-        conn: ConnId,
-        joined_epoch: u64,
-        entry: &AwarenessEntry,
-    ) -> Option<AwarenessEntry> {
-        let id = entry.client_id;
-        let clock = match (self.clients.get(&id), &entry.state) {
-            // Unknown clients have clock 0 (JS rule), and a null for them changes nothing.
-            (None, Some(_)) if entry.clock > 0 => entry.clock,
-            (None, _) => return None,
-            (Some(ClientState::Present { clock: known, .. }), Some(_)) if entry.clock > *known => {
-                entry.clock
-            }
-            (Some(ClientState::Present { clock: known, .. }), None) if entry.clock >= *known => {
-                entry.clock
-            }
-            (Some(ClientState::Present { .. }), _) => return None,
+    /// The clock at which `entry` would be accepted from a connection that joined at
+    /// `joined_epoch`, or None if it would be ignored. Pure: changes nothing.
+    fn decide(&self, joined_epoch: u64, entry: &AwarenessEntry) -> Option<u64> {
+        match (self.clients.get(&entry.client_id), &entry.state) {
+            (None, Some(_)) if entry.clock > 0 => Some(entry.clock),
+            (None, _) => None,
+            (Some(ClientState::Present { clock: known, .. }), Some(_)) if entry.clock > *known => Some(entry.clock),
+            (Some(ClientState::Present { clock: known, .. }), None) if entry.clock >= *known => Some(entry.clock),
+            (Some(ClientState::Present { .. }), _) => None,
             (Some(ClientState::Removed { clock: removed, epoch }), Some(_)) => {
                 if entry.clock > *removed {
-                    entry.clock
+                    Some(entry.clock)
                 } else if joined_epoch > *epoch {
-                    // A returning client: peers still hold `removed`, so outbid it.
-                    removed.saturating_add(1)
+                    Some(removed.saturating_add(1))
                 } else {
-                    // A stale copy relayed by a peer that saw the removal: keep it removed.
-                    return None;
+                    None
                 }
             }
-            (Some(ClientState::Removed { .. }), None) => return None,
-        };
+            (Some(ClientState::Removed { .. }), None) => None,
+        }
+    }
+
+    fn apply_entry(&mut self, conn: ConnId, joined_epoch: u64, entry: &AwarenessEntry) -> Option<AwarenessEntry> {
+        let id = entry.client_id;
+        let clock = self.decide(joined_epoch, entry)?;
 
         match &entry.state {
             Some(state) => {
-                // An accepted state always carries a clock newer than anything we broadcast,
-                // so it cannot be a relay: it comes from the client itself, and its current
-                // connection becomes the one whose close removes it. This also covers a client
-                // that reconnected before we noticed its old socket die.
                 let previous = self.clients.insert(
                     id,
                     ClientState::Present { clock, state: state.clone(), owner: conn },
@@ -218,15 +257,13 @@ impl AwarenessTracker {
         }
         self.epoch += 1;
         self.clients.insert(id, ClientState::Removed { clock, epoch: self.epoch });
-        self.tombstone_order.push_back(id);
+        self.tombstone_order.push_back((id, self.epoch));
         while self.tombstone_order.len() > self.max_tombstones {
-            if let Some(old) = self.tombstone_order.pop_front() {
-                // The id may have come back (or been removed again later); only forget a
-                // tombstone that is not referenced further down the queue.
-                let still_queued = self.tombstone_order.contains(&old);
-                if !still_queued && matches!(self.clients.get(&old), Some(ClientState::Removed { .. })) {
-                    self.clients.remove(&old);
-                }
+            let Some((old, epoch)) = self.tombstone_order.pop_front() else { break };
+            // Only the tombstone this entry recorded: a client that came back (Present) or was
+            // removed again later (a newer epoch, queued further back) is left alone.
+            if matches!(self.clients.get(&old), Some(ClientState::Removed { epoch: e, .. }) if *e == epoch) {
+                self.clients.remove(&old);
             }
         }
     }

@@ -52,6 +52,9 @@ pub const READ_ONLY_REASON: &str = "read-only: document updates from this connec
 
 /// WebSocket close code for a frame we cannot parse as a y-websocket message.
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// WebSocket close code for a message over a limit (an awareness state too large, too many
+/// awareness client ids on one connection).
+pub const CLOSE_POLICY: u16 = 1008;
 /// WebSocket close code for a well-framed message with an invalid payload (bad update, state
 /// vector or awareness update).
 pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
@@ -281,7 +284,15 @@ impl Room {
             }
             Message::Awareness(bytes) => match AwarenessUpdate::decode(bytes) {
                 Ok(update) => {
-                    if let Some(changed) = self.awareness.apply(conn, &update) {
+                    let applied = match self.awareness.apply(conn, &update) {
+                        Ok(applied) => applied,
+                        Err(e) => {
+                            self.stats.rejected_frames += 1;
+                            actions.push(close(conn, CLOSE_POLICY, e.to_string()));
+                            return Ok(true);
+                        }
+                    };
+                    if let Some(changed) = applied {
                         // Everyone, sender included: see AwarenessTracker::apply.
                         actions.push(Action::Broadcast {
                             except: None,

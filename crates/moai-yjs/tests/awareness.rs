@@ -228,3 +228,61 @@ fn awareness_update_round_trips_and_null_is_detected() {
     // Huge count with no entries behind it is an error, not an allocation.
     assert!(AwarenessUpdate::decode(&[0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
 }
+
+fn closes(actions: &[Action]) -> Vec<(ConnId, u16, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close { conn, code, reason } => Some((*conn, *code, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn one_connection_cannot_flood_presence() {
+    let mut room = Room::new("d");
+    room.connect(A).unwrap();
+    room.connect(B).unwrap();
+    // 64 client ids from one socket are accepted (a reconnect race owns a few; 64 is generous).
+    let many: Vec<(u64, u64, Option<&str>)> = (1..=64).map(|id| (id, 1, Some("{}"))).collect();
+    let acts = room.receive(A, &aw_frame(&many)).unwrap();
+    assert!(closes(&acts).is_empty());
+    assert_eq!(room.awareness().present_count(), 64);
+    // A 65th is refused, the connection closed, and nothing of the frame applied.
+    let acts = room.receive(A, &aw_frame(&[(1, 2, Some(r#"{"x":1}"#)), (65, 1, Some("{}"))])).unwrap();
+    let c = closes(&acts);
+    assert_eq!((c.len(), c[0].0, c[0].1), (1, A, 1008), "{c:?}");
+    assert_eq!(room.awareness().state(1), Some("{}"), "the frame was refused whole");
+    assert_eq!(room.awareness().present_count(), 64);
+
+    // Relaying other clients' states (as every y-websocket client does) owns nothing and
+    // never counts against the relaying socket.
+    let relay: Vec<(u64, u64, Option<&str>)> = (1..=64).map(|id| (id, 1, Some("{}"))).collect();
+    assert!(closes(&room.receive(B, &aw_frame(&relay)).unwrap()).is_empty());
+
+    // One state over 64 KiB is refused.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 * 1024));
+    let acts = room.receive(B, &aw_frame(&[(900, 1, Some(&big))])).unwrap();
+    let c = closes(&acts);
+    assert_eq!((c[0].0, c[0].1), (B, 1008), "{c:?}");
+    assert_eq!(room.awareness().state(900), None);
+}
+
+#[test]
+fn tombstones_are_bounded_and_forgetting_one_spares_a_returned_client() {
+    let mut t = moai_yjs::AwarenessTracker::new(2).with_limits(1000, 1024);
+    t.add_connection(A);
+    let set = |id, clock| AwarenessUpdate { entries: vec![AwarenessEntry { client_id: id, clock, state: Some("{}".into()) }] };
+    let del = |id, clock| AwarenessUpdate { entries: vec![AwarenessEntry { client_id: id, clock, state: None }] };
+    t.apply(A, &set(1, 1)).unwrap();
+    t.apply(A, &del(1, 1)).unwrap(); // tombstone for 1
+    t.apply(A, &set(1, 2)).unwrap(); // 1 comes back
+    t.apply(A, &set(2, 1)).unwrap();
+    t.apply(A, &del(2, 1)).unwrap();
+    t.apply(A, &set(3, 1)).unwrap();
+    t.apply(A, &del(3, 1)).unwrap(); // third tombstone: the oldest (1's) is dropped
+    assert_eq!(t.state(1), Some("{}"), "a client that came back is not forgotten with its old tombstone");
+    // A stale relay of 2 (still tombstoned) does not resurrect it.
+    assert!(t.apply(A, &set(2, 1)).unwrap().is_none());
+}
