@@ -102,6 +102,9 @@ pub struct RoomStats {
     pub rejected_frames: u64,
     /// Document updates dropped because their connection is read-only.
     pub read_only_dropped: u64,
+    /// SyncStep1 / QueryAwareness requests not answered because the connection already got the
+    /// same answer (nothing changed since).
+    pub coalesced_requests: u64,
 }
 
 pub struct Room {
@@ -111,7 +114,33 @@ pub struct Room {
     conns: BTreeSet<ConnId>,
     /// Read-only connections, each with whether it was already told its updates are dropped.
     read_only: BTreeMap<ConnId, bool>,
+    /// Per connection, the last full-state answers it got: (hash of the SyncStep1 state vector,
+    /// document version) and the awareness version. A repeated request that would get the same
+    /// answer again is not answered twice: a 4-byte SyncStep1 or a 1-byte QueryAwareness must not
+    /// make the server encode the whole document or every presence state in a loop.
+    answered: BTreeMap<ConnId, Answered>,
+    /// Bumped on every change to the document / to awareness.
+    doc_version: u64,
+    awareness_version: u64,
     stats: RoomStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Answered {
+    step1: Option<(u64, u64)>,
+    awareness: Option<u64>,
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static KEYS: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new();
+    }
+    KEYS.with(|k| {
+        let mut h = k.build_hasher();
+        h.write(bytes);
+        h.finish()
+    })
 }
 
 impl std::fmt::Debug for Room {
@@ -140,6 +169,9 @@ impl Room {
             awareness: AwarenessTracker::default(),
             conns: BTreeSet::new(),
             read_only: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            doc_version: 0,
+            awareness_version: 0,
             stats: RoomStats::default(),
         }
     }
@@ -209,11 +241,15 @@ impl Room {
             return Vec::new();
         }
         self.read_only.remove(&conn);
+        self.answered.remove(&conn);
         match self.awareness.remove_connection(conn) {
-            Some(removed) => vec![Action::Broadcast {
+            Some(removed) => {
+                self.awareness_version += 1;
+                vec![Action::Broadcast {
                 except: Some(conn),
                 frame: awareness_frame(&removed.encode()),
-            }],
+            }]
+            }
             None => Vec::new(),
         }
     }
@@ -251,8 +287,15 @@ impl Room {
         actions: &mut Vec<Action>,
     ) -> Result<bool, RoomError> {
         match message {
-            Message::Sync(SyncMessage::Step1(sv)) => {
-                let Ok(sv) = StateVector::decode_v1(sv) else {
+            Message::Sync(SyncMessage::Step1(sv_bytes)) => {
+                let key = Some((hash_of(sv_bytes), self.doc_version));
+                let answered = self.answered.entry(conn).or_default();
+                if answered.step1 == key {
+                    self.stats.coalesced_requests += 1;
+                    return Ok(false);
+                }
+                answered.step1 = key;
+                let Ok(sv) = StateVector::decode_v1(sv_bytes) else {
                     return Ok(self.reject(conn, "invalid state vector".into(), actions));
                 };
                 let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
@@ -272,6 +315,7 @@ impl Room {
                 let applied = apply_v1(&self.doc, update);
                 if let Some(diff) = applied.diff {
                     self.stats.updates_applied += 1;
+                    self.doc_version += 1;
                     push_change(actions, diff, Some(conn));
                 } else if applied.error.is_none() {
                     self.stats.updates_without_effect += 1;
@@ -293,6 +337,7 @@ impl Room {
                         }
                     };
                     if let Some(changed) = applied {
+                        self.awareness_version += 1;
                         // Everyone, sender included: see AwarenessTracker::apply.
                         actions.push(Action::Broadcast {
                             except: None,
@@ -303,6 +348,12 @@ impl Room {
                 Err(e) => return Ok(self.reject(conn, format!("invalid awareness update: {e}"), actions)),
             },
             Message::QueryAwareness => {
+                let answered = self.answered.entry(conn).or_default();
+                if answered.awareness == Some(self.awareness_version) {
+                    self.stats.coalesced_requests += 1;
+                    return Ok(false);
+                }
+                answered.awareness = Some(self.awareness_version);
                 let all = self.awareness.all_states().unwrap_or_default();
                 actions.push(Action::Send { conn, frame: awareness_frame(&all.encode()) });
             }
@@ -326,6 +377,7 @@ impl Room {
         let mut actions = Vec::new();
         if let Some(diff) = applied.diff {
             self.stats.updates_applied += 1;
+            self.doc_version += 1;
             push_change(&mut actions, diff, None);
         }
         match applied.error {

@@ -292,3 +292,40 @@ fn load_failure_is_an_error_not_an_empty_doc() {
     let sv = loaded.doc().transact().state_vector();
     assert_eq!(sv, StateVector::decode_v1(&loaded.state_vector().unwrap()).unwrap());
 }
+
+#[test]
+fn repeated_state_requests_are_answered_once_until_something_changes() {
+    let mut room = Room::new("doc");
+    let a = ConnId(1);
+    let b = ConnId(2);
+    room.connect(a).unwrap();
+    room.connect(b).unwrap();
+    let step1 = moai_yjs::protocol::sync_step1_frame(&[0]);
+    let sends = |acts: &[Action]| acts.iter().filter(|x| matches!(x, Action::Send { .. })).count();
+    assert_eq!(sends(&room.receive(a, &step1).unwrap()), 1, "first request answered");
+    for _ in 0..100 {
+        assert_eq!(sends(&room.receive(a, &step1).unwrap()), 0, "the same answer is not encoded again");
+    }
+    // Another connection has its own memory.
+    assert_eq!(sends(&room.receive(b, &step1).unwrap()), 1);
+    // After a change, the same request gets a new answer.
+    let writer = Client::new(9);
+    let update = moai_yjs::protocol::sync_update_frame(&writer.insert(0, "x"));
+    room.receive(b, &update).unwrap();
+    assert_eq!(sends(&room.receive(a, &step1).unwrap()), 1);
+
+    // QueryAwareness: answered, then not again while nothing changed, and a change makes it
+    // answerable again.
+    let query = [3u8];
+    assert_eq!(sends(&room.receive(a, &query).unwrap()), 1);
+    assert_eq!(sends(&room.receive(a, &query).unwrap()), 0);
+    let aw = Message::Awareness(&moai_yjs::AwarenessUpdate {
+        entries: vec![moai_yjs::AwarenessEntry { client_id: 5, clock: 1, state: Some("{}".into()) }],
+    }
+    .encode())
+    .encode();
+    room.receive(b, &aw).unwrap();
+    assert_eq!(sends(&room.receive(a, &query).unwrap()), 1);
+    assert_eq!(sends(&room.receive(a, &query).unwrap()), 0);
+    assert_eq!(room.stats().coalesced_requests, 102);
+}

@@ -268,3 +268,29 @@ async fn http_writes_are_persisted_and_broadcast_and_bad_ones_refused() {
     assert!(matches!(svc.apply_update("d", vec![0xde, 0xad]).await, Err(ServiceError::InvalidUpdate(_))));
     assert_eq!(storage.load("d").await.unwrap().updates.len(), 1);
 }
+
+#[tokio::test]
+async fn the_outbox_is_bounded_in_bytes() {
+    // 1024 frames would fit, but not 4 KiB: a client that reads nothing is dropped once the
+    // queued frames pass the byte bound, whatever their count.
+    let config = YjsConfig { outbox_frames: 1024, outbox_bytes: 4096, ..YjsConfig::default() };
+    let svc = service(Arc::new(MemoryStorage::new()), config);
+    let a = svc.join("d").await.unwrap();
+    let mut slow = svc.join("d").await.unwrap();
+    let writer = Doc::new();
+    let chunk = "x".repeat(1000);
+    for _ in 0..10 {
+        a.receive(Bytes::from(sync_update_frame(&insert(&writer, &chunk)))).await;
+    }
+    let check = Doc::new();
+    apply(&check, &svc.read_state("d").await.unwrap());
+    assert_eq!(text(&check).len(), 10_000);
+    let mut bytes = 0;
+    while let Some(out) = slow.outbound().await {
+        let Outbound::Frame(f) = out else { panic!("{out:?}") };
+        bytes += f.len();
+    }
+    assert!(slow.was_too_slow());
+    assert!(bytes <= 4096 + 64, "at most the byte bound was queued: {bytes}");
+    assert!(bytes >= 3000, "frames up to the bound were delivered: {bytes}");
+}

@@ -120,6 +120,13 @@ pub struct ServeArgs {
     /// Yjs: frames queued for one socket before it counts as too slow and is closed (1013).
     #[arg(long, env = "MOAI_YJS_OUTBOX_FRAMES", default_value_t = 1024)]
     pub yjs_outbox_frames: usize,
+    /// Yjs: bytes queued for one socket before it counts as too slow and is closed (1013); one
+    /// frame larger than this still goes to an empty queue.
+    #[arg(long, env = "MOAI_YJS_OUTBOX_BYTES", default_value = "32MiB", value_parser = units::bytes)]
+    pub yjs_outbox_bytes: usize,
+    /// Yjs: bytes of inbound frames queued for one document; senders wait beyond it.
+    #[arg(long, env = "MOAI_YJS_INBOUND_BYTES", default_value = "64MiB", value_parser = units::bytes)]
+    pub yjs_inbound_bytes: usize,
 
     /// Postgres change feed: the database to replicate from (`postgres://user@host:port/db`).
     /// The user needs the REPLICATION attribute and CREATE on the database. Unset: /api/sync

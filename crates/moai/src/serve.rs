@@ -133,6 +133,8 @@ async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<R
         Arc::new(storage.clone()),
         YjsConfig {
             outbox_frames: args.yjs_outbox_frames.max(1),
+            outbox_bytes: args.yjs_outbox_bytes.max(1),
+            inbound_bytes: args.yjs_inbound_bytes.max(1),
             idle_evict: args.yjs_idle_evict,
             compact_journal_bytes: args.yjs_compact_bytes,
             ..YjsConfig::default()

@@ -174,6 +174,121 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
     assert!(err["message"].as_str().unwrap().contains("public.other"), "{err}");
 }
 
+/// One op as a short string: `insert 6 m1`, `update 3 c2`, `delete 1`.
+fn op_text(op: &Value) -> String {
+    let kind = op["op"].as_str().unwrap();
+    let id = &op["key"]["id"];
+    match op["row"]["name"].as_str() {
+        Some(name) => format!("{kind} {id} {name}"),
+        None => format!("{kind} {id}"),
+    }
+}
+
+/// The ops of `changes` frames until one carries an op `until` (acking each frame); with
+/// `until` = None, until `up_to_date`.
+async fn ops_until(ws: &mut Ws, until: Option<&str>) -> Vec<String> {
+    let mut ops = Vec::new();
+    loop {
+        let m = next_json(ws).await;
+        match m["type"].as_str().unwrap() {
+            "changes" => {
+                for txn in m["txns"].as_array().unwrap() {
+                    ops.extend(txn["ops"].as_array().unwrap().iter().map(op_text));
+                }
+                ws.send(WsMessage::Text(json!({"type": "ack", "position": m["to"]}).to_string().into())).await.unwrap();
+                if until.is_some_and(|u| ops.iter().any(|o| o == u)) {
+                    return ops;
+                }
+            }
+            "up_to_date" if until.is_none() => return ops,
+            "error" => panic!("{m}"),
+            _ => {}
+        }
+    }
+}
+
+/// A row predicate (here the token's) hides other users' rows completely: their inserts,
+/// updates (also of a TOASTed predicate column left unchanged) and deletes send nothing, not
+/// even a key; a row moving out of the shape is deleted, a row moving in is inserted. Catch-up
+/// from the history decides the same. Absence is shown by a marker insert that must be the
+/// first op after bob's changes.
+#[tokio::test]
+async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(
+        &url,
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text, owner text); \
+         INSERT INTO public.items VALUES (1,'a','alice'),(2,'b','bob'),(3,'c','alice'),(4,'d','bob'); \
+         INSERT INTO public.items SELECT 9, 'big', 'bob' || string_agg(md5(i::text), '') FROM generate_series(1, 500) i;",
+    )
+    .await;
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
+    server.wait_ready();
+    let out = std::process::Command::new(support::BIN)
+        .args(["token", "alice", "--table", "public.items WHERE owner = 'alice'", "--secret", "pgs"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let connect = || async {
+        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        ws
+    };
+    let shapes = json!([{"id": "s", "table": "public.items"}]);
+
+    let mut ws = connect().await;
+    let hello = json!({"type": "hello", "protocol": 1, "client_id": "alice-live", "position": null, "shapes": shapes});
+    ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    let (mut names, mut generation) = (Vec::new(), Value::Null);
+    let position = loop {
+        let m = next_json(&mut ws).await;
+        match m["type"].as_str().unwrap() {
+            "welcome" => generation = m["generation"].clone(),
+            "snapshot_batch" => names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned())),
+            "up_to_date" => break m["position"].clone(),
+            "error" => panic!("{m}"),
+            _ => {}
+        }
+    };
+    names.sort();
+    assert_eq!(names, vec!["a", "c"]);
+
+    // Bob's rows: insert, update, update of a row whose predicate column is TOASTed and
+    // unchanged, delete. Then alice's marker.
+    for stmt in [
+        "INSERT INTO public.items VALUES (5,'e','bob')",
+        "UPDATE public.items SET name = 'b2' WHERE id = 2",
+        "UPDATE public.items SET name = 'big2' WHERE id = 9",
+        "DELETE FROM public.items WHERE id = 4",
+        "INSERT INTO public.items VALUES (6,'m1','alice')",
+    ] {
+        sql(&url, stmt).await;
+    }
+    let first = ops_until(&mut ws, Some("insert 6 m1")).await;
+    assert_eq!(first, vec!["insert 6 m1"], "alice learns nothing of bob's rows");
+
+    // alice's row 1 goes to bob (move-out), bob's row 2 comes to alice (move-in), then a marker.
+    for stmt in [
+        "UPDATE public.items SET owner = 'bob' WHERE id = 1",
+        "UPDATE public.items SET owner = 'alice' WHERE id = 2",
+        "UPDATE public.items SET name = 'e2' WHERE id = 5",
+        "INSERT INTO public.items VALUES (7,'m2','alice')",
+    ] {
+        sql(&url, stmt).await;
+    }
+    let moves = ops_until(&mut ws, Some("insert 7 m2")).await;
+    assert_eq!(moves, vec!["delete 1", "insert 2 b2", "insert 7 m2"]);
+
+    // Catch-up from the history (the old rows are stored with the changes) decides the same.
+    let mut ws = connect().await;
+    let hello = json!({"type": "hello", "protocol": 1, "client_id": "alice-catchup", "position": position,
+                       "generation": generation, "shapes": shapes});
+    ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    let replay = ops_until(&mut ws, None).await;
+    assert_eq!(replay, [first, moves].concat());
+}
+
 /// One replicator per database: the slot is the lock. A second instance waits as a standby
 /// (not ready, not exiting) and takes over when the first one dies.
 #[tokio::test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use moai_storage::DocJournal;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::compactor::Compactor;
@@ -47,6 +47,8 @@ pub(crate) enum Command {
     Frame {
         conn: ConnId,
         frame: Bytes,
+        /// Its share of the document's inbound byte budget, given back when handled.
+        budget: OwnedSemaphorePermit,
     },
     Leave {
         conn: ConnId,
@@ -59,6 +61,9 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Reply<()>>,
     },
 }
+
+/// Most permits a semaphore may hold is `u32::MAX >> 3`; the inbound budget stays under it.
+pub(crate) const MAX_INBOUND_PERMITS: usize = 1 << 28;
 
 struct Connection {
     outbox: mpsc::Sender<Outbound>,
@@ -80,6 +85,8 @@ struct DocTask {
     /// Journal bytes not yet folded into a snapshot.
     journal_bytes: usize,
     compaction: Option<JoinHandle<Result<usize, String>>>,
+    /// Inbound bytes queued for this document ([`YjsConfig::inbound_bytes`]).
+    inbound: Arc<Semaphore>,
 }
 
 pub(crate) fn spawn(
@@ -97,6 +104,7 @@ pub(crate) fn spawn(
         };
         match load(&doc_id, storage.as_ref()).await {
             Ok((room, journal_bytes)) => {
+                let inbound = Arc::new(Semaphore::new(config.inbound_bytes.clamp(1, MAX_INBOUND_PERMITS)));
                 tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
                 let task = DocTask {
                     doc_id,
@@ -112,6 +120,7 @@ pub(crate) fn spawn(
                     config,
                     journal_bytes,
                     compaction: None,
+                    inbound,
                 };
                 task.run().await;
             }
@@ -249,6 +258,7 @@ impl DocTask {
                             commands: self.self_sender.clone(),
                             outbound,
                             flags,
+                            inbound: self.inbound.clone(),
                             left: false,
                         };
                         if reply.send(Reply::Done(session)).is_err() {
@@ -259,7 +269,7 @@ impl DocTask {
                     Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
                 }
             }
-            Command::Frame { conn, frame } => {
+            Command::Frame { conn, frame, budget: _budget } => {
                 if !self.conns.contains_key(&conn) {
                     return; // dropped earlier (too slow, closed); late frames are ignored
                 }
@@ -330,7 +340,14 @@ impl DocTask {
 
     fn deliver(&mut self, conn: ConnId, frame: Bytes, queue: &mut VecDeque<Action>) {
         let Some(c) = self.conns.get(&conn) else { return };
-        match c.outbox.try_send(Outbound::Frame(frame)) {
+        let len = frame.len();
+        let queued = c.flags.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        let over_bytes = queued > 0 && queued + len > self.config.outbox_bytes;
+        let sent = if over_bytes { Err(mpsc::error::TrySendError::Full(Outbound::Frame(frame))) } else { c.outbox.try_send(Outbound::Frame(frame)) };
+        if sent.is_err() {
+            c.flags.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // Never skip an update silently: drop the session; it resyncs on reconnect.

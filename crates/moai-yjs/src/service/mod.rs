@@ -34,6 +34,12 @@ pub struct YjsConfig {
     /// Frames queued for one socket before it counts as too slow and is closed (it resyncs on
     /// reconnect). Never silently skipped: a skipped update would leave a client diverged.
     pub outbox_frames: usize,
+    /// Bytes queued for one socket before it counts as too slow and is closed. One frame larger
+    /// than this still goes to an empty queue (a big document's first SyncStep2).
+    pub outbox_bytes: usize,
+    /// Bytes of inbound frames queued for one document; a socket whose frame does not fit
+    /// waits (its reads slow down) instead of growing memory.
+    pub inbound_bytes: usize,
     /// A document with no connections for this long is compacted and evicted from memory.
     pub idle_evict: Duration,
     /// Journal bytes after which the journal is folded into a snapshot in the background.
@@ -46,6 +52,8 @@ impl Default for YjsConfig {
     fn default() -> Self {
         Self {
             outbox_frames: 1024,
+            outbox_bytes: 32 << 20,
+            inbound_bytes: 64 << 20,
             idle_evict: Duration::from_secs(30),
             compact_journal_bytes: 1 << 20,
             max_batch: 256,

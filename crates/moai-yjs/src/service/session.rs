@@ -1,11 +1,11 @@
 //! One socket's view of a document: the way in (frames to the document task) and the way out
 //! (a bounded queue of frames the edge writes to the socket).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::doc_task::Command;
 use crate::ConnId;
@@ -24,6 +24,9 @@ pub enum Outbound {
 pub(crate) struct SessionFlags {
     /// The outbox overflowed: the client could not keep up.
     pub(crate) too_slow: AtomicBool,
+    /// Bytes of frames in the outbox (added by the document task before queueing, taken off
+    /// here when the edge takes the frame).
+    pub(crate) queued_bytes: AtomicUsize,
 }
 
 pub struct Session {
@@ -31,6 +34,8 @@ pub struct Session {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) outbound: mpsc::Receiver<Outbound>,
     pub(crate) flags: Arc<SessionFlags>,
+    /// The document's inbound budget in bytes, shared by all its sessions.
+    pub(crate) inbound: Arc<Semaphore>,
     pub(crate) left: bool,
 }
 
@@ -43,18 +48,30 @@ impl Session {
     /// slows down reading from this socket instead of growing memory. Returns false if the
     /// document is gone (the outbound queue then says why).
     pub async fn receive(&self, frame: Bytes) -> bool {
-        self.commands.send(Command::Frame { conn: self.conn, frame }).await.is_ok()
+        // A frame larger than the whole budget takes all of it (and waits for it).
+        let want = frame.len().clamp(1, super::doc_task::MAX_INBOUND_PERMITS) as u32;
+        let Ok(budget) = self.inbound.clone().acquire_many_owned(want).await else { return false };
+        self.commands.send(Command::Frame { conn: self.conn, frame, budget }).await.is_ok()
     }
 
     /// The next thing to write to the socket. `None` means the document dropped this session:
     /// see [`Session::was_too_slow`].
     pub async fn outbound(&mut self) -> Option<Outbound> {
-        self.outbound.recv().await
+        let out = self.outbound.recv().await;
+        self.taken(out)
+    }
+
+    fn taken(&self, out: Option<Outbound>) -> Option<Outbound> {
+        if let Some(Outbound::Frame(f)) = &out {
+            self.flags.queued_bytes.fetch_sub(f.len(), Ordering::Relaxed);
+        }
+        out
     }
 
     /// The next thing to write, if one is queued right now.
     pub fn try_outbound(&mut self) -> Option<Outbound> {
-        self.outbound.try_recv().ok()
+        let out = self.outbound.try_recv().ok();
+        self.taken(out)
     }
 
     /// Whether the session was dropped because its outbox overflowed.
