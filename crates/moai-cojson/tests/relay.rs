@@ -895,3 +895,23 @@ fn reconcile_of_covalues_not_in_memory_compares_stored_known_states() {
     assert!(matches!(&out[..], [SyncMessage::ReconcileAck(id)] if id == "b1"), "{out:?}");
     assert!(d.loads.is_empty());
 }
+
+#[test]
+fn covalues_per_peer_are_bounded() {
+    let mut d = Driver::new(Relay::new(RelayConfig { max_covalues_per_peer: 3, ..RelayConfig::default() }));
+    let a = d.connect(1);
+    let b = d.connect(2);
+    for i in 0..3 {
+        d.msg(a, load(&CoId::parse(&format!("co_zUnknown{i}")).unwrap(), None));
+    }
+    assert!(d.closed.is_empty(), "three are allowed");
+    // A fourth new id closes the peer and is not looked up.
+    let reads = |d: &Driver| d.loads.len() + d.known_loads.iter().map(Vec::len).sum::<usize>();
+    let before = reads(&d);
+    d.msg(a, load(&CoId::parse("co_zUnknown3").unwrap(), None));
+    assert_eq!(d.closed, vec![(a, CloseReason::TooManyCoValues)]);
+    assert_eq!(reads(&d), before, "no storage read for the refused id");
+    // Another peer has its own budget.
+    d.msg(b, load(&CoId::parse("co_zUnknown3").unwrap(), None));
+    assert_eq!(d.closed.len(), 1);
+}

@@ -128,6 +128,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_YJS_INBOUND_BYTES", default_value = "64MiB", value_parser = units::bytes)]
     pub yjs_inbound_bytes: usize,
 
+    /// CoJSON: CoValues one connection may load or sync; a peer over it is closed with 1008.
+    #[arg(long, env = "MOAI_COJSON_MAX_COVALUES_PER_PEER", default_value_t = 20_000)]
+    pub cojson_max_covalues_per_peer: usize,
+
     /// Postgres change feed: the database to replicate from (`postgres://user@host:port/db`).
     /// The user needs the REPLICATION attribute and CREATE on the database. Unset: /api/sync
     /// answers 404.

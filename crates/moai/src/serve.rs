@@ -149,7 +149,9 @@ async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<R
             None
         }
     };
-    let cojson = CojsonService::new(Arc::new(storage.clone()), CojsonConfig::default());
+    let mut cojson_config = CojsonConfig::default();
+    cojson_config.relay.max_covalues_per_peer = args.cojson_max_covalues_per_peer.max(1);
+    let cojson = CojsonService::new(Arc::new(storage.clone()), cojson_config);
     Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson) }, storage })
 }
 

@@ -93,6 +93,8 @@ pub enum Event {
 pub enum CloseReason {
     /// The peer has too much content waiting for dependencies it never sends.
     TooMuchParkedContent,
+    /// The peer loaded or synced more CoValues than one connection may hold.
+    TooManyCoValues,
     /// A write of a CoValue this peer synced failed; reconnecting resyncs
     /// it against what storage really holds.
     StorageFailure(CoId),
@@ -137,11 +139,19 @@ pub struct RelayConfig {
     /// Content messages one peer may have waiting for dependencies before
     /// it is closed (cojson has no bound).
     pub max_parked_content_per_peer: usize,
+    /// CoValues one peer may be subscribed to (every `load`, `known` or `content` about a new
+    /// id subscribes; cojson has no bound). Each costs the relay a known-state entry and
+    /// usually a storage read, so a peer over it is closed instead of growing memory.
+    pub max_covalues_per_peer: usize,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { piece_limit_bytes: PIECE_LIMIT_BYTES, max_parked_content_per_peer: 1024 }
+        RelayConfig {
+            piece_limit_bytes: PIECE_LIMIT_BYTES,
+            max_parked_content_per_peer: 1024,
+            max_covalues_per_peer: 20_000,
+        }
     }
 }
 
@@ -336,14 +346,22 @@ impl Relay {
         }
     }
 
-    /// The peer's known-state entry for `id`, creating it (= subscribing).
+    /// The peer's known-state entry for `id`, creating it (= subscribing). None, and the peer
+    /// closed, when it is at `max_covalues_per_peer`.
     fn peer_known(&mut self, peer: PeerId, id: &CoId) -> Option<&mut PeerKnown> {
-        let p = self.peers.get_mut(&peer)?;
-        if !p.known.contains_key(id) {
-            self.subscribers.entry(id.clone()).or_default().insert(peer);
-            p.known.insert(id.clone(), PeerKnown::new(id.clone()));
+        let p = self.peers.get(&peer)?;
+        if p.closing {
+            return None;
         }
-        p.known.get_mut(id)
+        if !p.known.contains_key(id) {
+            if p.known.len() >= self.config.max_covalues_per_peer {
+                self.close(peer, CloseReason::TooManyCoValues);
+                return None;
+            }
+            self.subscribers.entry(id.clone()).or_default().insert(peer);
+            self.peers.get_mut(&peer)?.known.insert(id.clone(), PeerKnown::new(id.clone()));
+        }
+        self.peers.get_mut(&peer)?.known.get_mut(id)
     }
 
     /// Asks the driver for a whole CoValue unless it is already resolved or a
@@ -467,9 +485,8 @@ impl Relay {
         match msg {
             SyncMessage::Load(state, _) => {
                 let id = state.id.clone();
-                if let Some(k) = self.peer_known(peer, &id) {
-                    k.set(state);
-                }
+                let Some(k) = self.peer_known(peer, &id) else { return };
+                k.set(state);
                 self.answer(peer, id, true);
             }
             SyncMessage::Known(k) => self.on_known(peer, k),

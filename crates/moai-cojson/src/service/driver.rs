@@ -233,6 +233,7 @@ impl Driver {
                         (CLOSE_TOO_MUCH_PARKED, "too much content waiting for dependencies")
                     }
                     CloseReason::StorageFailure(_) => (CLOSE_STORAGE_FAILURE, "storage failure, reconnect to resync"),
+                    CloseReason::TooManyCoValues => (CLOSE_TOO_MUCH_PARKED, "too many CoValues for one connection"),
                 };
                 tracing::info!(peer = peer.0, ?reason, code, "cojson relay closes peer");
                 self.close(peer, code, text.into(), events);
