@@ -115,7 +115,7 @@ fn page_sql(schema: &str, stitched: bool) -> String {
         ""
     };
     format!(
-        "SELECT commit_lsn, seq, xid::text, commit_time, tbl, op, pk, old_pk, data, toast_unchanged \
+        "SELECT commit_lsn, seq, xid::text, commit_time, tbl, op, pk, old_pk, data, toast_unchanged, old \
          FROM {}.change_history \
          WHERE (commit_lsn, seq) > ($1, $2::int8) AND commit_lsn <= $3 \
            AND (op <> 'S' OR tbl = ANY($7::text[])){stitch} \
@@ -149,7 +149,9 @@ fn raw_object(v: Option<JsonbText>) -> Result<Option<RawRow>, Error> {
 }
 
 pub(crate) enum PageItem {
-    Row(HistoryRow),
+    /// A change, with the complete row before it (`old`, stored for UPDATE/DELETE under
+    /// REPLICA IDENTITY FULL): the shape filter needs it (see [`crate::filter`]).
+    Row(HistoryRow, Option<RawRow>),
     /// A schema change of a subscribed table.
     SchemaChanged { table: String },
 }
@@ -197,6 +199,7 @@ pub(crate) async fn load_page(
         let old_key = raw_object(r.try_get(7)?)?;
         let data = raw_object(r.try_get(8)?)?;
         let unchanged: Option<Vec<String>> = r.try_get(9)?;
+        let old = raw_object(r.try_get(10)?)?;
         let wire = match op as u8 {
             b'I' => WireOp::Insert { seq, table, key: key.unwrap_or_default(), row: data.unwrap_or_default() },
             b'U' => WireOp::Update {
@@ -215,19 +218,22 @@ pub(crate) async fn load_page(
             }
             other => return Err(Error::Other(format!("unknown op {:?} in change_history", other as char))),
         };
-        out.push(PageItem::Row(HistoryRow {
-            position,
-            xid,
-            commit_time: match &last_time {
-                Some((t, text)) if *t == time => text.clone(),
-                _ => {
-                    let text = pg_time::to_rfc3339(system_time_to_pg_micros(time));
-                    last_time = Some((time, text.clone()));
-                    text
-                }
+        out.push(PageItem::Row(
+            HistoryRow {
+                position,
+                xid,
+                commit_time: match &last_time {
+                    Some((t, text)) if *t == time => text.clone(),
+                    _ => {
+                        let text = pg_time::to_rfc3339(system_time_to_pg_micros(time));
+                        last_time = Some((time, text.clone()));
+                        text
+                    }
+                },
+                op: Some(wire),
             },
-            op: wire,
-        }));
+            old,
+        ));
     }
     Ok(out)
 }

@@ -9,12 +9,13 @@
 //! Flow: XLogData payload → [`pgoutput::Decoder`] → [`transaction_assembler::TransactionAssembler`]
 //! → committed [`transaction_assembler::Transaction`]s keyed by `(commit_lsn, seq)` →
 //! `change_history` (replicator, not here) → page queries driven by [`session::Session`], which
-//! speaks [`protocol`] and filters with [`shape`].
+//! speaks [`protocol`]; [`filter`] decides with [`shape`] what each client sees of a change.
 
 pub mod access;
 pub(crate) mod change_history;
 pub mod config;
 mod db;
+pub mod filter;
 pub mod lsn;
 pub mod pg_time;
 pub mod pgoutput;

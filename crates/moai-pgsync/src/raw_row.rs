@@ -5,7 +5,7 @@
 //! go from the database to the WebSocket frame without building a `serde_json::Value` tree and
 //! encoding it again. Building and freeing those trees was most of moai's CPU per row in the
 //! catch-up profile. Rows are parsed only when a shape has to look inside them (a predicate
-//! or a column list), see `service::filter_op`.
+//! or a column list), see `filter::filter_op`.
 //!
 //! The text is validated once as JSON (`RawValue`) and checked to be an object, so what is
 //! spliced into a frame is always well-formed. Numbers keep PostgreSQL's exact text.

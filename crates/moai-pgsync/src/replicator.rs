@@ -335,6 +335,33 @@ impl Replicator {
                 )));
             }
         }
+        // Shapes with a row predicate decide on the row before a change (see `filter`): a delete
+        // or a move out of a shape is sent only to clients whose shape held the old row. pgoutput
+        // carries the whole old row for UPDATE and DELETE only under REPLICA IDENTITY FULL (as
+        // ElectricSQL requires), so set it. Without it, such deletes are not sent at all (fail
+        // closed) rather than leak keys of other users' rows.
+        for table in &cfg.tables {
+            let kind: String = sql
+                .query_one("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)", &[&qualified_ident(table)])
+                .await?
+                .get(0);
+            if kind == "f" {
+                continue;
+            }
+            match sql.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", qualified_ident(table))).await {
+                Ok(()) => tracing::info!(
+                    table = %table,
+                    previous = %kind,
+                    "pgsync: set REPLICA IDENTITY FULL so row-predicate shapes can see the old row of updates and deletes"
+                ),
+                Err(e) => tracing::warn!(
+                    table = %table,
+                    error = %e,
+                    "pgsync: could not set REPLICA IDENTITY FULL (the table owner can run ALTER TABLE ... REPLICA IDENTITY FULL): \
+                     clients whose shapes have a row predicate will not receive deletes and moves out of their shape"
+                ),
+            }
+        }
         let want: std::collections::BTreeSet<String> = cfg.tables.iter().cloned().collect();
         let exists = sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await?.is_some();
         let list = cfg.tables.iter().map(|t| qualified_ident(t)).collect::<Vec<_>>().join(", ");

@@ -25,13 +25,13 @@ use crate::db::{self, ident, qualified_ident, SharedClient};
 use crate::lsn::Lsn;
 use crate::pgoutput::RelationCache;
 use crate::position::Position;
-use crate::raw_row::RawRow;
 use crate::protocol::{
     ClientMessage, ColumnSchema, ErrorCode, ErrorMessage, Hello, RefetchReason, Row, ServerMessage, ServerState,
-    ShapeRequest, ShapeSchema, WireOp, WireTransaction,
+    ShapeRequest, ShapeSchema,
 };
 use crate::replicator::{FeedState, Phase, Replicator};
 use crate::session::{Action, Event, HistoryRow, PageQuery, Session, SessionConfig, Stitch};
+use crate::filter::filter_op;
 use crate::shape::{Shape, Truth};
 use crate::value_mapping;
 
@@ -530,10 +530,6 @@ impl Driver {
 
     async fn exec(&mut self, action: Action, events: &mut VecDeque<Event>) -> Flow {
         match action {
-            Action::Send(ServerMessage::Changes { from, to, txns }) => {
-                let txns = txns.into_iter().map(|t| self.filter_txn(t)).collect();
-                self.send(&ServerMessage::Changes { from, to, txns }).await
-            }
             Action::Send(msg) => self.send(&msg).await,
             Action::Close => Err(SessionEnd::Closed),
             Action::PersistPosition(p) => {
@@ -567,7 +563,12 @@ impl Driver {
                 let mut rows: Vec<HistoryRow> = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        PageItem::Row(r) => rows.push(r),
+                        // Shape filtering (spec 4.8) with the row before the change; a
+                        // dropped op keeps its position in the session (see `filter`).
+                        PageItem::Row(mut r, old) => {
+                            r.op = r.op.and_then(|op| filter_op(&self.shapes, op, old.as_ref()));
+                            rows.push(r);
+                        }
                         PageItem::SchemaChanged { table, .. } => {
                             let shape_ids = self.shapes.iter().filter(|(_, s)| s.table == table).map(|(id, _)| id.clone()).collect();
                             let _ = self.send(&ServerMessage::MustRefetch { reason: RefetchReason::SchemaChanged, shape_ids }).await;
@@ -653,7 +654,7 @@ impl Driver {
                     let v: Option<&str> = r.try_get(j)?;
                     row.insert(c.name.clone(), v.map_or(Value::Null, |t| value_mapping::text_to_json(c.type_oid, t)));
                 }
-                if shape.evaluate(&row) == Truth::False {
+                if shape.evaluate(&row) != Truth::True {
                     continue;
                 }
                 batch.push(shape.project(&row));
@@ -676,13 +677,6 @@ impl Driver {
         tx.commit().await?;
         Ok(Ok(Stitch { snapshot, snapshot_watermark: h }))
     }
-
-    /// Shape filtering of one outgoing transaction (spec 4.8). The transaction itself is always
-    /// sent (possibly with no ops) so positions and acks stay aligned with the session.
-    fn filter_txn(&self, mut t: WireTransaction) -> WireTransaction {
-        t.ops = std::mem::take(&mut t.ops).into_iter().filter_map(|op| filter_op(&self.shapes, op)).collect();
-        t
-    }
 }
 
 /// Page query with retries across connection loss (Postgres restarts).
@@ -704,61 +698,6 @@ async fn load_page(inner: Arc<Inner>, tables: Vec<String>, q: PageQuery) -> Resu
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Insert: sent if the row can match a shape. Update: sent (projected) if the new row can match;
-/// otherwise sent as a delete of the key (the row moved out, or the client never had it:
-/// deleting an absent key is a no-op). Delete/truncate: sent to shapes on that table whose
-/// predicate does not exclude the key. Without a shape on the table: dropped.
-fn filter_op(shapes: &[(String, Shape)], op: WireOp) -> Option<WireOp> {
-    let table = match &op {
-        WireOp::Insert { table, .. } | WireOp::Update { table, .. } | WireOp::Delete { table, .. } | WireOp::Truncate { table, .. } => table,
-    };
-    let on_table: Vec<&Shape> = shapes.iter().map(|(_, s)| s).filter(|s| &s.table == table).collect();
-    if on_table.is_empty() {
-        return None;
-    }
-    // A whole-table shape (no predicate, no projection) takes every op as is: no evaluation,
-    // no copies. This is the common case and the hot path of catch-up.
-    if on_table.iter().any(|s| s.conditions.is_empty() && s.columns.is_none()) {
-        return Some(op);
-    }
-    let passing = |row: &Row| -> Vec<&Shape> { on_table.iter().copied().filter(|s| s.evaluate(row) != Truth::False).collect() };
-    let project = |shapes: &[&Shape], row: Row| -> RawRow {
-        if shapes.iter().any(|s| s.columns.is_none()) {
-            return RawRow::from_row(&row);
-        }
-        let kept: Row = row
-            .into_iter()
-            .filter(|(k, _)| shapes.iter().any(|s| s.columns.as_ref().is_some_and(|c| c.contains(k))))
-            .collect();
-        RawRow::from_row(&kept)
-    };
-    // Otherwise the rows are parsed to evaluate predicates and to project columns.
-    match op {
-        WireOp::Insert { seq, table, key, row } => {
-            let row = row.to_row();
-            let p = passing(&row);
-            (!p.is_empty()).then(|| WireOp::Insert { seq, row: project(&p, row), table, key })
-        }
-        WireOp::Update { seq, table, key, old_key, row, unchanged } => {
-            let row = row.to_row();
-            let p = passing(&row);
-            if p.is_empty() {
-                return Some(WireOp::Delete { seq, table, key: old_key.unwrap_or(key) });
-            }
-            let unchanged = unchanged
-                .into_iter()
-                .filter(|c| p.iter().any(|s| s.columns.as_ref().is_none_or(|l| l.contains(c))))
-                .collect();
-            let row = project(&p, row);
-            Some(WireOp::Update { seq, table, key, old_key, row, unchanged })
-        }
-        WireOp::Delete { seq, table, key } => {
-            (!passing(&key.to_row()).is_empty()).then_some(WireOp::Delete { seq, table, key })
-        }
-        t @ WireOp::Truncate { .. } => Some(t),
     }
 }
 
@@ -814,66 +753,5 @@ fn _session_future_is_send() {
     let p: Option<PgSync> = None;
     if let Some(p) = p {
         is_send(async move { p.run_session(irx, otx, Access::all(), std::future::pending::<()>()).await });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn row(v: Value) -> Row {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!(),
-        }
-    }
-
-    fn raw(v: Value) -> RawRow {
-        RawRow::from_row(&row(v))
-    }
-
-    fn shapes() -> Vec<(String, Shape)> {
-        vec![(
-            "todos".into(),
-            Shape::parse("public.todos", Some(vec!["id".into(), "title".into()]), Some("owner = 'u1'")).unwrap(),
-        )]
-    }
-
-    #[test]
-    fn filter_keeps_matching_inserts_projected() {
-        let op = WireOp::Insert {
-            seq: 0,
-            table: "public.todos".into(),
-            key: raw(json!({"id":1})),
-            row: raw(json!({"id":1,"title":"a","owner":"u1","secret":"x"})),
-        };
-        let Some(WireOp::Insert { row: r, .. }) = filter_op(&shapes(), op) else { panic!() };
-        assert_eq!(r, raw(json!({"id":1,"title":"a"})));
-        let other = WireOp::Insert {
-            seq: 0,
-            table: "public.todos".into(),
-            key: raw(json!({"id":2})),
-            row: raw(json!({"id":2,"title":"b","owner":"u2"})),
-        };
-        assert_eq!(filter_op(&shapes(), other), None);
-        let elsewhere = WireOp::Truncate { seq: 0, table: "public.other".into() };
-        assert_eq!(filter_op(&shapes(), elsewhere), None);
-    }
-
-    #[test]
-    fn update_moving_out_becomes_delete() {
-        let op = WireOp::Update {
-            seq: 3,
-            table: "public.todos".into(),
-            key: raw(json!({"id":1})),
-            old_key: None,
-            row: raw(json!({"id":1,"title":"a","owner":"u2"})),
-            unchanged: vec![],
-        };
-        assert_eq!(
-            filter_op(&shapes(), op),
-            Some(WireOp::Delete { seq: 3, table: "public.todos".into(), key: raw(json!({"id":1})) })
-        );
     }
 }

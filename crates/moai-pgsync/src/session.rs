@@ -20,8 +20,11 @@
 //!   boundary (frames ending inside a transaction cannot be acked, see `on_page`); positions are
 //!   persisted only from client acks.
 //!
-//! Not yet here: per-shape filtering of change rows (the shapes are parsed and validated at
-//! hello), subscribe/unsubscribe, hibernation, auth.
+//! Per-shape filtering of change rows is the I/O layer's (it needs each change's old row, which
+//! the session never sees): it runs [`crate::filter::filter_op`] on every loaded row and hands
+//! over `op: None` for a dropped one, which keeps its position.
+//!
+//! Not yet here: subscribe/unsubscribe, hibernation, auth.
 
 use std::collections::VecDeque;
 
@@ -59,7 +62,9 @@ pub struct HistoryRow {
     pub position: Position,
     pub xid: String,
     pub commit_time: String,
-    pub op: WireOp,
+    /// `None`: the I/O layer's shape filter dropped the op (`filter::filter_op`); the row still
+    /// holds its position, so pages, transactions and acks stay the same for every client.
+    pub op: Option<WireOp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,7 +313,7 @@ impl Session {
         let mut prev = q.after;
         for r in &rows {
             let ordered = prev.is_none_or(|p| r.position > p);
-            if !ordered || r.position.lsn > q.upto || r.op.seq() != r.position.seq {
+            if !ordered || r.position.lsn > q.upto || r.op.as_ref().is_some_and(|op| op.seq() != r.position.seq) {
                 out.extend(self.fail(ErrorCode::Internal, "page violates keyset order", true));
                 return;
             }
@@ -351,7 +356,7 @@ impl Session {
             let head = &g[0];
             let (lsn, xid, commit_time) = (head.position.lsn, head.xid.clone(), head.commit_time.clone());
             to = g.last().map(|r| r.position);
-            txns.push(WireTransaction { lsn, xid, commit_time, last, ops: g.into_iter().map(|r| r.op).collect() });
+            txns.push(WireTransaction { lsn, xid, commit_time, last, ops: g.into_iter().filter_map(|r| r.op).collect() });
             self.open_partial = if last { None } else { Some(lsn) };
         }
         let sent_any = !txns.is_empty();

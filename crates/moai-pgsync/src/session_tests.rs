@@ -41,7 +41,7 @@ fn history(sizes: &[u32]) -> Vec<HistoryRow> {
                 position: Position::new(lsn, seq),
                 xid: format!("{}", 500 + t),
                 commit_time: "2026-01-01T00:00:00.000Z".into(),
-                op: WireOp::Delete { seq, table: "public.todos".into(), key: key.into() },
+                op: Some(WireOp::Delete { seq, table: "public.todos".into(), key: key.into() }),
             });
         }
     }
@@ -357,7 +357,7 @@ fn live_session_stays_quiet_when_the_watermark_moves_over_nothing() {
         position: Position::new(Lsn(0x900), 0),
         xid: "999".into(),
         commit_time: "2026-01-01T00:00:00.000Z".into(),
-        op: WireOp::Delete { seq: 0, table: "public.todos".into(), key: key.into() },
+        op: Some(WireOp::Delete { seq: 0, table: "public.todos".into(), key: key.into() }),
     });
     drive(&mut s, Event::WatermarkAdvanced(Lsn(0x900)), &h2, &mut c, true);
     assert_eq!(c.applied.last().map(|(p, _)| *p), Some(Position::new(Lsn(0x900), 0)));

@@ -17,7 +17,8 @@
 //!
 //! Evaluation is three-valued. A NULL column fails every comparison (SQL WHERE semantics) and
 //! satisfies IS NULL. A column *missing* from the row, which happens for patch updates that left
-//! out an unchanged-TOAST column, gives `Unknown`: the caller must fetch the full row to decide.
+//! out an unchanged-TOAST column, gives `Unknown`, which callers count as *not* matching (fail
+//! closed; `filter` first fills such columns from the old row).
 //! Comparisons: numbers numerically (strings holding numbers, as int8/numeric are mapped, are
 //! parsed); strings by bytes (not by the database collation); booleans only with = and !=;
 //! mismatched types are false.

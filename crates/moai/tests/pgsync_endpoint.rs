@@ -225,6 +225,10 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
     .await;
     let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
+    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let identity: String = pgc.query_one("SELECT relreplident::text FROM pg_class WHERE oid = 'public.items'::regclass", &[]).await.unwrap().get(0);
+    assert_eq!(identity, "f", "moai sets REPLICA IDENTITY FULL on the tables it replicates");
     let out = std::process::Command::new(support::BIN)
         .args(["token", "alice", "--table", "public.items WHERE owner = 'alice'", "--secret", "pgs"])
         .output()
