@@ -24,6 +24,8 @@ pub enum ApplyError {
     Integrate(#[from] yrs::error::UpdateError),
     #[error("document is locked by another transaction")]
     Busy,
+    #[error("update is not a valid Yjs v1 update: {0}")]
+    Implausible(#[from] crate::plausible::Implausible),
 }
 
 /// Result of applying an update.
@@ -39,6 +41,9 @@ pub struct Applied {
 
 pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
     // Decoding first means garbage is rejected before the document is touched.
+    if let Err(e) = crate::plausible::update_v1(bytes) {
+        return Applied { diff: None, error: Some(e.into()) };
+    }
     let update = match Update::decode_v1(bytes) {
         Ok(update) => update,
         Err(e) => return Applied { diff: None, error: Some(e.into()) },

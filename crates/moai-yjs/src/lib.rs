@@ -17,6 +17,7 @@ pub mod awareness;
 pub mod conn;
 mod lib0;
 pub mod load;
+pub mod plausible;
 pub mod protocol;
 pub mod room;
 pub mod service;

@@ -77,6 +77,33 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// One raw byte.
+    pub(crate) fn read_u8(&mut self) -> Result<u8, DecodeError> {
+        let byte = *self.buf.get(self.pos).ok_or(DecodeError::UnexpectedEnd)?;
+        self.pos += 1;
+        Ok(byte)
+    }
+
+    /// Skips `n` raw bytes.
+    pub(crate) fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
+        if n > self.remaining() {
+            return Err(DecodeError::UnexpectedEnd);
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Skips one variable-length integer, signed or unsigned (bytes up to one without the
+    /// continuation bit; at most ten).
+    pub(crate) fn skip_var(&mut self) -> Result<(), DecodeError> {
+        for _ in 0..10 {
+            if self.read_u8()? & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(DecodeError::VarUintOverflow)
+    }
+
     /// varuint8array: length, then that many raw bytes.
     pub(crate) fn read_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let declared = self.read_var_u64()?;

@@ -295,7 +295,8 @@ impl Room {
                     return Ok(false);
                 }
                 answered.step1 = key;
-                let Ok(sv) = StateVector::decode_v1(sv_bytes) else {
+                let sv = crate::plausible::state_vector(sv_bytes).ok().and_then(|()| StateVector::decode_v1(sv_bytes).ok());
+                let Some(sv) = sv else {
                     return Ok(self.reject(conn, "invalid state vector".into(), actions));
                 };
                 let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;

@@ -1,0 +1,264 @@
+//! Cheap plausibility checks on the counts at the head of untrusted Yjs payloads, run before
+//! yrs decodes them.
+//!
+//! yrs reserves memory for the number of entries a payload *claims* before it reads them
+//! (`try_reserve(len)` on a hash map for a state vector's clients and an update's clients). A
+//! hash map's reservation writes its control bytes at once, so five bytes claiming four billion
+//! clients made the process touch gigabytes (found by the `yjs_frame` fuzz target:
+//! `e2 e2 e2 e2 0a` as an update). Every entry takes at least a few bytes of input, so a count
+//! larger than the bytes left to read is a lie and the payload is refused before yrs sees it;
+//! what yrs may then reserve is bounded by a small multiple of the payload's size. The same walk
+//! bounds the nesting of values, which yrs decodes recursively.
+
+use crate::lib0::Reader;
+
+/// Smallest encoding of one state vector entry: client id and clock, one byte each.
+const MIN_STATE_VECTOR_ENTRY: usize = 2;
+/// Smallest encoding of one client section of a v1 update: struct count, client id, clock.
+const MIN_UPDATE_CLIENT_SECTION: usize = 3;
+/// Deepest nesting of `Any` values (arrays and maps) accepted. yrs decodes, drops and encodes
+/// them recursively, so a deep nesting (two bytes a level) would overflow the stack and kill the
+/// process; serde_json, which parses the JSON contents, stops at 128 too.
+pub const MAX_ANY_DEPTH: usize = 128;
+
+/// Why a payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Implausible {
+    #[error("payload claims {claimed} entries but has only {bytes} bytes left")]
+    Count { claimed: u64, bytes: usize },
+    #[error("values nested deeper than {MAX_ANY_DEPTH} levels")]
+    TooDeep,
+}
+
+/// Walks a payload, refusing what would make yrs over-allocate or recurse without bound. A walk
+/// that meets something it cannot parse stops and leaves the verdict to yrs (which refuses
+/// malformed input on its own): this check only ever refuses a definite bomb.
+struct Walk<'a> {
+    reader: Reader<'a>,
+}
+
+type Step = Result<(), Stop>;
+
+enum Stop {
+    Refuse(Implausible),
+    /// Not parseable here: let yrs decide.
+    Unparsed,
+}
+
+impl From<crate::lib0::DecodeError> for Stop {
+    fn from(_: crate::lib0::DecodeError) -> Self {
+        Stop::Unparsed
+    }
+}
+
+impl<'a> Walk<'a> {
+    /// A count of entries that take at least `min_entry` bytes each.
+    fn count(&mut self, min_entry: usize) -> Result<u64, Stop> {
+        let claimed = self.reader.read_var_u64()?;
+        let bytes = self.reader.remaining();
+        if claimed > (bytes / min_entry) as u64 {
+            return Err(Stop::Refuse(Implausible::Count { claimed, bytes }));
+        }
+        Ok(claimed)
+    }
+
+    fn string(&mut self) -> Step {
+        self.reader.read_bytes()?;
+        Ok(())
+    }
+
+    fn update(&mut self) -> Step {
+        let clients = self.count(MIN_UPDATE_CLIENT_SECTION)?;
+        for _ in 0..clients {
+            let blocks = self.count(1)?;
+            self.reader.skip_var()?; // client
+            self.reader.skip_var()?; // clock
+            for _ in 0..blocks {
+                self.block()?;
+            }
+        }
+        // Delete set: clients, each with its ranges (clock, length).
+        let clients = self.count(2)?;
+        for _ in 0..clients {
+            self.reader.skip_var()?;
+            let ranges = self.count(2)?;
+            for _ in 0..ranges {
+                self.reader.skip_var()?;
+                self.reader.skip_var()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One struct, as yrs' `Update::decode_block` reads it.
+    fn block(&mut self) -> Step {
+        const HAS_ORIGIN: u8 = 0x80;
+        const HAS_RIGHT_ORIGIN: u8 = 0x40;
+        const HAS_PARENT_SUB: u8 = 0x20;
+        let info = self.reader.read_u8()?;
+        if info == 0 || info == 10 {
+            // GC or Skip: a length.
+            self.reader.skip_var()?;
+            return Ok(());
+        }
+        if info & HAS_ORIGIN != 0 {
+            self.reader.skip_var()?;
+            self.reader.skip_var()?;
+        }
+        if info & HAS_RIGHT_ORIGIN != 0 {
+            self.reader.skip_var()?;
+            self.reader.skip_var()?;
+        }
+        if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
+            if self.reader.read_var_u64()? == 1 {
+                self.string()?; // named root type
+            } else {
+                self.reader.skip_var()?; // parent id
+                self.reader.skip_var()?;
+            }
+            if info & HAS_PARENT_SUB != 0 {
+                self.string()?;
+            }
+        }
+        match info & 0x0f {
+            1 => self.reader.skip_var()?, // deleted: a length
+            2 => {
+                // JSON: yrs reads one string more than the count says.
+                let n = self.count(1)?;
+                for _ in 0..=n {
+                    self.string()?;
+                }
+            }
+            3..=5 => self.string()?, // binary, string, embed (JSON text)
+            6 => {
+                self.string()?; // format: key and JSON value
+                self.string()?;
+            }
+            7 => match self.reader.read_u8()? {
+                3 => self.string()?, // XML element name
+                0..=6 | 9 | 15 => {}
+                _ => return Err(Stop::Unparsed),
+            },
+            8 => {
+                let n = self.count(1)?;
+                for _ in 0..n {
+                    self.any(0)?;
+                }
+            }
+            9 => {
+                self.string()?; // sub-document guid, then its options
+                self.any(0)?;
+            }
+            _ => return Err(Stop::Unparsed),
+        }
+        Ok(())
+    }
+
+    /// One lib0 `Any` value, as yrs' `Any::decode` reads it.
+    fn any(&mut self, depth: usize) -> Step {
+        if depth >= MAX_ANY_DEPTH {
+            return Err(Stop::Refuse(Implausible::TooDeep));
+        }
+        match self.reader.read_u8()? {
+            127 | 126 | 121 | 120 => {}
+            125 => self.reader.skip_var()?,
+            124 => self.reader.skip(4)?,
+            123 | 122 => self.reader.skip(8)?,
+            119 | 116 => self.string()?,
+            118 => {
+                let n = self.count(2)?;
+                for _ in 0..n {
+                    self.string()?;
+                    self.any(depth + 1)?;
+                }
+            }
+            117 => {
+                let n = self.count(1)?;
+                for _ in 0..n {
+                    self.any(depth + 1)?;
+                }
+            }
+            _ => return Err(Stop::Unparsed),
+        }
+        Ok(())
+    }
+}
+
+fn verdict(step: Step) -> Result<(), Implausible> {
+    match step {
+        Err(Stop::Refuse(why)) => Err(why),
+        Ok(()) | Err(Stop::Unparsed) => Ok(()),
+    }
+}
+
+/// A v1 state vector (SyncStep1 payload).
+pub fn state_vector(bytes: &[u8]) -> Result<(), Implausible> {
+    let mut walk = Walk { reader: Reader::new(bytes) };
+    verdict(walk.count(MIN_STATE_VECTOR_ENTRY).map(drop))
+}
+
+/// A v1 update (SyncStep2, Update, HTTP body): every count in it, and the nesting of its values.
+pub fn update_v1(bytes: &[u8]) -> Result<(), Implausible> {
+    let mut walk = Walk { reader: Reader::new(bytes) };
+    verdict(walk.update())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_larger_than_the_input_are_refused() {
+        // The fuzzer's finding: 0xe2e2e2e20a claims ~2.7 billion clients in 5 bytes.
+        assert!(update_v1(&[0xe2, 0xe2, 0xe2, 0xe2, 0x0a]).is_err());
+        assert!(state_vector(&[0xe2, 0xe2, 0xe2, 0xe2, 0x0a]).is_err());
+        assert!(update_v1(&[2, 0, 1, 0]).is_err(), "two client sections need six bytes");
+        assert!(state_vector(&[2, 1, 1]).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // One Any item under the root type "t", holding [[[[…]]]] 10 000 levels deep.
+        let mut u = vec![1, 1, 1, 0, 8, 1, 1, b't', 1];
+        for _ in 0..10_000 {
+            u.extend([117, 1]);
+        }
+        u.push(126);
+        u.push(0); // empty delete set
+        assert_eq!(update_v1(&u), Err(Implausible::TooDeep));
+    }
+
+    #[test]
+    fn a_bomb_behind_valid_structs_is_found() {
+        // A first client section with one string item, then a second claiming 2^32 structs.
+        let mut u = vec![2, 1, 1, 0, 4, 1, 1, b't', 1, b'x'];
+        u.extend([0xff, 0xff, 0xff, 0xff, 0x0f, 2, 0]);
+        u.extend([0; 8]);
+        assert!(matches!(update_v1(&u), Err(Implausible::Count { .. })));
+    }
+
+    #[test]
+    fn real_payloads_pass() {
+        use yrs::updates::decoder::Decode;
+        use yrs::updates::encoder::Encode;
+        use yrs::{Doc, ReadTxn, Text, Transact};
+        for n in [0, 1, 7] {
+            let mut docs = Vec::new();
+            let merged = Doc::new();
+            for i in 0..n {
+                let d = Doc::with_client_id(i + 1);
+                d.get_or_insert_text("t").insert(&mut d.transact_mut(), 0, "x");
+                docs.push(d);
+            }
+            for d in &docs {
+                let u = d.transact().encode_state_as_update_v1(&Default::default());
+                merged.transact_mut().apply_update(yrs::Update::decode_v1(&u).unwrap()).unwrap();
+            }
+            let txn = merged.transact();
+            update_v1(&txn.encode_state_as_update_v1(&Default::default())).unwrap();
+            state_vector(&txn.state_vector().encode_v1()).unwrap();
+        }
+        assert!(update_v1(&[0, 0]).is_ok(), "the empty update");
+        assert!(state_vector(&[0]).is_ok(), "the empty state vector");
+    }
+}
