@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod caller;
+pub mod capture;
 mod cojson;
 mod engines;
 mod gate;

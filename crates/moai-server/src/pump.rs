@@ -206,8 +206,11 @@ pub(crate) async fn pump<S: EngineSession>(
                     }
                 };
                 spoken = true;
-                let len = match &frame { Inbound::Binary(b) => b.len(), Inbound::Text(t) => t.len() };
-                metrics.message(protocol, Direction::In, len);
+                let bytes: &[u8] = match &frame { Inbound::Binary(b) => b, Inbound::Text(t) => t.as_bytes() };
+                metrics.message(protocol, Direction::In, bytes.len());
+                if let Some(capture) = &state.capture {
+                    capture.record(protocol, bytes);
+                }
                 if let Err(c) = session.receive(frame).await {
                     break Some(c);
                 }

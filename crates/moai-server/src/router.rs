@@ -30,6 +30,8 @@ pub struct AppState {
     pub metrics_token: Option<String>,
     /// Open WebSocket sessions per token subject (`Limits::max_sessions_per_user`).
     pub sessions_per_user: Arc<Quota<String>>,
+    /// Test hook: record inbound frames (seeds for the fuzz targets). None in production.
+    pub capture: Option<Arc<crate::capture::FrameCapture>>,
 }
 
 pub fn router(state: AppState) -> Router {

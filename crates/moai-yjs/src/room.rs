@@ -102,8 +102,8 @@ pub struct RoomStats {
     pub rejected_frames: u64,
     /// Document updates dropped because their connection is read-only.
     pub read_only_dropped: u64,
-    /// SyncStep1 / QueryAwareness requests not answered because the connection already got the
-    /// same answer (nothing changed since).
+    /// SyncStep1 / QueryAwareness requests answered with an empty update because the connection
+    /// already got the full answer and nothing changed since.
     pub coalesced_requests: u64,
 }
 
@@ -116,8 +116,8 @@ pub struct Room {
     read_only: BTreeMap<ConnId, bool>,
     /// Per connection, the last full-state answers it got: (hash of the SyncStep1 state vector,
     /// document version) and the awareness version. A repeated request that would get the same
-    /// answer again is not answered twice: a 4-byte SyncStep1 or a 1-byte QueryAwareness must not
-    /// make the server encode the whole document or every presence state in a loop.
+    /// answer again gets an empty one instead: a 4-byte SyncStep1 or a 1-byte QueryAwareness
+    /// must not make the server encode the whole document or every presence state in a loop.
     answered: BTreeMap<ConnId, Answered>,
     /// Bumped on every change to the document / to awareness.
     doc_version: u64,
@@ -130,6 +130,11 @@ struct Answered {
     step1: Option<(u64, u64)>,
     awareness: Option<u64>,
 }
+
+/// A v1 update that changes nothing: no structs, no deletions.
+const EMPTY_UPDATE: &[u8] = &[0, 0];
+/// An awareness update with no entries.
+const EMPTY_AWARENESS: &[u8] = &[0];
 
 fn hash_of(bytes: &[u8]) -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -291,7 +296,11 @@ impl Room {
                 let key = Some((hash_of(sv_bytes), self.doc_version));
                 let answered = self.answered.entry(conn).or_default();
                 if answered.step1 == key {
+                    // The earlier answer already carries everything this state vector lacks
+                    // (it is in flight, or it was empty): answer with the empty update, which
+                    // costs nothing to make, so clients that wait for a reply still get one.
                     self.stats.coalesced_requests += 1;
+                    actions.push(Action::Send { conn, frame: sync_step2_frame(EMPTY_UPDATE) });
                     return Ok(false);
                 }
                 answered.step1 = key;
@@ -352,6 +361,7 @@ impl Room {
                 let answered = self.answered.entry(conn).or_default();
                 if answered.awareness == Some(self.awareness_version) {
                     self.stats.coalesced_requests += 1;
+                    actions.push(Action::Send { conn, frame: awareness_frame(EMPTY_AWARENESS) });
                     return Ok(false);
                 }
                 answered.awareness = Some(self.awareness_version);

@@ -145,6 +145,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PG_RETENTION", default_value = "7d", value_parser = units::duration)]
     pub pg_retention: Duration,
 
+    /// Test hook: write every inbound WebSocket data frame to a file under this directory
+    /// (seeds for the fuzz targets; docs/fuzzing.md).
+    #[arg(long, env = "MOAI_TEST_CAPTURE_FRAMES", hide = true)]
+    pub test_capture_frames: Option<PathBuf>,
+
     /// Test hook: hold initialisation open until this file exists, so tests can observe the
     /// not-ready state deterministically.
     #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]

@@ -74,6 +74,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         sessions_per_user: Arc::new(Quota::new(limits.max_sessions_per_user)),
+        capture: args.test_capture_frames.clone().map(|dir| {
+            tracing::warn!(dir = %dir.display(), "test hook: recording inbound frames");
+            Arc::new(moai_server::capture::FrameCapture::new(dir))
+        }),
     };
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));

@@ -217,6 +217,7 @@ async fn read_only_tokens_read_and_show_presence_but_never_write() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(json(&body)["error"], "token is read-only");
     assert_eq!(http(server.addr, "GET", path, &[("Authorization", &auth)], b"").0, 200, "a viewer may read over HTTP");
+    let mut reader = connect(&url(&writer_token)).await;
     assert_eq!(sync(&mut reader).await, "by writer!");
 }
 
@@ -343,4 +344,31 @@ async fn sessions_per_user_are_capped() {
             _ => break,
         }
     }
+}
+
+/// A Yjs update whose values nest 100 000 levels deep (200 KB). yrs decodes such values
+/// recursively: before moai refused them up front, this one frame overflowed the stack and
+/// aborted the whole server. (Found by the `yjs_frame` fuzz target's sibling checks; see
+/// docs/fuzzing.md.)
+#[tokio::test]
+async fn a_deeply_nested_update_is_refused_and_the_server_lives() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut update = vec![1, 1, 1, 0, 8, 1, 1, b't', 1];
+    for _ in 0..100_000 {
+        update.extend([117, 1]);
+    }
+    update.extend([126, 0]);
+    let mut bystander = connect(&server.ws_url("/sync/v1/deep")).await;
+    assert_eq!(sync(&mut bystander).await, "");
+    let mut attacker = connect(&server.ws_url("/sync/v1/deep")).await;
+    attacker.send(WsMessage::Binary(sync_update_frame(&update).into())).await.unwrap();
+    let (code, reason) = closed_within(&mut attacker, WAIT).await;
+    assert_eq!(code, 1007, "{reason}");
+    // Over HTTP too.
+    assert_eq!(http(server.addr, "POST", "/api/v1/docs/deep/update", &[], &update).0, 400);
+    // The server and the bystander's session are alive.
+    let w = Doc::new();
+    bystander.send(WsMessage::Binary(sync_update_frame(&edit(&w, "still here")).into())).await.unwrap();
+    assert_eq!(sync(&mut bystander).await, "still here");
 }
