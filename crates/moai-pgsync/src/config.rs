@@ -34,6 +34,19 @@ pub struct PgSyncConfig {
     pub default_batch_rows: u32,
     pub max_batch_rows: u32,
     pub default_window: u32,
+    /// Shapes one session may hold, `hello` and `subscribe` together (default 100). A client
+    /// over it gets a fatal `error{code: too_many_shapes}`: every shape costs a catalog lookup,
+    /// a snapshot query and filtering work on every change.
+    pub max_shapes_per_session: usize,
+    /// Longest `hello.client_id` accepted, in bytes (default 256); it is stored in the registry.
+    pub max_client_id_bytes: usize,
+    /// Snapshot connections (one REPEATABLE READ transaction each) open at once, over all
+    /// sessions (default 4). A session that needs a snapshot while all are taken waits for one;
+    /// its client sees the snapshot later.
+    pub max_snapshot_connections: usize,
+    /// Registry rows (`clients`) kept per token subject (default 1000); registering one more
+    /// drops that subject's least recently seen row. Open servers share one empty subject.
+    pub max_clients_per_subject: u32,
     /// Standby status interval of the replication connection.
     pub status_interval: Duration,
     /// Reconnect backoff bounds.
@@ -57,6 +70,10 @@ impl PgSyncConfig {
             default_batch_rows: 1000,
             max_batch_rows: 10_000,
             default_window: 4,
+            max_shapes_per_session: 100,
+            max_client_id_bytes: 256,
+            max_snapshot_connections: 4,
+            max_clients_per_subject: 1000,
             status_interval: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -82,6 +99,16 @@ impl PgSyncConfig {
         }
         if self.flush_rows == 0 || self.chunk_rows == 0 {
             return Err(Error::Config("flush_rows and chunk_rows must be > 0".into()));
+        }
+        if self.max_shapes_per_session == 0
+            || self.max_client_id_bytes == 0
+            || self.max_snapshot_connections == 0
+            || self.max_clients_per_subject == 0
+        {
+            return Err(Error::Config(
+                "max_shapes_per_session, max_client_id_bytes, max_snapshot_connections and max_clients_per_subject must be > 0"
+                    .into(),
+            ));
         }
         Ok(())
     }

@@ -110,13 +110,32 @@ CREATE TABLE IF NOT EXISTS {s}.relations (
   definition jsonb NOT NULL
 );
 CREATE TABLE IF NOT EXISTS {s}.clients (
-  client_id  text PRIMARY KEY,
+  subject    text NOT NULL DEFAULT '',
+  client_id  text NOT NULL,
   generation int8 NOT NULL,
   pos_lsn    pg_lsn,
   pos_seq    int8,
   shapes     jsonb NOT NULL,
-  last_seen  timestamptz NOT NULL
+  last_seen  timestamptz NOT NULL,
+  PRIMARY KEY (subject, client_id)
 );
+-- Upgrade in place from the registry keyed by client_id alone: rows keep their position under
+-- the empty subject (what open servers use) and expire as usual if nobody claims them.
+ALTER TABLE {s}.clients ADD COLUMN IF NOT EXISTS subject text NOT NULL DEFAULT '';
+DO $moai$
+DECLARE pk record;
+BEGIN
+  SELECT conname, array_length(conkey, 1) AS n INTO pk
+    FROM pg_constraint WHERE conrelid = '{s}.clients'::regclass AND contype = 'p';
+  IF pk.conname IS NULL OR pk.n <> 2 THEN
+    IF pk.conname IS NOT NULL THEN
+      EXECUTE format('ALTER TABLE {s}.clients DROP CONSTRAINT %I', pk.conname);
+    END IF;
+    ALTER TABLE {s}.clients ADD PRIMARY KEY (subject, client_id);
+  END IF;
+END
+$moai$;
+CREATE INDEX IF NOT EXISTS clients_subject_last_seen_idx ON {s}.clients (subject, last_seen);
 "#,
         s = ident(schema)
     )

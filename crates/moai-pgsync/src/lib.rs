@@ -34,4 +34,4 @@ pub use lsn::{Lsn, LsnParseError};
 pub use position::Position;
 pub use config::{Error, PgSyncConfig};
 pub use replicator::{FeedState, Phase};
-pub use service::{PgSync, SessionEnd};
+pub use service::{PgSync, SessionEnd, SnapshotConnections};

@@ -181,6 +181,9 @@ pub enum ErrorCode {
     /// Not in spec §5: the token is valid but does not open a table the hello asks for
     /// (see [`crate::access`]). Fatal; retrying with the same token cannot help.
     Forbidden,
+    /// Not in spec §5: the hello (and any `subscribe` after it) asked for more shapes than the
+    /// server lets one session hold (`PgSyncConfig::max_shapes_per_session`). Fatal.
+    TooManyShapes,
 }
 
 /// Failure to read a client frame; the session answers with `error{bad_request}`.

@@ -7,13 +7,13 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{pin_mut, TryStreamExt};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::IsolationLevel;
@@ -67,6 +67,75 @@ struct Inner {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     snapshot_ids: AtomicU64,
+    /// Snapshot connections: `max_snapshot_connections` slots, one per open connection.
+    snapshots: Arc<SnapshotSlots>,
+}
+
+/// The cap on snapshot connections, shared by all sessions, and its gauges.
+struct SnapshotSlots {
+    /// The connection parameters of snapshot connections (`application_name` set apart).
+    pg: tokio_postgres::Config,
+    permits: Arc<Semaphore>,
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// Snapshot connections now and at most so far; see [`PgSync::snapshot_connections`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotConnections {
+    pub open: usize,
+    pub peak: usize,
+}
+
+/// One snapshot slot, held from before the connection is opened until its socket is closed:
+/// it lives in the connection's task, not in the session, so a slot is free only once the
+/// connection (and with it the REPEATABLE READ snapshot and its xmin) is really gone.
+struct SlotGuard {
+    slots: Arc<SnapshotSlots>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A snapshot connection. Dropped before `finish` (the session ended mid-snapshot: client
+/// gone, write deadline, task aborted), it aborts the connection task, which closes the
+/// socket at once: Postgres ends the transaction and the slot is released, instead of the
+/// connection reading the rest of a large result nobody wants.
+struct SnapshotConn {
+    client: tokio_postgres::Client,
+    task: JoinHandle<()>,
+    finished: bool,
+}
+
+impl SnapshotConn {
+    /// Wait for a free slot, then connect.
+    async fn open(slots: &Arc<SnapshotSlots>) -> Result<SnapshotConn, Error> {
+        let permit =
+            slots.permits.clone().acquire_owned().await.map_err(|_| Error::Other("snapshot slots closed".into()))?;
+        let open = slots.open.fetch_add(1, Ordering::SeqCst) + 1;
+        slots.peak.fetch_max(open, Ordering::SeqCst);
+        let guard = SlotGuard { slots: slots.clone(), _permit: permit };
+        let (client, connection) = slots.pg.connect(tokio_postgres::NoTls).await?;
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "pgsync snapshot connection ended");
+            }
+        });
+        Ok(SnapshotConn { client, task, finished: false })
+    }
+}
+
+impl Drop for SnapshotConn {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.task.abort();
+        }
+    }
 }
 
 impl PgSync {
@@ -101,13 +170,23 @@ impl PgSync {
             // writes would not delay pages; pages have their own connection now.)
             shared: SharedClient::new(pg.clone()),
             pages: SharedClient::new(db::for_page_queries(pg.clone())),
-            cfg,
-            pg,
+            pg: pg.clone(),
             feed_tx,
             feed,
             stop,
             tasks: Mutex::new(vec![repl_task]),
+            cfg: cfg.clone(),
             snapshot_ids: AtomicU64::new(1),
+            snapshots: Arc::new(SnapshotSlots {
+                pg: {
+                    let mut c = pg.clone();
+                    c.application_name("moai-pgsync-snapshot");
+                    c
+                },
+                permits: Arc::new(Semaphore::new(cfg.max_snapshot_connections)),
+                open: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
         });
         let maint = tokio::spawn(maintenance_loop(inner.clone(), stop_rx));
         inner.tasks.lock().await.push(maint);
@@ -138,6 +217,13 @@ impl PgSync {
         maintenance_once(&self.inner).await
     }
 
+    /// Snapshot connections open now (each holds a REPEATABLE READ snapshot) and the most that
+    /// were ever open at once; never more than `max_snapshot_connections`.
+    pub fn snapshot_connections(&self) -> SnapshotConnections {
+        let s = &self.inner.snapshots;
+        SnapshotConnections { open: s.open.load(Ordering::SeqCst), peak: s.peak.load(Ordering::SeqCst) }
+    }
+
     /// Stop the replicator and background tasks. Running sessions end with `Failed`.
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
@@ -150,11 +236,15 @@ impl PgSync {
     /// Serve one `/api/sync` client. `inbound` carries the client's text frames, `outbound`
     /// receives the server's; the session ends when `inbound` closes, `cancel` resolves, the
     /// client must be disconnected (fatal error, must_refetch), or `outbound` is closed.
+    /// `subject` is the verified token's subject (`None` on open servers): the client's
+    /// registry row is keyed by it and `client_id`, so a client can only ever overwrite rows of
+    /// its own subject.
     pub async fn run_session<C>(
         &self,
         mut inbound: mpsc::Receiver<String>,
         outbound: mpsc::Sender<String>,
         access: Access,
+        subject: Option<String>,
         cancel: C,
     ) -> SessionEnd
     where
@@ -171,6 +261,7 @@ impl PgSync {
             last_persist: None,
             prefetched: None,
             access,
+            subject: subject.unwrap_or_default(),
         };
         pin_mut!(cancel);
         let end = tokio::select! {
@@ -229,6 +320,8 @@ struct Driver {
     prefetched: Option<Prefetch>,
     /// What the token lets this session read; applied to the hello's shapes.
     access: Access,
+    /// The token's subject ("" without one): the first half of the registry key.
+    subject: String,
 }
 
 /// A page query started ahead of its turn; aborted if the session ends first.
@@ -250,6 +343,19 @@ impl Drop for Prefetch {
 /// delivered transaction on the connection that also serves page queries, which showed up as
 /// commit→client latency.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The registry's `shapes` column holds the hello's shapes as JSON, or, when that is longer
+/// than this, only their count: with rows bounded per subject, this bounds the registry.
+const MAX_STORED_SHAPES_BYTES: usize = 64 * 1024;
+
+fn stored_shapes(shapes: &[ShapeRequest]) -> Value {
+    let v = serde_json::to_value(shapes).unwrap_or(Value::Null);
+    if v.to_string().len() <= MAX_STORED_SHAPES_BYTES {
+        v
+    } else {
+        serde_json::json!({ "omitted": "longer than 64 KiB", "count": shapes.len() })
+    }
+}
 
 /// Control flow out of an action: keep going, or end the session.
 type Flow = Result<(), SessionEnd>;
@@ -304,6 +410,8 @@ impl Driver {
             default_batch_rows: self.inner.cfg.default_batch_rows,
             max_batch_rows: self.inner.cfg.max_batch_rows,
             default_window: self.inner.cfg.default_window,
+            max_shapes: self.inner.cfg.max_shapes_per_session,
+            max_client_id_bytes: self.inner.cfg.max_client_id_bytes,
         });
         let mut last_watermark = f.watermark;
         let mut events: VecDeque<Event> = VecDeque::new();
@@ -369,7 +477,17 @@ impl Driver {
                     }
                 }
             };
-            match ClientMessage::from_json(&text) {
+            let parsed = ClientMessage::from_json(&text);
+            // Limits first (shape count, client_id length), before any work for the message.
+            if let Some(refused) = parsed.as_ref().ok().and_then(|m| session.refuse(m)) {
+                for action in refused {
+                    if let Err(end) = self.exec(action, &mut events).await {
+                        return end;
+                    }
+                }
+                return SessionEnd::Closed;
+            }
+            match parsed {
                 Ok(ClientMessage::Hello(h)) if self.hello.is_none() => {
                     // The token's tables and row predicates become part of the shapes, so the
                     // session core serves exactly what the token allows. Every way a shape can
@@ -438,34 +556,42 @@ impl Driver {
             shapes.push((req.id.clone(), shape));
         }
         self.shapes = shapes;
+        // Registration waits for the session's decision on the position (`Action::Register`):
+        // a refused or too old position must never reach the registry, where it would hold
+        // retention back.
         self.hello = Some(h.clone());
-        // A position ahead of the watermark is rejected by the session: don't register it.
-        let watermark = self.feed.borrow().watermark;
-        let same_generation = h.generation == Some(self.generation);
-        if same_generation && h.position.is_some_and(|p| p.lsn > watermark) {
-            return Ok(());
-        }
-        let position = if same_generation { h.position } else { None };
-        if let Err(e) = self.register(&h.client_id, position, &h.shapes).await {
-            tracing::warn!(error = %e, "pgsync: client registration failed");
-        }
         Ok(())
     }
 
-    async fn register(&self, client_id: &str, position: Option<Position>, shapes: &[ShapeRequest]) -> Result<(), Error> {
+    /// Register the client under (token subject, client_id) with the position the session
+    /// accepted, then keep at most `max_clients_per_subject` rows for the subject (the least
+    /// recently seen go first).
+    async fn register(&self, position: Option<Position>) -> Result<(), Error> {
+        let Some(h) = self.hello.as_ref() else { return Ok(()) };
         let client = self.inner.shared.get().await?;
+        let s = ident(&self.inner.cfg.schema);
         let lsn = position.map(|p| PgLsn::from(p.lsn.0));
         let seq = position.map(|p| i64::from(p.seq));
-        let shapes = serde_json::to_value(shapes).unwrap_or(Value::Null);
+        let shapes = stored_shapes(&h.shapes);
         client
             .execute(
                 &format!(
-                    "INSERT INTO {}.clients (client_id, generation, pos_lsn, pos_seq, shapes, last_seen) \
-                     VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT (client_id) DO UPDATE \
-                     SET generation = $2, pos_lsn = $3, pos_seq = $4, shapes = $5, last_seen = now()",
-                    ident(&self.inner.cfg.schema)
+                    "INSERT INTO {s}.clients (subject, client_id, generation, pos_lsn, pos_seq, shapes, last_seen) \
+                     VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (subject, client_id) DO UPDATE \
+                     SET generation = $3, pos_lsn = $4, pos_seq = $5, shapes = $6, last_seen = now()"
                 ),
-                &[&client_id, &(self.generation as i64), &lsn, &seq, &shapes],
+                &[&self.subject, &h.client_id, &(self.generation as i64), &lsn, &seq, &shapes],
+            )
+            .await?;
+        let keep = i64::from(self.inner.cfg.max_clients_per_subject);
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {s}.clients WHERE subject = $1 AND client_id IN ( \
+                       SELECT client_id FROM {s}.clients WHERE subject = $1 \
+                       ORDER BY last_seen DESC, client_id OFFSET $2)"
+                ),
+                &[&self.subject, &keep],
             )
             .await?;
         Ok(())
@@ -475,6 +601,7 @@ impl Driver {
     /// complete out of order never move a position backwards.
     fn persist_write(&self, p: Position) -> Option<impl Future<Output = ()> + Send + 'static> {
         let client_id = self.hello.as_ref()?.client_id.clone();
+        let subject = self.subject.clone();
         let inner = self.inner.clone();
         let generation = self.generation as i64;
         Some(async move {
@@ -484,10 +611,11 @@ impl Driver {
                     .execute(
                         &format!(
                             "UPDATE {}.clients SET pos_lsn = $2, pos_seq = $3, generation = $4, last_seen = now() \
-                             WHERE client_id = $1 AND (pos_lsn IS NULL OR generation <> $4 OR (pos_lsn, pos_seq) < ($2, $3))",
+                             WHERE subject = $5 AND client_id = $1 \
+                               AND (pos_lsn IS NULL OR generation <> $4 OR (pos_lsn, pos_seq) < ($2, $3))",
                             ident(&inner.cfg.schema)
                         ),
-                        &[&client_id, &PgLsn::from(p.lsn.0), &i64::from(p.seq), &generation],
+                        &[&client_id, &PgLsn::from(p.lsn.0), &i64::from(p.seq), &generation, &subject],
                     )
                     .await?;
                 Ok::<(), Error>(())
@@ -535,6 +663,12 @@ impl Driver {
             Action::PersistPosition(p) => {
                 self.unpersisted = Some(p);
                 self.persist_soon(false);
+                Ok(())
+            }
+            Action::Register(p) => {
+                if let Err(e) = self.register(p).await {
+                    tracing::warn!(error = %e, "pgsync: client registration failed");
+                }
                 Ok(())
             }
             Action::TakeSnapshot { shapes } => match self.snapshot(&shapes).await {
@@ -608,8 +742,12 @@ impl Driver {
             .and_then(|h| h.max_batch_rows)
             .unwrap_or(self.inner.cfg.default_batch_rows)
             .clamp(1, self.inner.cfg.max_batch_rows.max(1)) as usize;
-        let mut client = db::connect(&self.inner.pg).await?;
-        let tx = client
+        // At most `max_snapshot_connections` at once: wait for a slot. `conn` is declared
+        // before `tx`, so if this future is dropped midway the transaction goes first, then the
+        // connection (socket closed, see `SnapshotConn`), and with it the slot.
+        let mut conn = SnapshotConn::open(&self.inner.snapshots).await?;
+        let tx = conn
+            .client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
@@ -675,6 +813,8 @@ impl Driver {
             }
         }
         tx.commit().await?;
+        // Done: let the connection end gracefully (Terminate); its task then frees the slot.
+        conn.finished = true;
         Ok(Ok(Stitch { snapshot, snapshot_watermark: h }))
     }
 }
@@ -752,6 +892,6 @@ fn _session_future_is_send() {
     let (otx, _orx) = mpsc::channel::<String>(1);
     let p: Option<PgSync> = None;
     if let Some(p) = p {
-        is_send(async move { p.run_session(irx, otx, Access::all(), std::future::pending::<()>()).await });
+        is_send(async move { p.run_session(irx, otx, Access::all(), None, std::future::pending::<()>()).await });
     }
 }

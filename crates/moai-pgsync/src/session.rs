@@ -46,6 +46,10 @@ pub struct SessionConfig {
     pub default_batch_rows: u32,
     pub max_batch_rows: u32,
     pub default_window: u32,
+    /// Shapes the session may hold, `hello` and `subscribe` together.
+    pub max_shapes: usize,
+    /// Longest `hello.client_id`, in bytes.
+    pub max_client_id_bytes: usize,
 }
 
 /// The data snapshot's identity, needed to stitch (spec 4.3): the `pg_current_snapshot()` text
@@ -96,6 +100,11 @@ pub enum Action {
     QueryPage(PageQuery),
     /// Durably store the client's acked position (monotonic).
     PersistPosition(Position),
+    /// Register the client (registry row keyed by token subject and `client_id`) with the
+    /// position the session *accepted* as its starting point: `Some` for a catch-up, `None` for
+    /// a client treated as new. Emitted only once the hello was decided, never for a refused
+    /// one, so a position the session does not serve can never hold retention back.
+    Register(Option<Position>),
     /// Close the socket (after sending what precedes this action).
     Close,
 }
@@ -153,13 +162,64 @@ impl Session {
         self.state == State::Live
     }
 
+    /// The limits on what a client may make the server hold, checked before any work is done
+    /// for a message: `Some(actions)` (a fatal error, then `Close`) if `msg` breaks one. The I/O
+    /// layer calls this before it looks at a hello's shapes (catalog lookups); [`Self::handle`]
+    /// applies it too, so the core never accepts what it refuses here.
+    pub fn refuse(&mut self, msg: &ClientMessage) -> Option<Vec<Action>> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let (code, message) = self.limit_violation(msg)?;
+        Some(self.fail(code, &message, true))
+    }
+
+    fn limit_violation(&self, msg: &ClientMessage) -> Option<(ErrorCode, String)> {
+        let (held, asked) = match msg {
+            ClientMessage::Hello(h) => {
+                if h.client_id.len() > self.cfg.max_client_id_bytes {
+                    return Some((
+                        ErrorCode::BadRequest,
+                        format!(
+                            "invalid hello: client_id is {} bytes, at most {} are allowed",
+                            h.client_id.len(),
+                            self.cfg.max_client_id_bytes
+                        ),
+                    ));
+                }
+                // A duplicate hello is refused anyway (non-fatal); it adds no shapes.
+                if self.state != State::AwaitHello {
+                    return None;
+                }
+                (0, h.shapes.len())
+            }
+            ClientMessage::Subscribe { shapes } => (self.shapes.len(), shapes.len()),
+            _ => return None,
+        };
+        (held.saturating_add(asked) > self.cfg.max_shapes).then(|| {
+            (
+                ErrorCode::TooManyShapes,
+                format!(
+                    "{} shapes asked for ({held} held + {asked} new); this server allows at most {} per session",
+                    held + asked,
+                    self.cfg.max_shapes
+                ),
+            )
+        })
+    }
+
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         if self.state == State::Closed {
             return out;
         }
         match event {
-            Event::Client(msg) => self.on_client(msg, &mut out),
+            Event::Client(msg) => {
+                if let Some(refused) = self.refuse(&msg) {
+                    return refused;
+                }
+                self.on_client(msg, &mut out)
+            }
             Event::WatermarkAdvanced(w) => {
                 self.watermark = self.watermark.max(w);
                 self.maybe_query(&mut out);
@@ -254,6 +314,8 @@ impl Session {
                     mode: WelcomeMode::Catchup,
                     watermark: self.watermark,
                 }));
+                // Accepted: only now may the position hold retention back.
+                out.push(Action::Register(Some(p)));
                 self.state = State::CatchingUp { upto: self.watermark, stitch: None };
                 self.maybe_query(out);
                 return;
@@ -267,6 +329,8 @@ impl Session {
             mode: WelcomeMode::Snapshot,
             watermark: self.watermark,
         }));
+        // Treated as new: whatever position it sent (too old, another generation) is not kept.
+        out.push(Action::Register(None));
         self.state = State::Snapshotting;
         out.push(Action::TakeSnapshot { shapes: self.shapes.clone() });
     }

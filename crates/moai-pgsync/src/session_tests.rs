@@ -13,6 +13,8 @@ fn cfg(watermark: u64) -> SessionConfig {
         default_batch_rows: 1000,
         max_batch_rows: 5000,
         default_window: 4,
+        max_shapes: 100,
+        max_client_id_bytes: 256,
     }
 }
 
@@ -161,7 +163,8 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
     let mut c = Client::default();
     let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
     assert!(matches!(&actions[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Snapshot, .. })));
-    assert!(matches!(&actions[1], Action::TakeSnapshot { shapes } if shapes.len() == 1));
+    assert_eq!(actions[1], Action::Register(None));
+    assert!(matches!(&actions[2], Action::TakeSnapshot { shapes } if shapes.len() == 1));
     let first_query = actions.iter().find_map(|a| match a {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
@@ -362,4 +365,104 @@ fn live_session_stays_quiet_when_the_watermark_moves_over_nothing() {
     drive(&mut s, Event::WatermarkAdvanced(Lsn(0x900)), &h2, &mut c, true);
     assert_eq!(c.applied.last().map(|(p, _)| *p), Some(Position::new(Lsn(0x900), 0)));
     assert_eq!(c.up_to_date.len(), frames_before + 1);
+}
+
+fn hello_with(client_id: &str, shapes: usize, position: Option<Position>) -> ClientMessage {
+    ClientMessage::Hello(Hello {
+        protocol: 1,
+        client_id: client_id.into(),
+        generation: Some(7),
+        position,
+        shapes: (0..shapes)
+            .map(|i| ShapeRequest { id: format!("s{i}"), table: "public.todos".into(), columns: None, where_: None })
+            .collect(),
+        auth: None,
+        max_batch_rows: None,
+        window: None,
+    })
+}
+
+fn registrations(out: &[Action]) -> Vec<Option<Position>> {
+    out.iter().filter_map(|a| if let Action::Register(p) = a { Some(*p) } else { None }).collect()
+}
+
+#[test]
+fn too_many_shapes_in_a_hello_is_fatal_before_anything_is_served() {
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Session::new(c.clone());
+    let out = s.handle(Event::Client(hello_with("c1", 3, None)));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
+
+    let mut s = Session::new(c);
+    let msg = hello_with("c1", 4, None);
+    let refused = s.refuse(&msg).expect("refused");
+    match &refused[..] {
+        [Action::Send(ServerMessage::Error(e)), Action::Close] => {
+            assert_eq!(e.code, ErrorCode::TooManyShapes);
+            assert!(e.fatal);
+            assert!(e.message.contains("at most 3"), "{}", e.message);
+        }
+        other => panic!("expected error + close, got {other:?}"),
+    }
+    assert!(s.is_closed());
+    // The core applies the same limit on its own.
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Session::new(c);
+    let out = s.handle(Event::Client(msg));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal));
+    assert_eq!(out.last(), Some(&Action::Close));
+    assert!(registrations(&out).is_empty() && !out.iter().any(|a| matches!(a, Action::TakeSnapshot { .. })));
+}
+
+#[test]
+fn subscribe_counts_against_the_same_shape_limit() {
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Session::new(c);
+    s.handle(Event::Client(hello_with("c1", 2, None)));
+    let one = ShapeRequest { id: "x".into(), table: "public.todos".into(), columns: None, where_: None };
+    // Within the limit: still the (non-fatal) "not supported yet".
+    assert!(s.refuse(&ClientMessage::Subscribe { shapes: vec![one.clone()] }).is_none());
+    let out = s.handle(Event::Client(ClientMessage::Subscribe { shapes: vec![one.clone(), one] }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal), "{out:?}");
+    assert!(s.is_closed());
+}
+
+#[test]
+fn an_over_long_client_id_is_refused() {
+    let mut s = Session::new(cfg(0x400));
+    assert!(s.refuse(&hello_with(&"x".repeat(256), 1, None)).is_none());
+    let out = s.refuse(&hello_with(&"x".repeat(257), 1, None)).expect("refused");
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && e.fatal && e.message.contains("client_id")));
+    assert!(s.is_closed());
+}
+
+/// Only a position the session accepted is registered (it holds retention back); a refused,
+/// too old or foreign one never is.
+#[test]
+fn only_an_accepted_position_is_registered() {
+    let p = Position::new(Lsn(0x200), 3);
+    // Accepted: catch-up from p.
+    let mut s = Session::new(cfg(0x400));
+    assert_eq!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(p))))), vec![Some(p)]);
+    // Below the horizon (0x10): refetch, registered as new.
+    let mut s = Session::new(cfg(0x400));
+    let out = s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0), 0)))));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
+    assert_eq!(registrations(&out), vec![None]);
+    // Ahead of the watermark: refused, not registered at all.
+    let mut s = Session::new(cfg(0x400));
+    assert!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0x401), 0)))))).is_empty());
+    // Another generation: new client.
+    let mut s = Session::new(cfg(0x400));
+    let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
+    h.generation = Some(6);
+    assert_eq!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))), vec![None]);
+    // Invalid shape: refused, not registered.
+    let mut s = Session::new(cfg(0x400));
+    let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
+    h.shapes[0].where_ = Some("done ==".into());
+    assert!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))).is_empty());
 }

@@ -35,7 +35,7 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
     let access = grant.tables().cloned().map_or_else(Access::all, Access::tables);
     let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: caller.peer, slot: caller.slot, user_unit };
     accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
-        let edge = PgsyncEdge::start(pg, access, &state);
+        let edge = PgsyncEdge::start(pg, access, grant.subject().map(str::to_owned), &state);
         let settings = PumpSettings { protocol: Protocol::Pgsync, expires_at: grant.expires_at() };
         pump(socket, edge, settings, &state, &mut log).await
     })
@@ -50,11 +50,11 @@ struct PgsyncEdge {
 }
 
 impl PgsyncEdge {
-    fn start(pg: PgSync, access: Access, state: &AppState) -> Self {
+    fn start(pg: PgSync, access: Access, subject: Option<String>, state: &AppState) -> Self {
         let (in_tx, in_rx) = mpsc::channel::<String>(QUEUE);
         let (out_tx, out_rx) = mpsc::channel::<String>(QUEUE);
         let cancel = state.shutdown.token().clone().cancelled_owned();
-        let task = tokio::spawn(async move { pg.run_session(in_rx, out_tx, access, cancel).await });
+        let task = tokio::spawn(async move { pg.run_session(in_rx, out_tx, access, subject, cancel).await });
         Self { inbound: Some(in_tx), outbound: out_rx, task: Some(task) }
     }
 

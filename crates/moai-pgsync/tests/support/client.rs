@@ -39,7 +39,7 @@ impl TestClient {
         let (itx, irx) = mpsc::channel(64);
         let (otx, orx) = mpsc::channel(64);
         let s = sync.clone();
-        let task = tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), std::future::pending()).await });
+        let task = tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await });
         TestClient {
             client_id: client_id.into(),
             tx: Some(itx),
