@@ -376,3 +376,61 @@ async fn the_change_feed_checks_scopes_expiry_and_pings() {
     assert_eq!((code, reason.as_str()), (4403, "token expired"));
     assert!(pings >= 1, "the change feed sent no WebSocket ping");
 }
+
+/// The edge passes the token's subject to the engine: the same `client_id` used by two
+/// subjects is two registrations with their own positions, so one user's client can never
+/// overwrite (or lower) another user's retention floor.
+#[tokio::test]
+async fn registrations_are_keyed_by_the_token_subject() {
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
+    server.wait_ready();
+    let mut acked = Vec::new();
+    for sub in ["alice", "bob"] {
+        let token = moai_server::Auth::with_secret("pgs")
+            .mint(&moai_server::auth::Claims { sub: sub.into(), exp: None, docs: None, tables: None, ..Default::default() })
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        let hello = json!({"type": "hello", "protocol": 1, "client_id": "same-id", "position": null,
+                           "shapes": [{"id": "s1", "table": "public.items"}]});
+        ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+        let position = loop {
+            let m = next_json(&mut ws).await;
+            if m["type"] == "up_to_date" {
+                break m["position"].clone();
+            }
+            assert_ne!(m["type"], "error", "{m}");
+        };
+        if sub == "alice" {
+            ws.send(WsMessage::Text(json!({"type": "ack", "position": position}).to_string().into())).await.unwrap();
+            acked.push(position["lsn"].as_str().unwrap().to_owned());
+        }
+        ws.close(None).await.unwrap();
+        // Wait for the server's close: the session has ended and written its last ack.
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            if matches!(m, WsMessage::Close(_)) {
+                break;
+            }
+        }
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: Vec<(String, Option<String>)> = client
+            .query("SELECT subject, pos_lsn::text FROM moai_sync.clients WHERE client_id = 'same-id' ORDER BY subject", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expected = vec![("alice".to_string(), Some(acked[0].clone())), ("bob".to_string(), None)];
+        if rows == expected {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "registry rows: {rows:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
