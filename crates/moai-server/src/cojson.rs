@@ -31,7 +31,7 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
         return error_response(StatusCode::NOT_FOUND, "The CoJSON engine is not enabled on this server");
     };
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::Cojson);
-    let info = SessionInfo { protocol: Protocol::Cojson, target: "/sync".into(), peer: caller.peer, slot: caller.slot, user_unit };
+    let info = SessionInfo { protocol: Protocol::Cojson, target: "/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
     accept_session(ws, state, info, verdict, move |mut socket, state, mut log| async move {
         let Ok(session) = cojson.connect_with(grant.read_only()).await else {
             close_gracefully(&mut socket, close::TRY_AGAIN_LATER, "sync engine stopping", CLOSE_LINGER).await;

@@ -20,8 +20,15 @@ use crate::pump::{pump, Close, EngineSession, Inbound, Outbound, PumpSettings};
 use crate::ws::{accept_session, close, SessionInfo};
 use crate::{AppState, Protocol};
 
-/// Frames buffered each way between the socket and the session.
-const QUEUE: usize = 256;
+/// Frames buffered each way between the socket and the session. Few: the pump drains the
+/// outbound side as fast as the socket takes it, and a client's messages are small, so this
+/// bounds what one session holds to 8 inbound frames of at most [`MAX_CLIENT_FRAME_BYTES`] and
+/// 8 outbound batches.
+const QUEUE: usize = 8;
+
+/// Largest message a change-feed client may send: a hello with its shapes (at most 100) fits
+/// many times over. Larger closes with 1009.
+const MAX_CLIENT_FRAME_BYTES: usize = 1 << 20;
 
 pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: WebSocketUpgrade) -> Response {
     let Some(pg) = caller.engines.pgsync.clone() else {
@@ -33,7 +40,7 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::ChangeFeed);
     // A token that names tables opens only those (and only their rows it allows).
     let access = grant.tables().cloned().map_or_else(Access::all, Access::tables);
-    let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: caller.peer, slot: caller.slot, user_unit };
+    let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: Some(MAX_CLIENT_FRAME_BYTES) };
     accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
         let edge = PgsyncEdge::start(pg, access, grant.subject().map(str::to_owned), &state);
         let settings = PumpSettings { protocol: Protocol::Pgsync, expires_at: grant.expires_at() };

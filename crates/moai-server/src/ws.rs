@@ -43,9 +43,9 @@ const READ_BUFFER_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Applies moai's frame limit and buffer sizes to an upgrade.
-pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
-    ws.max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
+pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits, max_frame_bytes: usize) -> WebSocketUpgrade {
+    ws.max_message_size(max_frame_bytes)
+        .max_frame_size(max_frame_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
         // Frames fed in a burst are written together, one system call per flush rather than
         // per frame (see `send_all_with_deadline`). The buffer only grows while used.
@@ -53,7 +53,7 @@ pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade 
         // Bounds what a client that stopped reading can make us hold (writes also time out).
         // tungstenite panics unless this exceeds write_buffer_size, hence the floor.
         .max_write_buffer_size(
-            limits.max_frame_bytes.saturating_mul(2).max(WRITE_BUFFER_BYTES * 2).saturating_add(READ_BUFFER_BYTES),
+            limits.max_frame_bytes.max(max_frame_bytes).saturating_mul(2).max(WRITE_BUFFER_BYTES * 2).saturating_add(READ_BUFFER_BYTES),
         )
 }
 
@@ -165,6 +165,9 @@ pub struct SessionInfo {
     pub slot: Option<ConnectionSlot>,
     /// The session's unit of the per-user quota, held until it ends.
     pub user_unit: Option<QuotaGuard>,
+    /// A lower frame limit than `--max-frame-bytes` for an endpoint whose clients only send
+    /// small messages (the change feed).
+    pub max_frame_bytes: Option<usize>,
 }
 
 /// What every WebSocket endpoint does once it has decided: upgrade (with moai's limits), open
@@ -185,7 +188,8 @@ where
 {
     let tracker = state.shutdown.clone();
     let protocol = info.protocol;
-    limit_upgrade(ws, &state.limits)
+    let max_frame_bytes = info.max_frame_bytes.map_or(state.limits.max_frame_bytes, |m| m.min(state.limits.max_frame_bytes));
+    limit_upgrade(ws, &state.limits, max_frame_bytes)
         .on_failed_upgrade(move |e| tracing::info!(?protocol, error = %e, "upgrade failed"))
         .on_upgrade(move |mut socket| {
             tracker.track(async move {

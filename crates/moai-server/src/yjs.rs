@@ -49,7 +49,7 @@ pub(crate) async fn socket(
     } else {
         Admission { verdict: Err((close::BAD_REQUEST, "invalid document id".to_owned())), grant: Default::default(), user_unit: None }
     };
-    let info = SessionInfo { protocol: Protocol::Yjs, target: doc.clone(), peer: caller.peer, slot: caller.slot, user_unit };
+    let info = SessionInfo { protocol: Protocol::Yjs, target: doc.clone(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
     // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
     // completes their handshake without echoing the token.
     accept_session(ws.protocols(["yjs"]), state, info, verdict, move |mut socket, state, mut log| async move {
