@@ -28,8 +28,8 @@ use crate::{Limits, Metrics, Shutdown};
 #[derive(Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, QuotaGuard)>);
 
-/// Serves `app` on `listener` until `shutdown` is triggered, then stops accepting and lets
-/// in-flight HTTP requests finish (WebSocket sessions are closed by their own tasks).
+/// Serves `app` on `listener` until [`Shutdown::stop_accepting`], then lets in-flight HTTP
+/// requests finish (WebSocket sessions are closed by their own tasks, on [`Shutdown::trigger`]).
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, metrics: Arc<Metrics>, shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = Quota::<IpAddr>::new(limits.max_connections_per_ip);
@@ -49,7 +49,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, metrics: 
                     continue;
                 }
             },
-            _ = shutdown.token().cancelled() => break,
+            _ = shutdown.stop_accepting_token().cancelled() => break,
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");

@@ -1,10 +1,12 @@
 //! Graceful shutdown, explicit as in mini-redis: one token that every long-lived task watches,
 //! and one tracker that knows which session tasks are still running.
 //!
-//! On the first signal the binary calls [`Shutdown::trigger`]: the accept loop stops, every
-//! WebSocket session sees the token and closes with 1001 "going away" after flushing what it
-//! owes, and the binary waits for [`Shutdown::drained`] up to the grace period before closing
-//! storage.
+//! On the first signal the binary marks the server draining (/health 503, sync endpoints 503)
+//! and calls [`Shutdown::trigger`]: every WebSocket session sees the token and closes with 1001
+//! "going away" after flushing what it owes. The listener keeps answering while sessions drain,
+//! so a load balancer polling /health sees the 503 it needs to take the instance out; the binary
+//! waits for [`Shutdown::drained`] up to the grace period, then calls
+//! [`Shutdown::stop_accepting`] and closes storage.
 
 use std::future::Future;
 use std::time::Duration;
@@ -15,6 +17,8 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    /// Stops the accept loop; cancelled after the sessions have drained.
+    accepting: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -26,6 +30,16 @@ impl Shutdown {
     /// Resolves when shutdown has begun.
     pub fn token(&self) -> &CancellationToken {
         &self.token
+    }
+
+    /// Resolves when the listener should stop accepting connections.
+    pub fn stop_accepting_token(&self) -> &CancellationToken {
+        &self.accepting
+    }
+
+    /// Stops the accept loop (after the sessions have drained, or at once on a failed start).
+    pub fn stop_accepting(&self) {
+        self.accepting.cancel();
     }
 
     pub fn is_triggered(&self) -> bool {

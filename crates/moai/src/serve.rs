@@ -21,6 +21,9 @@ use crate::logging;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long a failed start keeps serving /health (with the error) before exiting 1.
+const FAILED_INIT_LINGER: Duration = Duration::from_secs(2);
+
 /// What initialisation produces and shutdown must close.
 struct Running {
     engines: Engines,
@@ -91,7 +94,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 tracing::error!(error = %reason, "initialisation failed; exiting");
                 readiness.set_failed(reason);
                 metrics.set_ready(false);
+                // Keep answering for a moment, so /health shows `"status":"error"` with the
+                // reason and `moai wait-ready` exits at once instead of at its timeout.
+                tokio::select! {
+                    _ = tokio::time::sleep(FAILED_INIT_LINGER) => {}
+                    _ = signals.next() => {}
+                }
                 shutdown.trigger();
+                shutdown.stop_accepting();
                 let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
                 return Ok(ExitCode::FAILURE);
             }
@@ -99,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         name = signals.next() => {
             tracing::info!(signal = name, "signal during initialisation; exiting");
             shutdown.trigger();
+            shutdown.stop_accepting();
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -191,6 +202,9 @@ async fn drain(
     if !shutdown.drained(grace).await {
         tracing::warn!(sessions = shutdown.active(), "grace period over; closing storage with sessions still open");
     }
+    // Only now does the listener stop: until here /health answered 503 "draining", which is
+    // what a load balancer needs to see to take this instance out.
+    shutdown.stop_accepting();
     let left = deadline.saturating_duration_since(Instant::now());
     if tokio::time::timeout(left, server).await.is_err() {
         tracing::warn!("HTTP requests still in flight at the end of the grace period");

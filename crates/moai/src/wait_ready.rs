@@ -42,14 +42,16 @@ pub async fn run(args: WaitReadyArgs) -> anyhow::Result<ExitCode> {
             Ok(Err(e)) => last = format!("{e:#}"),
             Err(_) => last = "request timed out".into(),
         }
-        if Instant::now() + args.interval > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             eprintln!(
                 "moai wait-ready: {uri} not ready after {} (last: {last})",
                 humantime::format_duration(args.timeout)
             );
             return Ok(ExitCode::FAILURE);
         }
-        tokio::time::sleep(args.interval).await;
+        // The last pause is shortened so that one more probe happens at the deadline itself.
+        tokio::time::sleep(args.interval.min(left)).await;
     }
 }
 

@@ -264,3 +264,71 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "the second signal skips the graceful path");
     drop(ws);
 }
+
+#[test]
+fn wait_ready_probes_at_its_deadline_even_with_a_long_interval() {
+    // `--timeout 5s --interval 3s` used to give up after the second probe at 3 s and miss a
+    // server that became ready at 3.5 s.
+    let gate = tempfile::tempdir().unwrap();
+    let gate_path = gate.path().join("go");
+    let server = Server::start(&["--test-hold-init-until", gate_path.to_str().unwrap()]);
+    server.wait_log("holding initialisation", Duration::from_secs(10)).expect("hook engaged");
+    let url = server.url("/health");
+    let waiter = std::thread::spawn(move || {
+        Command::new(BIN).args(["wait-ready", &url, "--timeout", "5s", "--interval", "3s"]).output().unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(3500)); // the server becomes ready at 3.5 s, by design
+    std::fs::write(&gate_path, b"go").unwrap();
+    let out = waiter.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_failed_start_is_visible_on_health_and_ends_wait_ready_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let db = not_a_dir.join("moai.db");
+    let mut server = Server::start_in(tempfile::tempdir().unwrap(), &db, &[]);
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["wait-ready", &server.url("/"), "--timeout", "30s", "--interval", "50ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reports initialisation failed") && stderr.contains("opening storage"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "wait-ready ran to its timeout");
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(1));
+}
+
+#[test]
+fn health_answers_503_while_sessions_drain() {
+    let mut server = Server::start(&["--shutdown-grace", "10s"]);
+    server.wait_ready();
+    // A raw WebSocket client that never reads: it never answers the server's close frame, so
+    // its session takes the full close linger (2 s) to end.
+    let mut ws = TcpStream::connect(server.addr).unwrap();
+    write!(
+        ws,
+        "GET /sync/v1/drain HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    ws.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    server.signal("TERM");
+    // The listener still answers, and says the instance is going away.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        match support::try_http(server.addr, "GET", "/health", &[], b"") {
+            Ok((503, body)) => break body,
+            Ok((200, _)) if Instant::now() < deadline => continue,
+            other => panic!("expected 503 while draining, got {other:?}"),
+        }
+    };
+    assert_eq!(json(&body)["draining"], true, "{body}");
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
+    drop(ws);
+}
