@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::Response;
 
-use crate::auth::{token_from_request, AuthError, Grant, Resource};
-use crate::gate::error_response;
+use crate::auth::{token_from_request, AuthError, Grant, Resource, BEARER_PROTOCOL_PREFIX};
+use crate::http_error::error_response;
 use crate::quota::QuotaGuard;
 use crate::serve::ConnectionSlot;
 use crate::ws::close;
@@ -20,6 +20,8 @@ use crate::{AppState, Engines};
 pub(crate) struct Caller {
     pub engines: Arc<Engines>,
     pub token: Option<String>,
+    /// WebSocket subprotocols the client offered, in its order.
+    pub offered_protocols: Vec<String>,
     pub peer: Option<SocketAddr>,
     pub slot: Option<ConnectionSlot>,
 }
@@ -33,6 +35,17 @@ pub(crate) struct Admission {
 }
 
 impl Caller {
+    /// The subprotocol to select on the upgrade. A client that offers subprotocols fails the
+    /// handshake unless one is selected, and browsers can only carry a token as one: the
+    /// endpoint's own protocol name if offered (the token then never travels back), else the
+    /// `bearer.…` entry the client offered (it only echoes the client's own value).
+    pub fn subprotocol(&self, ours: &'static str) -> Option<String> {
+        if self.offered_protocols.iter().any(|p| p == ours) {
+            return Some(ours.to_owned());
+        }
+        self.offered_protocols.iter().find(|p| p.starts_with(BEARER_PROTOCOL_PREFIX)).cloned()
+    }
+
     /// Checks the caller's token for `resource` now.
     pub fn authorise(&self, state: &AppState, resource: Resource<'_>) -> Result<Grant, AuthError> {
         state.auth.check_now(self.token.as_deref(), resource)
@@ -73,6 +86,15 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller {
             engines,
             token: token_from_request(&parts.headers, parts.uri.query()),
+            offered_protocols: parts
+                .headers
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
             peer: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
             slot: parts.extensions.get::<ConnectionSlot>().cloned(),
         })

@@ -17,7 +17,7 @@ use moai_cojson::service::{ping_frame, CojsonSession, Outbound as CojsonOutbound
 
 use crate::auth::Resource;
 use crate::caller::{Admission, Caller};
-use crate::gate::error_response;
+use crate::http_error::error_response;
 use crate::pump::{pump, Close, EngineSession, Inbound, Outbound, PumpSettings};
 use crate::ws::{accept_session, close, close_gracefully, SessionInfo, CLOSE_LINGER};
 use crate::{AppState, Metrics, Protocol};
@@ -30,8 +30,13 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
     let Some(cojson) = caller.engines.cojson.clone() else {
         return error_response(StatusCode::NOT_FOUND, "The CoJSON engine is not enabled on this server");
     };
+    let caller_protocol = caller.subprotocol("cojson");
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::Cojson);
     let info = SessionInfo { protocol: Protocol::Cojson, target: "/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
+    let ws = match caller_protocol {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
     accept_session(ws, state, info, verdict, move |mut socket, state, mut log| async move {
         let Ok(session) = cojson.connect_with(grant.read_only()).await else {
             close_gracefully(&mut socket, close::TRY_AGAIN_LATER, "sync engine stopping", CLOSE_LINGER).await;

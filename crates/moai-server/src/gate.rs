@@ -10,15 +10,10 @@
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
+use axum::response::Response;
 
+use crate::http_error::error_response;
 use crate::{AppState, Phase};
-
-pub(crate) fn error_response(status: StatusCode, error: &str) -> Response {
-    (status, Json(json!({ "error": error, "status": status.as_u16() }))).into_response()
-}
 
 pub(crate) async fn require_ready(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     match state.readiness.phase() {

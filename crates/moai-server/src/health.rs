@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::gate::error_response;
+use crate::http_error::error_response;
 use crate::{AppState, Phase};
 
 fn body(state: &AppState) -> (bool, serde_json::Value) {

@@ -13,6 +13,7 @@ mod cojson;
 mod engines;
 mod gate;
 mod health;
+mod http_error;
 mod limits;
 mod metrics;
 mod pgsync;

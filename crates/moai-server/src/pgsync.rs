@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Resource;
 use crate::caller::{Admission, Caller};
-use crate::gate::error_response;
+use crate::http_error::error_response;
 use crate::pump::{pump, Close, EngineSession, Inbound, Outbound, PumpSettings};
 use crate::ws::{accept_session, close, SessionInfo};
 use crate::{AppState, Protocol};
@@ -37,10 +37,15 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
             "The Postgres change feed is not enabled on this server: start moai with --pg-url and --pg-tables",
         );
     };
+    let caller_protocol = caller.subprotocol("moai-sync");
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::ChangeFeed);
     // A token that names tables opens only those (and only their rows it allows).
     let access = grant.tables().cloned().map_or_else(Access::all, Access::tables);
     let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: Some(MAX_CLIENT_FRAME_BYTES) };
+    let ws = match caller_protocol {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
     accept_session(ws, state, info, verdict, move |socket, state, mut log| async move {
         let edge = PgsyncEdge::start(pg, access, grant.subject().map(str::to_owned), &state);
         let settings = PumpSettings { protocol: Protocol::Pgsync, expires_at: grant.expires_at() };

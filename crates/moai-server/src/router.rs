@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
@@ -9,7 +10,8 @@ use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::gate::{error_response, require_ready, require_upgrade};
+use crate::gate::{require_ready, require_upgrade};
+use crate::http_error::{error_response, json_errors};
 use crate::health::{health, healthz, metrics};
 use crate::quota::Quota;
 use crate::{cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
@@ -52,7 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(engines)
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "Not Found") })
+        // The extractors' own body limit (2 MB by default) must not undercut --max-body-bytes.
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(state.limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }

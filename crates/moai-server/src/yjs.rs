@@ -19,7 +19,7 @@ use moai_yjs::{Access, KEEPALIVE_FRAME};
 
 use crate::auth::{AuthError, Resource};
 use crate::caller::{Admission, Caller};
-use crate::gate::error_response;
+use crate::http_error::error_response;
 use crate::pump::{pump, Close, EngineSession, Inbound, Outbound, PumpSettings};
 use crate::ws::{accept_session, close, close_gracefully, SessionInfo, CLOSE_LINGER};
 use crate::{AppState, Engines, Metrics, Protocol};
@@ -49,10 +49,15 @@ pub(crate) async fn socket(
     } else {
         Admission { verdict: Err((close::BAD_REQUEST, "invalid document id".to_owned())), grant: Default::default(), user_unit: None }
     };
+    let protocol = caller.subprotocol("yjs");
     let info = SessionInfo { protocol: Protocol::Yjs, target: doc.clone(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
     // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
     // completes their handshake without echoing the token.
-    accept_session(ws.protocols(["yjs"]), state, info, verdict, move |mut socket, state, mut log| async move {
+    let ws = match protocol {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
+    accept_session(ws, state, info, verdict, move |mut socket, state, mut log| async move {
         let access = if grant.read_only() { Access::ReadOnly } else { Access::ReadWrite };
         let session = match yjs.join_as(&doc, access).await {
             Ok(session) => session,
@@ -154,6 +159,7 @@ fn authorise_http(state: &AppState, caller: &Caller, doc: &str, write: bool) -> 
 fn service_error(e: ServiceError) -> Response {
     match e {
         ServiceError::InvalidUpdate(reason) => error_response(StatusCode::BAD_REQUEST, &format!("invalid update: {reason}")),
+        e @ ServiceError::MissingDependencies => error_response(StatusCode::CONFLICT, &e.to_string()),
         other => {
             tracing::error!(error = %other, "yjs http request failed");
             error_response(StatusCode::SERVICE_UNAVAILABLE, &other.to_string())

@@ -26,6 +26,10 @@ pub enum ApplyError {
     Busy,
     #[error("update is not a valid Yjs v1 update: {0}")]
     Implausible(#[from] crate::plausible::Implausible),
+    /// yrs panicked while decoding or integrating. The document may be half-changed: the room
+    /// must not be used any more (reload it from storage).
+    #[error("the Yjs library failed on this update: {0}")]
+    Panicked(String),
 }
 
 /// Result of applying an update.
@@ -39,7 +43,34 @@ pub struct Applied {
     pub error: Option<ApplyError>,
 }
 
+/// Runs `f`, turning a panic into its message. yrs has known panics on hostile input; one must
+/// cost the document that met it (which is then reloaded), never the process or other documents.
+pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
 pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
+    contain(|| apply_v1_unguarded(doc, bytes))
+        .unwrap_or_else(|why| Applied { diff: None, error: Some(ApplyError::Panicked(why)) })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: make the next apply on this thread panic, as yrs does on some inputs.
+    pub(crate) static INJECT_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
+    #[cfg(test)]
+    if INJECT_PANIC.with(|p| p.replace(false)) {
+        panic!("injected yrs panic");
+    }
     // Decoding first means garbage is rejected before the document is touched.
     if let Err(e) = crate::plausible::update_v1(bytes) {
         return Applied { diff: None, error: Some(e.into()) };
@@ -63,4 +94,19 @@ pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
 /// True while the document holds structs or deletions waiting for missing dependencies.
 pub(crate) fn has_pending(doc: &Doc) -> bool {
     doc.try_transact().map(|txn| txn.has_missing_updates()).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_yrs_is_contained_and_reported() {
+        let doc = Doc::new();
+        INJECT_PANIC.with(|p| p.set(true));
+        let applied = apply_v1(&doc, &[0, 0]);
+        assert!(matches!(applied.error, Some(ApplyError::Panicked(ref m)) if m == "injected yrs panic"), "{applied:?}");
+        // The next update is applied as usual.
+        assert!(apply_v1(&doc, &[0, 0]).error.is_none());
+    }
 }

@@ -19,6 +19,8 @@ pub enum LoadError {
     JournalDecode { index: usize, source: yrs::encoding::read::Error },
     #[error("journal entry {index} could not be applied: {source}")]
     JournalApply { index: usize, source: yrs::error::UpdateError },
+    #[error("the Yjs library failed while loading: {0}")]
+    Panicked(String),
 }
 
 /// Builds a document from an optional snapshot and the journal entries after it, in the order
@@ -54,5 +56,7 @@ pub fn load_room<'a, J>(
 where
     J: IntoIterator<Item = &'a [u8]>,
 {
-    Ok(Room::from_doc(doc_id, load_doc(snapshot, journal)?))
+    // A panic in yrs refuses this document (like any other load failure), not the process.
+    let doc = crate::apply::contain(|| load_doc(snapshot, journal)).map_err(LoadError::Panicked)??;
+    Ok(Room::from_doc(doc_id, doc))
 }

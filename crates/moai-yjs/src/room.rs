@@ -87,6 +87,14 @@ pub enum RoomError {
     /// before failing (usually nothing); execute them as usual.
     #[error("invalid update: {reason}")]
     InvalidUpdate { reason: String, actions: Vec<Action> },
+    /// An HTTP update depends on changes the document does not have: yrs parks it (in memory
+    /// only) until they arrive. Not applied; `actions` carries whatever part did integrate.
+    #[error("update depends on changes this document does not have")]
+    MissingDependencies { actions: Vec<Action> },
+    /// yrs panicked on this document. Its memory may be half-changed: drop the room, close its
+    /// connections and reload it from storage (which holds only what was durable).
+    #[error("document failed: {0}")]
+    Poisoned(String),
 }
 
 /// Counters for metrics; the edge reads and exports them.
@@ -333,6 +341,7 @@ impl Room {
                 match applied.error {
                     None => {}
                     Some(ApplyError::Busy) => return Err(RoomError::Busy),
+                    Some(ApplyError::Panicked(why)) => return Err(RoomError::Poisoned(why)),
                     Some(e) => return Ok(self.reject(conn, e.to_string(), actions)),
                 }
             }
@@ -384,6 +393,7 @@ impl Room {
     /// Applies an update from the HTTP API (server-side write). The change is persisted and then
     /// broadcast to every connection.
     pub fn apply_http_update(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
+        let had_pending = has_pending(&self.doc);
         let applied = apply_v1(&self.doc, update);
         let mut actions = Vec::new();
         if let Some(diff) = applied.diff {
@@ -392,8 +402,12 @@ impl Room {
             push_change(&mut actions, diff, None);
         }
         match applied.error {
+            // An HTTP writer gets no SyncStep1 to learn what we lack, and a parked update is
+            // not durable: tell it, rather than answer as if it had been applied.
+            None if !had_pending && has_pending(&self.doc) => Err(RoomError::MissingDependencies { actions }),
             None => Ok(actions),
             Some(ApplyError::Busy) => Err(RoomError::Busy),
+            Some(ApplyError::Panicked(why)) => Err(RoomError::Poisoned(why)),
             Some(e) => Err(RoomError::InvalidUpdate { reason: e.to_string(), actions }),
         }
     }

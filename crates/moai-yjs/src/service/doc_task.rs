@@ -87,6 +87,8 @@ struct DocTask {
     compaction: Option<JoinHandle<Result<usize, String>>>,
     /// Inbound bytes queued for this document ([`YjsConfig::inbound_bytes`]).
     inbound: Arc<Semaphore>,
+    /// yrs panicked while handling this batch: the room is unusable.
+    poisoned: Option<String>,
 }
 
 pub(crate) fn spawn(
@@ -121,6 +123,7 @@ pub(crate) fn spawn(
                     journal_bytes,
                     compaction: None,
                     inbound,
+                    poisoned: None,
                 };
                 task.run().await;
             }
@@ -166,7 +169,7 @@ fn fail_all(mut commands: mpsc::Receiver<Command>, error: ServiceError) {
 enum Deferred {
     State(oneshot::Sender<Reply<Vec<u8>>>, Reply<Vec<u8>>),
     Applied(oneshot::Sender<Reply<()>>),
-    Rejected(oneshot::Sender<Reply<()>>, String),
+    Rejected(oneshot::Sender<Reply<()>>, ServiceError),
 }
 
 impl DocTask {
@@ -209,6 +212,17 @@ impl DocTask {
         let mut deferred = Vec::new();
         for cmd in batch {
             self.handle(cmd, &mut actions, &mut deferred);
+            if self.poisoned.is_some() {
+                break;
+            }
+        }
+        if let Some(why) = self.poisoned.take() {
+            // Nothing of this batch was persisted or sent; its writers were not acknowledged
+            // and re-send on reconnect. Memory may be half-changed: drop it, reload from storage.
+            tracing::error!(doc = %self.doc_id, error = %why, "the Yjs library panicked; closing the document to reload it from storage");
+            let error = ServiceError::Unavailable(format!("document failed: {why}"));
+            self.fail_document(error, "document failed; reconnect", deferred);
+            return false;
         }
 
         // Group commit: every update of the batch in one durable append, before any send.
@@ -234,9 +248,7 @@ impl DocTask {
             match d {
                 Deferred::State(reply, answer) => drop(reply.send(answer)),
                 Deferred::Applied(reply) => drop(reply.send(Reply::Done(()))),
-                Deferred::Rejected(reply, reason) => {
-                    drop(reply.send(Reply::Failed(ServiceError::InvalidUpdate(reason))))
-                }
+                Deferred::Rejected(reply, error) => drop(reply.send(Reply::Failed(error))),
             }
         }
         self.maybe_compact();
@@ -276,6 +288,7 @@ impl DocTask {
                 match self.room.receive(conn, &frame) {
                     Ok(a) => actions.extend(a),
                     Err(RoomError::UnknownConnection(_)) => {}
+                    Err(RoomError::Poisoned(why)) => self.poisoned = Some(why),
                     Err(e) => actions.push(Action::Close { conn, code: CLOSE_INTERNAL, reason: e.to_string() }),
                 }
             }
@@ -300,7 +313,15 @@ impl DocTask {
                 }
                 Err(RoomError::InvalidUpdate { reason, actions: partial }) => {
                     actions.extend(partial);
-                    deferred.push(Deferred::Rejected(reply, reason));
+                    deferred.push(Deferred::Rejected(reply, ServiceError::InvalidUpdate(reason)));
+                }
+                Err(RoomError::MissingDependencies { actions: partial }) => {
+                    actions.extend(partial);
+                    deferred.push(Deferred::Rejected(reply, ServiceError::MissingDependencies));
+                }
+                Err(RoomError::Poisoned(why)) => {
+                    self.poisoned = Some(why.clone());
+                    drop(reply.send(Reply::Failed(ServiceError::Unavailable(format!("document failed: {why}")))));
                 }
                 Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
             },
@@ -368,11 +389,18 @@ impl DocTask {
     /// reconnect) and end this task so the next use reloads from storage.
     fn storage_failed(&mut self, error: String, deferred: Vec<Deferred>) {
         tracing::error!(doc = %self.doc_id, error = %error, "persisting updates failed; closing the document");
+        self.fail_document(ServiceError::Storage(error), "storage failure", deferred);
+    }
+
+    /// Memory can no longer be trusted (a failed write, a panic in yrs): close every
+    /// connection with 1011, answer every waiting request with `error`, and end this task so the
+    /// next use reloads the document from storage.
+    fn fail_document(&mut self, error: ServiceError, close_reason: &str, deferred: Vec<Deferred>) {
         for (_, c) in self.conns.drain() {
-            let _ = c.outbox.try_send(Outbound::Close { code: CLOSE_INTERNAL, reason: "storage failure".into() });
+            let _ = c.outbox.try_send(Outbound::Close { code: CLOSE_INTERNAL, reason: close_reason.into() });
         }
         for d in deferred {
-            let failed = ServiceError::Storage(error.clone());
+            let failed = error.clone();
             match d {
                 Deferred::State(reply, _) => drop(reply.send(Reply::Failed(failed))),
                 Deferred::Applied(reply) | Deferred::Rejected(reply, _) => drop(reply.send(Reply::Failed(failed))),
@@ -383,7 +411,7 @@ impl DocTask {
         }
         let (_, dummy) = mpsc::channel(1);
         let commands = std::mem::replace(&mut self.commands, dummy);
-        fail_all(commands, ServiceError::Storage(error));
+        fail_all(commands, error);
     }
 
     fn maybe_compact(&mut self) {
@@ -451,4 +479,59 @@ async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) 
         .ok_or_else(|| "the compaction thread is gone".to_owned())??;
     storage.compact(doc_id, snapshot, through).await.map_err(|e| e.to_string())?;
     Ok(folded)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use moai_storage::MemoryStorage;
+    use yrs::{GetString, Text, Transact};
+
+    use crate::protocol::sync_update_frame;
+    use crate::service::{Outbound, YjsConfig, YjsService};
+
+    fn edit(doc: &yrs::Doc, s: &str) -> Bytes {
+        let t = doc.get_or_insert_text("t");
+        let mut txn = doc.transact_mut();
+        t.insert(&mut txn, 0, s);
+        Bytes::from(sync_update_frame(&txn.encode_update_v1()))
+    }
+
+    fn text(update: &[u8]) -> String {
+        use yrs::updates::decoder::Decode;
+        let doc = yrs::Doc::new();
+        doc.transact_mut().apply_update(yrs::Update::decode_v1(update).unwrap()).unwrap();
+        let t = doc.get_or_insert_text("t");
+        let s = t.get_string(&doc.transact());
+        s
+    }
+
+    /// A panic in yrs closes the document's connections (1011) and drops its memory; the next
+    /// use reloads it from storage with everything that was durable.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panic_in_yrs_refuses_the_document_and_it_reloads_from_storage() {
+        let svc = YjsService::new(Arc::new(MemoryStorage::new()), YjsConfig::default());
+        let mut a = svc.join("d").await.unwrap();
+        let b = svc.join("d").await.unwrap();
+        let writer = yrs::Doc::new();
+        assert!(a.receive(edit(&writer, "kept")).await);
+        assert_eq!(text(&svc.read_state("d").await.unwrap()), "kept", "durable and readable");
+
+        crate::apply::INJECT_PANIC.with(|p| p.set(true));
+        assert!(b.receive(edit(&yrs::Doc::new(), "boom")).await);
+        loop {
+            match a.outbound().await {
+                Some(Outbound::Close { code, reason }) => {
+                    assert_eq!((code, reason.as_str()), (1011, "document failed; reconnect"));
+                    break;
+                }
+                Some(Outbound::Frame(_)) => {}
+                None => panic!("closed without a reason"),
+            }
+        }
+        // Reloaded from storage: what was durable is there, the failed update is not.
+        assert_eq!(text(&svc.read_state("d").await.unwrap()), "kept");
+    }
 }

@@ -73,6 +73,9 @@ pub enum ServiceError {
     /// The update is not a valid Yjs update (HTTP API).
     #[error("invalid update: {0}")]
     InvalidUpdate(String),
+    /// The update builds on changes the document does not have (HTTP API); it was not applied.
+    #[error("the update depends on changes this document does not have; send those first (or a full-state update)")]
+    MissingDependencies,
     /// The engine is shutting down or the document task ended unexpectedly.
     #[error("document unavailable: {0}")]
     Unavailable(String),
