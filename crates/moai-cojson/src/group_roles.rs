@@ -173,10 +173,11 @@ fn walk(state: &CoValueState, initial_admin: &str, at: u64) -> (HashMap<String, 
         }
         let target = direct.get(&key).copied();
         let own = key == op.author;
-        let valid = if mine.is_none() && op.author == initial_admin && own && value == Role::Admin {
-            true // the group's creator making themself admin
-        } else if own && value == Role::Revoked {
-            true // anyone may leave
+        // The group's creator making themself admin, or anyone leaving.
+        let creator_bootstrap = mine.is_none() && op.author == initial_admin && own && value == Role::Admin;
+        let leaving = own && value == Role::Revoked;
+        let valid = if creator_bootstrap || leaving {
+            true
         } else {
             match mine {
                 Some(Role::Admin) => !(target == Some(Role::Admin) && value != Role::Admin && !own),

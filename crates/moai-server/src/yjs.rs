@@ -136,6 +136,7 @@ impl EngineSession for YjsEdge {
 }
 
 /// Authorises an HTTP API request for `doc` and returns the engine, or the response saying why not.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once per refusal
 fn authorise_http(state: &AppState, caller: &Caller, doc: &str, write: bool) -> Result<YjsService, Response> {
     let Some(yjs) = engine(&caller.engines) else {
         return Err(error_response(StatusCode::NOT_FOUND, "The Yjs engine is not enabled on this server"));

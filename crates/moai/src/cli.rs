@@ -27,6 +27,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start; boxing would buy nothing
 pub enum Command {
     /// Run the sync server (the default when no command is given).
     Serve(ServeArgs),

@@ -1,7 +1,7 @@
 //! `moai serve`: listen first, initialise in the background, serve until a signal, then shut
 //! down in order (stop accepting → close sessions with 1001 → flush and close storage → exit 0).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,7 +184,7 @@ async fn start_pgsync(url: &str, args: &ServeArgs) -> anyhow::Result<PgSync> {
     Ok(pgsync)
 }
 
-async fn wait_for_file(path: &PathBuf) {
+async fn wait_for_file(path: &Path) {
     tracing::warn!(path = %path.display(), "test hook: holding initialisation until this file exists");
     while !path.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
