@@ -1,0 +1,31 @@
+//! y-websocket frames from a client, through the room's whole receive path: lib0 decoding,
+//! SyncStep1 / SyncStep2 / Update (yrs' update decoder and apply), awareness, query-awareness.
+//! The first byte picks the path: a WebSocket frame from a read-write or read-only connection,
+//! or a body of `POST /api/v1/docs/{id}/update`; the rest is the frame or body. Afterwards the
+//! document must still encode. Seeds: frames recorded from real y-websocket clients.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use moai_yjs::{Access, ConnId, Room};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let mut room = Room::new("fuzz");
+    let (a, b) = (ConnId(1), ConnId(2));
+    room.connect(a).unwrap();
+    room.connect_with(b, Access::ReadOnly).unwrap();
+    match mode % 3 {
+        0 => {
+            let _ = room.receive(a, rest);
+        }
+        1 => {
+            let _ = room.receive(b, rest);
+        }
+        _ => {
+            let _ = room.apply_http_update(rest);
+        }
+    }
+    room.encode_state_as_update().expect("the document stays encodable");
+    room.disconnect(a);
+    room.disconnect(b);
+});
