@@ -12,8 +12,9 @@ use crate::config::Error;
 
 /// Session settings pinned on every connection (SQL and replication), so values rendered as
 /// text by a snapshot query and by the walsender look the same.
+/// (`value_mapping` relies on them: ISO dates in UTC, shortest exact floats, hex bytea.)
 pub(crate) const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=3";
+    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
 
 pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, Error> {
     let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| Error::Config(format!("pg url: {e}")))?;
@@ -136,6 +137,9 @@ BEGIN
 END
 $moai$;
 CREATE INDEX IF NOT EXISTS clients_subject_last_seen_idx ON {s}.clients (subject, last_seen);
+-- The value mapping (value_mapping::MAPPING_VERSION) the history was written with. States from
+-- before the column existed hold version 1 history; the replicator starts a new generation.
+ALTER TABLE {s}.replication_state ADD COLUMN IF NOT EXISTS mapping_version int4 NOT NULL DEFAULT 1;
 "#,
         s = ident(schema)
     )

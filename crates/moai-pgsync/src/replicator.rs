@@ -39,6 +39,7 @@ use crate::pgoutput::{
     Begin, Commit, Decoder, DecodingMessage, LogicalMessage, Relation, RelationColumn, ReplicaIdentity,
 };
 use crate::transaction_assembler::{Assembled, Transaction, TransactionAssembler};
+use crate::value_mapping;
 
 /// Prefix of the logical messages the replicator emits to itself.
 pub const MESSAGE_PREFIX: &str = "moai_sync";
@@ -168,7 +169,7 @@ impl Replicator {
 
         let state_row = sql
             .query_opt(
-                &format!("SELECT generation, system_identifier, slot_name, watermark, horizon FROM {s}.replication_state WHERE id = 1"),
+                &format!("SELECT generation, system_identifier, slot_name, watermark, horizon, mapping_version FROM {s}.replication_state WHERE id = 1"),
                 &[],
             )
             .await?;
@@ -189,6 +190,9 @@ impl Replicator {
             Some(_) if !slot_ok => Some(if slot.is_some() { "replication slot lost" } else { "replication slot missing" }),
             Some(r) if r.get::<_, String>(1) != ident_sys.system_id => Some("different database cluster (system identifier)"),
             Some(r) if r.get::<_, String>(2) != cfg.slot_name => Some("slot name changed"),
+            // History rows hold mapped values: written under another mapping they would not
+            // match what snapshots and the stream send now.
+            Some(r) if r.get::<_, i32>(5) != value_mapping::MAPPING_VERSION => Some("value mapping changed"),
             Some(_) => None,
         };
 
@@ -220,12 +224,12 @@ impl Replicator {
             let cp_pg = PgLsn::from(cp.0);
             tx.execute(
                 &format!(
-                    "INSERT INTO {s}.replication_state (id, generation, system_identifier, timeline, slot_name, watermark, horizon, updated_at) \
-                     VALUES (1, $1, $2, $3, $4, $5, $5, now()) \
+                    "INSERT INTO {s}.replication_state (id, generation, system_identifier, timeline, slot_name, watermark, horizon, updated_at, mapping_version) \
+                     VALUES (1, $1, $2, $3, $4, $5, $5, now(), $6) \
                      ON CONFLICT (id) DO UPDATE SET generation = $1, system_identifier = $2, timeline = $3, slot_name = $4, \
-                     watermark = $5, horizon = $5, updated_at = now()"
+                     watermark = $5, horizon = $5, updated_at = now(), mapping_version = $6"
                 ),
-                &[&(generation as i64), &ident_sys.system_id, &timeline, &cfg.slot_name, &cp_pg],
+                &[&(generation as i64), &ident_sys.system_id, &timeline, &cfg.slot_name, &cp_pg, &value_mapping::MAPPING_VERSION],
             )
             .await?;
             tx.commit().await?;
@@ -389,9 +393,22 @@ impl Replicator {
         for r in rows {
             let v: Value = r.get(0);
             if let Some(rel) = relation_from_json(&v) {
+                self.resolve_types(sql, &rel).await?;
                 // Outside a transaction: only seeds the cache, so a changed definition after a
                 // restart is still recognised as a change.
                 self.assembler.push(LogicalMessage::Relation(rel))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Teach the assembler how to map the values of `rel`'s non-builtin column types (domains by
+    /// their base type, arrays by their element type), from the catalog as it is now.
+    async fn resolve_types(&mut self, sql: &Client, rel: &Relation) -> Result<(), Error> {
+        for c in &rel.columns {
+            if !self.assembler.knows_type(c.type_oid) {
+                let mapping = value_mapping::resolve(sql, c.type_oid).await?;
+                self.assembler.set_type_mapping(c.type_oid, mapping);
             }
         }
         Ok(())
@@ -430,6 +447,7 @@ impl Replicator {
                     let msg = st.decoder.decode(&data)?;
                     if let LogicalMessage::Relation(r) = &msg {
                         st.dirty_relations.insert(r.id, r.clone());
+                        self.resolve_types(&st.sql, r).await?;
                     }
                     self.assembler.push(msg)?;
                     if self.assembler.open_len() >= self.cfg.chunk_rows {

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::{IsolationLevel, SimpleQueryMessage};
 
 use crate::access::Access;
 use crate::change_history::{self, PageItem};
@@ -781,16 +781,20 @@ impl Driver {
             if let Err(end) = self.send(&begin).await {
                 return Ok(Err(end));
             }
-            let select = cols.iter().map(|c| format!("{}::text", ident(&c.name))).collect::<Vec<_>>().join(", ");
+            // The simple-query protocol returns every value as its type's output-function text,
+            // the same text pgoutput sends: one `value_mapping` for snapshot, stream and history.
+            // (Not `::text` casts: `bool::text` is `true`, not `t`; `char(n)::text` trims.)
+            let select = cols.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
             let sql = format!("SELECT {select} FROM {}", qualified_ident(&shape.table));
-            let stream = tx.query_raw(&sql, std::iter::empty::<i32>()).await?;
+            let stream = tx.client().simple_query_raw(&sql).await?;
             pin_mut!(stream);
             let mut batch: Vec<Row> = Vec::with_capacity(limit.min(4096));
-            while let Some(r) = stream.try_next().await? {
+            while let Some(msg) = stream.try_next().await? {
+                let SimpleQueryMessage::Row(r) = msg else { continue };
                 let mut row = Row::new();
                 for (j, c) in cols.iter().enumerate() {
                     let v: Option<&str> = r.try_get(j)?;
-                    row.insert(c.name.clone(), v.map_or(Value::Null, |t| value_mapping::text_to_json(c.type_oid, t)));
+                    row.insert(c.name.clone(), v.map_or(Value::Null, |t| value_mapping::map_text(&c.mapping, t)));
                 }
                 if shape.evaluate(&row) != Truth::True {
                     continue;
@@ -843,11 +847,12 @@ async fn load_page(inner: Arc<Inner>, tables: Vec<String>, q: PageQuery) -> Resu
 
 struct ColumnInfo {
     name: String,
-    type_oid: u32,
     type_name: String,
+    /// How the column's values map to JSON (domains by their base type, arrays by element).
+    mapping: value_mapping::Mapping,
 }
 
-async fn table_columns<C: tokio_postgres::GenericClient>(client: &C, table: &str) -> Result<Vec<ColumnInfo>, Error> {
+async fn table_columns<C: tokio_postgres::GenericClient + Sync>(client: &C, table: &str) -> Result<Vec<ColumnInfo>, Error> {
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, t.typnamespace::regnamespace::text || '.' || t.typname::text \
@@ -857,15 +862,18 @@ async fn table_columns<C: tokio_postgres::GenericClient>(client: &C, table: &str
         )
         .await?;
     let empty = RelationCache::new();
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let oid: u32 = r.get(1);
-            let builtin = value_mapping::type_name(oid, &empty);
-            let type_name = if builtin.starts_with("oid:") { r.get(2) } else { builtin };
-            ColumnInfo { name: r.get(0), type_oid: oid, type_name }
-        })
-        .collect())
+    let mut cols = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let oid: u32 = r.get(1);
+        let builtin = value_mapping::type_name(oid, &empty);
+        let type_name = if builtin.starts_with("oid:") { r.get(2) } else { builtin };
+        let mapping = match value_mapping::builtin_mapping(oid) {
+            Some(m) => m,
+            None => value_mapping::resolve(client, oid).await?,
+        };
+        cols.push(ColumnInfo { name: r.get(0), type_name, mapping });
+    }
+    Ok(cols)
 }
 
 /// Primary key columns (else the replica identity index), in index order.

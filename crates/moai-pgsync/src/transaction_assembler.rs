@@ -199,6 +199,9 @@ pub struct PartialTransaction {
 pub struct TransactionAssembler {
     relations: RelationCache,
     key_overrides: HashMap<String, Vec<String>>,
+    /// Value mappings of non-builtin column types (domains, enums, arrays), resolved from the
+    /// catalog by the replicator before it pushes the Relation that uses them.
+    types: value_mapping::TypeMap,
     open: Option<OpenTxn>,
 }
 
@@ -214,6 +217,17 @@ impl TransactionAssembler {
 
     pub fn relations(&self) -> &RelationCache {
         &self.relations
+    }
+
+    /// Whether values of this type can be mapped without asking the catalog.
+    pub fn knows_type(&self, oid: Oid) -> bool {
+        self.types.knows(oid)
+    }
+
+    /// Map values of `oid` with `mapping` (see [`value_mapping::resolve`]). Types never set map
+    /// as their builtin mapping, or as text.
+    pub fn set_type_mapping(&mut self, oid: Oid, mapping: value_mapping::Mapping) {
+        self.types.insert(oid, mapping);
     }
 
     /// Drop a half-received transaction. Call when the replication connection is lost: the
@@ -473,7 +487,7 @@ impl TransactionAssembler {
                         table: qualified(rel),
                         column: col.name.clone(),
                     })?;
-                    row.insert(col.name.clone(), value_mapping::text_to_json(col.type_oid, text));
+                    row.insert(col.name.clone(), value_mapping::map_text(&self.types.get(col.type_oid), text));
                 }
                 ColumnValue::Binary(_) => {
                     return Err(AssembleError::BinaryColumn { table: qualified(rel), column: col.name.clone() })

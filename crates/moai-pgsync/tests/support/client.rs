@@ -85,6 +85,19 @@ impl TestClient {
             .await;
     }
 
+    /// Hello with explicit shape requests (`{"id","table","where"?,"columns"?}`).
+    pub async fn hello_shapes(&mut self, shapes: &[Value], batch: u32, window: u32) {
+        for s in shapes {
+            self.shape_tables.insert(s["id"].as_str().unwrap().to_owned(), s["table"].as_str().unwrap().to_owned());
+        }
+        let generation = self.generation;
+        let position = self.position.clone();
+        let client_id = self.client_id.clone();
+        self.send(json!({"type":"hello","protocol":1,"client_id":client_id,"generation":generation,
+            "position":position,"shapes":shapes,"max_batch_rows":batch,"window":window}))
+            .await;
+    }
+
     /// Close the inbound side and wait for the session to end.
     pub async fn disconnect(&mut self) -> SessionEnd {
         self.tx = None;
