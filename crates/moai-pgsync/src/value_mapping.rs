@@ -1,5 +1,5 @@
 //! Column values to JSON: the ONE mapping used by the stream, the change history and the
-//! snapshot (docs/pgsync-protocol.md §6.1 "Value mapping").
+//! snapshot (docs/pgsync-protocol.md §13 "Value mapping").
 //!
 //! Input is always the text PostgreSQL's type *output function* produces: pgoutput sends it for
 //! the stream (and the history stores the stream's mapped rows), and the snapshot reads rows with

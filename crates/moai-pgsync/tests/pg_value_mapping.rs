@@ -1,4 +1,4 @@
-//! One value mapping for snapshot, stream and history (docs/pgsync-protocol.md §6.1): the same
+//! One value mapping for snapshot, stream and history (docs/pgsync-protocol.md §13): the same
 //! stored values give the same JSON whichever path delivers them, against a real PostgreSQL.
 
 mod support;
