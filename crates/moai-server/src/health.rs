@@ -19,14 +19,25 @@ use crate::{AppState, Phase};
 
 fn body(state: &AppState) -> (bool, serde_json::Value) {
     let phase = state.readiness.phase();
-    let ready = matches!(phase, Phase::Ready(_));
+    let storage_failure = state.storage_health.failure();
+    // Storage that cannot be written makes the instance unready (a load balancer should send
+    // writers elsewhere) but not failed: it recovers by itself when writes work again.
+    let ready = matches!(phase, Phase::Ready(_)) && storage_failure.is_none();
+    let status = match (&phase, &storage_failure) {
+        (Phase::Failed(_), _) => "error",
+        (_, Some(_)) => "degraded",
+        _ => "ok",
+    };
     let mut v = json!({
-        "status": if matches!(phase, Phase::Failed(_)) { "error" } else { "ok" },
+        "status": status,
         "service": "sync",
         "ready": ready,
         "version": state.version,
         "auth": if state.auth.is_enabled() { "token" } else { "open" },
     });
+    if let Some(reason) = storage_failure {
+        v["storage_error"] = json!(reason);
+    }
     match phase {
         Phase::Failed(reason) => v["error"] = json!(&*reason),
         Phase::Draining => v["draining"] = json!(true),

@@ -23,6 +23,7 @@ mod readiness;
 mod router;
 mod serve;
 mod shutdown;
+mod storage_health;
 pub mod ws;
 mod yjs;
 
@@ -34,4 +35,5 @@ pub use readiness::{Phase, Readiness};
 pub use router::{router, AppState};
 pub use serve::serve;
 pub use shutdown::Shutdown;
+pub use storage_health::StorageHealth;
 pub use pump::Heartbeat;

@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics_token: Option<String>,
     /// Open WebSocket sessions per token subject (`Limits::max_sessions_per_user`).
     pub sessions_per_user: Arc<Quota<String>>,
+    /// Whether storage can be written; /health is 503 while it cannot.
+    pub storage_health: Arc<crate::StorageHealth>,
     /// Test hook: record inbound frames (seeds for the fuzz targets). None in production.
     pub capture: Option<Arc<crate::capture::FrameCapture>>,
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use moai_server::quota::Quota;
-use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};
 use moai_cojson::service::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_yjs::service::{YjsConfig, YjsService};
@@ -62,6 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Auth::open()
         }
     };
+    let storage_health = StorageHealth::new(metrics.clone());
     let state = AppState {
         readiness: readiness.clone(),
         metrics: metrics.clone(),
@@ -77,6 +78,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         sessions_per_user: Arc::new(Quota::new(limits.max_sessions_per_user)),
+        storage_health: storage_health.clone(),
         capture: args.test_capture_frames.clone().map(|dir| {
             tracing::warn!(dir = %dir.display(), "test hook: recording inbound frames");
             Arc::new(moai_server::capture::FrameCapture::new(dir))
@@ -85,7 +87,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
 
-    let init = initialise(&args, metrics.clone());
+    let init = initialise(&args, storage_health.clone());
     let running = tokio::select! {
         result = init => match result {
             Ok(running) => running,
@@ -114,6 +116,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let Running { engines, storage } = running;
+    tokio::spawn(probe_failing_storage(storage.clone(), storage_health.clone(), shutdown.clone()));
     let pgsync = engines.pgsync.clone();
     readiness.set_ready(engines);
     metrics.set_ready(true);
@@ -134,13 +137,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Opens storage and starts the engines. Nothing is served until this returns Ok.
-async fn initialise(args: &ServeArgs, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
+async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::Result<Running> {
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
     }
     let path = args.db_path.clone();
     let options = SqliteOptions { fsync_every_commit: args.fsync, ..SqliteOptions::default() };
-    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, options, metrics))
+    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, options, observer))
         .await
         .context("storage open task failed")?
         .with_context(|| format!("opening storage at {}", args.db_path.display()))?;
@@ -182,6 +185,23 @@ async fn start_pgsync(url: &str, args: &ServeArgs) -> anyhow::Result<PgSync> {
     tracing::info!(tables = ?args.pg_tables, "Postgres change feed started; catching up with the WAL");
     pgsync.wait_caught_up().await.context("catching up with the Postgres WAL")?;
     Ok(pgsync)
+}
+
+/// While storage is failing, tries a small write every second, so /health turns ready again
+/// once the disk has room (or is writable) again even if no client writes.
+async fn probe_failing_storage(storage: SqliteStorage, health: Arc<StorageHealth>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.token().cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if health.failure().is_some() {
+            if let Err(e) = storage.probe().await {
+                tracing::debug!(error = %e, "storage probe failed");
+            }
+        }
+    }
 }
 
 async fn wait_for_file(path: &Path) {

@@ -87,6 +87,16 @@ impl SqliteStorage {
         self.inner.writer.close().await
     }
 
+    /// A small real write (one page rewritten and committed, fsync included): succeeds only if
+    /// the database can be written. The server runs it while storage is failing, to notice
+    /// recovery when no client writes.
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        self.write(|c| {
+            c.execute("UPDATE schema_migrations SET applied_at = applied_at WHERE version = 1", []).map(drop)
+        })
+        .await
+    }
+
     /// Runs `f` inside the next group commit and resolves once that commit is durable.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, StorageError>
     where

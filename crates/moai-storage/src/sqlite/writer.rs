@@ -8,7 +8,15 @@
 //!
 //! A job that fails rolls back to its savepoint and fails alone; the rest of the batch commits.
 //! If the COMMIT itself fails, every job of the batch gets the error: nothing is acknowledged
-//! that is not on disk.
+//! that is not on disk. On some errors (a full disk, an I/O error) SQLite rolls back the whole
+//! transaction, not just the statement: the jobs before are lost with it, and the jobs after
+//! would run in autocommit mode, each committing on its own while reported as failed. The
+//! writer checks for that after every job and then fails the whole batch without running the
+//! rest, so what a writer is told always matches what is on disk.
+//!
+//! Every outcome is reported to the [`StorageObserver`]: a commit clears a failure, a failed
+//! BEGIN/COMMIT, a rolled-back batch or a job failing for a storage reason (full, I/O,
+//! read-only, corrupt) reports one, which the server shows in /health.
 
 use std::sync::Arc;
 use std::thread;
@@ -21,8 +29,10 @@ use crate::{StorageError, StorageObserver};
 
 /// Called after the batch's COMMIT with its outcome; delivers the job's result to its waiter.
 type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
-/// Runs inside the batch transaction and returns how to finish.
-type Job = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+/// Runs inside the batch transaction (`Some`) or is told it will not run (`None`, the batch was
+/// lost), and returns how to finish.
+/// Also says whether the job failed for a storage reason (full, I/O, read-only, …).
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (Finish, Option<String>) + Send>;
 
 enum Command {
     Write(Job),
@@ -54,15 +64,21 @@ impl Writer {
     {
         let (reply, result) = oneshot::channel::<Result<T, StorageError>>();
         let job: Job = Box::new(move |conn| {
-            let outcome = in_savepoint(conn, f);
-            Box::new(move |commit: Result<(), &str>| {
+            let outcome = conn.map(|conn| in_savepoint(conn, f));
+            let storage_failure = match &outcome {
+                Some(Err(e)) if is_storage_failure(e) => Some(e.to_string()),
+                _ => None,
+            };
+            let finish: Finish = Box::new(move |commit: Result<(), &str>| {
                 let out = match (outcome, commit) {
-                    (Err(e), _) => Err(StorageError::Sqlite(e)),
-                    (Ok(_), Err(msg)) => Err(StorageError::CommitFailed(msg.to_owned())),
-                    (Ok(value), Ok(())) => Ok(value),
+                    (None, Err(msg)) | (Some(Ok(_)), Err(msg)) => Err(StorageError::CommitFailed(msg.to_owned())),
+                    (None, Ok(())) => Err(StorageError::CommitFailed("not run".into())),
+                    (Some(Err(e)), _) => Err(StorageError::Sqlite(e)),
+                    (Some(Ok(value)), Ok(())) => Ok(value),
                 };
                 let _ = reply.send(out);
-            })
+            });
+            (finish, storage_failure)
         });
         self.tx.send(Command::Write(job)).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
@@ -138,25 +154,73 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Command>, max_batch: usize, obse
     }
 }
 
+/// Whether a job's error means the storage itself is failing (rather than the job's own input).
+fn is_storage_failure(e: &rusqlite::Error) -> bool {
+    use rusqlite::ffi::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DiskFull | SystemIoFailure | ReadOnly | DatabaseCorrupt | CannotOpen | NotADatabase | OutOfMemory)
+    )
+}
+
 fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, observer: &dyn StorageObserver) {
     let started = Instant::now();
     let count = batch.len();
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
         tracing::error!(error = %msg, "storage: BEGIN failed; failing {count} writes");
+        observer.storage_failed(&msg);
         for job in batch.drain(..) {
-            // Never ran inside a transaction: report the failure without running the job.
-            drop(job);
+            (job(None).0)(Err(&msg));
         }
         return;
     }
-    let finishers: Vec<Finish> = batch.drain(..).map(|job| job(conn)).collect();
-    let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-    if let Err(msg) = &commit {
-        tracing::error!(error = %msg, "storage: COMMIT failed; failing {count} writes");
-        let _ = conn.execute_batch("ROLLBACK");
+    let mut finishers: Vec<Finish> = Vec::with_capacity(count);
+    let mut lost: Option<String> = None;
+    let mut failure: Option<String> = None;
+    for job in batch.drain(..) {
+        if lost.is_some() {
+            finishers.push(job(None).0);
+            continue;
+        }
+        let (finish, storage_failure) = job(Some(conn));
+        finishers.push(finish);
+        if storage_failure.is_some() {
+            failure = storage_failure;
+        }
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back: everything of this batch is gone.
+            let msg = "the storage failed and rolled back this batch (disk full or I/O error)".to_owned();
+            tracing::error!("storage: transaction rolled back by SQLite; failing {count} writes");
+            lost = Some(msg);
+        }
     }
-    observer.batch_committed(count, started.elapsed());
+    let commit = match &lost {
+        Some(msg) => Err(msg.clone()),
+        None => conn.execute_batch("COMMIT").map_err(|e| {
+            if conn.is_autocommit() {
+                e.to_string()
+            } else {
+                let _ = conn.execute_batch("ROLLBACK");
+                e.to_string()
+            }
+        }),
+    };
+    match &commit {
+        Ok(()) => {
+            observer.batch_committed(count, started.elapsed());
+            if failure.is_none() {
+                observer.storage_ok();
+            }
+        }
+        Err(msg) => {
+            tracing::error!(error = %msg, "storage: COMMIT failed; failing {count} writes");
+            failure = Some(msg.clone());
+        }
+    }
+    if let Some(msg) = &failure {
+        observer.storage_failed(msg);
+    }
     for finish in finishers {
         finish(commit.as_ref().map(|_| ()).map_err(String::as_str));
     }
@@ -240,5 +304,84 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(values, vec![1, 3], "the failed job's first insert was rolled back with it");
+    }
+
+    /// On a full disk SQLite may roll back the whole batch transaction. What each writer is
+    /// told must match what is on disk: no job may commit in autocommit mode after the
+    /// rollback while being reported as failed. A real full filesystem: a small tmpfs (root).
+    #[tokio::test]
+    async fn a_batch_rolled_back_by_a_full_disk_reports_exactly_what_is_on_disk() {
+        let is_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+        if !is_root {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+        let db = dir.path().join("t.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())).unwrap();
+        conn.execute_batch("CREATE TABLE t(k TEXT PRIMARY KEY, v BLOB)").unwrap();
+        let observer = Arc::new(Batches(Mutex::new(Vec::new())));
+        let writer = Arc::new(Writer::start(conn, 512, observer));
+        // Leave ~300 KB free.
+        let filler = dir.path().join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let free = 2 * 1024 * 1024 - 300 * 1024;
+            f.write_all(&vec![0u8; free]).unwrap();
+        }
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let w = writer.clone();
+        let first = tokio::spawn(async move {
+            w.write(move |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                Ok(())
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+        let insert = |k: &'static str, len: usize| {
+            let w = writer.clone();
+            tokio::spawn(async move { w.write(move |c| c.execute("INSERT INTO t(k, v) VALUES (?1, zeroblob(?2))", rusqlite::params![k, len as i64])).await })
+        };
+        let a = insert("a", 1000);
+        let b = insert("b", 4 << 20); // does not fit
+        let c = insert("c", 1000);
+        while QUEUE_DEPTH - writer.tx.capacity() < 3 {
+            tokio::task::yield_now().await;
+        }
+        release_tx.send(()).unwrap();
+        let _ = first.await.unwrap();
+        let (a, b, c) = (a.await.unwrap(), b.await.unwrap(), c.await.unwrap());
+        assert!(b.is_err(), "4 MB cannot fit in 300 KB");
+        std::fs::remove_file(&filler).unwrap();
+        let present = |k: &'static str| {
+            let w = writer.clone();
+            async move {
+                w.write(move |c| c.query_row("SELECT count(*) FROM t WHERE k = ?1", [k], |r| r.get::<_, i64>(0)))
+                    .await
+                    .unwrap()
+                    == 1
+            }
+        };
+        assert_eq!(a.is_ok(), present("a").await, "a: told {a:?}");
+        assert_eq!(c.is_ok(), present("c").await, "c: told {c:?}");
+        assert!(!present("b").await);
     }
 }
