@@ -130,6 +130,8 @@ fn restart_keeps_everything_acked(signal: &str) {
     }
     c.call("setKey", json!({"name": "a", "coId": map, "key": "last", "value": "written before the crash"}));
     c.call("waitSynced", json!({"name": "a"})); // acknowledged by moai
+    // The writer goes away before the restart, so it cannot re-upload what the server lost.
+    c.call("disconnect", json!({"name": "a"}));
     server.restart(signal);
     // A fresh node with no storage of its own gets everything back from moai.
     c.call("createAccount", json!({"name": "fresh", "url": url}));

@@ -149,7 +149,7 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
     assert_eq!(snapshot_names(&mut ws).await.unwrap(), vec!["a", "c"]);
     sql(&url, "INSERT INTO public.items VALUES (4,'d','u2'); INSERT INTO public.items VALUES (5,'e','u1');").await;
     let mut live = Vec::new();
-    while live.len() < 1 {
+    while live.is_empty() {
         let m = next_json(&mut ws).await;
         if m["type"] == "changes" {
             for txn in m["txns"].as_array().unwrap() {
