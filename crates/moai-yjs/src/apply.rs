@@ -2,7 +2,7 @@
 //!
 //! What we persist and broadcast is the *transaction's own diff* (`encode_update_v1` of the
 //! transaction that applied the update), not the bytes the client sent:
-//! * it costs O(update), never O(document) (spec §0.7);
+//! * it costs O(update), never O(document) (docs/protocols/yjs.md §3.4);
 //! * an update that only repeats what we have (a reconnecting client's SyncStep2, the JS
 //!   client's echo of our broadcast) produces no diff, so nothing is written or sent;
 //! * structs yrs parks as *pending* (their dependencies are missing — legitimate Yjs behaviour)

@@ -1,5 +1,5 @@
 //! Server-side awareness (presence) tracking, done by us rather than with yrs' `Awareness`
-//! because the server needs three things yrs does not give it (spec §1.5): which client ids
+//! because the server needs three things yrs does not give it (docs/protocols/yjs.md §4): which client ids
 //! each socket introduced (so a dropped socket's cursors can be removed), removal without a
 //! lingering clock that hides the same client when it comes back, and direct access to the
 //! states to answer new joiners.
@@ -14,7 +14,7 @@
 //!   a client id is owned by the connection that last delivered a *newer* state for it.
 //! * JS peers keep a removed client's clock forever. When a client comes back after we removed
 //!   it, it re-sends its state with its old clock, which peers ignore (the 18–33 s presence gap
-//!   measured in §1.5). Merely forgetting the clock on our side only fixes *our* view, so we
+//!   described in docs/protocols/yjs.md §4.5). Merely forgetting the clock on our side only fixes *our* view, so we
 //!   keep a tombstone with the removal clock and re-broadcast the returning state at
 //!   `max(clock, removal clock + 1)`; peers accept it, and the returning client adopts that
 //!   clock from our echo. To tell a returning client from a relayed stale copy (a peer echoing

@@ -1,6 +1,6 @@
 //! moai-yjs: the sans-IO core of moai's Yjs support.
 //!
-//! It speaks the y-websocket protocol (spec `shared/specs/yjs.md` §1) for unmodified `yjs` +
+//! It speaks the y-websocket protocol (docs/protocols/yjs.md §2–§3) for unmodified `yjs` +
 //! `y-websocket` clients, without owning sockets, timers or storage: the server edge feeds it
 //! connects, frames and closes, and executes the [`Action`]s it returns (see [`room`] for the
 //! ordering contract that makes every update durable before it is broadcast).

@@ -1,7 +1,7 @@
 //! Rebuilding a document from storage: one snapshot (a full v1 update) plus the journal of
 //! updates persisted since. Any undecodable or unappliable piece fails the whole load — the
 //! caller must then refuse the document, never fall back to an empty one, which would later
-//! be persisted over the real data (hocuspocus#382, spec §5).
+//! be persisted over the real data (hocuspocus#382, docs/protocols/yjs.md §8.3).
 
 use thiserror::Error;
 use yrs::updates::decoder::Decode;

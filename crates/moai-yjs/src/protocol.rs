@@ -22,7 +22,7 @@ pub const SYNC_UPDATE: u64 = 2;
 const AUTH_PERMISSION_DENIED: u64 = 0;
 
 /// Empty awareness update (`n = 0`). Harmless to every client, and it counts as "a message"
-/// for y-websocket's 30 s silence timer, so the edge sends it to idle sockets (spec §1.6).
+/// for y-websocket's 30 s silence timer, so the edge sends it to idle sockets (docs/protocols/yjs.md §5).
 pub const KEEPALIVE_FRAME: [u8; 3] = [0x01, 0x01, 0x00];
 
 /// One decoded message. Payloads borrow from the frame they were decoded from.
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn spec_byte_examples() {
-        // Fresh client's SyncStep1, the reply for an empty doc, and the keepalive (spec §1.2).
+        // Fresh client's SyncStep1, the reply for an empty doc, and the keepalive (docs/protocols/yjs.md §2.5).
         assert_eq!(sync_step1_frame(&[0x00]), [0x00, 0x00, 0x01, 0x00]);
         assert_eq!(sync_step2_frame(&[0x00, 0x00]), [0x00, 0x01, 0x02, 0x00, 0x00]);
         assert_eq!(Message::decode(&KEEPALIVE_FRAME), Ok(Message::Awareness(&[0x00])));

@@ -217,7 +217,7 @@ impl Room {
     }
 
     /// True while yrs holds structs whose dependencies never arrived. Normal briefly; if it
-    /// persists, some client keeps sending updates we cannot integrate (spec §3.2.6).
+    /// persists, some client keeps sending updates we cannot integrate (docs/protocols/yjs.md §3.5).
     pub fn has_pending_updates(&self) -> bool {
         has_pending(&self.doc)
     }

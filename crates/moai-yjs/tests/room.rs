@@ -14,7 +14,7 @@ use support::*;
 fn connect_sends_server_step1_then_nothing_else_when_nobody_is_present() {
     let mut room = Room::new("doc");
     let actions = room.connect(ConnId(1)).unwrap();
-    // An empty doc's state vector is `00`: frame `00 00 01 00` (spec §1.2).
+    // An empty doc's state vector is `00`: frame `00 00 01 00` (docs/protocols/yjs.md §2.5).
     assert_eq!(actions, vec![Action::Send { conn: ConnId(1), frame: vec![0, 0, 1, 0] }]);
 }
 
@@ -68,7 +68,7 @@ fn two_clients_converge_through_the_room() {
 #[test]
 fn offline_edits_are_uploaded_through_the_server_step1() {
     // A client that edited while disconnected must not need to send step1 itself: the
-    // server's SyncStep1 on connect makes it answer with its missing edits (spec §0.2).
+    // server's SyncStep1 on connect makes it answer with its missing edits (docs/protocols/yjs.md §3.2).
     let mut room = Room::new("doc");
     let mut driver = Driver::default();
     let mut clients = vec![Client::new(1)];
