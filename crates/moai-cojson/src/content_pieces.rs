@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn split_at_checkpoints_with_expectation_on_first_piece() {
-        // 6 × 60 KB, checkpoints after 2 and 4 (as in the spec's trace).
+        // 6 × 60 KB, checkpoints after 2 and 4 (the example in docs/protocols/cojson.md §8).
         let state = state_with(&[("a", 6, 60_000, &[2, 4])]);
         let pieces = new_content_since(&state, None, PIECE_LIMIT_BYTES);
         let s = "co_zA_session_za".to_string();

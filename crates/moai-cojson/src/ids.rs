@@ -157,8 +157,9 @@ impl SessionId {
         &text[..text.find(Self::MARKER).unwrap_or(text.len())]
     }
 
-    /// `isDeleteSessionID`: the last character is `$`. (The spec describes the
-    /// full shape `…_session_d<base58>$`; cojson checks only the `$`.)
+    /// `isDeleteSessionID`: the last character is `$`. (Delete sessions have the
+    /// full shape `…_session_d<base58>$`, but cojson checks only the `$`; see
+    /// docs/protocols/cojson.md §3.2.)
     pub fn is_delete_session(&self) -> bool {
         self.0.ends_with('$')
     }

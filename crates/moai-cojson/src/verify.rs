@@ -5,7 +5,7 @@
 //! ([`crate::covalue::CoValueState::apply`]). Each session is staged on a
 //! *clone* of its hasher, so a rejected batch leaves that session exactly as
 //! it was — unlike cojson-core 0.20.19, whose leftover staged transactions
-//! poison every later batch of the session (spec §4.8).
+//! poison every later batch of the session (docs/protocols/cojson.md §10.4).
 //!
 //! Per session, following cojson's `handleNewContent`:
 //! * `after` beyond our count is a gap (answer with a correction);

@@ -51,7 +51,7 @@ fn header_stable_json_and_ids() {
         assert_eq!(stable_stringify(&h["header"]), s(h, "headerStable"), "{name} stable json");
         assert_eq!(id_for_header(&h["header"]).as_str(), s(h, "id"), "{name} id");
     }
-    // The account ID is a pure function of the agent secret (spec §2.1).
+    // The account ID is a pure function of the agent secret (docs/protocols/cojson.md §3.2).
     let agent = AgentSecret::parse(s(&v, "agentSecret")).unwrap().agent_id();
     let account_header = serde_json::json!({
         "type": "comap",

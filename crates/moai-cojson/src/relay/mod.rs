@@ -1,5 +1,5 @@
 //! The relay state machine: moai as a cojson sync *server* for unmodified
-//! cojson 0.20.19 clients (spec §4, the reference server's behaviour towards
+//! cojson 0.20.19 clients (docs/protocols/cojson.md §11, the reference server's behaviour towards
 //! peers in role "client").
 //!
 //! Sans-IO: [`Relay::handle`] takes one [`Event`] and returns the
@@ -36,7 +36,7 @@
 //! * A `load` (or `known`) about a CoValue that is not in memory, from a peer
 //!   that says it has the header, is first compared with the *stored known
 //!   state* (`LoadKnown`): if the peer lacks nothing, the answer is `known`
-//!   without loading the CoValue (spec §4.1.4, what makes reconnect storms
+//!   without loading the CoValue (docs/protocols/cojson.md §11.3, what makes reconnect storms
 //!   cheap); otherwise the CoValue is loaded whole and answered as usual.
 //!   The peer is subscribed either way, and content arriving later loads the
 //!   CoValue whole before it is applied and forwarded.

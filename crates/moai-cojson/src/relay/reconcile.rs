@@ -1,4 +1,4 @@
-//! `reconcile` / `reconcile-ack` (spec §4.6, cojson's `handleReconcile`).
+//! `reconcile` / `reconcile-ack` (docs/protocols/cojson.md §11.7, cojson's `handleReconcile`).
 //!
 //! A client with local storage periodically lists, in batches, every
 //! CoValue it stores with a short hash of its session counts. For each

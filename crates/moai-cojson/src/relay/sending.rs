@@ -11,7 +11,7 @@
 //! chain of parent groups cannot exhaust the stack; cycles end at the first
 //! revisit.
 //!
-//! The lazy path (spec §4.1.4): for a CoValue not in memory, a peer that says
+//! The lazy path (docs/protocols/cojson.md §11.3): for a CoValue not in memory, a peer that says
 //! it has the header is first compared with the stored known state (read
 //! without transactions, kept as a shell). If it lacks nothing, it gets only
 //! `known` (when one is due) and nothing is loaded; no content goes out, so

@@ -3,7 +3,7 @@
 //!
 //! cojson clients close a socket that has been silent for 10 s and consider themselves connected
 //! only once the first frame arrives, so the edge sends one right after accept and then every
-//! [`PING_INTERVAL`] (spec §1.3). `time` feeds the client's clock-offset estimate: pass the real
+//! [`PING_INTERVAL`] (docs/protocols/cojson.md §2.3). `time` feeds the client's clock-offset estimate: pass the real
 //! wall clock in epoch milliseconds.
 
 use std::time::Duration;
