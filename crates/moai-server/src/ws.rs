@@ -17,7 +17,7 @@ use crate::serve::ConnectionSlot;
 use crate::{Limits, Metrics, Protocol};
 
 /// Close codes moai sends. 1xxx are RFC 6455; 44xx are application codes that y-websocket ≥ 3.1
-/// treats as "do not reconnect".
+/// treats as "do not reconnect" (docs/protocols/yjs.md §6).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;

@@ -1,4 +1,4 @@
-//! `moai wait-ready`: the seed's `waitForServiceReady` as a command for scripts and
+//! `moai wait-ready`: the design's `waitForServiceReady` (docs/protocols/design.md §2) as a command for scripts and
 //! orchestration. Polls /health until it says `ready:true` (exit 0) or the timeout passes
 //! (exit 1, saying what it last saw). A server that reports a failed initialisation fails the
 //! wait at once: waiting longer cannot help.

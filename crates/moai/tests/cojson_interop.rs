@@ -170,7 +170,7 @@ fn forged_signatures_and_header_mismatches_are_rejected_without_harming_others()
     let answer = raw(&mut c, &url, &forged["frames"], 1);
     assert_eq!(answer["closeCode"], Value::Null, "a forged message does not cost the connection: {answer}");
     let before = c.call("getMap", json!({"name": "b", "coId": map}))["map"].clone();
-    // The honest writer is not blocked by the forgery (the reference server's bug, spec 4.8).
+    // The honest writer is not blocked by the forgery (the reference server's bug, docs/protocols/cojson.md §10.4).
     c.call("setKey", json!({"name": "a", "coId": map, "key": "after", "value": "honest"}));
     c.call("waitSynced", json!({"name": "a", "coId": map}));
     let after = c.call("waitMap", json!({"name": "b", "coId": map, "key": "after", "equals": "honest"}))["map"].clone();

@@ -5,8 +5,9 @@
 //! With it set, every connection presents one of two token forms:
 //!
 //! - **Plain** `userId:signature`, signature = lowercase hex HMAC-SHA256(key = secret,
-//!   message = userId). The format of the original Yjs service, which application servers
-//!   already mint. Never expires, opens everything. `userId` is everything before the last `:`.
+//!   message = userId). The format of the original Yjs service (docs/protocols/design.md §5.1),
+//!   which application servers already mint. Never expires, opens everything. `userId` is
+//!   everything before the last `:`.
 //! - **Scoped** `mt2.<payload>.<signature>`: payload = base64url (no padding) of the JSON
 //!   [`Claims`]; signature = lowercase hex HMAC-SHA256(key = K2, message = "mt2." + payload)
 //!   with K2 = HMAC-SHA256(key = "moai-mt2", message = secret).
