@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for req in &shapes {
         if let Ok(shape) = Shape::from_request(req) {
-            let row: moai_pgsync::protocol::Row = serde_json::from_str(r#"{"id":1,"owner":"u1","done":false,"n":null}"#).unwrap();
+            let row: moai_pgsync::protocol::Row =
+                serde_json::from_str(r#"{"id":1,"owner":"u1","done":false,"n":null}"#).unwrap();
             let _ = shape.evaluate(&row);
             let _ = shape.project(&row);
         }

@@ -58,10 +58,9 @@ fn has_content(piece: &ContentMessage) -> bool {
 /// and, in every session we would send, at least our count. Allocation-free.
 pub fn peer_lacks_no_content(state: &CoValueState, known: &KnownState) -> bool {
     known.header
-        && state
-            .sessions
-            .iter()
-            .all(|(session, log)| (state.deleted && !session.is_delete_session()) || known.count(session) >= log.count())
+        && state.sessions.iter().all(|(session, log)| {
+            (state.deleted && !session.is_delete_session()) || known.count(session) >= log.count()
+        })
 }
 
 /// The pieces to send a peer whose (optimistic) known state is `known`
@@ -222,7 +221,10 @@ mod tests {
         // A peer that has 3 gets 3..4 (to the checkpoint) and 4..6.
         let mut known = state.known_state();
         known.sessions.insert(sid, 3);
-        assert_eq!(shape(&new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES)), vec![vec![(s.clone(), 3, 1)], vec![(s, 4, 2)]]);
+        assert_eq!(
+            shape(&new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES)),
+            vec![vec![(s.clone(), 3, 1)], vec![(s, 4, 2)]]
+        );
     }
 
     #[test]

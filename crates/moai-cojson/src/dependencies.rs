@@ -133,7 +133,9 @@ mod tests {
 
     #[test]
     fn group_members_and_parents_but_not_keys_or_children() {
-        let h = header(json!({"type":"comap","ruleset":{"type":"group","initialAdmin":"co_zAdmin"},"meta":null,"uniqueness":"z2"}));
+        let h = header(
+            json!({"type":"comap","ruleset":{"type":"group","initialAdmin":"co_zAdmin"},"meta":null,"uniqueness":"z2"}),
+        );
         let changes = json!([
             {"op":"set","key":"co_zMember","value":"writer"},
             {"op":"set","key":"parent_co_zParent","value":"extend"},

@@ -215,7 +215,8 @@ fn role_op<'a>(tx: &Value, author: &'a str) -> Option<RoleOp<'a>> {
     }
     let key = change.get("key")?.as_str()?;
     let value = change.get("value")?.as_str()?;
-    let is_member = key == "everyone" || key.starts_with("co_z") || key.starts_with("sealer_z") || key.starts_with("parent_co_z");
+    let is_member =
+        key == "everyone" || key.starts_with("co_z") || key.starts_with("sealer_z") || key.starts_with("parent_co_z");
     if !is_member {
         return None;
     }
@@ -292,7 +293,7 @@ mod tests {
                 (EVE, 5, EVE, "admin"), // not the initial admin
                 (CREATOR, 10, CREATOR, "admin"),
                 (CREATOR, 20, BOB, "writer"),
-                (BOB, 30, BOB, "admin"),         // a writer cannot promote
+                (BOB, 30, BOB, "admin"), // a writer cannot promote
                 (BOB, 31, EVE, "admin"),
                 (CREATOR, 40, "everyone", "admin"), // everyone is never admin
             ],
@@ -311,8 +312,8 @@ mod tests {
                 (CREATOR, 10, CREATOR, "admin"),
                 (CREATOR, 11, BOB, "admin"),
                 (CREATOR, 12, EVE, "manager"),
-                (EVE, 13, EVE, "admin"),     // manager cannot create admins
-                (EVE, 14, BOB, "reader"),    // nor demote them
+                (EVE, 13, EVE, "admin"),      // manager cannot create admins
+                (EVE, 14, BOB, "reader"),     // nor demote them
                 (CREATOR, 15, BOB, "reader"), // admins cannot demote other admins
             ],
         )]);
@@ -350,10 +351,15 @@ mod tests {
 
     #[test]
     fn parent_groups_give_admin_through_extend_or_an_admin_mapping() {
-        let parent = group("co_zP", CREATOR, &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 2, BOB, "admin"), (CREATOR, 3, EVE, "reader")]);
+        let parent = group(
+            "co_zP",
+            CREATOR,
+            &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 2, BOB, "admin"), (CREATOR, 3, EVE, "reader")],
+        );
         let extend = group("co_zX", CREATOR, &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 5, "parent_co_zP", "extend")]);
         let mapped = group("co_zM", CREATOR, &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 5, "parent_co_zP", "admin")]);
-        let as_reader = group("co_zR", CREATOR, &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 5, "parent_co_zP", "reader")]);
+        let as_reader =
+            group("co_zR", CREATOR, &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 5, "parent_co_zP", "reader")]);
         let w = world(vec![parent, extend, mapped, as_reader]);
         assert!(is_admin(&w, &id("co_zX"), BOB, 5));
         assert!(!is_admin(&w, &id("co_zX"), BOB, 4), "before the link");
@@ -369,7 +375,12 @@ mod tests {
         let c = group(
             "co_zC",
             CREATOR,
-            &[(CREATOR, 1, CREATOR, "admin"), (CREATOR, 2, EVE, "writer"), (EVE, 3, "parent_co_zA", "extend"), (CREATOR, 4, "parent_co_zGone", "extend")],
+            &[
+                (CREATOR, 1, CREATOR, "admin"),
+                (CREATOR, 2, EVE, "writer"),
+                (EVE, 3, "parent_co_zA", "extend"),
+                (CREATOR, 4, "parent_co_zGone", "extend"),
+            ],
         );
         let w = world(vec![a, b, c]);
         assert!(!is_admin(&w, &id("co_zA"), BOB, 10));
@@ -381,7 +392,8 @@ mod tests {
     fn an_account_is_admin_of_itself_and_unknown_groups_give_nothing() {
         let agent = "sealer_zAcc/signer_zAcc";
         let mut account = group("co_zAcc", agent, &[(agent, 1, agent, "admin")]);
-        account.header.raw = json!({"type": "comap", "ruleset": {"type": "group", "initialAdmin": agent}, "meta": {"type": "account"}});
+        account.header.raw =
+            json!({"type": "comap", "ruleset": {"type": "group", "initialAdmin": agent}, "meta": {"type": "account"}});
         let w = world(vec![account]);
         assert!(is_admin(&w, &id("co_zAcc"), "co_zAcc", 0));
         assert!(!is_admin(&w, &id("co_zAcc"), BOB, 10));
@@ -393,7 +405,8 @@ mod tests {
         let mut g = group("co_zG", CREATOR, &[(CREATOR, 10, CREATOR, "admin")]);
         let sid = SessionId::parse(&format!("{CREATOR}_session_zS")).unwrap();
         let log = g.sessions.get_mut(&sid).unwrap();
-        let two = json!([{"op": "set", "key": BOB, "value": "admin"}, {"op": "set", "key": EVE, "value": "admin"}]).to_string();
+        let two = json!([{"op": "set", "key": BOB, "value": "admin"}, {"op": "set", "key": EVE, "value": "admin"}])
+            .to_string();
         log.transactions.push(json!({"privacy": "trusting", "madeAt": 11, "changes": two}));
         log.transactions.push(json!({"privacy": "private", "madeAt": 12, "encryptedChanges": "x"}));
         log.transactions.push(json!({"privacy": "trusting", "madeAt": 13, "changes": "not json"}));

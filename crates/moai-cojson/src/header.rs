@@ -36,8 +36,13 @@ pub enum HeaderError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ruleset {
     /// Groups and accounts. `initial_admin` is an account or agent ID string.
-    Group { initial_admin: String },
-    OwnedByGroup { group: CoId, restrict_deletion: Option<bool> },
+    Group {
+        initial_admin: String,
+    },
+    OwnedByGroup {
+        group: CoId,
+        restrict_deletion: Option<bool>,
+    },
     UnsafeAllowAll,
 }
 
@@ -142,8 +147,8 @@ impl Header {
     /// "account"`, and `initialAdmin` an agent ID).
     pub fn account_agent(&self) -> Option<AgentId> {
         let Ruleset::Group { initial_admin } = &self.ruleset else { return None };
-        let is_account = self.kind == "comap"
-            && self.meta().and_then(|m| m.get("type")).and_then(Value::as_str) == Some("account");
+        let is_account =
+            self.kind == "comap" && self.meta().and_then(|m| m.get("type")).and_then(Value::as_str) == Some("account");
         if !is_account {
             return None;
         }
@@ -203,18 +208,54 @@ mod tests {
             Header::validate(&id, &v)
         };
         assert!(check(&|_| {}).is_ok());
-        assert!(check(&|o| { o.remove("createdAt"); }).is_ok());
-        assert!(check(&|o| { o.insert("uniqueness".into(), json!(42)); }).is_ok());
-        assert!(check(&|o| { o.insert("uniqueness".into(), json!({"a":"b"})); }).is_ok());
-        assert!(check(&|o| { o.insert("uniqueness".into(), json!(1.5)); }).is_err());
-        assert!(check(&|o| { o.insert("uniqueness".into(), json!({"":"b"})); }).is_err());
-        assert!(check(&|o| { o.insert("uniqueness".into(), json!({"a":1})); }).is_err());
-        assert!(check(&|o| { o.remove("uniqueness"); }).is_err());
-        assert!(check(&|o| { o.remove("meta"); }).is_err());
-        assert!(check(&|o| { o.insert("extra".into(), json!(1)); }).is_err());
-        assert!(check(&|o| { o.insert("ruleset".into(), json!({"type":"nope"})); }).is_err());
-        assert!(check(&|o| { o.insert("ruleset".into(), json!({"type":"unsafeAllowAll","x":1})); }).is_err());
-        assert!(check(&|o| { o.insert("createdAt".into(), json!(5)); }).is_err());
+        assert!(check(&|o| {
+            o.remove("createdAt");
+        })
+        .is_ok());
+        assert!(check(&|o| {
+            o.insert("uniqueness".into(), json!(42));
+        })
+        .is_ok());
+        assert!(check(&|o| {
+            o.insert("uniqueness".into(), json!({"a":"b"}));
+        })
+        .is_ok());
+        assert!(check(&|o| {
+            o.insert("uniqueness".into(), json!(1.5));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("uniqueness".into(), json!({"":"b"}));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("uniqueness".into(), json!({"a":1}));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.remove("uniqueness");
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.remove("meta");
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("extra".into(), json!(1));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("ruleset".into(), json!({"type":"nope"}));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("ruleset".into(), json!({"type":"unsafeAllowAll","x":1}));
+        })
+        .is_err());
+        assert!(check(&|o| {
+            o.insert("createdAt".into(), json!(5));
+        })
+        .is_err());
     }
 
     #[test]
@@ -224,11 +265,13 @@ mod tests {
         let h = Header::validate(&id_for_header(&acct), &acct).unwrap();
         assert_eq!(h.account_agent().map(|a| a.as_str().to_string()), Some(agent.to_string()));
         assert_eq!(h.priority(), PRIORITY_HIGH);
-        let group = json!({"type":"comap","ruleset":{"type":"group","initialAdmin":agent},"meta":null,"uniqueness":"z1"});
+        let group =
+            json!({"type":"comap","ruleset":{"type":"group","initialAdmin":agent},"meta":null,"uniqueness":"z1"});
         let g = Header::validate(&id_for_header(&group), &group).unwrap();
         assert!(g.is_group_or_account());
         assert_eq!(g.account_agent(), None);
-        let bin = json!({"type":"costream","ruleset":{"type":"unsafeAllowAll"},"meta":{"type":"binary"},"uniqueness":false});
+        let bin =
+            json!({"type":"costream","ruleset":{"type":"unsafeAllowAll"},"meta":{"type":"binary"},"uniqueness":false});
         assert_eq!(Header::validate(&id_for_header(&bin), &bin).unwrap().priority(), PRIORITY_LOW);
     }
 }

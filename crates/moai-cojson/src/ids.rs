@@ -176,7 +176,8 @@ impl std::str::FromStr for SessionId {
 mod tests {
     use super::*;
 
-    const AGENT: &str = "sealer_zFvgUkVsCYAeDiSwJ7NiuWJuWSgs2XAAmpYpzevUNAXXY/signer_z8fKE8XJ3ehoENeu254iAFVpHtZuLwHtCWgeBZfYXTSeo";
+    const AGENT: &str =
+        "sealer_zFvgUkVsCYAeDiSwJ7NiuWJuWSgs2XAAmpYpzevUNAXXY/signer_z8fKE8XJ3ehoENeu254iAFVpHtZuLwHtCWgeBZfYXTSeo";
 
     #[test]
     fn ids_behave_like_their_text() {

@@ -7,17 +7,17 @@
 //! edge's per-socket queues (the only module with tasks and clocks).
 
 pub mod canonical_json;
+pub mod content_pieces;
+pub mod covalue;
 pub mod crypto;
+pub mod dependencies;
+pub mod group_roles;
+pub mod header;
 pub mod ids;
-pub mod transaction_hash;
 pub mod known_state;
 pub mod message;
-pub mod header;
-pub mod covalue;
-pub mod verify;
-pub mod group_roles;
-pub mod dependencies;
-pub mod content_pieces;
 pub mod persistence;
 pub mod relay;
 pub mod service;
+pub mod transaction_hash;
+pub mod verify;

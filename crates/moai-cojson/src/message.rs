@@ -208,7 +208,9 @@ fn content(obj: &Map<String, Value>) -> Result<ContentMessage, MessageError> {
     let priority = match obj.get("priority") {
         None => None,
         Some(p) => Some(
-            js_count(p).and_then(|p| u8::try_from(p).ok()).ok_or_else(|| bad("priority", "expected a small integer"))?,
+            js_count(p)
+                .and_then(|p| u8::try_from(p).ok())
+                .ok_or_else(|| bad("priority", "expected a small integer"))?,
         ),
     };
     let new_obj = field(obj, "new")?.as_object().ok_or_else(|| bad("new", "expected an object"))?;

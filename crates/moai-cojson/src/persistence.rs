@@ -132,8 +132,11 @@ pub fn rebuild(id: &CoId, stored: StoredCoValue) -> Result<CoValueState, StoredE
         let mut hasher = SessionHasher::new();
         let mut payloads = Vec::with_capacity(s.transactions.len());
         for (index, tx) in s.transactions.iter().enumerate() {
-            let c = canonical_transaction(tx)
-                .map_err(|error| StoredError::Transaction { session: s.session.clone(), index, error })?;
+            let c = canonical_transaction(tx).map_err(|error| StoredError::Transaction {
+                session: s.session.clone(),
+                index,
+                error,
+            })?;
             hasher.update(&c.json);
             payloads.push(c.payload_len);
         }

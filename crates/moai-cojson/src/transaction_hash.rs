@@ -66,7 +66,10 @@ fn string_field<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<&
     }
 }
 
-fn optional_string_field<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, TransactionError> {
+fn optional_string_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, TransactionError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -200,7 +203,9 @@ mod tests {
 
     #[test]
     fn made_at_follows_js_then_u64() {
-        let ok = |s: &str| canonical_transaction(&parse(&format!(r#"{{"privacy":"trusting","changes":"[]","madeAt":{s}}}"#)));
+        let ok = |s: &str| {
+            canonical_transaction(&parse(&format!(r#"{{"privacy":"trusting","changes":"[]","madeAt":{s}}}"#)))
+        };
         assert_eq!(ok("1.0").unwrap().made_at, 1);
         assert_eq!(ok("1e3").unwrap().json, r#"{"changes":"[]","madeAt":1000,"privacy":"trusting"}"#);
         assert_eq!(ok("-0").unwrap().made_at, 0);
@@ -214,7 +219,10 @@ mod tests {
     #[test]
     fn shape_errors() {
         assert_eq!(canonical_transaction(&json!([1])), Err(TransactionError::NotAnObject));
-        assert!(matches!(canonical_transaction(&json!({"privacy":"x","madeAt":1})), Err(TransactionError::BadPrivacy(_))));
+        assert!(matches!(
+            canonical_transaction(&json!({"privacy":"x","madeAt":1})),
+            Err(TransactionError::BadPrivacy(_))
+        ));
         assert_eq!(
             canonical_transaction(&json!({"privacy":"trusting","madeAt":1})),
             Err(TransactionError::MissingField("changes"))

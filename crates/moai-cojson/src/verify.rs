@@ -130,11 +130,7 @@ impl ContentVerdict {
     }
 }
 
-fn resolve_signer(
-    author: &SessionAuthor,
-    this: &Header,
-    headers: &dyn HeaderLookup,
-) -> Result<SignerId, VerifyError> {
+fn resolve_signer(author: &SessionAuthor, this: &Header, headers: &dyn HeaderLookup) -> Result<SignerId, VerifyError> {
     let agent = match author {
         SessionAuthor::Agent(agent) => agent.clone(),
         SessionAuthor::Account(account) => {
@@ -277,11 +273,8 @@ pub fn verify_session_batch(
             canonical_transaction(tx).map_err(|error| VerifyError::Transaction { index: count + i as u64, error })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let is_delete = if session.is_delete_session() {
-        check_delete(header, session, count, &canonical, deletes)?
-    } else {
-        false
-    };
+    let is_delete =
+        if session.is_delete_session() { check_delete(header, session, count, &canonical, deletes)? } else { false };
     let signer = resolve_signer(&session.author(), header, headers)?;
     let signature = Signature::parse(last_signature).map_err(VerifyError::SignatureEncoding)?;
     let mut hasher = prior.clone();

@@ -1,9 +1,7 @@
 //! Wire message decoding/encoding and frame splitting.
 
 use moai_cojson::ids::{CoId, SessionId};
-use moai_cojson::message::{
-    encode_frame, frame_is_clean, parse_frame, Incoming, MessageError, Ping, SyncMessage,
-};
+use moai_cojson::message::{encode_frame, frame_is_clean, parse_frame, Incoming, MessageError, Ping, SyncMessage};
 use serde_json::Value;
 
 fn vectors() -> Value {
@@ -74,7 +72,9 @@ fn known_fields_decode() {
     assert!(k.is_correction);
     assert_eq!(k.state.id, CoId::parse("co_zX").unwrap());
     assert_eq!(k.state.count(&SessionId::parse("co_zA_session_zB").unwrap()), 2);
-    let SyncMessage::Known(k) = one(r#"{"action":"known","isCorrection":false,"id":"co_zX","header":true,"sessions":{}}"#) else {
+    let SyncMessage::Known(k) =
+        one(r#"{"action":"known","isCorrection":false,"id":"co_zX","header":true,"sessions":{}}"#)
+    else {
         panic!("known")
     };
     assert!(!k.is_correction);
@@ -122,7 +122,9 @@ fn structural_errors_are_typed() {
 #[test]
 fn pings_empty_frames_and_other_values() {
     assert!(parse_frame("").is_empty());
-    assert!(matches!(parse_frame(r#"{"type":"ping","time":1795316727364,"dc":"unknown"}"#).remove(0), Ok(Incoming::Ping { time: Some(t) }) if t == 1795316727364.0));
+    assert!(
+        matches!(parse_frame(r#"{"type":"ping","time":1795316727364,"dc":"unknown"}"#).remove(0), Ok(Incoming::Ping { time: Some(t) }) if t == 1795316727364.0)
+    );
     assert!(matches!(parse_frame("null").remove(0), Ok(Incoming::Ignored)));
     assert!(matches!(parse_frame(r#"{"hello":1}"#).remove(0), Ok(Incoming::Ignored)));
     // An empty line inside a frame is an error for that line (JSON.parse("") throws).
@@ -150,7 +152,14 @@ fn encode_frame_joins_with_newlines_and_parses_back() {
 #[test]
 fn hostile_inputs_do_not_panic() {
     let deep = "[".repeat(100_000);
-    for text in [deep.as_str(), "\u{0}", "{\"action\":null}", "{\"action\":\"content\",\"id\":\"co_z\",\"new\":[]}", "1e999999", "\"\\ud800\""] {
+    for text in [
+        deep.as_str(),
+        "\u{0}",
+        "{\"action\":null}",
+        "{\"action\":\"content\",\"id\":\"co_z\",\"new\":[]}",
+        "1e999999",
+        "\"\\ud800\"",
+    ] {
         let _ = parse_frame(text);
     }
 }

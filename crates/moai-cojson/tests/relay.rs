@@ -112,7 +112,15 @@ fn live_edit_is_forwarded_at_once_and_acked_after_persisted() {
     assert_eq!(ack.len(), 1);
     assert_eq!(known_of(&ack[0]).count(&sid(&w.map_writer.session)), 2);
     // Bob's ack of the forwarded content produces nothing more.
-    d.msg(b, SyncMessage::Known(KnownMessage { state: d.relay.known_state(&w.map).unwrap(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        b,
+        SyncMessage::Known(KnownMessage {
+            state: d.relay.known_state(&w.map).unwrap(),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     assert!(d.take(b).is_empty());
     // The store holds both transactions.
     assert_eq!(d.store[&w.map].sessions[0].transactions.len(), 2);
@@ -130,13 +138,22 @@ fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing()
     // gets is built for her (equal, not shared).
     let mut other = d.relay.known_state(&w.map).unwrap();
     other.sessions.insert(sid("co_zOther_session_zX"), 5);
-    d.msg(e, SyncMessage::Known(KnownMessage { state: other, is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        e,
+        SyncMessage::Known(KnownMessage {
+            state: other,
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     assert!(d.take(e).is_empty());
     d.shared.clear();
 
     let edit = w.map_edit("n", 2000);
     d.msg(a, edit);
-    let to = |d: &Driver, p: PeerId| d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>();
+    let to =
+        |d: &Driver, p: PeerId| d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>();
     let (fb, fc, fe) = (to(&d, b), to(&d, c), to(&d, e));
     assert_eq!((fb.len(), fc.len(), fe.len()), (1, 1, 1));
     assert!(moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fc[0]), "same state, same message");
@@ -148,7 +165,15 @@ fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing()
     d.take(b);
     d.take(c);
     for p in [b, c] {
-        d.msg(p, SyncMessage::Known(KnownMessage { state: d.relay.known_state(&w.map).unwrap(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+        d.msg(
+            p,
+            SyncMessage::Known(KnownMessage {
+                state: d.relay.known_state(&w.map).unwrap(),
+                is_correction: false,
+                as_dependency_of: None,
+                extra: Map::new(),
+            }),
+        );
         assert!(d.take(p).is_empty());
     }
 }
@@ -185,7 +210,8 @@ fn forged_signature_is_rejected_for_the_sender_only_and_changes_nothing() {
     // A transaction altered after signing.
     let honest_writer = w.map_writer.clone();
     let SyncMessage::Content(mut forged) = w.map_edit("evil", 4000) else { unreachable!() };
-    forged.new[0].1.new_transactions[0]["changes"] = Value::String(json!([{"op":"set","key":"evil","value":666}]).to_string());
+    forged.new[0].1.new_transactions[0]["changes"] =
+        Value::String(json!([{"op":"set","key":"evil","value":666}]).to_string());
     d.msg(a, SyncMessage::Content(forged));
 
     let reply = d.take(a);
@@ -194,7 +220,10 @@ fn forged_signature_is_rejected_for_the_sender_only_and_changes_nothing() {
     assert!(d.take(b).is_empty(), "nothing forwarded");
     assert_eq!(d.relay.known_state(&w.map).unwrap(), before);
     assert_eq!(d.persists.len(), persists_before, "nothing written");
-    assert!(d.diagnostics.iter().any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::BadSignature, .. })));
+    assert!(d
+        .diagnostics
+        .iter()
+        .any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::BadSignature, .. })));
 
     // Like cojson, the CoValue is now errored for that connection: ignored.
     w.map_writer = honest_writer;
@@ -326,7 +355,14 @@ fn a_dependency_the_sender_does_not_have_stops_the_wait() {
     d.persist_all();
     d.take(a);
     // The client does not have the group either.
-    let not_found = |id: &CoId| SyncMessage::Known(KnownMessage { state: KnownState::empty(id.clone()), is_correction: false, as_dependency_of: None, extra: Map::new() });
+    let not_found = |id: &CoId| {
+        SyncMessage::Known(KnownMessage {
+            state: KnownState::empty(id.clone()),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        })
+    };
     d.msg(a, not_found(&group));
     let map_id = CoId::parse("co_z5rocg8RW7QBwyCTr5qKwiZUSyv").unwrap();
     let state = d.relay.known_state(&map_id).expect("released without its group");
@@ -344,8 +380,19 @@ fn an_author_account_nobody_has_rejects_its_sessions() {
     d.msg(a, grp);
     let asked = d.take(a);
     assert_eq!(asked.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.alice.account.to_string())]);
-    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(w.alice.account.clone()), is_correction: false, as_dependency_of: None, extra: Map::new() }));
-    assert!(d.diagnostics.iter().any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::UnknownAccount(_), .. })));
+    d.msg(
+        a,
+        SyncMessage::Known(KnownMessage {
+            state: KnownState::empty(w.alice.account.clone()),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
+    assert!(d
+        .diagnostics
+        .iter()
+        .any(|x| matches!(x, Diagnostic::RejectedSession { error: VerifyError::UnknownAccount(_), .. })));
     // The header alone is valid and kept; the session is not.
     let state = d.relay.known_state(&w.group).unwrap();
     assert!(state.sessions.is_empty());
@@ -432,7 +479,15 @@ fn correction_from_a_peer_resends_everything_it_says_it_lacks() {
     d.msg(b, load(&w.map, None));
     d.take(b);
     // Bob lost everything about the map.
-    d.msg(b, SyncMessage::Known(KnownMessage { state: KnownState::empty(w.map.clone()), is_correction: true, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        b,
+        SyncMessage::Known(KnownMessage {
+            state: KnownState::empty(w.map.clone()),
+            is_correction: true,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     let got = d.take(b);
     assert_eq!(got.iter().map(kind).collect::<Vec<_>>(), vec![("content", w.map.to_string())]);
     assert!(as_content(&got[0]).header.is_some());
@@ -487,7 +542,8 @@ fn large_sessions_are_sent_in_signed_pieces_that_verify_elsewhere() {
     assert_eq!(map_pieces[0].expect_content_until.as_ref().and_then(|e| e.get(&session)), Some(&6));
     assert!(map_pieces[1..].iter().all(|p| p.expect_content_until.is_none() && p.header.is_none()));
     for p in &map_pieces {
-        let payload: usize = p.new.iter().flat_map(|(_, e)| &e.new_transactions).map(|t| t["changes"].as_str().unwrap().len()).sum();
+        let payload: usize =
+            p.new.iter().flat_map(|(_, e)| &e.new_transactions).map(|t| t["changes"].as_str().unwrap().len()).sum();
         assert!(payload <= 2 * 61_000, "piece of {payload} bytes");
     }
     // Every piece is independently valid: a fresh relay accepts them all in order.
@@ -497,7 +553,11 @@ fn large_sessions_are_sent_in_signed_pieces_that_verify_elsewhere() {
         other.msg(p, m);
     }
     assert_eq!(other.relay.known_state(&w.map).unwrap().count(&session), 6);
-    assert!(other.diagnostics.iter().all(|x| !matches!(x, Diagnostic::RejectedSession { .. })), "{:?}", other.diagnostics);
+    assert!(
+        other.diagnostics.iter().all(|x| !matches!(x, Diagnostic::RejectedSession { .. })),
+        "{:?}",
+        other.diagnostics
+    );
 }
 
 #[test]
@@ -505,17 +565,37 @@ fn reconcile_loads_what_differs_and_acks_once_settled() {
     let (mut d, mut w, a) = uploaded();
     let same = moai_cojson::relay::sessions_hash(&d.relay.known_state(&w.group).unwrap().sessions);
     let unknown = CoId::parse("co_zUnknownToServer").unwrap();
-    let batch = |values: Vec<(CoId, String)>| SyncMessage::Reconcile(ReconcileMessage { id: "b1".into(), values, extra: Map::new() });
-    d.msg(a, batch(vec![(w.group.clone(), same), (w.map.clone(), "shortHash_zDifferent".into()), (unknown.clone(), "shortHash_zX".into())]));
+    let batch = |values: Vec<(CoId, String)>| {
+        SyncMessage::Reconcile(ReconcileMessage { id: "b1".into(), values, extra: Map::new() })
+    };
+    d.msg(
+        a,
+        batch(vec![
+            (w.group.clone(), same),
+            (w.map.clone(), "shortHash_zDifferent".into()),
+            (unknown.clone(), "shortHash_zX".into()),
+        ]),
+    );
     let sent = d.take(a);
-    assert_eq!(sent.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.map.to_string()), ("load", unknown.to_string())]);
+    assert_eq!(
+        sent.iter().map(kind).collect::<Vec<_>>(),
+        vec![("load", w.map.to_string()), ("load", unknown.to_string())]
+    );
     let SyncMessage::Load(s, _) = &sent[0] else { panic!() };
     assert_eq!(Some(s), d.relay.known_state(&w.map).as_ref(), "load carries our state");
     // Settled by the client's answers: content for the map, known for the other.
     let edit = w.map_edit("r", 7000);
     d.msg(a, edit);
     assert!(d.take(a).iter().all(|m| kind(m).0 != "reconcile-ack"));
-    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(unknown), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        a,
+        SyncMessage::Known(KnownMessage {
+            state: KnownState::empty(unknown),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     let out = d.take(a);
     assert!(out.iter().any(|m| matches!(m, SyncMessage::ReconcileAck(id) if id == "b1")), "{out:?}");
     // An empty batch is acked at once.
@@ -585,7 +665,14 @@ fn hostile_messages_do_not_panic_or_leak_into_state() {
         content(None, &w.map, vec![(session.clone(), entry(0, vec![json!(null)], "x"))]),
         content(None, &w.map, vec![("not a session".into(), entry(0, vec![], "x"))]),
         content(Some(&json!({"type":1})), &w.map, vec![]),
-        load(&w.map, Some(KnownState { id: w.map.clone(), header: true, sessions: [(sid(&session), huge)].into_iter().collect() })),
+        load(
+            &w.map,
+            Some(KnownState {
+                id: w.map.clone(),
+                header: true,
+                sessions: [(sid(&session), huge)].into_iter().collect(),
+            }),
+        ),
     ];
     let c = d.connect(5);
     for m in cases {
@@ -603,7 +690,8 @@ fn hostile_messages_do_not_panic_or_leak_into_state() {
 fn parked_dependency_cycles_do_not_deadlock() {
     // Two groups, each naming the other as parent, written by a bare agent.
     let me = Identity::from_seed(7);
-    let header = |u: &str| json!({"type":"comap","ruleset":{"type":"group","initialAdmin":me.agent},"meta":null,"uniqueness":u});
+    let header =
+        |u: &str| json!({"type":"comap","ruleset":{"type":"group","initialAdmin":me.agent},"meta":null,"uniqueness":u});
     let (h1, h2) = (header("zG1"), header("zG2"));
     let (g1, g2) = (moai_cojson::crypto::id_for_header(&h1), moai_cojson::crypto::id_for_header(&h2));
     let mut w1 = me.agent_session("One");
@@ -679,7 +767,15 @@ fn a_peer_that_has_everything_gets_known_without_a_full_load() {
     assert!(d.loads.is_empty());
 
     // A `known` repeating what it has: nothing more to say (it was told already).
-    d.msg(b, SyncMessage::Known(KnownMessage { state: stored.clone(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        b,
+        SyncMessage::Known(KnownMessage {
+            state: stored.clone(),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     assert!(d.take(b).is_empty());
     assert!(d.loads.is_empty());
 
@@ -883,14 +979,33 @@ fn reconcile_of_covalues_not_in_memory_compares_stored_known_states() {
         }),
     );
     let sent = d.take(a);
-    assert_eq!(sent.iter().map(kind).collect::<Vec<_>>(), vec![("load", w.group.to_string()), ("load", unknown.to_string())]);
+    assert_eq!(
+        sent.iter().map(kind).collect::<Vec<_>>(),
+        vec![("load", w.group.to_string()), ("load", unknown.to_string())]
+    );
     let SyncMessage::Load(s, _) = &sent[0] else { panic!() };
     assert!(s.header && s.count(&sid(&w.group_writer.session)) == 1, "load carries the stored state: {s:?}");
     assert!(d.loads.is_empty(), "no full load: {:?}", d.loads);
     assert_eq!(d.known_loads.len(), 1, "one read for the whole batch");
     // The client has exactly that: known settles it, still without loading anything.
-    d.msg(a, SyncMessage::Known(KnownMessage { state: s.clone(), is_correction: false, as_dependency_of: None, extra: Map::new() }));
-    d.msg(a, SyncMessage::Known(KnownMessage { state: KnownState::empty(unknown), is_correction: false, as_dependency_of: None, extra: Map::new() }));
+    d.msg(
+        a,
+        SyncMessage::Known(KnownMessage {
+            state: s.clone(),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
+    d.msg(
+        a,
+        SyncMessage::Known(KnownMessage {
+            state: KnownState::empty(unknown),
+            is_correction: false,
+            as_dependency_of: None,
+            extra: Map::new(),
+        }),
+    );
     let out = d.take(a);
     assert!(matches!(&out[..], [SyncMessage::ReconcileAck(id)] if id == "b1"), "{out:?}");
     assert!(d.loads.is_empty());

@@ -32,7 +32,8 @@ fn agent_secret_signer_and_agent_ids() {
     let secret = AgentSecret::parse(s(&v, "agentSecret")).unwrap();
     assert_eq!(secret.to_z_string(), s(&v, "agentSecret"));
     // The agent secret derives from the seed (agentSecretFromSecretSeed).
-    let seed: Vec<u8> = (0..seed_hex.len()).step_by(2).map(|i| u8::from_str_radix(&seed_hex[i..i + 2], 16).unwrap()).collect();
+    let seed: Vec<u8> =
+        (0..seed_hex.len()).step_by(2).map(|i| u8::from_str_radix(&seed_hex[i..i + 2], 16).unwrap()).collect();
     let seed: [u8; 32] = seed.try_into().unwrap();
     assert_eq!(AgentSecret::from_seed(&seed).to_z_string(), s(&v, "agentSecret"));
     assert_eq!(secret.signer.to_z_string(), s(&v, "signerSecret"));

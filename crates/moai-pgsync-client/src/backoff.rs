@@ -34,9 +34,8 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(cfg: BackoffConfig) -> Self {
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let time =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let addr = &cfg as *const BackoffConfig as u64;
         Self::with_seed(cfg, time ^ addr.rotate_left(32))
     }

@@ -246,7 +246,8 @@ async fn connect_once<S: Store>(
         let text = match frame {
             Message::Text(t) => t,
             Message::Close(f) => {
-                let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                let (code, reason) =
+                    f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                 if code == 4401 || code == 4403 {
                     return Ended::Halt(Halt::Stop(ClientError::Unauthorized(format!("closed {code}: {reason}"))));
                 }

@@ -47,12 +47,26 @@ impl Shape {
 /// One row change inside a transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Insert { table: String, key: Row, row: Row },
+    Insert {
+        table: String,
+        key: Row,
+        row: Row,
+    },
     /// A patch: `row` holds the columns sent; others (e.g. unchanged TOAST) keep their value.
     /// `old_key` is set when the key itself changed.
-    Update { table: String, key: Row, old_key: Option<Row>, row: Row },
-    Delete { table: String, key: Row },
-    Truncate { table: String },
+    Update {
+        table: String,
+        key: Row,
+        old_key: Option<Row>,
+        row: Row,
+    },
+    Delete {
+        table: String,
+        key: Row,
+    },
+    Truncate {
+        table: String,
+    },
 }
 
 /// A transaction, or with `last == false` one part of a transaction split across frames.
@@ -77,18 +91,51 @@ pub struct Transaction {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServerMessage {
-    Welcome { generation: u64, snapshot: bool, watermark: Lsn },
-    MustRefetch { reason: String, shape_ids: Vec<String> },
-    SnapshotBegin { snapshot_id: String, shape_id: String, key: Vec<String> },
-    SnapshotBatch { snapshot_id: String, rows: Vec<Row> },
-    SnapshotEnd { snapshot_id: String },
-    Changes { to: Position, txns: Vec<TxnPart> },
-    UpToDate { position: Position, watermark: Lsn },
-    Status { state: String },
-    Error { code: String, message: String, retry_after_ms: Option<u64>, fatal: bool },
-    Pong { t: u64 },
+    Welcome {
+        generation: u64,
+        snapshot: bool,
+        watermark: Lsn,
+    },
+    MustRefetch {
+        reason: String,
+        shape_ids: Vec<String>,
+    },
+    SnapshotBegin {
+        snapshot_id: String,
+        shape_id: String,
+        key: Vec<String>,
+    },
+    SnapshotBatch {
+        snapshot_id: String,
+        rows: Vec<Row>,
+    },
+    SnapshotEnd {
+        snapshot_id: String,
+    },
+    Changes {
+        to: Position,
+        txns: Vec<TxnPart>,
+    },
+    UpToDate {
+        position: Position,
+        watermark: Lsn,
+    },
+    Status {
+        state: String,
+    },
+    Error {
+        code: String,
+        message: String,
+        retry_after_ms: Option<u64>,
+        fatal: bool,
+    },
+    Pong {
+        t: u64,
+    },
     /// A message type this client does not know (from a newer server); ignored.
-    Unknown { kind: String },
+    Unknown {
+        kind: String,
+    },
 }
 
 fn err(m: impl Into<String>) -> ProtocolError {
@@ -220,7 +267,11 @@ fn changes_fast(text: &str) -> Result<ServerMessage, ProtocolError> {
         for o in t.ops {
             let table = o.table;
             ops.push(match &*o.op {
-                "insert" => Op::Insert { table, key: o.key.ok_or_else(|| missing("key"))?, row: o.row.ok_or_else(|| missing("row"))? },
+                "insert" => Op::Insert {
+                    table,
+                    key: o.key.ok_or_else(|| missing("key"))?,
+                    row: o.row.ok_or_else(|| missing("row"))?,
+                },
                 "update" => Op::Update {
                     table,
                     key: o.key.ok_or_else(|| missing("key"))?,
@@ -251,7 +302,9 @@ impl ServerMessage {
                 snapshot: string(&v, "mode")? == "snapshot",
                 watermark: lsn(&v, "watermark")?,
             },
-            "must_refetch" => ServerMessage::MustRefetch { reason: string(&v, "reason")?, shape_ids: strings(&v, "shape_ids")? },
+            "must_refetch" => {
+                ServerMessage::MustRefetch { reason: string(&v, "reason")?, shape_ids: strings(&v, "shape_ids")? }
+            }
             "snapshot_begin" => ServerMessage::SnapshotBegin {
                 snapshot_id: string(&v, "snapshot_id")?,
                 shape_id: string(&v, "shape_id")?,
@@ -272,9 +325,10 @@ impl ServerMessage {
                 to: Position::from_json(field(&v, "to")?)?,
                 txns: take_array(&mut v, "txns")?.into_iter().map(txn_part).collect::<Result<_, _>>()?,
             },
-            "up_to_date" => {
-                ServerMessage::UpToDate { position: Position::from_json(field(&v, "position")?)?, watermark: lsn(&v, "watermark")? }
-            }
+            "up_to_date" => ServerMessage::UpToDate {
+                position: Position::from_json(field(&v, "position")?)?,
+                watermark: lsn(&v, "watermark")?,
+            },
             "status" => ServerMessage::Status { state: string(&v, "state")? },
             "error" => ServerMessage::Error {
                 code: string(&v, "code")?,
@@ -342,12 +396,21 @@ mod tests {
         assert_eq!(txns[0].ops.len(), 4);
         assert!(matches!(&txns[0].ops[1], Op::Update { old_key: None, .. }));
         assert_eq!(
-            ServerMessage::parse(r#"{"type":"welcome","generation":7,"mode":"catchup","watermark":"0/1700000"}"#).unwrap(),
+            ServerMessage::parse(r#"{"type":"welcome","generation":7,"mode":"catchup","watermark":"0/1700000"}"#)
+                .unwrap(),
             ServerMessage::Welcome { generation: 7, snapshot: false, watermark: "0/1700000".parse().unwrap() }
         );
         assert_eq!(
-            ServerMessage::parse(r#"{"type":"error","code":"overloaded","message":"busy","retry_after_ms":2000,"fatal":true}"#).unwrap(),
-            ServerMessage::Error { code: "overloaded".into(), message: "busy".into(), retry_after_ms: Some(2000), fatal: true }
+            ServerMessage::parse(
+                r#"{"type":"error","code":"overloaded","message":"busy","retry_after_ms":2000,"fatal":true}"#
+            )
+            .unwrap(),
+            ServerMessage::Error {
+                code: "overloaded".into(),
+                message: "busy".into(),
+                retry_after_ms: Some(2000),
+                fatal: true
+            }
         );
         assert_eq!(
             ServerMessage::parse(r#"{"type":"hibernate","x":1}"#).unwrap(),
@@ -372,10 +435,14 @@ mod tests {
         assert!(frame.starts_with(r#"{"type":"changes","#));
         let fast = ServerMessage::parse(frame).unwrap();
         // The general path, reached by moving `type` away from the front.
-        let general = ServerMessage::parse(&frame.replacen(r#"{"type":"changes","#, r#"{"from":null,"type":"changes","#, 1)).unwrap();
+        let general =
+            ServerMessage::parse(&frame.replacen(r#"{"type":"changes","#, r#"{"from":null,"type":"changes","#, 1))
+                .unwrap();
         assert_eq!(fast, general);
         let ServerMessage::Changes { txns, .. } = &fast else { panic!() };
-        assert!(matches!(&txns[0].ops[0], Op::Insert { table, row, .. } if table == "public.t\u{e9}" && row["t"] == "a\"b\n"));
+        assert!(
+            matches!(&txns[0].ops[0], Op::Insert { table, row, .. } if table == "public.t\u{e9}" && row["t"] == "a\"b\n")
+        );
         for bad in [
             r#"{"type":"changes","to":{"lsn":"x","seq":1},"txns":[]}"#,
             r#"{"type":"changes","to":{"lsn":"0/1","seq":1},"txns":[{"lsn":"0/1","last":true,"ops":[{"op":"insert","table":"t","key":{}}]}]}"#,

@@ -164,8 +164,7 @@ impl Session {
             }
             ServerMessage::Changes { to, txns } => self.on_changes(to, txns, store, &mut r)?,
             ServerMessage::UpToDate { position, .. } => {
-                let generation =
-                    self.generation.ok_or_else(|| ProtocolError::new("up_to_date before welcome"))?;
+                let generation = self.generation.ok_or_else(|| ProtocolError::new("up_to_date before welcome"))?;
                 if self.pending.is_some() {
                     return Err(ProtocolError::new("up_to_date inside an open transaction").into());
                 }
@@ -184,7 +183,9 @@ impl Session {
                 }
                 return Err(match code.as_str() {
                     "unauthorized" => Halt::Stop(ClientError::Unauthorized(message)),
-                    "bad_request" | "shape_invalid" | "forbidden" => Halt::Stop(ClientError::Rejected { code, message }),
+                    "bad_request" | "shape_invalid" | "forbidden" => {
+                        Halt::Stop(ClientError::Rejected { code, message })
+                    }
                     // Our position is not from this history: start over with a snapshot.
                     "position_ahead" => {
                         store.reset(&self.tables(None))?;
@@ -276,18 +277,35 @@ mod tests {
     fn snapshot_then_catchup_then_up_to_date_sets_the_resume_point_only_at_the_end() {
         let mut store = MemoryStore::with_journal();
         let mut s = Session::new(shapes(), None);
-        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store).unwrap();
-        s.handle(msg(json!({"type":"snapshot_begin","snapshot_id":"s-1","shape_id":"items",
-            "schema":{"key":["id"],"columns":[{"name":"id","type":"int8"}]}})), &mut store).unwrap();
-        s.handle(msg(json!({"type":"snapshot_batch","snapshot_id":"s-1","rows":[{"id":1,"v":1},{"id":2,"v":2}]})), &mut store).unwrap();
+        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store)
+            .unwrap();
+        s.handle(
+            msg(json!({"type":"snapshot_begin","snapshot_id":"s-1","shape_id":"items",
+            "schema":{"key":["id"],"columns":[{"name":"id","type":"int8"}]}})),
+            &mut store,
+        )
+        .unwrap();
+        s.handle(
+            msg(json!({"type":"snapshot_batch","snapshot_id":"s-1","rows":[{"id":1,"v":1},{"id":2,"v":2}]})),
+            &mut store,
+        )
+        .unwrap();
         s.handle(msg(json!({"type":"snapshot_end","snapshot_id":"s-1"})), &mut store).unwrap();
         let r = s
-            .handle(changes(("0/150", 0), json!([{"lsn":"0/150","xid":"1","commit_time":"t","last":true,"ops":[ins(3)]}])), &mut store)
+            .handle(
+                changes(("0/150", 0), json!([{"lsn":"0/150","xid":"1","commit_time":"t","last":true,"ops":[ins(3)]}])),
+                &mut store,
+            )
             .unwrap();
         assert_eq!(r.applied, 1);
         assert_eq!(acks(&r), vec![json!({"lsn":"0/150","seq":0})]);
         assert_eq!(store.resume_point(), None, "catch-up after a snapshot is not a consistent point");
-        let r = s.handle(msg(json!({"type":"up_to_date","position":{"lsn":"0/200","seq":4294967295u64},"watermark":"0/200"})), &mut store).unwrap();
+        let r = s
+            .handle(
+                msg(json!({"type":"up_to_date","position":{"lsn":"0/200","seq":4294967295u64},"watermark":"0/200"})),
+                &mut store,
+            )
+            .unwrap();
         assert!(r.up_to_date);
         assert_eq!(store.resume_point(), Some(ResumePoint { generation: 7, position: Position::end_of(Lsn(0x200)) }));
         assert_eq!(store.table("public.items").len(), 3);
@@ -298,24 +316,34 @@ mod tests {
         let resume = ResumePoint { generation: 7, position: Position::end_of(Lsn(0x100)) };
         let mut store = MemoryStore::with_journal();
         let mut s = Session::new(shapes(), Some(resume));
-        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"catchup","watermark":"0/300"})), &mut store).unwrap();
+        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"catchup","watermark":"0/300"})), &mut store)
+            .unwrap();
         // A re-sent transaction at the resume point: skipped, acked.
         let r = s
-            .handle(changes(("0/100", 0), json!([{"lsn":"0/100","xid":"1","commit_time":"t","last":true,"ops":[ins(1)]}])), &mut store)
+            .handle(
+                changes(("0/100", 0), json!([{"lsn":"0/100","xid":"1","commit_time":"t","last":true,"ops":[ins(1)]}])),
+                &mut store,
+            )
             .unwrap();
         assert_eq!((r.applied, acks(&r)), (0, vec![json!({"lsn":"0/100","seq":0})]));
         // One transaction in two parts: nothing applied (and nothing acked) until the last one.
         let r = s
-            .handle(changes(("0/200", 0), json!([{"lsn":"0/200","xid":"2","commit_time":"t","last":false,"ops":[ins(2)]}])), &mut store)
+            .handle(
+                changes(("0/200", 0), json!([{"lsn":"0/200","xid":"2","commit_time":"t","last":false,"ops":[ins(2)]}])),
+                &mut store,
+            )
             .unwrap();
         assert_eq!(r, Reaction::default());
         assert!(store.table("public.items").is_empty());
         // The closing part plus a whole next transaction in the same frame.
         let r = s
             .handle(
-                changes(("0/300", 0), json!([
+                changes(
+                    ("0/300", 0),
+                    json!([
                     {"lsn":"0/200","xid":"2","commit_time":"t","last":true,"ops":[ins(3)]},
-                    {"lsn":"0/300","xid":"3","commit_time":"t","last":true,"ops":[ins(4)]}])),
+                    {"lsn":"0/300","xid":"3","commit_time":"t","last":true,"ops":[ins(4)]}]),
+                ),
                 &mut store,
             )
             .unwrap();
@@ -326,9 +354,12 @@ mod tests {
         // A frame ending inside a transaction acks the transaction it completed.
         let r = s
             .handle(
-                changes(("0/400", 9), json!([
+                changes(
+                    ("0/400", 9),
+                    json!([
                     {"lsn":"0/350","xid":"4","commit_time":"t","last":true,"ops":[]},
-                    {"lsn":"0/400","xid":"5","commit_time":"t","last":false,"ops":[ins(5)]}])),
+                    {"lsn":"0/400","xid":"5","commit_time":"t","last":false,"ops":[ins(5)]}]),
+                ),
                 &mut store,
             )
             .unwrap();
@@ -340,13 +371,17 @@ mod tests {
         let resume = ResumePoint { generation: 7, position: Position::end_of(Lsn(0x100)) };
         let mut store = MemoryStore::new();
         store.set_resume_point(resume).unwrap();
-        store.upsert_snapshot("public.items", vec![(json!({"id":1}).as_object().unwrap().clone(), Row::new())]).unwrap();
+        store
+            .upsert_snapshot("public.items", vec![(json!({"id":1}).as_object().unwrap().clone(), Row::new())])
+            .unwrap();
         let mut s = Session::new(shapes(), Some(resume));
-        s.handle(msg(json!({"type":"must_refetch","reason":"schema_changed","shape_ids":["items"]})), &mut store).unwrap();
+        s.handle(msg(json!({"type":"must_refetch","reason":"schema_changed","shape_ids":["items"]})), &mut store)
+            .unwrap();
         assert_eq!(store.resume_point(), None);
         assert!(store.table("public.items").is_empty());
 
-        let fatal = |code: &str| msg(json!({"type":"error","code":code,"message":"m","retry_after_ms":1500,"fatal":true}));
+        let fatal =
+            |code: &str| msg(json!({"type":"error","code":code,"message":"m","retry_after_ms":1500,"fatal":true}));
         assert!(matches!(s.handle(fatal("unauthorized"), &mut store), Err(Halt::Stop(ClientError::Unauthorized(_)))));
         assert!(matches!(s.handle(fatal("shape_invalid"), &mut store), Err(Halt::Stop(ClientError::Rejected { .. }))));
         assert!(matches!(s.handle(fatal("forbidden"), &mut store), Err(Halt::Stop(ClientError::Rejected { .. }))));
@@ -367,14 +402,21 @@ mod tests {
         let mut s = Session::new(shapes(), None);
         let c = changes(("0/1", 0), json!([{"lsn":"0/1","xid":"1","commit_time":"t","last":true,"ops":[ins(1)]}]));
         assert!(matches!(s.handle(c, &mut store), Err(Halt::Retry { .. })), "changes before welcome");
-        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store).unwrap();
+        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store)
+            .unwrap();
         let open = changes(("0/1", 0), json!([{"lsn":"0/1","xid":"1","commit_time":"t","last":false,"ops":[ins(1)]}]));
         s.handle(open, &mut store).unwrap();
         let other = changes(("0/2", 0), json!([{"lsn":"0/2","xid":"1","commit_time":"t","last":true,"ops":[ins(1)]}]));
         assert!(matches!(s.handle(other, &mut store), Err(Halt::Retry { .. })), "interleaved transaction");
-        let mut s = Session::new(vec![Shape { columns: Some(vec!["v".into()]), ..Shape::table("items", "public.items") }], None);
-        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store).unwrap();
-        let begin = msg(json!({"type":"snapshot_begin","snapshot_id":"s","shape_id":"items","schema":{"key":["id"],"columns":[]}}));
+        let mut s = Session::new(
+            vec![Shape { columns: Some(vec!["v".into()]), ..Shape::table("items", "public.items") }],
+            None,
+        );
+        s.handle(msg(json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/100"})), &mut store)
+            .unwrap();
+        let begin = msg(
+            json!({"type":"snapshot_begin","snapshot_id":"s","shape_id":"items","schema":{"key":["id"],"columns":[]}}),
+        );
         assert!(matches!(s.handle(begin, &mut store), Err(Halt::Stop(ClientError::Config(_)))));
     }
 }

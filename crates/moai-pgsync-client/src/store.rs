@@ -221,11 +221,20 @@ mod tests {
         let mut s = MemoryStore::with_journal();
         let t = "public.t".to_string();
         s.upsert_snapshot(&t, vec![(row(json!({"id":1})), row(json!({"id":1,"a":"x","big":"B"})))]).unwrap();
-        let patch = Op::Update { table: t.clone(), key: row(json!({"id":1})), old_key: None, row: row(json!({"id":1,"a":"y"})) };
+        let patch = Op::Update {
+            table: t.clone(),
+            key: row(json!({"id":1})),
+            old_key: None,
+            row: row(json!({"id":1,"a":"y"})),
+        };
         let p = ResumePoint { generation: 1, position: Position::end_of(Lsn(10)) };
         s.apply(txn(10, vec![patch.clone()]), Some(p)).unwrap();
         s.apply(txn(10, vec![patch]), Some(p)).unwrap(); // replay converges
-        assert_eq!(s.get(&t, &row(json!({"id":1}))), Some(&row(json!({"id":1,"a":"y","big":"B"}))), "patch keeps unsent columns");
+        assert_eq!(
+            s.get(&t, &row(json!({"id":1}))),
+            Some(&row(json!({"id":1,"a":"y","big":"B"}))),
+            "patch keeps unsent columns"
+        );
         // Key change moves the row.
         let moved = Op::Update {
             table: t.clone(),
@@ -240,7 +249,11 @@ mod tests {
         s.apply(txn(12, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
         s.apply(txn(13, vec![Op::Delete { table: t.clone(), key: row(json!({"id":2})) }]), None).unwrap();
         assert!(s.table(&t).is_empty());
-        s.apply(txn(14, vec![Op::Insert { table: t.clone(), key: row(json!({"id":5})), row: row(json!({"id":5})) }]), None).unwrap();
+        s.apply(
+            txn(14, vec![Op::Insert { table: t.clone(), key: row(json!({"id":5})), row: row(json!({"id":5})) }]),
+            None,
+        )
+        .unwrap();
         s.apply(txn(15, vec![Op::Truncate { table: t.clone() }]), None).unwrap();
         assert!(s.table(&t).is_empty());
         assert_eq!(s.journal().len(), 7, "the store journals what it is given; dedup is the session's job");

@@ -178,8 +178,7 @@ pub(crate) async fn load_page(
         Some(st) => {
             let sql = page_sql(schema, true);
             let h = st.snapshot_watermark.to_string();
-            let params: [&(dyn ToSql + Sync); 7] =
-                [&after_lsn, &after_seq, &upto, &limit, &h, &st.snapshot, &tables];
+            let params: [&(dyn ToSql + Sync); 7] = [&after_lsn, &after_seq, &upto, &limit, &h, &st.snapshot, &tables];
             client.query(&sql, &params).await?
         }
     };
@@ -255,7 +254,9 @@ pub(crate) async fn apply_retention(
     // First retained transaction: the oldest one at or after the cutoff time...
     let by_age: Option<PgLsn> = tx
         .query_opt(
-            &format!("SELECT commit_lsn FROM {s}.change_history WHERE commit_time >= $1 ORDER BY commit_lsn, seq LIMIT 1"),
+            &format!(
+                "SELECT commit_lsn FROM {s}.change_history WHERE commit_time >= $1 ORDER BY commit_lsn, seq LIMIT 1"
+            ),
             &[&cutoff],
         )
         .await?
@@ -264,10 +265,8 @@ pub(crate) async fn apply_retention(
         Some(l) => l,
         // Nothing younger than the cutoff: everything up to the watermark may go.
         None => {
-            let w: PgLsn = tx
-                .query_one(&format!("SELECT watermark FROM {s}.replication_state WHERE id = 1"), &[])
-                .await?
-                .get(0);
+            let w: PgLsn =
+                tx.query_one(&format!("SELECT watermark FROM {s}.replication_state WHERE id = 1"), &[]).await?.get(0);
             PgLsn::from(u64::from(w) + 1)
         }
     };
@@ -286,10 +285,8 @@ pub(crate) async fn apply_retention(
         Some(c) if u64::from(c) < u64::from(by_age) => c,
         _ => by_age,
     };
-    let old: PgLsn = tx
-        .query_one(&format!("SELECT horizon FROM {s}.replication_state WHERE id = 1"), &[])
-        .await?
-        .get(0);
+    let old: PgLsn =
+        tx.query_one(&format!("SELECT horizon FROM {s}.replication_state WHERE id = 1"), &[]).await?.get(0);
     if u64::from(horizon) <= u64::from(old) {
         tx.commit().await?;
         return Ok(None);
@@ -303,9 +300,7 @@ pub(crate) async fn apply_retention(
 /// Expire client registrations not seen within `ttl`.
 pub(crate) async fn expire_clients(client: &Client, schema: &str, ttl: Duration) -> Result<u64, Error> {
     let cutoff = SystemTime::now() - ttl;
-    Ok(client
-        .execute(&format!("DELETE FROM {}.clients WHERE last_seen < $1", ident(schema)), &[&cutoff])
-        .await?)
+    Ok(client.execute(&format!("DELETE FROM {}.clients WHERE last_seen < $1", ident(schema)), &[&cutoff]).await?)
 }
 
 #[cfg(test)]
@@ -360,7 +355,10 @@ mod tests {
             let plan: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
             let plan = plan.join("\n");
             assert!(plan.contains("Index Scan using change_history_pkey"), "page plan:\n{plan}");
-            assert!(!plan.contains("Sort") && !plan.contains("Bitmap") && !plan.contains("Seq Scan"), "page plan:\n{plan}");
+            assert!(
+                !plan.contains("Sort") && !plan.contains("Bitmap") && !plan.contains("Seq Scan"),
+                "page plan:\n{plan}"
+            );
         }
     }
 

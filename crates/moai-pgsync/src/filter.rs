@@ -58,7 +58,10 @@ fn warn_no_old_row(table: &str) {
 /// an update or delete (`change_history.old`), when the table's replica identity is FULL.
 pub fn filter_op(shapes: &[(String, Shape)], op: WireOp, old: Option<&RawRow>) -> Option<WireOp> {
     let table = match &op {
-        WireOp::Insert { table, .. } | WireOp::Update { table, .. } | WireOp::Delete { table, .. } | WireOp::Truncate { table, .. } => table,
+        WireOp::Insert { table, .. }
+        | WireOp::Update { table, .. }
+        | WireOp::Delete { table, .. }
+        | WireOp::Truncate { table, .. } => table,
     };
     let on_table: Vec<&Shape> = shapes.iter().map(|(_, s)| s).filter(|s| &s.table == table).collect();
     if on_table.is_empty() {
@@ -70,7 +73,8 @@ pub fn filter_op(shapes: &[(String, Shape)], op: WireOp, old: Option<&RawRow>) -
         return Some(op);
     }
     // Unknown is not a match: fail closed.
-    let matching = |row: &Row| -> Vec<&Shape> { on_table.iter().copied().filter(|s| s.evaluate(row) == Truth::True).collect() };
+    let matching =
+        |row: &Row| -> Vec<&Shape> { on_table.iter().copied().filter(|s| s.evaluate(row) == Truth::True).collect() };
     let project = |shapes: &[&Shape], row: Row| -> RawRow {
         if shapes.iter().any(|s| s.columns.is_none()) {
             return RawRow::from_row(&row);

@@ -25,7 +25,12 @@ fn alice_all_columns() -> Vec<(String, Shape)> {
 }
 
 fn insert(id: i64, owner: &str) -> WireOp {
-    WireOp::Insert { seq: 0, table: T.into(), key: raw(json!({"id": id})), row: raw(json!({"id": id, "title": "t", "owner": owner, "secret": "s"})) }
+    WireOp::Insert {
+        seq: 0,
+        table: T.into(),
+        key: raw(json!({"id": id})),
+        row: raw(json!({"id": id, "title": "t", "owner": owner, "secret": "s"})),
+    }
 }
 
 fn update(id: i64, new_owner: &str) -> WireOp {
@@ -62,14 +67,25 @@ fn insert_is_sent_projected_only_when_the_new_row_matches() {
 
 #[test]
 fn update_inside_the_shape_stays_an_update() {
-    let Some(WireOp::Update { row: r, key, .. }) = filter_op(&alice(), update(1, "alice"), Some(&old(1, "alice"))) else { panic!() };
+    let Some(WireOp::Update { row: r, key, .. }) = filter_op(&alice(), update(1, "alice"), Some(&old(1, "alice")))
+    else {
+        panic!()
+    };
     assert_eq!((r, key), (raw(json!({"id": 1, "title": "t2"})), raw(json!({"id": 1}))));
 }
 
 #[test]
 fn update_moving_in_becomes_an_insert_of_the_whole_row() {
     let got = filter_op(&alice(), update(2, "alice"), Some(&old(2, "bob")));
-    assert_eq!(got, Some(WireOp::Insert { seq: 3, table: T.into(), key: raw(json!({"id": 2})), row: raw(json!({"id": 2, "title": "t2"})) }));
+    assert_eq!(
+        got,
+        Some(WireOp::Insert {
+            seq: 3,
+            table: T.into(),
+            key: raw(json!({"id": 2})),
+            row: raw(json!({"id": 2, "title": "t2"}))
+        })
+    );
 }
 
 #[test]
@@ -117,7 +133,9 @@ fn toast_update(id: i64) -> WireOp {
 fn unchanged_toast_predicate_columns_are_taken_from_the_old_row() {
     // Before: the missing owner made the predicate unknown, and unknown passed.
     assert_eq!(filter_op(&alice_all_columns(), toast_update(2), Some(&old(2, "bob"))), None);
-    let Some(WireOp::Update { unchanged, row: r, .. }) = filter_op(&alice_all_columns(), toast_update(1), Some(&old(1, "alice"))) else {
+    let Some(WireOp::Update { unchanged, row: r, .. }) =
+        filter_op(&alice_all_columns(), toast_update(1), Some(&old(1, "alice")))
+    else {
         panic!()
     };
     assert_eq!((unchanged, r), (vec!["owner".to_string()], raw(json!({"id": 1, "title": "t2", "secret": "s"}))));
@@ -129,7 +147,12 @@ fn an_unknown_predicate_never_passes() {
     assert_eq!(filter_op(&alice_all_columns(), toast_update(2), None), None);
     // A row lacking the predicate column (never produced by pgoutput for inserts, but possible
     // in principle) is not in the shape either.
-    let op = WireOp::Insert { seq: 0, table: T.into(), key: raw(json!({"id": 3})), row: raw(json!({"id": 3, "title": "t"})) };
+    let op = WireOp::Insert {
+        seq: 0,
+        table: T.into(),
+        key: raw(json!({"id": 3})),
+        row: raw(json!({"id": 3, "title": "t"})),
+    };
     assert_eq!(filter_op(&alice_all_columns(), op, None), None);
 }
 
@@ -162,14 +185,21 @@ fn without_the_old_row_a_predicate_on_the_key_still_decides() {
 #[test]
 fn shapes_without_a_predicate_behave_as_before() {
     let whole = vec![("w".to_string(), Shape::parse(T, None, None).unwrap())];
-    for (op, old_row) in [(delete(2), None), (update(2, "bob"), None), (update(2, "bob"), Some(old(2, "carol"))), (insert(2, "bob"), None)] {
+    for (op, old_row) in [
+        (delete(2), None),
+        (update(2, "bob"), None),
+        (update(2, "bob"), Some(old(2, "carol"))),
+        (insert(2, "bob"), None),
+    ] {
         assert_eq!(filter_op(&whole, op.clone(), old_row.as_ref()), Some(op));
     }
     // Column list only: every row matches, before and after.
     let cols = vec![("c".to_string(), Shape::parse(T, Some(vec!["id".into()]), None).unwrap())];
     assert_eq!(filter_op(&cols, delete(2), None), deleted(5, 2));
     assert_eq!(filter_op(&cols, delete(2), Some(&old(2, "bob"))), deleted(5, 2));
-    let Some(WireOp::Update { row: r, .. }) = filter_op(&cols, update(2, "bob"), Some(&old(2, "carol"))) else { panic!() };
+    let Some(WireOp::Update { row: r, .. }) = filter_op(&cols, update(2, "bob"), Some(&old(2, "carol"))) else {
+        panic!()
+    };
     assert_eq!(r, raw(json!({"id": 2})));
 }
 

@@ -30,8 +30,8 @@ pub mod transaction_assembler;
 pub mod value_mapping;
 
 pub use access::Access;
+pub use config::{Error, PgSyncConfig};
 pub use lsn::{Lsn, LsnParseError};
 pub use position::Position;
-pub use config::{Error, PgSyncConfig};
 pub use replicator::{FeedState, Phase};
 pub use service::{PgSync, SessionEnd, SnapshotConnections};

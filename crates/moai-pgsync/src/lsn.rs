@@ -33,9 +33,7 @@ impl FromStr for Lsn {
     type Err = LsnParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s
-            .split_once('/')
-            .ok_or_else(|| LsnParseError::Malformed(s.to_owned()))?;
+        let (hi, lo) = s.split_once('/').ok_or_else(|| LsnParseError::Malformed(s.to_owned()))?;
         Ok(Lsn((parse_half(hi)? << 32) | parse_half(lo)?))
     }
 }
@@ -46,9 +44,7 @@ fn parse_half(half: &str) -> Result<u64, LsnParseError> {
     if half.is_empty() || half.len() > 8 || !half.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(LsnParseError::BadHalf(half.to_owned()));
     }
-    u32::from_str_radix(half, 16)
-        .map(u64::from)
-        .map_err(|_| LsnParseError::BadHalf(half.to_owned()))
+    u32::from_str_radix(half, 16).map(u64::from).map_err(|_| LsnParseError::BadHalf(half.to_owned()))
 }
 
 impl fmt::Display for Lsn {
@@ -90,8 +86,22 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         for bad in [
-            "", "/", "0/", "/0", "0", "0/0/0", "g/0", "0/+1", "+0/1", "-1/0", " 0/1", "0/1 ",
-            "123456789/0", "0/123456789", "0x1/0", "0/1.5",
+            "",
+            "/",
+            "0/",
+            "/0",
+            "0",
+            "0/0/0",
+            "g/0",
+            "0/+1",
+            "+0/1",
+            "-1/0",
+            " 0/1",
+            "0/1 ",
+            "123456789/0",
+            "0/123456789",
+            "0x1/0",
+            "0/1.5",
         ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} should be rejected");
         }

@@ -23,10 +23,18 @@ pub type Row = Map<String, Value>;
 pub enum ClientMessage {
     Hello(Hello),
     /// Durably applied through here; always a transaction end (spec 4.4).
-    Ack { position: Position },
-    Subscribe { shapes: Vec<ShapeRequest> },
-    Unsubscribe { shape_ids: Vec<String> },
-    Ping { t: u64 },
+    Ack {
+        position: Position,
+    },
+    Subscribe {
+        shapes: Vec<ShapeRequest>,
+    },
+    Unsubscribe {
+        shape_ids: Vec<String>,
+    },
+    Ping {
+        t: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,7 +137,12 @@ pub struct WireTransaction {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WireOp {
-    Insert { seq: u32, table: String, key: RawRow, row: RawRow },
+    Insert {
+        seq: u32,
+        table: String,
+        key: RawRow,
+        row: RawRow,
+    },
     /// Patch semantics: `row` holds the sent columns, `unchanged` those left out (TOAST).
     Update {
         seq: u32,
@@ -141,8 +154,15 @@ pub enum WireOp {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         unchanged: Vec<String>,
     },
-    Delete { seq: u32, table: String, key: RawRow },
-    Truncate { seq: u32, table: String },
+    Delete {
+        seq: u32,
+        table: String,
+        key: RawRow,
+    },
+    Truncate {
+        seq: u32,
+        table: String,
+    },
 }
 
 impl WireOp {
@@ -227,9 +247,8 @@ impl ServerMessage {
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: all map keys are strings and there are no
         // non-finite floats (serde_json::Value cannot hold them).
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"encode: {e}","fatal":true}}"#)
-        })
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"encode: {e}","fatal":true}}"#))
     }
 }
 
@@ -337,7 +356,12 @@ mod tests {
                 commit_time: "2026-11-22T03:04:05.123Z".into(),
                 last: true,
                 ops: vec![
-                    WireOp::Insert { seq: 0, table: "public.todos".into(), key: raw(json!({"id":9})), row: raw(json!({"id":9,"title":"a"})) },
+                    WireOp::Insert {
+                        seq: 0,
+                        table: "public.todos".into(),
+                        key: raw(json!({"id":9})),
+                        row: raw(json!({"id":9,"title":"a"})),
+                    },
                     WireOp::Update {
                         seq: 1,
                         table: "public.todos".into(),
@@ -355,8 +379,11 @@ mod tests {
         assert_eq!(v["type"], "changes");
         assert_eq!(v["to"], json!({"lsn":"0/16C0000","seq":3}));
         let ops = &v["txns"][0]["ops"];
-        assert_eq!(ops[1], json!({"seq":1,"op":"update","table":"public.todos","key":{"id":3},
-            "old_key":null,"row":{"id":3,"done":true},"unchanged":["body"]}));
+        assert_eq!(
+            ops[1],
+            json!({"seq":1,"op":"update","table":"public.todos","key":{"id":3},
+            "old_key":null,"row":{"id":3,"done":true},"unchanged":["body"]})
+        );
         assert_eq!(ops[3], json!({"seq":3,"op":"truncate","table":"public.todos"}));
         let back: ServerMessage = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
@@ -403,12 +430,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(err, json!({"type":"error","code":"unauthorized","message":"expired","fatal":true}));
-        let welcome: Value = serde_json::to_value(ServerMessage::Welcome {
-            generation: 7,
-            mode: WelcomeMode::Snapshot,
-            watermark: lsn,
-        })
-        .unwrap();
+        let welcome: Value =
+            serde_json::to_value(ServerMessage::Welcome { generation: 7, mode: WelcomeMode::Snapshot, watermark: lsn })
+                .unwrap();
         assert_eq!(welcome, json!({"type":"welcome","generation":7,"mode":"snapshot","watermark":"0/1700000"}));
         let status = ServerMessage::Status { state: ServerState::ReplicationReconnecting }.to_json();
         assert_eq!(status, r#"{"type":"status","state":"replication_reconnecting"}"#);

@@ -51,7 +51,9 @@ pub enum Phase {
     /// Streaming; `caught_up` in [`FeedState`] tells whether startup WAL was consumed.
     Streaming,
     /// Connection lost; retrying with backoff. Sessions keep their sockets.
-    Reconnecting { error: String },
+    Reconnecting {
+        error: String,
+    },
     Stopped,
 }
 
@@ -94,7 +96,11 @@ struct Stream {
 }
 
 impl Replicator {
-    pub(crate) fn new(cfg: Arc<PgSyncConfig>, pg: tokio_postgres::Config, state: Arc<watch::Sender<FeedState>>) -> Self {
+    pub(crate) fn new(
+        cfg: Arc<PgSyncConfig>,
+        pg: tokio_postgres::Config,
+        state: Arc<watch::Sender<FeedState>>,
+    ) -> Self {
         Replicator { cfg, pg, state, assembler: TransactionAssembler::new(), relations_loaded: false, target: None }
     }
 
@@ -187,8 +193,12 @@ impl Replicator {
         });
         let reason = match &state_row {
             None => Some("no replication state"),
-            Some(_) if !slot_ok => Some(if slot.is_some() { "replication slot lost" } else { "replication slot missing" }),
-            Some(r) if r.get::<_, String>(1) != ident_sys.system_id => Some("different database cluster (system identifier)"),
+            Some(_) if !slot_ok => {
+                Some(if slot.is_some() { "replication slot lost" } else { "replication slot missing" })
+            }
+            Some(r) if r.get::<_, String>(1) != ident_sys.system_id => {
+                Some("different database cluster (system identifier)")
+            }
             Some(r) if r.get::<_, String>(2) != cfg.slot_name => Some("slot name changed"),
             // History rows hold mapped values: written under another mapping they would not
             // match what snapshots and the stream send now.
@@ -203,15 +213,17 @@ impl Replicator {
                 repl.simple_query(&format!("DROP_REPLICATION_SLOT {}", ident(&cfg.slot_name))).await?;
             }
             let rows = repl
-                .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')", ident(&cfg.slot_name)))
+                .simple_query(&format!(
+                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
+                    ident(&cfg.slot_name)
+                ))
                 .await?;
             let cp = rows
                 .first()
                 .and_then(|r| r.get(1).cloned().flatten())
                 .ok_or_else(|| Error::Other("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
-            let cp: Lsn = String::from_utf8_lossy(&cp)
-                .parse()
-                .map_err(|e| Error::Other(format!("consistent point: {e}")))?;
+            let cp: Lsn =
+                String::from_utf8_lossy(&cp).parse().map_err(|e| Error::Other(format!("consistent point: {e}")))?;
             // Unique across restores of older backups: never reuse a number a client may hold.
             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             let generation = (old_gen as u64 + 1).max(now_us);
@@ -243,8 +255,7 @@ impl Replicator {
             let w = Lsn(u64::from(r.get::<_, PgLsn>(3)));
             let h = Lsn(u64::from(r.get::<_, PgLsn>(4)));
             // Chunks of a transaction that did not finish before the connection was lost.
-            sql.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn > $1"), &[&PgLsn::from(w.0)])
-                .await?;
+            sql.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn > $1"), &[&PgLsn::from(w.0)]).await?;
             if !self.relations_loaded {
                 self.assembler = self.fresh_assembler(&sql).await?;
                 self.load_relations(&sql).await?;
@@ -265,10 +276,7 @@ impl Replicator {
         if self.target.is_none() {
             let now: PgLsn = sql.query_one("SELECT pg_current_wal_lsn()", &[]).await?.get(0);
             let mut target = Lsn(u64::from(now));
-            match sql
-                .query_one("SELECT pg_logical_emit_message(false, $1, 'caught_up')", &[&MESSAGE_PREFIX])
-                .await
-            {
+            match sql.query_one("SELECT pg_logical_emit_message(false, $1, 'caught_up')", &[&MESSAGE_PREFIX]).await {
                 Ok(r) => target = target.max(Lsn(u64::from(r.get::<_, PgLsn>(0)))),
                 Err(e) => tracing::debug!(error = %e, "pg_logical_emit_message not allowed; waiting for keepalives"),
             }
@@ -346,7 +354,10 @@ impl Replicator {
         // closed) rather than leak keys of other users' rows.
         for table in &cfg.tables {
             let kind: String = sql
-                .query_one("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)", &[&qualified_ident(table)])
+                .query_one(
+                    "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
+                    &[&qualified_ident(table)],
+                )
                 .await?
                 .get(0);
             if kind == "f" {
@@ -367,14 +378,18 @@ impl Replicator {
             }
         }
         let want: std::collections::BTreeSet<String> = cfg.tables.iter().cloned().collect();
-        let exists = sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await?.is_some();
+        let exists =
+            sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await?.is_some();
         let list = cfg.tables.iter().map(|t| qualified_ident(t)).collect::<Vec<_>>().join(", ");
         if !exists {
             sql.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {list}", ident(&cfg.publication))).await?;
             return Ok(());
         }
         let have: std::collections::BTreeSet<String> = sql
-            .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[&cfg.publication])
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                &[&cfg.publication],
+            )
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -387,9 +402,7 @@ impl Replicator {
     }
 
     async fn load_relations(&mut self, sql: &Client) -> Result<(), Error> {
-        let rows = sql
-            .query(&format!("SELECT definition FROM {}.relations", ident(&self.cfg.schema)), &[])
-            .await?;
+        let rows = sql.query(&format!("SELECT definition FROM {}.relations", ident(&self.cfg.schema)), &[]).await?;
         for r in rows {
             let v: Value = r.get(0);
             if let Some(rel) = relation_from_json(&v) {
@@ -441,7 +454,11 @@ impl Replicator {
                 ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                     let final_lsn = Lsn(final_lsn.as_u64());
                     st.skipping = final_lsn <= st.watermark;
-                    self.assembler.push(LogicalMessage::Begin(Begin { final_lsn, commit_time: commit_time_micros, xid }))?;
+                    self.assembler.push(LogicalMessage::Begin(Begin {
+                        final_lsn,
+                        commit_time: commit_time_micros,
+                        xid,
+                    }))?;
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let msg = st.decoder.decode(&data)?;
@@ -536,7 +553,12 @@ impl Replicator {
         }
         let tx = st.sql.transaction().await?;
         let next = Self::next_full_xid(&tx).await?;
-        let rows = [TxnRows { xid: part.xid, commit_lsn: part.commit_lsn, commit_time: part.commit_time, changes: &part.changes }];
+        let rows = [TxnRows {
+            xid: part.xid,
+            commit_lsn: part.commit_lsn,
+            commit_time: part.commit_time,
+            changes: &part.changes,
+        }];
         copy_in(&tx, &self.cfg.schema, &rows, next).await?;
         tx.commit().await?;
         tracing::debug!(rows = part.changes.len(), "pgsync: wrote chunk of open transaction");
@@ -570,7 +592,9 @@ impl Replicator {
             .await?;
         }
         tx.execute(
-            &format!("UPDATE {s}.replication_state SET watermark = $1, updated_at = now() WHERE id = 1 AND watermark < $1"),
+            &format!(
+                "UPDATE {s}.replication_state SET watermark = $1, updated_at = now() WHERE id = 1 AND watermark < $1"
+            ),
             &[&PgLsn::from(watermark.0)],
         )
         .await?;

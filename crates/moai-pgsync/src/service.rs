@@ -22,6 +22,7 @@ use crate::access::Access;
 use crate::change_history::{self, PageItem};
 use crate::config::{Error, PgSyncConfig};
 use crate::db::{self, ident, qualified_ident, SharedClient};
+use crate::filter::filter_op;
 use crate::lsn::Lsn;
 use crate::pgoutput::RelationCache;
 use crate::position::Position;
@@ -31,7 +32,6 @@ use crate::protocol::{
 };
 use crate::replicator::{FeedState, Phase, Replicator};
 use crate::session::{Action, Event, HistoryRow, PageQuery, Session, SessionConfig, Stitch};
-use crate::filter::filter_op;
 use crate::shape::{Shape, Truth};
 use crate::value_mapping;
 
@@ -297,7 +297,8 @@ async fn maintenance_once(inner: &Inner) -> Result<(), Error> {
     if let Some(max_age) = inner.cfg.retention {
         let generation = inner.feed.borrow().generation;
         if let Some(h) =
-            change_history::apply_retention(&mut client, &inner.cfg.schema, generation, max_age, inner.cfg.client_ttl).await?
+            change_history::apply_retention(&mut client, &inner.cfg.schema, generation, max_age, inner.cfg.client_ttl)
+                .await?
         {
             inner.feed_tx.send_modify(|s| s.horizon = s.horizon.max(h));
         }
@@ -692,7 +693,9 @@ impl Driver {
                 };
                 let items = match items {
                     Ok(items) => items,
-                    Err(e) => return Err(self.fatal(ErrorCode::Internal, format!("reading history failed: {e}")).await),
+                    Err(e) => {
+                        return Err(self.fatal(ErrorCode::Internal, format!("reading history failed: {e}")).await)
+                    }
                 };
                 let mut rows: Vec<HistoryRow> = Vec::with_capacity(items.len());
                 for item in items {
@@ -704,8 +707,15 @@ impl Driver {
                             rows.push(r);
                         }
                         PageItem::SchemaChanged { table, .. } => {
-                            let shape_ids = self.shapes.iter().filter(|(_, s)| s.table == table).map(|(id, _)| id.clone()).collect();
-                            let _ = self.send(&ServerMessage::MustRefetch { reason: RefetchReason::SchemaChanged, shape_ids }).await;
+                            let shape_ids = self
+                                .shapes
+                                .iter()
+                                .filter(|(_, s)| s.table == table)
+                                .map(|(id, _)| id.clone())
+                                .collect();
+                            let _ = self
+                                .send(&ServerMessage::MustRefetch { reason: RefetchReason::SchemaChanged, shape_ids })
+                                .await;
                             return Err(SessionEnd::Closed);
                         }
                     }
@@ -802,13 +812,17 @@ impl Driver {
                 batch.push(shape.project(&row));
                 if batch.len() >= limit {
                     let rows = std::mem::take(&mut batch);
-                    if let Err(end) = self.send(&ServerMessage::SnapshotBatch { snapshot_id: snapshot_id.clone(), rows }).await {
+                    if let Err(end) =
+                        self.send(&ServerMessage::SnapshotBatch { snapshot_id: snapshot_id.clone(), rows }).await
+                    {
                         return Ok(Err(end));
                     }
                 }
             }
             if !batch.is_empty() {
-                if let Err(end) = self.send(&ServerMessage::SnapshotBatch { snapshot_id: snapshot_id.clone(), rows: batch }).await {
+                if let Err(end) =
+                    self.send(&ServerMessage::SnapshotBatch { snapshot_id: snapshot_id.clone(), rows: batch }).await
+                {
                     return Ok(Err(end));
                 }
             }
@@ -852,7 +866,10 @@ struct ColumnInfo {
     mapping: value_mapping::Mapping,
 }
 
-async fn table_columns<C: tokio_postgres::GenericClient + Sync>(client: &C, table: &str) -> Result<Vec<ColumnInfo>, Error> {
+async fn table_columns<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<ColumnInfo>, Error> {
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, t.typnamespace::regnamespace::text || '.' || t.typname::text \

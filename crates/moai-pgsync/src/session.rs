@@ -31,8 +31,8 @@ use std::collections::VecDeque;
 use crate::lsn::Lsn;
 use crate::position::Position;
 use crate::protocol::{
-    ClientMessage, ErrorCode, ErrorMessage, Hello, RefetchReason, ServerMessage, WelcomeMode,
-    WireOp, WireTransaction, PROTOCOL_VERSION,
+    ClientMessage, ErrorCode, ErrorMessage, Hello, RefetchReason, ServerMessage, WelcomeMode, WireOp, WireTransaction,
+    PROTOCOL_VERSION,
 };
 use crate::shape::Shape;
 
@@ -96,7 +96,9 @@ pub enum Action {
     Send(ServerMessage),
     /// Run the shapes' snapshot in a REPEATABLE READ transaction, stream `snapshot_*` frames,
     /// then report `SnapshotFinished`.
-    TakeSnapshot { shapes: Vec<Shape> },
+    TakeSnapshot {
+        shapes: Vec<Shape>,
+    },
     QueryPage(PageQuery),
     /// Durably store the client's acked position (monotonic).
     PersistPosition(Position),
@@ -114,7 +116,10 @@ enum State {
     AwaitHello,
     Snapshotting,
     /// Catching up to a fixed `upto`; `stitch` set for a new client's first catch-up.
-    CatchingUp { upto: Lsn, stitch: Option<Stitch> },
+    CatchingUp {
+        upto: Lsn,
+        stitch: Option<Stitch>,
+    },
     Live,
     Closed,
 }
@@ -401,7 +406,13 @@ impl Session {
         if let Some(open) = self.open_partial {
             if groups.first().is_none_or(|g| g[0].position.lsn != open) {
                 // The partial transaction ended exactly at the previous page boundary.
-                txns.push(WireTransaction { lsn: open, xid: String::new(), commit_time: String::new(), last: true, ops: vec![] });
+                txns.push(WireTransaction {
+                    lsn: open,
+                    xid: String::new(),
+                    commit_time: String::new(),
+                    last: true,
+                    ops: vec![],
+                });
                 self.open_partial = None;
             }
         }
@@ -420,7 +431,13 @@ impl Session {
             let head = &g[0];
             let (lsn, xid, commit_time) = (head.position.lsn, head.xid.clone(), head.commit_time.clone());
             to = g.last().map(|r| r.position);
-            txns.push(WireTransaction { lsn, xid, commit_time, last, ops: g.into_iter().filter_map(|r| r.op).collect() });
+            txns.push(WireTransaction {
+                lsn,
+                xid,
+                commit_time,
+                last,
+                ops: g.into_iter().filter_map(|r| r.op).collect(),
+            });
             self.open_partial = if last { None } else { Some(lsn) };
         }
         let sent_any = !txns.is_empty();

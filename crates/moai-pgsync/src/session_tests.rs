@@ -24,7 +24,12 @@ fn hello(position: Option<Position>, generation: Option<u64>, batch: u32, window
         client_id: "c1".into(),
         generation,
         position,
-        shapes: vec![ShapeRequest { id: "todos".into(), table: "public.todos".into(), columns: None, where_: Some("done = false".into()) }],
+        shapes: vec![ShapeRequest {
+            id: "todos".into(),
+            table: "public.todos".into(),
+            columns: None,
+            where_: Some("done = false".into()),
+        }],
         auth: None,
         max_batch_rows: Some(batch),
         window: Some(window),
@@ -180,7 +185,8 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
     );
     // Stitched catch-up: everything after the snapshot's h up to W.
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
-    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100) && p.lsn <= Lsn(0x400)).collect();
+    let want: Vec<Position> =
+        h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100) && p.lsn <= Lsn(0x400)).collect();
     assert_eq!(got, want);
     assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
 
@@ -190,7 +196,10 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
     });
-    assert_eq!(q, Some(PageQuery { after: Some(Position::end_of(Lsn(0x400))), upto: Lsn(0x700), limit: 4, stitch: None }));
+    assert_eq!(
+        q,
+        Some(PageQuery { after: Some(Position::end_of(Lsn(0x400))), upto: Lsn(0x700), limit: 4, stitch: None })
+    );
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
     let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100)).collect();
     assert_eq!(got, want, "no gap and no duplicate across the handoff");
@@ -236,7 +245,9 @@ fn bad_acks_are_rejected_without_moving_the_position() {
 fn refetch_cases_and_protocol_errors() {
     let mut s = Session::new(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(0x50), 0)), Some(6), 10, 4));
-    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, shape_ids }) if shape_ids == &vec!["todos".to_string()]));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, shape_ids }) if shape_ids == &vec!["todos".to_string()])
+    );
     assert!(matches!(out.last(), Some(Action::TakeSnapshot { .. })));
 
     let mut s = Session::new(cfg(0x100));
@@ -295,15 +306,18 @@ fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
     // Another generation's position is a refetch, not an error, however high it is.
     let mut s = Session::new(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(u64::MAX), 0)), Some(6), 10, 4));
-    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, .. })));
+    assert!(matches!(
+        &out[0],
+        Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, .. })
+    ));
 }
 
 #[test]
 fn pages_that_break_the_keyset_contract_are_fatal() {
     let h = history(&[3]);
     for bad in [
-        vec![h[1].clone(), h[0].clone()],             // out of order
-        vec![h[0].clone(), h[0].clone()],             // duplicate
+        vec![h[1].clone(), h[0].clone()],                           // out of order
+        vec![h[0].clone(), h[0].clone()],                           // duplicate
         history(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])[10..].to_vec(), // beyond upto
     ] {
         let mut s = Session::new(cfg(0x100));
@@ -329,7 +343,9 @@ fn transaction_ending_exactly_at_page_boundary_is_closed_with_empty_part() {
     let parts: Vec<(bool, usize)> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send(ServerMessage::Changes { txns, .. }) => Some(txns.iter().map(|t| (t.last, t.ops.len())).collect::<Vec<_>>()),
+            Action::Send(ServerMessage::Changes { txns, .. }) => {
+                Some(txns.iter().map(|t| (t.last, t.ops.len())).collect::<Vec<_>>())
+            }
             _ => None,
         })
         .flatten()
@@ -426,7 +442,10 @@ fn subscribe_counts_against_the_same_shape_limit() {
     // Within the limit: still the (non-fatal) "not supported yet".
     assert!(s.refuse(&ClientMessage::Subscribe { shapes: vec![one.clone()] }).is_none());
     let out = s.handle(Event::Client(ClientMessage::Subscribe { shapes: vec![one.clone(), one] }));
-    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal), "{out:?}");
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal),
+        "{out:?}"
+    );
     assert!(s.is_closed());
 }
 
@@ -435,7 +454,9 @@ fn an_over_long_client_id_is_refused() {
     let mut s = Session::new(cfg(0x400));
     assert!(s.refuse(&hello_with(&"x".repeat(256), 1, None)).is_none());
     let out = s.refuse(&hello_with(&"x".repeat(257), 1, None)).expect("refused");
-    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && e.fatal && e.message.contains("client_id")));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && e.fatal && e.message.contains("client_id"))
+    );
     assert!(s.is_closed());
 }
 

@@ -104,9 +104,7 @@ fn syntax(at: usize, message: impl Into<String>) -> ShapeError {
 
 impl Shape {
     pub fn parse(table: &str, columns: Option<Vec<String>>, where_: Option<&str>) -> Result<Shape, ShapeError> {
-        let valid_table = table
-            .split_once('.')
-            .is_some_and(|(s, t)| is_plain_ident(s) && is_plain_ident(t));
+        let valid_table = table.split_once('.').is_some_and(|(s, t)| is_plain_ident(s) && is_plain_ident(t));
         if !valid_table {
             return Err(ShapeError::BadTable(table.to_owned()));
         }
@@ -392,7 +390,9 @@ fn literal(at: usize, tok: Tok) -> Result<Literal, ShapeError> {
         }
         Tok::Word(w) if w.eq_ignore_ascii_case("true") => Ok(Literal::Bool(true)),
         Tok::Word(w) if w.eq_ignore_ascii_case("false") => Ok(Literal::Bool(false)),
-        Tok::Word(w) if w.eq_ignore_ascii_case("null") => Err(syntax(at, "comparison with NULL is never true; use IS NULL")),
+        Tok::Word(w) if w.eq_ignore_ascii_case("null") => {
+            Err(syntax(at, "comparison with NULL is never true; use IS NULL"))
+        }
         other => Err(syntax(at, format!("expected a literal, found {}", describe(&other)))),
     }
 }

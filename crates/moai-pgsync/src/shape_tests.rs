@@ -20,7 +20,9 @@ fn err(w: &str) -> ShapeError {
 
 #[test]
 fn parses_all_supported_forms() {
-    let s = shape(r#"owner_id = 'u''1' and prio >= -2 AND score < 1.5 and "Done" != true AND deleted_at IS NULL AND x is not null"#);
+    let s = shape(
+        r#"owner_id = 'u''1' and prio >= -2 AND score < 1.5 and "Done" != true AND deleted_at IS NULL AND x is not null"#,
+    );
     assert_eq!(
         s.conditions,
         vec![
@@ -36,7 +38,10 @@ fn parses_all_supported_forms() {
     assert!(shape("a <= 1 AND b > 'z'").conditions.len() == 2);
     assert!(Shape::parse("public.todos", None, None).unwrap().conditions.is_empty());
     assert!(Shape::parse("public.todos", None, Some("  ")).unwrap().conditions.is_empty());
-    assert_eq!(shape("name = 'héllo wörld'").conditions[0].test, Test::Compare(CmpOp::Eq, Literal::Str("héllo wörld".into())));
+    assert_eq!(
+        shape("name = 'héllo wörld'").conditions[0].test,
+        Test::Compare(CmpOp::Eq, Literal::Str("héllo wörld".into()))
+    );
 }
 
 #[test]

@@ -23,8 +23,8 @@ use serde_json::Value;
 use crate::lsn::Lsn;
 use crate::pg_time;
 use crate::pgoutput::{
-    ColumnValue, DecodingMessage, LogicalMessage, OldTuple, Oid, PgTimestamp, Relation,
-    RelationCache, RelationUpdate, TupleData,
+    ColumnValue, DecodingMessage, LogicalMessage, Oid, OldTuple, PgTimestamp, Relation, RelationCache, RelationUpdate,
+    TupleData,
 };
 use crate::position::Position;
 use crate::protocol::{ColumnSchema, Row, WireOp, WireTransaction};
@@ -483,10 +483,8 @@ impl TransactionAssembler {
                     row.insert(col.name.clone(), Value::Null);
                 }
                 ColumnValue::Text(bytes) => {
-                    let text = std::str::from_utf8(bytes).map_err(|_| AssembleError::InvalidUtf8 {
-                        table: qualified(rel),
-                        column: col.name.clone(),
-                    })?;
+                    let text = std::str::from_utf8(bytes)
+                        .map_err(|_| AssembleError::InvalidUtf8 { table: qualified(rel), column: col.name.clone() })?;
                     row.insert(col.name.clone(), value_mapping::map_text(&self.types.get(col.type_oid), text));
                 }
                 ColumnValue::Binary(_) => {

@@ -1,9 +1,7 @@
 //! Transaction assembler tests, driven with decoded messages (as the replicator would).
 
 use super::*;
-use crate::pgoutput::{
-    Begin, Commit, Delete, Insert, Origin, ReplicaIdentity, RelationColumn, Truncate, Update,
-};
+use crate::pgoutput::{Begin, Commit, Delete, Insert, Origin, RelationColumn, ReplicaIdentity, Truncate, Update};
 use serde_json::json;
 
 const TODOS: Oid = 16384;
@@ -261,7 +259,12 @@ fn delete_with_key_tuple_and_truncate_of_many_tables() {
                 relation_id: TODOS,
                 old: OldTuple::Key(tuple(vec![t("4"), ColumnValue::Null, ColumnValue::Null])),
             }),
-            LogicalMessage::Truncate(Truncate { xid: None, cascade: false, restart_identity: false, relation_ids: vec![TODOS, NOTES] }),
+            LogicalMessage::Truncate(Truncate {
+                xid: None,
+                cascade: false,
+                restart_identity: false,
+                relation_ids: vec![TODOS, NOTES],
+            }),
             commit(0x40),
         ],
     ));
@@ -292,8 +295,7 @@ fn changed_relation_inside_transaction_emits_schema_change() {
     assert_eq!(txn.changes.len(), 2);
     let s = &txn.changes[0];
     assert_eq!((s.op, s.seq, s.op.code()), (ChangeOp::Schema, 0, 'S'));
-    let cols: Vec<(String, String)> =
-        s.schema.clone().unwrap().into_iter().map(|c| (c.name, c.type_name)).collect();
+    let cols: Vec<(String, String)> = s.schema.clone().unwrap().into_iter().map(|c| (c.name, c.type_name)).collect();
     assert_eq!(cols.last(), Some(&("prio".to_string(), "int4".to_string())));
     assert_eq!(txn.changes[1].row.as_ref().and_then(|r| r.get("prio")), Some(&json!(3)));
     // Schema markers are not client ops.
@@ -304,7 +306,13 @@ fn changed_relation_inside_transaction_emits_schema_change() {
 fn messages_transactional_and_not() {
     let mut a = TransactionAssembler::new();
     let msg = |transactional| {
-        LogicalMessage::Message(DecodingMessage { xid: None, transactional, lsn: Lsn(5), prefix: "moai".into(), content: vec![1] })
+        LogicalMessage::Message(DecodingMessage {
+            xid: None,
+            transactional,
+            lsn: Lsn(5),
+            prefix: "moai".into(),
+            content: vec![1],
+        })
     };
     let out = a.push(msg(false)).unwrap();
     assert!(matches!(out, Some(Assembled::Message(m)) if !m.transactional));
@@ -323,7 +331,10 @@ fn protocol_violations_are_typed_errors() {
     a.push(begin(1, 1)).unwrap();
     assert_eq!(a.push(begin(2, 2)), Err(AssembleError::NestedBegin { open: 1, new: 2 }));
     assert_eq!(a.push(insert(999, vec![])), Err(AssembleError::UnknownRelation(999)));
-    assert!(matches!(a.push(insert(TODOS, vec![t("1")])), Err(AssembleError::ColumnCountMismatch { expected: 3, got: 1, .. })));
+    assert!(matches!(
+        a.push(insert(TODOS, vec![t("1")])),
+        Err(AssembleError::ColumnCountMismatch { expected: 3, got: 1, .. })
+    ));
     assert!(matches!(
         a.push(insert(TODOS, vec![t("1"), ColumnValue::Binary(vec![1]), t("f")])),
         Err(AssembleError::BinaryColumn { .. })
@@ -337,16 +348,18 @@ fn protocol_violations_are_typed_errors() {
         Err(AssembleError::MissingKeyValue { .. })
     ));
     assert!(matches!(
-        a.push(LogicalMessage::Truncate(Truncate { xid: None, cascade: false, restart_identity: false, relation_ids: vec![TODOS, 77] })),
+        a.push(LogicalMessage::Truncate(Truncate {
+            xid: None,
+            cascade: false,
+            restart_identity: false,
+            relation_ids: vec![TODOS, 77]
+        })),
         Err(AssembleError::UnknownRelation(77))
     ));
     assert_eq!(a.push(LogicalMessage::StreamStop), Err(AssembleError::StreamingUnsupported));
     // Failed pushes left nothing behind: the good insert after them gets seq 0.
     a.push(insert(TODOS, vec![t("1"), t("a"), t("f")])).unwrap();
-    assert_eq!(
-        a.push(commit(2)),
-        Err(AssembleError::CommitLsnMismatch { begin: Lsn(1), commit: Lsn(2) })
-    );
+    assert_eq!(a.push(commit(2)), Err(AssembleError::CommitLsnMismatch { begin: Lsn(1), commit: Lsn(2) }));
     let txn = only_txn(vec![a.push(commit(1)).unwrap().unwrap()]);
     assert_eq!(txn.changes.len(), 1);
     assert_eq!(txn.changes[0].seq, 0);
@@ -386,7 +399,11 @@ fn decoder_and_assembler_compose_on_fuzzed_streams_without_panicking() {
             let msg: Vec<u8> = match next() % 4 {
                 0 => [&[b'B'][..], &[0, 0, 0, 0, 0, 0, 0, 9], &[0; 8], &[0, 0, 0, 1]].concat(),
                 1 => [&[b'C', 0][..], &[0, 0, 0, 0, 0, 0, 0, 9], &[0; 16]].concat(),
-                2 => [&[b'I', 0, 0, 0x40, 0, b'N', 0, 2, b't', 0, 0, 0, 1, b'7'][..], &[[b'n', b'u', b'b'][(next() % 3) as usize]]].concat(),
+                2 => [
+                    &[b'I', 0, 0, 0x40, 0, b'N', 0, 2, b't', 0, 0, 0, 1, b'7'][..],
+                    &[[b'n', b'u', b'b'][(next() % 3) as usize]],
+                ]
+                .concat(),
                 _ => (0..(next() % 20)).map(|_| next() as u8).collect(),
             };
             if let Ok(m) = d.decode(&msg) {

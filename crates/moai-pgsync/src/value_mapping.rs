@@ -153,7 +153,10 @@ impl TypeMap {
 
 /// The mapping of `oid` from the catalog: domains by their base type (recursively), arrays by
 /// their element type, enums and anything unknown (including a type dropped since) as text.
-pub async fn resolve<C: tokio_postgres::GenericClient + Sync>(client: &C, oid: Oid) -> Result<Mapping, tokio_postgres::Error> {
+pub async fn resolve<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    oid: Oid,
+) -> Result<Mapping, tokio_postgres::Error> {
     let mut oid = oid;
     // Array levels above the current type, innermost last, with their element delimiters.
     let mut arrays: Vec<u8> = Vec::new();
@@ -255,7 +258,10 @@ fn plain_number(t: &str) -> Option<Value> {
     if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    if exp == 0 && !(int.len() > 1 && int.starts_with('0')) && !(neg && mantissa.bytes().all(|b| b == b'0' || b == b'.')) {
+    if exp == 0
+        && !(int.len() > 1 && int.starts_with('0'))
+        && !(neg && mantissa.bytes().all(|b| b == b'0' || b == b'.'))
+    {
         // Already plain (the common case): keep the text.
         return serde_json::from_str::<Number>(t).ok().map(Value::Number);
     }
@@ -301,7 +307,9 @@ fn plain_numbers(v: &mut Value) {
 /// else (`infinity`, BC dates, another DateStyle) unchanged.
 fn iso_timestamp(text: &str, with_offset: bool) -> String {
     let Some((date, time)) = text.split_once(' ') else { return text.to_owned() };
-    let date_ok = date.len() >= 10 && date.bytes().all(|b| b.is_ascii_digit() || b == b'-') && date.as_bytes()[date.len() - 3] == b'-';
+    let date_ok = date.len() >= 10
+        && date.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+        && date.as_bytes()[date.len() - 3] == b'-';
     if !date_ok || time.contains(' ') {
         return text.to_owned();
     }
@@ -328,7 +336,8 @@ fn split_offset(t: &str) -> Option<(&str, &str)> {
     let i = t.find(['+', '-'])?;
     let (time, offset) = t.split_at(i);
     let digits = &offset[1..];
-    let ok = matches!(digits.len(), 2 | 5 | 8) && digits.bytes().enumerate().all(|(j, c)| if j % 3 == 2 { c == b':' } else { c.is_ascii_digit() });
+    let ok = matches!(digits.len(), 2 | 5 | 8)
+        && digits.bytes().enumerate().all(|(j, c)| if j % 3 == 2 { c == b':' } else { c.is_ascii_digit() });
     ok.then_some((time, offset))
 }
 
@@ -478,7 +487,10 @@ mod tests {
         assert_eq!(text_to_json(BPCHAR, "ab   "), json!("ab   "));
         assert_eq!(text_to_json(DATE, "2026-01-02"), json!("2026-01-02"));
         assert_eq!(text_to_json(INTERVAL, "1 day 02:03:04"), json!("1 day 02:03:04"));
-        assert_eq!(text_to_json(UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        assert_eq!(
+            text_to_json(UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
         assert_eq!(text_to_json(INET, "192.168.0.1"), json!("192.168.0.1"));
         assert_eq!(text_to_json(INET, "10.0.0.0/8"), json!("10.0.0.0/8"));
         assert_eq!(text_to_json(BYTEA, r"\x00ff"), json!(r"\x00ff"));
@@ -488,7 +500,10 @@ mod tests {
     #[test]
     fn timestamps_become_iso_8601() {
         assert_eq!(text_to_json(TIMESTAMPTZ, "2026-01-02 01:04:05+00"), json!("2026-01-02T01:04:05+00:00"));
-        assert_eq!(text_to_json(TIMESTAMPTZ, "2026-01-02 01:04:05.123456+00"), json!("2026-01-02T01:04:05.123456+00:00"));
+        assert_eq!(
+            text_to_json(TIMESTAMPTZ, "2026-01-02 01:04:05.123456+00"),
+            json!("2026-01-02T01:04:05.123456+00:00")
+        );
         assert_eq!(text_to_json(TIMESTAMPTZ, "2026-01-02 01:04:05+05:30"), json!("2026-01-02T01:04:05+05:30"));
         assert_eq!(text_to_json(TIMESTAMPTZ, "1900-01-01 00:00:00-00:09:21"), json!("1900-01-01T00:00:00-00:09:21"));
         assert_eq!(text_to_json(TIMESTAMPTZ, "12026-01-02 01:04:05+00"), json!("12026-01-02T01:04:05+00:00"));
@@ -560,7 +575,10 @@ mod tests {
         assert_eq!(text_to_json(1007, "{1,2"), json!("{1,2"));
         assert_eq!(text_to_json(1007, "{1,2}x"), json!("{1,2}x"));
         // Another delimiter (box uses ';').
-        assert_eq!(map_text(&Mapping::Array(Box::new(Mapping::Text), b';'), "{(1,1),(0,0);(2,2),(1,1)}"), json!(["(1,1),(0,0)", "(2,2),(1,1)"]));
+        assert_eq!(
+            map_text(&Mapping::Array(Box::new(Mapping::Text), b';'), "{(1,1),(0,0);(2,2),(1,1)}"),
+            json!(["(1,1),(0,0)", "(2,2),(1,1)"])
+        );
         // An array of a domain over int4[] quotes its elements; they are arrays again.
         assert_eq!(map_text(&arr(arr(Mapping::Int)), r#"{"{1,2}","{3}"}"#), json!([[1, 2], [3]]));
     }

@@ -43,11 +43,8 @@ async fn setup_role(cluster: &PgCluster, role: &str, password: &str, encryption:
     ))
     .await
     .expect("create role");
-    let stored: String = c
-        .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&role])
-        .await
-        .unwrap()
-        .get(0);
+    let stored: String =
+        c.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&role]).await.unwrap().get(0);
     let prefix = if encryption == "md5" { "md5" } else { "SCRAM-SHA-256$" };
     assert!(stored.starts_with(prefix), "password stored as {encryption}: {stored}");
 }

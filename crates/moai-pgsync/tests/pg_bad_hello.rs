@@ -27,7 +27,10 @@ async fn one_frame(sync: &PgSync, frame: String) -> (Vec<Value>, SessionEnd) {
     let (itx, irx) = mpsc::channel(8);
     let (otx, mut orx) = mpsc::channel(64);
     let s = sync.clone();
-    let task = tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await });
+    let task =
+        tokio::spawn(
+            async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await },
+        );
     itx.send(frame).await.unwrap();
     // The input stays open: the session must end by itself.
     let end = tokio::time::timeout(Duration::from_secs(30), task).await.expect("session ends by itself").unwrap();
@@ -98,7 +101,9 @@ async fn bad_hellos_get_a_coded_fatal_error_and_the_session_closes() {
     let (itx, irx) = mpsc::channel(8);
     let (otx, mut orx) = mpsc::channel(64);
     let s = sync.clone();
-    tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await });
+    tokio::spawn(
+        async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await },
+    );
     itx.send(hello(Value::Null, Value::Null)).await.unwrap();
     loop {
         let t = tokio::time::timeout(Duration::from_secs(30), orx.recv()).await.expect("reply").expect("open");

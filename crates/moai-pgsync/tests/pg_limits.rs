@@ -28,7 +28,9 @@ async fn setup(rows: u32) -> (PgCluster, Client) {
     let c = sql(&cluster).await;
     c.batch_execute("CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL)").await.unwrap();
     if rows > 0 {
-        c.batch_execute(&format!("INSERT INTO public.items SELECT i, i FROM generate_series(1, {rows}) i")).await.unwrap();
+        c.batch_execute(&format!("INSERT INTO public.items SELECT i, i FROM generate_series(1, {rows}) i"))
+            .await
+            .unwrap();
     }
     (cluster, c)
 }
@@ -61,7 +63,9 @@ impl Raw {
         let (otx, orx) = mpsc::channel(out_cap);
         let s = sync.clone();
         let subject = subject.map(str::to_owned);
-        let task = tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), subject, std::future::pending()).await });
+        let task = tokio::spawn(async move {
+            s.run_session(irx, otx, moai_pgsync::Access::all(), subject, std::future::pending()).await
+        });
         Raw { tx: Some(itx), rx: orx, task, snapshot_rows: 0 }
     }
 
@@ -73,11 +77,13 @@ impl Raw {
         let shapes: Vec<Value> = (0..shapes).map(|i| json!({"id": format!("s{i}"), "table": ITEMS})).collect();
         self.send(json!({"type":"hello","protocol":1,"client_id":client_id,"generation":generation,
             "position":position,"shapes":shapes,"max_batch_rows":batch}))
-        .await;
+            .await;
     }
 
     async fn next(&mut self) -> Option<Value> {
-        let text = tokio::time::timeout(Duration::from_secs(60), self.rx.recv()).await.expect("timed out waiting for a server message")?;
+        let text = tokio::time::timeout(Duration::from_secs(60), self.rx.recv())
+            .await
+            .expect("timed out waiting for a server message")?;
         let v: Value = serde_json::from_str(&text).unwrap();
         if v["type"] == "snapshot_batch" {
             self.snapshot_rows += v["rows"].as_array().unwrap().len();
@@ -300,7 +306,8 @@ async fn registry_rows_are_per_subject_bounded_and_upgraded_in_place() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(pk, ["subject", "client_id"]);
-    let legacy: String = c.query_one("SELECT subject FROM moai_sync.clients WHERE client_id = 'legacy'", &[]).await.unwrap().get(0);
+    let legacy: String =
+        c.query_one("SELECT subject FROM moai_sync.clients WHERE client_id = 'legacy'", &[]).await.unwrap().get(0);
     assert_eq!(legacy, "", "old rows are kept under the empty subject");
 
     // Same client_id, two subjects: alice acks, bob only connects afterwards.
@@ -340,7 +347,8 @@ async fn registry_rows_are_per_subject_bounded_and_upgraded_in_place() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(alice_ids, ["a2", "a3", "a4"]);
-    let others: i64 = c.query_one("SELECT count(*) FROM moai_sync.clients WHERE subject <> 'alice'", &[]).await.unwrap().get(0);
+    let others: i64 =
+        c.query_one("SELECT count(*) FROM moai_sync.clients WHERE subject <> 'alice'", &[]).await.unwrap().get(0);
     assert_eq!(others, 2, "bob's row and the legacy row stay");
     sync.shutdown().await;
 }
@@ -355,7 +363,11 @@ async fn too_many_shapes_and_long_client_ids_end_the_session() {
         let mut s = Raw::open(&sync, None, 64);
         s.hello(client_id, None, Value::Null, shapes, 100).await;
         let e = s.next().await.expect("an error");
-        assert_eq!((e["type"].as_str(), e["code"].as_str(), e["fatal"].as_bool()), (Some("error"), Some(code), Some(true)), "{e}");
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["fatal"].as_bool()),
+            (Some("error"), Some(code), Some(true)),
+            "{e}"
+        );
         assert!(s.next().await.is_none(), "the session ends after the error");
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), s.task).await.unwrap().unwrap(), SessionEnd::Closed);
     }

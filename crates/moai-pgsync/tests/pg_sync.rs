@@ -36,9 +36,7 @@ async fn setup() -> (PgCluster, Client) {
         .try_init();
     let cluster = PgCluster::start();
     let c = sql(&cluster).await;
-    c.batch_execute("CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL, note text)")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL, note text)").await.unwrap();
     (cluster, c)
 }
 
@@ -304,11 +302,8 @@ async fn concurrent_transactions_arrive_in_commit_order() {
     b.batch_execute("INSERT INTO items VALUES (4, 4, 'b2'); COMMIT").await.unwrap();
     a.batch_execute("COMMIT").await.unwrap();
     client.until("both transactions", |cl| cl.applied.len() >= 2).await;
-    let ids: Vec<Vec<i64>> = client
-        .applied
-        .iter()
-        .map(|(_, ops)| ops.iter().map(|o| o["key"]["id"].as_i64().unwrap()).collect())
-        .collect();
+    let ids: Vec<Vec<i64>> =
+        client.applied.iter().map(|(_, ops)| ops.iter().map(|o| o["key"]["id"].as_i64().unwrap()).collect()).collect();
     assert_eq!(ids, vec![vec![2, 4], vec![1, 3]], "whole transactions, in commit order");
     sync.shutdown().await;
 }
@@ -322,9 +317,7 @@ async fn a_schema_change_makes_subscribed_clients_refetch() {
     client.expect_type("up_to_date").await;
     c.batch_execute("INSERT INTO items VALUES (1, 1, 'x')").await.unwrap();
     client.until("first row", |cl| cl.table(ITEMS).len() == 1).await;
-    c.batch_execute("ALTER TABLE items ADD COLUMN extra int; INSERT INTO items VALUES (2, 2, 'y', 7)")
-        .await
-        .unwrap();
+    c.batch_execute("ALTER TABLE items ADD COLUMN extra int; INSERT INTO items VALUES (2, 2, 'y', 7)").await.unwrap();
     let m = client.expect_type("must_refetch").await;
     assert_eq!(m["reason"], "schema_changed");
     assert_eq!(m["shape_ids"], json!([ITEMS]));
@@ -351,7 +344,11 @@ async fn retention_keeps_what_live_clients_need_and_refuses_older_positions() {
 
     sync.run_maintenance().await.unwrap();
     let horizon = sync.feed().borrow().horizon;
-    assert_eq!(horizon.to_string(), latest.as_ref().unwrap()["lsn"].as_str().unwrap(), "horizon stops at the live client");
+    assert_eq!(
+        horizon.to_string(),
+        latest.as_ref().unwrap()["lsn"].as_str().unwrap(),
+        "horizon stops at the live client"
+    );
     let left: i64 = c.query_one("SELECT count(*) FROM moai_sync.change_history", &[]).await.unwrap().get(0);
     assert_eq!(left, 1, "only the transaction the client still has at its position is kept");
 

@@ -128,7 +128,8 @@ fn canonical(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let sorted: BTreeMap<&String, String> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
-            let members: Vec<String> = sorted.iter().map(|(k, v)| format!("{}:{v}", Value::String((*k).clone()))).collect();
+            let members: Vec<String> =
+                sorted.iter().map(|(k, v)| format!("{}:{v}", Value::String((*k).clone()))).collect();
             format!("{{{}}}", members.join(","))
         }
         Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
@@ -151,7 +152,14 @@ fn change_rows(cl: &TestClient) -> BTreeMap<i64, Value> {
     cl.messages
         .iter()
         .filter(|m| m["type"] == "changes")
-        .flat_map(|m| m["txns"].as_array().unwrap().iter().flat_map(|t| t["ops"].as_array().unwrap().iter().cloned()).collect::<Vec<_>>())
+        .flat_map(|m| {
+            m["txns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|t| t["ops"].as_array().unwrap().iter().cloned())
+                .collect::<Vec<_>>()
+        })
         .filter(|op| op["op"] == "insert")
         .map(|op| (op["row"]["id"].as_i64().unwrap(), op["row"].clone()))
         .collect()
@@ -180,7 +188,10 @@ async fn snapshot_stream_and_history_map_every_type_identically() {
     hist.reconnect(&sync);
     hist.hello(&[VALS], 100, 4).await;
     hist.until("caught up rows", |cl| cl.table(VALS).len() == 6).await;
-    assert!(hist.messages.iter().all(|m| m["type"] != "snapshot_batch" && m["type"] != "must_refetch"), "catch-up, not a snapshot");
+    assert!(
+        hist.messages.iter().all(|m| m["type"] != "snapshot_batch" && m["type"] != "must_refetch"),
+        "catch-up, not a snapshot"
+    );
 
     let from_snapshot = snapshot_rows(&snap);
     let from_stream = change_rows(&snap);
@@ -227,7 +238,8 @@ async fn a_bool_predicate_matches_snapshot_rows() {
     cl.hello_shapes(&shapes, 100, 4).await;
     cl.expect_type("up_to_date").await;
     let by_shape = |id: &str| -> Vec<i64> {
-        let snaps: Vec<&Value> = cl.messages.iter().filter(|m| m["type"] == "snapshot_begin" && m["shape_id"] == id).collect();
+        let snaps: Vec<&Value> =
+            cl.messages.iter().filter(|m| m["type"] == "snapshot_begin" && m["shape_id"] == id).collect();
         assert_eq!(snaps.len(), 1, "one snapshot for {id}");
         let sid = &snaps[0]["snapshot_id"];
         let mut ids: Vec<i64> = cl
@@ -246,14 +258,21 @@ async fn a_bool_predicate_matches_snapshot_rows() {
     // The same predicates in the stream.
     insert_rows(&c, 100).await;
     cl.until("streamed matches", |cl| {
-        cl.messages.iter().filter(|m| m["type"] == "changes").flat_map(|m| m["txns"].as_array().unwrap().clone()).count() > 0
+        cl.messages
+            .iter()
+            .filter(|m| m["type"] == "changes")
+            .flat_map(|m| m["txns"].as_array().unwrap().clone())
+            .count()
+            > 0
     })
     .await;
     let streamed: Vec<(String, i64)> = cl
         .messages
         .iter()
         .filter(|m| m["type"] == "changes")
-        .flat_map(|m| m["txns"].as_array().unwrap().iter().flat_map(|t| t["ops"].as_array().unwrap().clone()).collect::<Vec<_>>())
+        .flat_map(|m| {
+            m["txns"].as_array().unwrap().iter().flat_map(|t| t["ops"].as_array().unwrap().clone()).collect::<Vec<_>>()
+        })
         .map(|op| (op["shapes"].to_string(), op["row"]["id"].as_i64().unwrap()))
         .collect();
     let ids: Vec<i64> = streamed.iter().map(|(_, id)| *id).collect();
@@ -288,7 +307,8 @@ async fn history_written_by_an_older_mapping_starts_a_new_generation() {
     cl.reconnect(&sync);
     cl.hello(&[VALS], 100, 4).await;
     cl.expect_type("up_to_date").await;
-    assert!(cl.messages.iter().any(|m| m["type"] == "must_refetch" || (m["type"] == "welcome" && m["mode"] == "snapshot" && m["generation"] == generation)));
+    assert!(cl.messages.iter().any(|m| m["type"] == "must_refetch"
+        || (m["type"] == "welcome" && m["mode"] == "snapshot" && m["generation"] == generation)));
     assert_eq!(cl.generation, Some(generation));
     let rows = snapshot_rows(&cl);
     assert_eq!(without_id(&rows[&1]), expected()[0]);

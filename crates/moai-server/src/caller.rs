@@ -54,7 +54,8 @@ impl Caller {
     /// Admits a WebSocket session for `resource`: the token must open it, and its subject must
     /// be under `--max-sessions-per-user` (over it: 1013, which clients retry with backoff).
     pub fn admit(&self, state: &AppState, resource: Resource<'_>) -> Admission {
-        let refused = |code, reason: String| Admission { verdict: Err((code, reason)), grant: Grant::default(), user_unit: None };
+        let refused =
+            |code, reason: String| Admission { verdict: Err((code, reason)), grant: Grant::default(), user_unit: None };
         let grant = match self.authorise(state, resource) {
             Ok(grant) => grant,
             Err(e) => return refused(e.close_code(), e.to_string()),

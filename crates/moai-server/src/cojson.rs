@@ -32,7 +32,14 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
     };
     let caller_protocol = caller.subprotocol("cojson");
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::Cojson);
-    let info = SessionInfo { protocol: Protocol::Cojson, target: "/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
+    let info = SessionInfo {
+        protocol: Protocol::Cojson,
+        target: "/sync".into(),
+        peer: caller.peer,
+        slot: caller.slot,
+        user_unit,
+        max_frame_bytes: None,
+    };
     let ws = match caller_protocol {
         Some(p) => ws.protocols([p]),
         None => ws,
@@ -92,7 +99,11 @@ impl EngineSession for CojsonEdge {
             .map_err(|_| Close::new(close::INTERNAL, "sync engine stopped"))?;
         if received.dropped_frame || received.bad_messages > 0 {
             self.metrics.rejected("malformed_cojson");
-            tracing::debug!(bad = received.bad_messages, dropped = received.dropped_frame, "malformed cojson input ignored");
+            tracing::debug!(
+                bad = received.bad_messages,
+                dropped = received.dropped_frame,
+                "malformed cojson input ignored"
+            );
         }
         if received.read_only_dropped > 0 {
             self.metrics.rejected("read_only");

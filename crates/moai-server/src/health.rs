@@ -8,11 +8,11 @@
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use sha2::Digest as _;
-use subtle::ConstantTimeEq as _;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use sha2::Digest as _;
+use subtle::ConstantTimeEq as _;
 
 use crate::http_error::error_response;
 use crate::{AppState, Phase};
@@ -74,15 +74,13 @@ pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
     if let Some(expected) = &state.metrics_token {
         if !bearer_matches(&headers, expected) {
             state.metrics.rejected("metrics_auth");
-            let mut resp = error_response(StatusCode::UNAUTHORIZED, "metrics require the bearer token set by --metrics-token");
+            let mut resp =
+                error_response(StatusCode::UNAUTHORIZED, "metrics require the bearer token set by --metrics-token");
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             return resp;
         }
     }
     state.metrics.set_ready(state.readiness.engines().is_some());
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }

@@ -40,4 +40,3 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     Response::from_parts(parts, fresh.into_body())
 }
-

@@ -116,7 +116,11 @@ impl Metrics {
         registry.register("bytes", "Sync payload bytes received (in) and sent (out)", bytes.clone());
         registry.register("unknown_messages", "Messages of unknown type, ignored", unknown_messages.clone());
         registry.register("rejected", "Requests, connections or messages refused, by reason", rejected.clone());
-        registry.register("storage_batch_writes", "Writes that shared one storage commit", storage_batch_writes.clone());
+        registry.register(
+            "storage_batch_writes",
+            "Writes that shared one storage commit",
+            storage_batch_writes.clone(),
+        );
         registry.register("storage_commit_seconds", "Storage group commit latency", storage_commit_seconds.clone());
         registry.register("ready", "1 when every enabled engine is ready", ready.clone());
         registry.register("build_info", "Build information", build_info);

@@ -41,7 +41,14 @@ pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: We
     let Admission { verdict, grant, user_unit } = caller.admit(&state, Resource::ChangeFeed);
     // A token that names tables opens only those (and only their rows it allows).
     let access = grant.tables().cloned().map_or_else(Access::all, Access::tables);
-    let info = SessionInfo { protocol: Protocol::Pgsync, target: "/api/sync".into(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: Some(MAX_CLIENT_FRAME_BYTES) };
+    let info = SessionInfo {
+        protocol: Protocol::Pgsync,
+        target: "/api/sync".into(),
+        peer: caller.peer,
+        slot: caller.slot,
+        user_unit,
+        max_frame_bytes: Some(MAX_CLIENT_FRAME_BYTES),
+    };
     let ws = match caller_protocol {
         Some(p) => ws.protocols([p]),
         None => ws,

@@ -11,8 +11,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::gate::{require_ready, require_upgrade};
-use crate::http_error::{error_response, json_errors};
 use crate::health::{health, healthz, metrics};
+use crate::http_error::{error_response, json_errors};
 use crate::quota::Quota;
 use crate::{cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 

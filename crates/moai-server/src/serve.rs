@@ -36,8 +36,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, metrics: 
     let graceful = GracefulShutdown::new();
     // HTTP/1.1 only: WebSocket upgrades are HTTP/1.1, and sync clients speak nothing else.
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
-    builder
-        .http1().timer(TokioTimer::new()).header_read_timeout(limits.handshake_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.handshake_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {

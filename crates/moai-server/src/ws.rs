@@ -53,7 +53,12 @@ pub fn limit_upgrade(ws: WebSocketUpgrade, limits: &Limits, max_frame_bytes: usi
         // Bounds what a client that stopped reading can make us hold (writes also time out).
         // tungstenite panics unless this exceeds write_buffer_size, hence the floor.
         .max_write_buffer_size(
-            limits.max_frame_bytes.max(max_frame_bytes).saturating_mul(2).max(WRITE_BUFFER_BYTES * 2).saturating_add(READ_BUFFER_BYTES),
+            limits
+                .max_frame_bytes
+                .max(max_frame_bytes)
+                .saturating_mul(2)
+                .max(WRITE_BUFFER_BYTES * 2)
+                .saturating_add(READ_BUFFER_BYTES),
         )
 }
 
@@ -71,7 +76,12 @@ pub fn close_message(code: u16, reason: &str) -> Message {
 /// while the client's frames are still unread makes the kernel send a reset, and the client
 /// then loses the close frame and sees 1006 instead of our code (which would, for example,
 /// make y-websocket retry a 4401 forever).
-pub async fn close_gracefully(socket: &mut axum::extract::ws::WebSocket, code: u16, reason: &str, linger: std::time::Duration) {
+pub async fn close_gracefully(
+    socket: &mut axum::extract::ws::WebSocket,
+    code: u16,
+    reason: &str,
+    linger: std::time::Duration,
+) {
     let deadline = tokio::time::Instant::now() + linger;
     if tokio::time::timeout_at(deadline, socket.send(close_message(code, reason))).await.is_err() {
         return;
@@ -102,7 +112,11 @@ pub async fn close_after_read_error(
 /// Writes one message, giving up after `timeout`. Most writes complete on the first poll (the
 /// kernel buffer has room); only those that do not pay for a timer, which keeps a timer
 /// insert-and-cancel off the path of every delivered message.
-pub async fn send_with_deadline(socket: &mut axum::extract::ws::WebSocket, msg: Message, timeout: std::time::Duration) -> bool {
+pub async fn send_with_deadline(
+    socket: &mut axum::extract::ws::WebSocket,
+    msg: Message,
+    timeout: std::time::Duration,
+) -> bool {
     let mut write = std::pin::pin!(socket.send(msg));
     match futures_util::poll!(write.as_mut()) {
         std::task::Poll::Ready(result) => result.is_ok(),
@@ -188,7 +202,8 @@ where
 {
     let tracker = state.shutdown.clone();
     let protocol = info.protocol;
-    let max_frame_bytes = info.max_frame_bytes.map_or(state.limits.max_frame_bytes, |m| m.min(state.limits.max_frame_bytes));
+    let max_frame_bytes =
+        info.max_frame_bytes.map_or(state.limits.max_frame_bytes, |m| m.min(state.limits.max_frame_bytes));
     limit_upgrade(ws, &state.limits, max_frame_bytes)
         .on_failed_upgrade(move |e| tracing::info!(?protocol, error = %e, "upgrade failed"))
         .on_upgrade(move |mut socket| {

@@ -47,10 +47,21 @@ pub(crate) async fn socket(
     let Admission { verdict, grant, user_unit } = if valid_doc_id(&doc) {
         caller.admit(&state, Resource::YjsDoc(&doc))
     } else {
-        Admission { verdict: Err((close::BAD_REQUEST, "invalid document id".to_owned())), grant: Default::default(), user_unit: None }
+        Admission {
+            verdict: Err((close::BAD_REQUEST, "invalid document id".to_owned())),
+            grant: Default::default(),
+            user_unit: None,
+        }
     };
     let protocol = caller.subprotocol("yjs");
-    let info = SessionInfo { protocol: Protocol::Yjs, target: doc.clone(), peer: caller.peer, slot: caller.slot, user_unit, max_frame_bytes: None };
+    let info = SessionInfo {
+        protocol: Protocol::Yjs,
+        target: doc.clone(),
+        peer: caller.peer,
+        slot: caller.slot,
+        user_unit,
+        max_frame_bytes: None,
+    };
     // Browsers carry the token as a `bearer.…` subprotocol next to `yjs`; selecting `yjs`
     // completes their handshake without echoing the token.
     let ws = match protocol {
@@ -159,7 +170,9 @@ fn authorise_http(state: &AppState, caller: &Caller, doc: &str, write: bool) -> 
 
 fn service_error(e: ServiceError) -> Response {
     match e {
-        ServiceError::InvalidUpdate(reason) => error_response(StatusCode::BAD_REQUEST, &format!("invalid update: {reason}")),
+        ServiceError::InvalidUpdate(reason) => {
+            error_response(StatusCode::BAD_REQUEST, &format!("invalid update: {reason}"))
+        }
         e @ ServiceError::MissingDependencies => error_response(StatusCode::CONFLICT, &e.to_string()),
         other => {
             tracing::error!(error = %other, "yjs http request failed");

@@ -139,7 +139,8 @@ async fn large_snapshots_are_written_in_chunks_and_read_back_exactly() {
     store.compact("big", snapshot.clone(), seq).await.unwrap();
     assert_eq!(store.load("big").await.unwrap().snapshot.as_deref(), Some(&snapshot[..]));
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let chunks: i64 = conn.query_row("SELECT COUNT(*) FROM doc_snapshot_chunks WHERE doc='big'", [], |r| r.get(0)).unwrap();
+    let chunks: i64 =
+        conn.query_row("SELECT COUNT(*) FROM doc_snapshot_chunks WHERE doc='big'", [], |r| r.get(0)).unwrap();
     assert_eq!(chunks, 4, "3 MiB + a bit = 4 chunks of 1 MiB");
 
     // A second compaction replaces the chunk set and leaves no old chunks behind.
@@ -147,7 +148,8 @@ async fn large_snapshots_are_written_in_chunks_and_read_back_exactly() {
     let smaller = pseudo_random(1000, 9);
     store.compact("big", smaller.clone(), seq2).await.unwrap();
     assert_eq!(store.load("big").await.unwrap().snapshot.as_deref(), Some(&smaller[..]));
-    let chunks: i64 = conn.query_row("SELECT COUNT(*) FROM doc_snapshot_chunks WHERE doc='big'", [], |r| r.get(0)).unwrap();
+    let chunks: i64 =
+        conn.query_row("SELECT COUNT(*) FROM doc_snapshot_chunks WHERE doc='big'", [], |r| r.get(0)).unwrap();
     assert_eq!(chunks, 1);
 }
 
@@ -161,14 +163,18 @@ async fn a_compaction_that_crashed_half_way_changes_nothing_and_is_cleaned_up() 
     let s2 = store.append("d", b"2".to_vec()).await.unwrap();
     // What a crash after two chunks of a new snapshot leaves: chunks of an unreferenced version.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("INSERT INTO doc_snapshot_chunks(doc, version, idx, data) VALUES ('d', 77, 0, x'dead'), ('d', 77, 1, x'beef')", [])
-        .unwrap();
+    conn.execute(
+        "INSERT INTO doc_snapshot_chunks(doc, version, idx, data) VALUES ('d', 77, 0, x'dead'), ('d', 77, 1, x'beef')",
+        [],
+    )
+    .unwrap();
     let loaded = store.load("d").await.unwrap();
     assert_eq!(loaded.snapshot.as_deref(), Some(&b"good"[..]));
     assert_eq!(loaded.updates, vec![(s2, b"2".to_vec())]);
     store.compact("d", b"better".to_vec(), s2).await.unwrap();
-    let versions: i64 =
-        conn.query_row("SELECT COUNT(DISTINCT version) FROM doc_snapshot_chunks WHERE doc='d'", [], |r| r.get(0)).unwrap();
+    let versions: i64 = conn
+        .query_row("SELECT COUNT(DISTINCT version) FROM doc_snapshot_chunks WHERE doc='d'", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(versions, 1, "leftovers removed");
     assert_eq!(store.load("d").await.unwrap().snapshot.as_deref(), Some(&b"better"[..]));
 }

@@ -80,11 +80,7 @@ impl AwarenessUpdate {
             if serde_json::from_str::<IgnoredAny>(json).is_err() {
                 return Err(DecodeError::InvalidAwarenessJson { client_id });
             }
-            let state = if json.trim_matches([' ', '\t', '\n', '\r']) == "null" {
-                None
-            } else {
-                Some(json.to_owned())
-            };
+            let state = if json.trim_matches([' ', '\t', '\n', '\r']) == "null" { None } else { Some(json.to_owned()) };
             entries.push(AwarenessEntry { client_id, clock, state });
         }
         // Trailing bytes are tolerated, as in y-protocols: the count delimits the update.
@@ -109,9 +105,16 @@ impl AwarenessUpdate {
 
 #[derive(Debug, Clone)]
 enum ClientState {
-    Present { clock: u64, state: String, owner: ConnId },
+    Present {
+        clock: u64,
+        state: String,
+        owner: ConnId,
+    },
     /// Removed at `clock`; `epoch` orders the removal against connection joins.
-    Removed { clock: u64, epoch: u64 },
+    Removed {
+        clock: u64,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -175,7 +178,11 @@ impl AwarenessTracker {
     /// to be broadcast to every connection including the sender (the echo keeps a lone client
     /// under y-websocket's 30 s silence limit and hands a returning client its bumped clock).
     /// Returns `None` when nothing changed. Updates from unregistered connections are ignored.
-    pub fn apply(&mut self, conn: ConnId, update: &AwarenessUpdate) -> Result<Option<AwarenessUpdate>, AwarenessLimitError> {
+    pub fn apply(
+        &mut self,
+        conn: ConnId,
+        update: &AwarenessUpdate,
+    ) -> Result<Option<AwarenessUpdate>, AwarenessLimitError> {
         let Some(info) = self.conns.get(&conn) else { return Ok(None) };
         let joined_epoch = info.joined_epoch;
         // Check the limits before changing anything, counting only what would be accepted.
@@ -231,10 +238,8 @@ impl AwarenessTracker {
 
         match &entry.state {
             Some(state) => {
-                let previous = self.clients.insert(
-                    id,
-                    ClientState::Present { clock, state: state.clone(), owner: conn },
-                );
+                let previous =
+                    self.clients.insert(id, ClientState::Present { clock, state: state.clone(), owner: conn });
                 if let Some(ClientState::Present { owner, .. }) = previous {
                     if let Some(info) = self.conns.get_mut(&owner) {
                         info.owned.remove(&id);
@@ -275,11 +280,9 @@ impl AwarenessTracker {
             .clients
             .iter()
             .filter_map(|(&client_id, st)| match st {
-                ClientState::Present { clock, state, .. } => Some(AwarenessEntry {
-                    client_id,
-                    clock: *clock,
-                    state: Some(state.clone()),
-                }),
+                ClientState::Present { clock, state, .. } => {
+                    Some(AwarenessEntry { client_id, clock: *clock, state: Some(state.clone()) })
+                }
                 ClientState::Removed { .. } => None,
             })
             .collect();

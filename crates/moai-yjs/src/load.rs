@@ -39,8 +39,7 @@ where
             txn.apply_update(update).map_err(LoadError::SnapshotApply)?;
         }
         for (index, entry) in journal.into_iter().enumerate() {
-            let update = Update::decode_v1(entry)
-                .map_err(|source| LoadError::JournalDecode { index, source })?;
+            let update = Update::decode_v1(entry).map_err(|source| LoadError::JournalDecode { index, source })?;
             txn.apply_update(update).map_err(|source| LoadError::JournalApply { index, source })?;
         }
     }
@@ -48,11 +47,7 @@ where
 }
 
 /// [`load_doc`] wrapped in a [`Room`].
-pub fn load_room<'a, J>(
-    doc_id: impl Into<String>,
-    snapshot: Option<&[u8]>,
-    journal: J,
-) -> Result<Room, LoadError>
+pub fn load_room<'a, J>(doc_id: impl Into<String>, snapshot: Option<&[u8]>, journal: J) -> Result<Room, LoadError>
 where
     J: IntoIterator<Item = &'a [u8]>,
 {

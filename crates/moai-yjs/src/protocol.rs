@@ -49,7 +49,9 @@ pub enum SyncMessage<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthMessage<'a> {
-    PermissionDenied { reason: &'a str },
+    PermissionDenied {
+        reason: &'a str,
+    },
     /// Any other auth subtype (yrs sends `1` for "granted"); JS ignores these, so do we.
     Other(u64),
 }
@@ -156,9 +158,7 @@ fn read_message<'a>(reader: &mut Reader<'a>) -> Result<Message<'a>, DecodeError>
         }
         MSG_AWARENESS => Ok(Message::Awareness(reader.read_bytes()?)),
         MSG_AUTH => match reader.read_var_u64()? {
-            AUTH_PERMISSION_DENIED => {
-                Ok(Message::Auth(AuthMessage::PermissionDenied { reason: reader.read_str()? }))
-            }
+            AUTH_PERMISSION_DENIED => Ok(Message::Auth(AuthMessage::PermissionDenied { reason: reader.read_str()? })),
             other => {
                 // Body layout of other subtypes is not specified; skip it.
                 reader.take_rest();

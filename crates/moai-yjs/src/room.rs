@@ -258,10 +258,7 @@ impl Room {
         match self.awareness.remove_connection(conn) {
             Some(removed) => {
                 self.awareness_version += 1;
-                vec![Action::Broadcast {
-                except: Some(conn),
-                frame: awareness_frame(&removed.encode()),
-            }]
+                vec![Action::Broadcast { except: Some(conn), frame: awareness_frame(&removed.encode()) }]
             }
             None => Vec::new(),
         }
@@ -293,12 +290,7 @@ impl Room {
     }
 
     /// Returns whether it emitted a `Close`.
-    fn handle(
-        &mut self,
-        conn: ConnId,
-        message: Message<'_>,
-        actions: &mut Vec<Action>,
-    ) -> Result<bool, RoomError> {
+    fn handle(&mut self, conn: ConnId, message: Message<'_>, actions: &mut Vec<Action>) -> Result<bool, RoomError> {
         match message {
             Message::Sync(SyncMessage::Step1(sv_bytes)) => {
                 let key = Some((hash_of(sv_bytes), self.doc_version));
@@ -312,7 +304,8 @@ impl Room {
                     return Ok(false);
                 }
                 answered.step1 = key;
-                let sv = crate::plausible::state_vector(sv_bytes).ok().and_then(|()| StateVector::decode_v1(sv_bytes).ok());
+                let sv =
+                    crate::plausible::state_vector(sv_bytes).ok().and_then(|()| StateVector::decode_v1(sv_bytes).ok());
                 let Some(sv) = sv else {
                     return Ok(self.reject(conn, "invalid state vector".into(), actions));
                 };
@@ -358,10 +351,7 @@ impl Room {
                     if let Some(changed) = applied {
                         self.awareness_version += 1;
                         // Everyone, sender included: see AwarenessTracker::apply.
-                        actions.push(Action::Broadcast {
-                            except: None,
-                            frame: awareness_frame(&changed.encode()),
-                        });
+                        actions.push(Action::Broadcast { except: None, frame: awareness_frame(&changed.encode()) });
                     }
                 }
                 Err(e) => return Ok(self.reject(conn, format!("invalid awareness update: {e}"), actions)),

@@ -273,7 +273,9 @@ fn one_connection_cannot_flood_presence() {
 fn tombstones_are_bounded_and_forgetting_one_spares_a_returned_client() {
     let mut t = moai_yjs::AwarenessTracker::new(2).with_limits(1000, 1024);
     t.add_connection(A);
-    let set = |id, clock| AwarenessUpdate { entries: vec![AwarenessEntry { client_id: id, clock, state: Some("{}".into()) }] };
+    let set = |id, clock| AwarenessUpdate {
+        entries: vec![AwarenessEntry { client_id: id, clock, state: Some("{}".into()) }],
+    };
     let del = |id, clock| AwarenessUpdate { entries: vec![AwarenessEntry { client_id: id, clock, state: None }] };
     t.apply(A, &set(1, 1)).unwrap();
     t.apply(A, &del(1, 1)).unwrap(); // tombstone for 1

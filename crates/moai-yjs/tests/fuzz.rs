@@ -15,7 +15,11 @@ impl Rng {
         self.0
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
     fn mutate(&mut self, input: &[u8]) -> Vec<u8> {
         let mut out = input.to_vec();

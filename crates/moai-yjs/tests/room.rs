@@ -5,8 +5,8 @@ mod support;
 use moai_yjs::yrs::updates::decoder::Decode;
 use moai_yjs::yrs::{ReadTxn, StateVector, Transact};
 use moai_yjs::{
-    load_room, Action, ConnId, Message, Room, RoomError, SyncMessage, CLOSE_INVALID_PAYLOAD,
-    CLOSE_PROTOCOL_ERROR, KEEPALIVE_FRAME,
+    load_room, Action, ConnId, Message, Room, RoomError, SyncMessage, CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR,
+    KEEPALIVE_FRAME,
 };
 use support::*;
 
@@ -154,8 +154,8 @@ fn invalid_update_closes_with_1007_and_leaves_the_doc_unchanged() {
     let more = client.insert(4, " this and more");
     let garbage: Vec<Vec<u8>> = vec![
         vec![0xff, 0xff, 0xff],
-        vec![0x01],                       // one client, then nothing
-        more[..more.len() - 3].to_vec(),  // truncated valid update
+        vec![0x01],                         // one client, then nothing
+        more[..more.len() - 3].to_vec(),    // truncated valid update
         vec![0x01, 0x01, 0x05, 0x00, 0xff], // one block of an unknown kind
     ];
     for bad in garbage {
@@ -210,7 +210,10 @@ fn concatenated_messages_in_one_frame_are_all_handled() {
     let mut frame = client.step1_frame();
     frame.extend_from_slice(&update_frame(&client.insert(0, "z")));
     let actions = room.receive(ConnId(1), &frame).unwrap();
-    assert!(matches!(actions.as_slice(), [Action::Send { .. }, Action::Persist { .. }, Action::Broadcast { .. }]), "{actions:?}");
+    assert!(
+        matches!(actions.as_slice(), [Action::Send { .. }, Action::Persist { .. }, Action::Broadcast { .. }]),
+        "{actions:?}"
+    );
 }
 
 #[test]
@@ -219,7 +222,10 @@ fn http_update_is_persisted_then_broadcast_to_everyone() {
     room.connect(ConnId(1)).unwrap();
     let writer = Client::new(50);
     let actions = room.apply_http_update(&writer.insert(0, "from http")).unwrap();
-    assert!(matches!(actions.as_slice(), [Action::Persist { .. }, Action::Broadcast { except: None, .. }]), "{actions:?}");
+    assert!(
+        matches!(actions.as_slice(), [Action::Persist { .. }, Action::Broadcast { except: None, .. }]),
+        "{actions:?}"
+    );
     assert_eq!(text_of(room.doc()), "from http");
 
     let before = full_state(room.doc());
@@ -326,20 +332,27 @@ fn repeated_state_requests_are_answered_once_until_something_changes() {
 
     // QueryAwareness likewise.
     let query = [3u8];
-    let aw = Message::Awareness(&moai_yjs::AwarenessUpdate {
-        entries: vec![moai_yjs::AwarenessEntry { client_id: 5, clock: 1, state: Some("{}".into()) }],
-    }
-    .encode())
+    let aw = Message::Awareness(
+        &moai_yjs::AwarenessUpdate {
+            entries: vec![moai_yjs::AwarenessEntry { client_id: 5, clock: 1, state: Some("{}".into()) }],
+        }
+        .encode(),
+    )
     .encode();
     room.receive(b, &aw).unwrap();
     assert_eq!(full(&room.receive(a, &query).unwrap()), 1);
     let acts = room.receive(a, &query).unwrap();
     assert_eq!((full(&acts), replies(&acts)), (0, 1));
-    room.receive(b, &Message::Awareness(&moai_yjs::AwarenessUpdate {
-        entries: vec![moai_yjs::AwarenessEntry { client_id: 5, clock: 2, state: Some("{}".into()) }],
-    }
-    .encode())
-    .encode())
+    room.receive(
+        b,
+        &Message::Awareness(
+            &moai_yjs::AwarenessUpdate {
+                entries: vec![moai_yjs::AwarenessEntry { client_id: 5, clock: 2, state: Some("{}".into()) }],
+            }
+            .encode(),
+        )
+        .encode(),
+    )
     .unwrap();
     assert_eq!(full(&room.receive(a, &query).unwrap()), 1);
     assert_eq!(room.stats().coalesced_requests, 101);

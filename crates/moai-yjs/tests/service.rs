@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gated::GatedJournal;
 use bytes::Bytes;
+use gated::GatedJournal;
 use moai_storage::{DocJournal, MemoryStorage};
 use moai_yjs::protocol::sync_update_frame;
 use moai_yjs::service::{Outbound, ServiceError, Session, YjsConfig, YjsService};
@@ -34,7 +34,10 @@ fn text(doc: &Doc) -> String {
 
 /// Next frame for a session, with a generous bound so a bug fails instead of hanging.
 async fn next(session: &mut Session) -> Outbound {
-    tokio::time::timeout(Duration::from_secs(10), session.outbound()).await.expect("timed out").expect("session dropped")
+    tokio::time::timeout(Duration::from_secs(10), session.outbound())
+        .await
+        .expect("timed out")
+        .expect("session dropped")
 }
 
 /// Reads frames until an update (sync step 2 or update) arrives and applies it to `doc`.
@@ -247,8 +250,8 @@ async fn a_large_journal_is_compacted_in_the_background() {
     }
     // Whatever the split between snapshot and journal, a fresh load has every edit.
     let stored = storage.load("d").await.unwrap();
-    let room = moai_yjs::load_room("d", stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
-        .unwrap();
+    let room =
+        moai_yjs::load_room("d", stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice())).unwrap();
     let check = Doc::new();
     apply(&check, &room.encode_state_as_update().unwrap());
     assert_eq!(text(&check), text(&writer));

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use moai_server::quota::Quota;
-use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};
 use moai_cojson::service::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
-use moai_yjs::service::{YjsConfig, YjsService};
+use moai_server::quota::Quota;
+use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};
 use moai_storage::{SqliteOptions, SqliteStorage};
+use moai_yjs::service::{YjsConfig, YjsService};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 

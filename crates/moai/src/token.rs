@@ -67,7 +67,14 @@ mod tests {
             table_spec("public.todos where owner_id = 'u1' AND done = false").unwrap(),
             ("public.todos".into(), Some("owner_id = 'u1' AND done = false".into()))
         );
-        for bad in ["todos", "public.todos WHERE ", "a.b.c", "public. todos", "public.todos WHERE owner_id ==", "public.todos WHERE x = 'unterminated"] {
+        for bad in [
+            "todos",
+            "public.todos WHERE ",
+            "a.b.c",
+            "public. todos",
+            "public.todos WHERE owner_id ==",
+            "public.todos WHERE x = 'unterminated",
+        ] {
             assert!(table_spec(bad).is_err(), "{bad}");
         }
     }

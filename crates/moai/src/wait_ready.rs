@@ -84,8 +84,8 @@ async fn probe(
     })?;
     let status = resp.status();
     let body = resp.into_body().collect().await.context("reading /health")?.to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&body)
-        .with_context(|| format!("HTTP {status}: /health did not answer JSON"))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("HTTP {status}: /health did not answer JSON"))?;
     if json["ready"] == serde_json::Value::Bool(true) {
         return Ok(Seen::Ready);
     }

@@ -19,7 +19,8 @@ fn sync_url(server: &Server) -> String {
 /// listId) once moai has acknowledged all of it.
 fn seed(c: &mut NodeDriver, url: &str) -> (String, String, String) {
     c.call("createAccount", json!({"name": "a", "url": url}));
-    let group = c.call("createGroup", json!({"name": "a", "everyone": "writer"}))["groupId"].as_str().unwrap().to_owned();
+    let group =
+        c.call("createGroup", json!({"name": "a", "everyone": "writer"}))["groupId"].as_str().unwrap().to_owned();
     let map = c.call("createMap", json!({"name": "a", "groupId": group, "init": {"title": "groceries"}}))["mapId"]
         .as_str()
         .unwrap()
@@ -130,7 +131,7 @@ fn restart_keeps_everything_acked(signal: &str) {
     }
     c.call("setKey", json!({"name": "a", "coId": map, "key": "last", "value": "written before the crash"}));
     c.call("waitSynced", json!({"name": "a"})); // acknowledged by moai
-    // The writer goes away before the restart, so it cannot re-upload what the server lost.
+                                                // The writer goes away before the restart, so it cannot re-upload what the server lost.
     c.call("disconnect", json!({"name": "a"}));
     server.restart(signal);
     // A fresh node with no storage of its own gets everything back from moai.
@@ -174,7 +175,11 @@ fn forged_signatures_and_header_mismatches_are_rejected_without_harming_others()
     c.call("setKey", json!({"name": "a", "coId": map, "key": "after", "value": "honest"}));
     c.call("waitSynced", json!({"name": "a", "coId": map}));
     let after = c.call("waitMap", json!({"name": "b", "coId": map, "key": "after", "equals": "honest"}))["map"].clone();
-    assert_eq!(after.as_object().unwrap().len(), before.as_object().unwrap().len() + 1, "only the honest key was added: {after}");
+    assert_eq!(
+        after.as_object().unwrap().len(),
+        before.as_object().unwrap().len() + 1,
+        "only the honest key was added: {after}"
+    );
 
     // A header that does not hash to its id, for a CoValue moai does not know.
     c.call("disconnect", json!({"name": "a"})); // keep the new map away from moai
@@ -183,9 +188,14 @@ fn forged_signatures_and_header_mismatches_are_rejected_without_harming_others()
     let forged = c.call("forgeFrom", json!({"name": "a", "coId": fresh_id, "mode": "header"}));
     raw(&mut c, &url, &forged["frames"], 1);
     let probe = raw(&mut c, &url, &json!([{"action": "load", "id": fresh_id, "header": false, "sessions": {}}]), 1);
-    let about_fresh: Vec<&Value> = probe["messages"].as_array().unwrap().iter().filter(|m| m["id"] == fresh_id).collect();
+    let about_fresh: Vec<&Value> =
+        probe["messages"].as_array().unwrap().iter().filter(|m| m["id"] == fresh_id).collect();
     assert_eq!(about_fresh.len(), 1, "{probe}");
-    assert_eq!((about_fresh[0]["action"].as_str(), about_fresh[0]["header"].as_bool()), (Some("known"), Some(false)), "moai stored nothing: {probe}");
+    assert_eq!(
+        (about_fresh[0]["action"].as_str(), about_fresh[0]["header"].as_bool()),
+        (Some("known"), Some(false)),
+        "moai stored nothing: {probe}"
+    );
     // B still works.
     c.call("setKey", json!({"name": "b", "coId": map, "key": "still", "value": "fine"}));
     c.call("waitSynced", json!({"name": "b", "coId": map}));
@@ -234,7 +244,12 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     server.stop("KILL");
     let stored = tokio::runtime::Runtime::new().unwrap().block_on(async {
         use moai_storage::CoValueStore;
-        let db = moai_storage::SqliteStorage::open(&server.db, Default::default(), std::sync::Arc::new(moai_storage::NoopObserver)).unwrap();
+        let db = moai_storage::SqliteStorage::open(
+            &server.db,
+            Default::default(),
+            std::sync::Arc::new(moai_storage::NoopObserver),
+        )
+        .unwrap();
         let record = db.load_covalue(&map).await.unwrap().expect("the map is stored");
         db.close().await.unwrap();
         record
@@ -261,16 +276,25 @@ fn inherited_admins_may_delete_and_managers_may_not() {
     for name in ["a", "b", "m"] {
         c.call("createAccount", json!({"name": name, "url": url}));
     }
-    let account = |c: &mut NodeDriver, name: &str| c.call("stats", json!({"name": name}))["accountId"].as_str().unwrap().to_owned();
+    let account = |c: &mut NodeDriver, name: &str| {
+        c.call("stats", json!({"name": name}))["accountId"].as_str().unwrap().to_owned()
+    };
     let (b, m) = (account(&mut c, "b"), account(&mut c, "m"));
     // a makes a parent group with b as admin, and a team group extending it with m as manager.
     let parent = c.call("createGroup", json!({"name": "a"}))["groupId"].as_str().unwrap().to_owned();
     c.call("addMember", json!({"name": "a", "groupId": parent, "memberAccountId": b, "role": "admin"}));
-    let team = c.call("createGroup", json!({"name": "a", "everyone": "reader"}))["groupId"].as_str().unwrap().to_owned();
+    let team =
+        c.call("createGroup", json!({"name": "a", "everyone": "reader"}))["groupId"].as_str().unwrap().to_owned();
     c.call("extendGroup", json!({"name": "a", "groupId": team, "parentId": parent}));
     c.call("addMember", json!({"name": "a", "groupId": team, "memberAccountId": m, "role": "manager"}));
-    let first = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 1}}))["mapId"].as_str().unwrap().to_owned();
-    let second = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 2}}))["mapId"].as_str().unwrap().to_owned();
+    let first = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 1}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = c.call("createMap", json!({"name": "a", "groupId": team, "init": {"n": 2}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     c.call("waitSynced", json!({"name": "a"}));
 
     // The manager's delete (cojson refuses it locally, so it is forged) is refused by moai.
@@ -343,7 +367,8 @@ async fn a_thousand_reconnecting_clients_are_all_answered() {
     })
     .await
     .unwrap();
-    let load = json!({"action": "load", "id": map, "header": known["header"], "sessions": known["sessions"]}).to_string();
+    let load =
+        json!({"action": "load", "id": map, "header": known["header"], "sessions": known["sessions"]}).to_string();
     for wave in 0..4 {
         let mut clients = Vec::new();
         for _ in 0..250 {

@@ -23,14 +23,18 @@ fn health_is_503_until_initialised_then_200() {
     let (status, body) = server.get("/health");
     assert_eq!(status, 503, "not ready must not look healthy to a platform check");
     let v = json(&body);
-    assert_eq!((v["status"].as_str(), v["service"].as_str(), v["ready"].as_bool()), (Some("ok"), Some("sync"), Some(false)));
+    assert_eq!(
+        (v["status"].as_str(), v["service"].as_str(), v["ready"].as_bool()),
+        (Some("ok"), Some("sync"), Some(false))
+    );
 
     let (status, body) = server.get("/healthz");
     assert_eq!(status, 200, "liveness answers as soon as HTTP is served");
     assert_eq!(json(&body)["ready"], false);
 
     for path in SYNC_PATHS {
-        let (status, body) = http(server.addr, "GET", path, &[("Connection", "Upgrade"), ("Upgrade", "websocket")], b"");
+        let (status, body) =
+            http(server.addr, "GET", path, &[("Connection", "Upgrade"), ("Upgrade", "websocket")], b"");
         assert_eq!(status, 503, "{path}");
         assert_eq!(json(&body), serde_json::json!({"error": "Initializing", "status": 503}));
         // A plain request during init is also told to come back, not that it is malformed.
@@ -42,7 +46,10 @@ fn health_is_503_until_initialised_then_200() {
     let (status, body) = server.get("/health");
     assert_eq!(status, 200);
     let v = json(&body);
-    assert_eq!((v["status"].as_str(), v["service"].as_str(), v["ready"].as_bool()), (Some("ok"), Some("sync"), Some(true)));
+    assert_eq!(
+        (v["status"].as_str(), v["service"].as_str(), v["ready"].as_bool()),
+        (Some("ok"), Some("sync"), Some(true))
+    );
 }
 
 #[test]
@@ -84,7 +91,8 @@ fn wait_ready_times_out_while_the_server_initialises() {
 #[test]
 fn wait_ready_reports_connection_refused_after_the_timeout() {
     let url = format!("http://127.0.0.1:{}", closed_port());
-    let out = Command::new(BIN).args(["wait-ready", &url, "--timeout", "500ms", "--interval", "100ms"]).output().unwrap();
+    let out =
+        Command::new(BIN).args(["wait-ready", &url, "--timeout", "500ms", "--interval", "100ms"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(stderr.contains("refused"), "{stderr}");
@@ -189,10 +197,7 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
                 assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
             }
         }
-        assert!(
-            typed.iter().any(|t| name.starts_with(t.as_str())),
-            "sample {name} has no # TYPE before it"
-        );
+        assert!(typed.iter().any(|t| name.starts_with(t.as_str())), "sample {name} has no # TYPE before it");
         let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
         samples.push((series.to_owned(), v));
     }

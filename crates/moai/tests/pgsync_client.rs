@@ -161,7 +161,13 @@ async fn snapshot_and_stream_equal_the_table_under_concurrent_writes() {
     let server = Server::start(&["--pg-url", &url, "--pg-tables", ITEMS, "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let token = moai_server::Auth::with_secret("pgs")
-        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None, tables: None, ..Default::default() })
+        .mint(&moai_server::auth::Claims {
+            sub: "app".into(),
+            exp: None,
+            docs: None,
+            tables: None,
+            ..Default::default()
+        })
         .unwrap();
 
     // A wrong token stops the client with a typed error instead of retrying forever.

@@ -59,7 +59,13 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
     let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let token = moai_server::Auth::with_secret("pgs")
-        .mint(&moai_server::auth::Claims { sub: "app".into(), exp: None, docs: None, tables: None, ..Default::default() })
+        .mint(&moai_server::auth::Claims {
+            sub: "app".into(),
+            exp: None,
+            docs: None,
+            tables: None,
+            ..Default::default()
+        })
         .unwrap();
 
     // Without a token: 4401.
@@ -69,7 +75,8 @@ async fn a_new_client_gets_a_snapshot_then_live_changes() {
         other => panic!("expected close 4401, got {other:?}"),
     }
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
     let hello = json!({"type": "hello", "protocol": 1, "client_id": "e2e-1", "position": null,
                        "shapes": [{"id": "s1", "table": "public.items"}]});
     ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
@@ -105,7 +112,9 @@ async fn snapshot_names(ws: &mut Ws) -> Result<Vec<String>, Value> {
     loop {
         let m = next_json(ws).await;
         match m["type"].as_str().unwrap() {
-            "snapshot_batch" => names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned())),
+            "snapshot_batch" => {
+                names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()))
+            }
             "up_to_date" => break,
             "error" => return Err(m),
             _ => {}
@@ -129,7 +138,8 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
          CREATE TABLE public.other (id int PRIMARY KEY, name text); INSERT INTO public.other VALUES (1,'x');",
     )
     .await;
-    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items,public.other", "--sync-shared-secret", "pgs"]);
+    let server =
+        Server::start(&["--pg-url", &url, "--pg-tables", "public.items,public.other", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let out = std::process::Command::new(support::BIN)
         .args(["token", "u1", "--table", "public.items WHERE owner = 'u1'", "--secret", "pgs"])
@@ -138,14 +148,17 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let connect = || async {
-        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
         ws
     };
     let hello = |id: &str, shapes: Value| json!({"type": "hello", "protocol": 1, "client_id": id, "position": null, "shapes": shapes});
 
     // The whole table, as far as the token allows.
     let mut ws = connect().await;
-    ws.send(WsMessage::Text(hello("u1-a", json!([{"id": "s", "table": "public.items"}])).to_string().into())).await.unwrap();
+    ws.send(WsMessage::Text(hello("u1-a", json!([{"id": "s", "table": "public.items"}])).to_string().into()))
+        .await
+        .unwrap();
     assert_eq!(snapshot_names(&mut ws).await.unwrap(), vec!["a", "c"]);
     sql(&url, "INSERT INTO public.items VALUES (4,'d','u2'); INSERT INTO public.items VALUES (5,'e','u1');").await;
     let mut live = Vec::new();
@@ -153,7 +166,9 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
         let m = next_json(&mut ws).await;
         if m["type"] == "changes" {
             for txn in m["txns"].as_array().unwrap() {
-                live.extend(txn["ops"].as_array().unwrap().iter().map(|op| op["row"]["name"].as_str().unwrap().to_owned()));
+                live.extend(
+                    txn["ops"].as_array().unwrap().iter().map(|op| op["row"]["name"].as_str().unwrap().to_owned()),
+                );
             }
         }
     }
@@ -161,14 +176,18 @@ async fn a_table_scoped_token_bounds_tables_and_rows() {
 
     // Asking for someone else's rows gets none of them.
     let mut ws = connect().await;
-    ws.send(WsMessage::Text(hello("u1-b", json!([{"id": "s", "table": "public.items", "where": "owner = 'u2'"}])).to_string().into()))
-        .await
-        .unwrap();
+    ws.send(WsMessage::Text(
+        hello("u1-b", json!([{"id": "s", "table": "public.items", "where": "owner = 'u2'"}])).to_string().into(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(snapshot_names(&mut ws).await.unwrap(), Vec::<String>::new());
 
     // A published table the token does not name.
     let mut ws = connect().await;
-    ws.send(WsMessage::Text(hello("u1-c", json!([{"id": "o", "table": "public.other"}])).to_string().into())).await.unwrap();
+    ws.send(WsMessage::Text(hello("u1-c", json!([{"id": "o", "table": "public.other"}])).to_string().into()))
+        .await
+        .unwrap();
     let err = snapshot_names(&mut ws).await.unwrap_err();
     assert_eq!((err["code"].as_str(), err["fatal"].as_bool()), (Some("forbidden"), Some(true)), "{err}");
     assert!(err["message"].as_str().unwrap().contains("public.other"), "{err}");
@@ -227,7 +246,11 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
     server.wait_ready();
     let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let identity: String = pgc.query_one("SELECT relreplident::text FROM pg_class WHERE oid = 'public.items'::regclass", &[]).await.unwrap().get(0);
+    let identity: String = pgc
+        .query_one("SELECT relreplident::text FROM pg_class WHERE oid = 'public.items'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(identity, "f", "moai sets REPLICA IDENTITY FULL on the tables it replicates");
     let out = std::process::Command::new(support::BIN)
         .args(["token", "alice", "--table", "public.items WHERE owner = 'alice'", "--secret", "pgs"])
@@ -236,7 +259,8 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let connect = || async {
-        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
         ws
     };
     let shapes = json!([{"id": "s", "table": "public.items"}]);
@@ -249,7 +273,9 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
         let m = next_json(&mut ws).await;
         match m["type"].as_str().unwrap() {
             "welcome" => generation = m["generation"].clone(),
-            "snapshot_batch" => names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned())),
+            "snapshot_batch" => {
+                names.extend(m["rows"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()))
+            }
             "up_to_date" => break m["position"].clone(),
             "error" => panic!("{m}"),
             _ => {}
@@ -299,7 +325,8 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
 async fn a_second_instance_waits_for_the_slot_and_takes_over() {
     let cluster = pg::PgCluster::start();
     let url = cluster.url();
-    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');")
+        .await;
     let args = ["--pg-url", url.as_str(), "--pg-tables", "public.items"];
     let mut first = Server::start(&args);
     first.wait_ready();
@@ -346,20 +373,35 @@ async fn close_code(ws: &mut Ws) -> (u16, String) {
 async fn the_change_feed_checks_scopes_expiry_and_pings() {
     let cluster = pg::PgCluster::start();
     let url = cluster.url();
-    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
-    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs", "--ping-interval", "300ms"]);
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');")
+        .await;
+    let server = Server::start(&[
+        "--pg-url",
+        &url,
+        "--pg-tables",
+        "public.items",
+        "--sync-shared-secret",
+        "pgs",
+        "--ping-interval",
+        "300ms",
+    ]);
     server.wait_ready();
     let auth = moai_server::Auth::with_secret("pgs");
 
     // A token scoped to Yjs documents does not open the change feed.
-    let docs = auth.mint(&moai_server::auth::Claims { sub: "u".into(), docs: Some(vec!["*".into()]), ..Default::default() }).unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={docs}"))).await.unwrap();
+    let docs = auth
+        .mint(&moai_server::auth::Claims { sub: "u".into(), docs: Some(vec!["*".into()]), ..Default::default() })
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={docs}"))).await.unwrap();
     assert_eq!(close_code(&mut ws).await.0, 4403);
 
     // A token that expires in two seconds: served, pinged, then closed with 4403.
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
-    let short = auth.mint(&moai_server::auth::Claims { sub: "u".into(), exp: Some(exp), ..Default::default() }).unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={short}"))).await.unwrap();
+    let short =
+        auth.mint(&moai_server::auth::Claims { sub: "u".into(), exp: Some(exp), ..Default::default() }).unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={short}"))).await.unwrap();
     let hello = json!({"type": "hello", "protocol": 1, "client_id": "exp-1", "position": null,
                        "shapes": [{"id": "s1", "table": "public.items"}]});
     ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
@@ -384,15 +426,23 @@ async fn the_change_feed_checks_scopes_expiry_and_pings() {
 async fn registrations_are_keyed_by_the_token_subject() {
     let cluster = pg::PgCluster::start();
     let url = cluster.url();
-    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');").await;
+    sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');")
+        .await;
     let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "pgs"]);
     server.wait_ready();
     let mut acked = Vec::new();
     for sub in ["alice", "bob"] {
         let token = moai_server::Auth::with_secret("pgs")
-            .mint(&moai_server::auth::Claims { sub: sub.into(), exp: None, docs: None, tables: None, ..Default::default() })
+            .mint(&moai_server::auth::Claims {
+                sub: sub.into(),
+                exp: None,
+                docs: None,
+                tables: None,
+                ..Default::default()
+            })
             .unwrap();
-        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(server.ws_url(&format!("/api/sync?token={token}"))).await.unwrap();
         let hello = json!({"type": "hello", "protocol": 1, "client_id": "same-id", "position": null,
                            "shapes": [{"id": "s1", "table": "public.items"}]});
         ws.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
@@ -420,7 +470,10 @@ async fn registrations_are_keyed_by_the_token_subject() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let rows: Vec<(String, Option<String>)> = client
-            .query("SELECT subject, pos_lsn::text FROM moai_sync.clients WHERE client_id = 'same-id' ORDER BY subject", &[])
+            .query(
+                "SELECT subject, pos_lsn::text FROM moai_sync.clients WHERE client_id = 'same-id' ORDER BY subject",
+                &[],
+            )
             .await
             .unwrap()
             .iter()

@@ -79,7 +79,8 @@ async fn every_websocket_endpoint_selects_a_subprotocol_for_token_carrying_clien
             let mut req = server.ws_url(path).into_client_request().unwrap();
             req.headers_mut().insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
             // tungstenite, like browsers, fails the handshake unless an offered protocol is selected.
-            let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("{path} {offer}: {e}"));
+            let (mut ws, resp) =
+                tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("{path} {offer}: {e}"));
             assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), expected.as_str(), "{path}");
             // Authenticated: the session is served (a first message arrives, not a 4401 close).
             let first = ws.next().await.unwrap().unwrap();

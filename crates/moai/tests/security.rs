@@ -76,7 +76,8 @@ fn secured(extra: &[&str]) -> Server {
 #[tokio::test]
 async fn a_scope_on_one_engine_opens_nothing_of_the_others() {
     let server = secured(&[]);
-    let table_token = mint(claims(|c| c.tables = Some([("public.todos".to_string(), Some("owner_id = 'bob'".to_string()))].into())));
+    let table_token =
+        mint(claims(|c| c.tables = Some([("public.todos".to_string(), Some("owner_id = 'bob'".to_string()))].into())));
     let doc_token = mint(claims(|c| c.docs = Some(vec!["team-*".into()])));
     let cojson_token = mint(claims(|c| c.cojson = true));
 
@@ -253,16 +254,20 @@ fn silent_connections_do_not_hold_slots() {
     let server = Server::start(&["--max-connections", "3", "--handshake-timeout", "1s"]);
     server.wait_ready();
     // Three connections that never send a byte take every slot...
-    let silent: Vec<_> = (0..3).map(|_| std::thread::spawn({
-        let addr = server.addr;
-        move || {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let started = Instant::now();
-            let n = s.read(&mut [0u8; 64]).unwrap_or(0);
-            (n, started.elapsed())
-        }
-    })).collect();
+    let silent: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn({
+                let addr = server.addr;
+                move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let started = Instant::now();
+                    let n = s.read(&mut [0u8; 64]).unwrap_or(0);
+                    (n, started.elapsed())
+                }
+            })
+        })
+        .collect();
     // ...and are closed after the handshake timeout, which frees the slots.
     for t in silent {
         let (n, lived) = t.join().unwrap();

@@ -231,7 +231,13 @@ async fn tokens_are_required_when_a_secret_is_set() {
     let mut ws = connect(&format!("{url}?token={scoped}")).await;
     assert_eq!(sync(&mut ws).await, "");
     let expired = moai_server::Auth::with_secret("s3cret")
-        .mint(&moai_server::auth::Claims { sub: "alice".into(), exp: Some(1), docs: None, tables: None, ..Default::default() })
+        .mint(&moai_server::auth::Claims {
+            sub: "alice".into(),
+            exp: Some(1),
+            docs: None,
+            tables: None,
+            ..Default::default()
+        })
         .unwrap();
     let mut ws = connect(&format!("{url}?token={expired}")).await;
     assert_eq!(closed(&mut ws).await.0, 4403);
@@ -245,7 +251,13 @@ async fn the_http_api_reads_and_writes_documents() {
     let server = Server::start(&["--sync-shared-secret", "k"]);
     server.wait_ready();
     let token = moai_server::Auth::with_secret("k")
-        .mint(&moai_server::auth::Claims { sub: "svc".into(), exp: None, docs: None, tables: None, ..Default::default() })
+        .mint(&moai_server::auth::Claims {
+            sub: "svc".into(),
+            exp: None,
+            docs: None,
+            tables: None,
+            ..Default::default()
+        })
         .unwrap();
     let auth = format!("Bearer {token}");
     let path = "/api/v1/docs/http-doc/update";

@@ -148,7 +148,8 @@ impl Relay {
 
         // 6. Fan-out.
         if applied_any {
-            let subscribers: Vec<PeerId> = self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+            let subscribers: Vec<PeerId> =
+                self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
             for other in subscribers {
                 let errored = self.peers.get(&other).is_none_or(|p| p.errored.contains(&id) || p.closing);
                 if !errored {
@@ -201,7 +202,14 @@ impl Relay {
                 written.raise(session, *after);
             }
             r.pending.push_back((token, false, written));
-            let req = persist_request(token, &r.state, applied.header_installed, &applied.sessions, applied.deleted_now, &applied.erased);
+            let req = persist_request(
+                token,
+                &r.state,
+                applied.header_installed,
+                &applied.sessions,
+                applied.deleted_now,
+                &applied.erased,
+            );
             self.tokens.insert(token, id.clone());
             self.out.push(Action::Persist(req));
         }

@@ -52,18 +52,18 @@ mod slot;
 
 pub use reconcile::sessions_hash;
 
+use crate::content_pieces::PIECE_LIMIT_BYTES;
+use crate::covalue::CoValueState;
+use crate::dependencies::covalue_dependencies;
+use crate::group_roles::{self, CoValueLookup};
+use crate::header::Header;
 use crate::header::HeaderError;
 use crate::ids::CoId;
+use crate::ids::SessionAuthor;
 use crate::known_state::KnownState;
 use crate::message::{KnownMessage, Outgoing, SyncMessage};
 use crate::persistence::{rebuild, PersistRequest, PersistToken, StoredCoValue, StoredError, StoredKnown};
-use crate::covalue::CoValueState;
-use crate::group_roles::{self, CoValueLookup};
-use crate::ids::SessionAuthor;
 use crate::verify::{DeletePolicy, HeaderLookup, VerifyError};
-use crate::content_pieces::PIECE_LIMIT_BYTES;
-use crate::dependencies::covalue_dependencies;
-use crate::header::Header;
 use peer::{PeerKnown, PeerState};
 use serde_json::Map;
 use slot::{Job, Residence, Resident, Slot};
@@ -80,7 +80,10 @@ pub enum Event {
     Message(PeerId, SyncMessage),
     PeerDisconnected(PeerId),
     /// The answer to [`Action::Load`].
-    Loaded { id: CoId, stored: Option<StoredCoValue> },
+    Loaded {
+        id: CoId,
+        stored: Option<StoredCoValue>,
+    },
     /// Answers to [`Action::LoadKnown`]: per CoValue, what storage holds of it.
     KnownLoaded(Vec<(CoId, StoredKnown)>),
     /// The write with this token is durable.
@@ -300,8 +303,12 @@ impl Relay {
     /// CoValues that could be evicted now: no subscriber, no pending write
     /// or ack, no work waiting. The driver picks which (e.g. by idle time).
     pub fn evictable(&self) -> Vec<CoId> {
-        let mut ids: Vec<CoId> =
-            self.slots.iter().filter(|(id, slot)| self.evict_check(id, slot).is_ok()).map(|(id, _)| id.clone()).collect();
+        let mut ids: Vec<CoId> = self
+            .slots
+            .iter()
+            .filter(|(id, slot)| self.evict_check(id, slot).is_ok())
+            .map(|(id, _)| id.clone())
+            .collect();
         ids.sort();
         ids
     }

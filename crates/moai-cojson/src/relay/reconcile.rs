@@ -84,7 +84,8 @@ impl Relay {
         if p.reconcile.is_empty() {
             return;
         }
-        let mut touched: Vec<String> = p.reconcile.iter_mut().filter_map(|(k, b)| b.pending.remove(id).then(|| k.clone())).collect();
+        let mut touched: Vec<String> =
+            p.reconcile.iter_mut().filter_map(|(k, b)| b.pending.remove(id).then(|| k.clone())).collect();
         touched.sort();
         for batch in touched {
             self.maybe_ack_batch(peer, &batch);

@@ -207,9 +207,7 @@ impl Relay {
             }
             Some(Residence::LoadingKnown) => return Lazy::WaitForKnownState,
             Some(Residence::Shell(stored)) => stored,
-            Some(Residence::InMemory(_)) | Some(Residence::Loading) | Some(Residence::Absent) => {
-                return Lazy::FullPath
-            }
+            Some(Residence::InMemory(_)) | Some(Residence::Loading) | Some(Residence::Absent) => return Lazy::FullPath,
         };
         if !stored.peer_has_all(theirs) {
             return Lazy::FullPath;

@@ -112,7 +112,15 @@ impl CojsonService {
             .send(Command::Connect { peer, outbox, shared: shared.clone() })
             .await
             .map_err(|_| ServiceStopped)?;
-        Ok(CojsonSession { peer, commands: self.commands.clone(), outbox: rx, shared, read_only, finished: false, left: false })
+        Ok(CojsonSession {
+            peer,
+            commands: self.commands.clone(),
+            outbox: rx,
+            shared,
+            read_only,
+            finished: false,
+            left: false,
+        })
     }
 
     /// Counters for /metrics.

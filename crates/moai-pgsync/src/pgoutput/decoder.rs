@@ -70,11 +70,7 @@ impl Decoder {
 
     fn decode_body(&self, tag: u8, r: &mut Reader<'_>) -> Result<LogicalMessage, DecodeError> {
         Ok(match tag {
-            b'B' => LogicalMessage::Begin(Begin {
-                final_lsn: Lsn(r.u64()?),
-                commit_time: r.i64()?,
-                xid: r.u32()?,
-            }),
+            b'B' => LogicalMessage::Begin(Begin { final_lsn: Lsn(r.u64()?), commit_time: r.i64()?, xid: r.u32()? }),
             b'C' => LogicalMessage::Commit(Commit {
                 flags: r.u8()?,
                 commit_lsn: Lsn(r.u64()?),
@@ -129,11 +125,7 @@ impl Decoder {
                     b'K' => OldTuple::Key(tuple(r)?),
                     b'O' => OldTuple::Full(tuple(r)?),
                     found => {
-                        return Err(DecodeError::UnexpectedTupleMarker {
-                            expected: "'K' or 'O'",
-                            found,
-                            offset: at,
-                        })
+                        return Err(DecodeError::UnexpectedTupleMarker { expected: "'K' or 'O'", found, offset: at })
                     }
                 };
                 LogicalMessage::Delete(Delete { xid, relation_id, old })
@@ -167,13 +159,7 @@ impl Decoder {
                 let lsn = Lsn(r.u64()?);
                 let prefix = r.cstr()?;
                 let content = r.len_prefixed("message length")?.to_vec();
-                LogicalMessage::Message(DecodingMessage {
-                    xid,
-                    transactional: flags & 1 != 0,
-                    lsn,
-                    prefix,
-                    content,
-                })
+                LogicalMessage::Message(DecodingMessage { xid, transactional: flags & 1 != 0, lsn, prefix, content })
             }
             b'S' => {
                 self.require_v2(tag)?;
@@ -212,9 +198,7 @@ impl Decoder {
                 };
                 LogicalMessage::StreamAbort(StreamAbort { xid, subxid, abort_lsn, abort_time })
             }
-            b'b' | b'P' | b'K' | b'r' | b'p' => {
-                return Err(DecodeError::UnsupportedMessage(tag as char))
-            }
+            b'b' | b'P' | b'K' | b'r' | b'p' => return Err(DecodeError::UnsupportedMessage(tag as char)),
             other => return Err(DecodeError::UnknownMessageType(other)),
         })
     }
@@ -225,8 +209,7 @@ impl Decoder {
         let namespace = r.cstr()?;
         let name = r.cstr()?;
         let ident = r.u8()?;
-        let replica_identity =
-            ReplicaIdentity::from_byte(ident).ok_or(DecodeError::UnknownReplicaIdentity(ident))?;
+        let replica_identity = ReplicaIdentity::from_byte(ident).ok_or(DecodeError::UnknownReplicaIdentity(ident))?;
         let n = count(r, "column count")?;
         // Each column needs at least 10 bytes on the wire.
         let mut columns = Vec::with_capacity(n.min(r.remaining() / 10));

@@ -24,9 +24,11 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(
-            DecodeError::Truncated { offset: self.pos, needed: n - self.remaining().min(n) },
-        )?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(DecodeError::Truncated { offset: self.pos, needed: n - self.remaining().min(n) })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -67,13 +69,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn cstr(&mut self) -> Result<String, DecodeError> {
         let start = self.pos;
         let rest = &self.buf[self.pos..];
-        let nul = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::UnterminatedString { offset: start })?;
-        let s = std::str::from_utf8(&rest[..nul])
-            .map_err(|_| DecodeError::InvalidUtf8 { offset: start })?
-            .to_owned();
+        let nul = rest.iter().position(|&b| b == 0).ok_or(DecodeError::UnterminatedString { offset: start })?;
+        let s = std::str::from_utf8(&rest[..nul]).map_err(|_| DecodeError::InvalidUtf8 { offset: start })?.to_owned();
         self.pos += nul + 1;
         Ok(s)
     }
@@ -82,11 +79,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8], DecodeError> {
         let at = self.pos;
         let len = self.i32()?;
-        let len = usize::try_from(len).map_err(|_| DecodeError::NegativeCount {
-            what,
-            value: i64::from(len),
-            offset: at,
-        })?;
+        let len =
+            usize::try_from(len).map_err(|_| DecodeError::NegativeCount { what, value: i64::from(len), offset: at })?;
         self.bytes(len)
     }
 }

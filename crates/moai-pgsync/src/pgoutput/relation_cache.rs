@@ -35,9 +35,7 @@ impl RelationCache {
         relation.xid = None;
         match self.relations.insert(relation.id, relation) {
             None => RelationUpdate::New,
-            Some(previous) if Some(&previous) == self.relations.get(&previous.id) => {
-                RelationUpdate::Unchanged
-            }
+            Some(previous) if Some(&previous) == self.relations.get(&previous.id) => RelationUpdate::Unchanged,
             Some(previous) => RelationUpdate::Changed { previous },
         }
     }
@@ -68,7 +66,7 @@ impl RelationCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::message::{ReplicaIdentity, RelationColumn};
+    use crate::pgoutput::message::{RelationColumn, ReplicaIdentity};
 
     fn rel(cols: &[&str]) -> Relation {
         Relation {
@@ -80,12 +78,7 @@ mod tests {
             columns: cols
                 .iter()
                 .enumerate()
-                .map(|(i, c)| RelationColumn {
-                    is_key: i == 0,
-                    name: (*c).into(),
-                    type_oid: 23,
-                    type_modifier: -1,
-                })
+                .map(|(i, c)| RelationColumn { is_key: i == 0, name: (*c).into(), type_oid: 23, type_modifier: -1 })
                 .collect(),
         }
     }

@@ -130,16 +130,10 @@ fn decoder_in(version: u32, in_stream: bool) -> Decoder {
 fn begin_from_literal_bytes() {
     // Written out byte by byte (not with the test writer) so the writer cannot share a mistake
     // with the decoder: 'B', final_lsn 0/16B3748, ts 1_000_000, xid 7431.
-    let bytes = [
-        0x42, 0, 0, 0, 0, 0x01, 0x6B, 0x37, 0x48, 0, 0, 0, 0, 0, 0x0F, 0x42, 0x40, 0, 0, 0x1D, 0x07,
-    ];
+    let bytes = [0x42, 0, 0, 0, 0, 0x01, 0x6B, 0x37, 0x48, 0, 0, 0, 0, 0, 0x0F, 0x42, 0x40, 0, 0, 0x1D, 0x07];
     assert_eq!(
         v1().decode(&bytes).unwrap(),
-        LogicalMessage::Begin(Begin {
-            final_lsn: "0/16B3748".parse().unwrap(),
-            commit_time: 1_000_000,
-            xid: 7431
-        })
+        LogicalMessage::Begin(Begin { final_lsn: "0/16B3748".parse().unwrap(), commit_time: 1_000_000, xid: 7431 })
     );
 }
 
@@ -175,9 +169,7 @@ fn commit_and_origin() {
 
 #[test]
 fn relation_and_type() {
-    let LogicalMessage::Relation(r) = v1().decode(&relation_bytes(None)).unwrap() else {
-        panic!("not a relation")
-    };
+    let LogicalMessage::Relation(r) = v1().decode(&relation_bytes(None)).unwrap() else { panic!("not a relation") };
     assert_eq!((r.id, r.namespace.as_str(), r.name.as_str()), (16384, "public", "todos"));
     assert_eq!(r.replica_identity, ReplicaIdentity::Default);
     assert_eq!(r.xid, None);
@@ -313,12 +305,7 @@ fn streaming_block_adds_xid_and_tracks_state() {
 fn v4_stream_abort_carries_lsn_and_time() {
     assert_eq!(
         Decoder::new(4).unwrap().decode(&samples()[19].0).unwrap(),
-        LogicalMessage::StreamAbort(StreamAbort {
-            xid: 9,
-            subxid: 10,
-            abort_lsn: Some(Lsn(100)),
-            abort_time: Some(4)
-        })
+        LogicalMessage::StreamAbort(StreamAbort { xid: 9, subxid: 10, abort_lsn: Some(Lsn(100)), abort_time: Some(4) })
     );
     // v2 does not know the extra fields: they are trailing garbage there.
     assert!(matches!(

@@ -39,7 +39,9 @@ impl TestClient {
         let (itx, irx) = mpsc::channel(64);
         let (otx, orx) = mpsc::channel(64);
         let s = sync.clone();
-        let task = tokio::spawn(async move { s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await });
+        let task = tokio::spawn(async move {
+            s.run_session(irx, otx, moai_pgsync::Access::all(), None, std::future::pending()).await
+        });
         TestClient {
             client_id: client_id.into(),
             tx: Some(itx),
@@ -122,7 +124,10 @@ impl TestClient {
         while !cond(self) {
             assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
             if self.next().await.is_none() {
-                panic!("session closed while waiting for {what}; last messages: {:?}", self.messages.iter().rev().take(3).collect::<Vec<_>>());
+                panic!(
+                    "session closed while waiting for {what}; last messages: {:?}",
+                    self.messages.iter().rev().take(3).collect::<Vec<_>>()
+                );
             }
         }
     }
@@ -131,7 +136,11 @@ impl TestClient {
     pub async fn expect_type(&mut self, ty: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {ty}; last: {:?}", self.messages.iter().rev().take(3).collect::<Vec<_>>());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {ty}; last: {:?}",
+                self.messages.iter().rev().take(3).collect::<Vec<_>>()
+            );
             let v = self.next().await.unwrap_or_else(|| panic!("session closed before {ty}"));
             if v["type"] == ty {
                 return v;
@@ -235,10 +244,7 @@ impl TestClient {
 
 /// Rows of a table as the client should see them: key (JSON text of {"id":..}) → row.
 pub async fn table_rows(pg: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Row> {
-    let rows = pg
-        .query(&format!("SELECT to_jsonb(t) FROM {table} t"), &[])
-        .await
-        .expect("select");
+    let rows = pg.query(&format!("SELECT to_jsonb(t) FROM {table} t"), &[]).await.expect("select");
     rows.iter()
         .map(|r| {
             let v: Value = r.get(0);

@@ -229,7 +229,10 @@ mod tests {
         //   printf 'mt2.eyJzdWIiOiJib2IiLCJleHAiOjEwMH0' | openssl dgst -sha256 -mac HMAC -macopt hexkey:$K2
         let auth = Auth::with_secret("k");
         let t = auth.mint(&Claims { sub: "bob".into(), exp: Some(100), ..Claims::default() }).unwrap();
-        assert_eq!(t, "mt2.eyJzdWIiOiJib2IiLCJleHAiOjEwMH0.1ef2b8c7e1a90d1476518862230c645bdab03da1a77839c4ddc112c0e70615e7");
+        assert_eq!(
+            t,
+            "mt2.eyJzdWIiOiJib2IiLCJleHAiOjEwMH0.1ef2b8c7e1a90d1476518862230c645bdab03da1a77839c4ddc112c0e70615e7"
+        );
     }
 
     #[test]
@@ -252,7 +255,12 @@ mod tests {
     fn scoped_tokens_expire_and_are_limited_to_their_documents() {
         let auth = Auth::with_secret("k");
         let t = auth
-            .mint(&Claims { sub: "bob".into(), exp: Some(100), docs: Some(vec!["notes".into(), "team-*".into()]), ..Claims::default() })
+            .mint(&Claims {
+                sub: "bob".into(),
+                exp: Some(100),
+                docs: Some(vec!["notes".into(), "team-*".into()]),
+                ..Claims::default()
+            })
             .unwrap();
         assert!(t.starts_with("mt2."));
         assert!(auth.check(Some(&t), Resource::YjsDoc("notes"), 99).is_ok());
@@ -265,7 +273,10 @@ mod tests {
         let forged = format!("mt2.{forged_payload}.{sig}");
         assert_eq!(auth.check(Some(&forged), Resource::YjsDoc("x"), 0), Err(AuthError::BadSignature));
         // Another server's secret does not verify.
-        assert_eq!(Auth::with_secret("other").check(Some(&t), Resource::YjsDoc("notes"), 0), Err(AuthError::BadSignature));
+        assert_eq!(
+            Auth::with_secret("other").check(Some(&t), Resource::YjsDoc("notes"), 0),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]
@@ -280,14 +291,20 @@ mod tests {
     #[test]
     fn table_scopes_round_trip_and_cannot_be_widened() {
         let auth = Auth::with_secret("k");
-        let tables = BTreeMap::from([("public.todos".to_string(), Some("owner_id = 'u1'".to_string())), ("public.tags".to_string(), None)]);
+        let tables = BTreeMap::from([
+            ("public.todos".to_string(), Some("owner_id = 'u1'".to_string())),
+            ("public.tags".to_string(), None),
+        ]);
         let t = auth.mint(&Claims { sub: "u1".into(), tables: Some(tables.clone()), ..Claims::default() }).unwrap();
         assert!(t.starts_with("mt2."), "a table scope needs the scoped form");
         assert_eq!(auth.check(Some(&t), Resource::ChangeFeed, 0).unwrap().tables(), Some(&tables));
         // Dropping the predicate from the payload breaks the signature.
         let (_, sig) = t.rsplit_once('.').unwrap();
         let widened = URL_SAFE_NO_PAD.encode(br#"{"sub":"u1","tables":{"public.todos":null}}"#);
-        assert_eq!(auth.check(Some(&format!("mt2.{widened}.{sig}")), Resource::ChangeFeed, 0), Err(AuthError::BadSignature));
+        assert_eq!(
+            auth.check(Some(&format!("mt2.{widened}.{sig}")), Resource::ChangeFeed, 0),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]

@@ -103,12 +103,15 @@ fn apply_append(conn: &Connection, append: &CoValueAppend) -> Result<(), Failure
         }
     }
     if !append.erase_sessions.is_empty() {
-        let mut find = conn.prepare_cached("SELECT row_id FROM cojson_sessions WHERE covalue = ?1 AND session_id = ?2")?;
+        let mut find =
+            conn.prepare_cached("SELECT row_id FROM cojson_sessions WHERE covalue = ?1 AND session_id = ?2")?;
         let mut erase_txs = conn.prepare_cached("DELETE FROM cojson_transactions WHERE ses = ?1")?;
         let mut erase_sigs = conn.prepare_cached("DELETE FROM cojson_signature_after WHERE ses = ?1")?;
         let mut erase_session = conn.prepare_cached("DELETE FROM cojson_sessions WHERE row_id = ?1")?;
         for session in &append.erase_sessions {
-            let Some(ses) = find.query_row(params![covalue, session], |r| r.get::<_, i64>(0)).optional()? else { continue };
+            let Some(ses) = find.query_row(params![covalue, session], |r| r.get::<_, i64>(0)).optional()? else {
+                continue;
+            };
             erase_txs.execute(params![ses])?;
             erase_sigs.execute(params![ses])?;
             erase_session.execute(params![ses])?;
@@ -275,7 +278,13 @@ mod tests {
     }
 
     fn append(id: &str, header: Option<&str>, sessions: Vec<SessionAppendRecord>) -> CoValueAppend {
-        CoValueAppend { id: id.into(), header: header.map(Into::into), sessions, deleted: false, erase_sessions: vec![] }
+        CoValueAppend {
+            id: id.into(),
+            header: header.map(Into::into),
+            sessions,
+            deleted: false,
+            erase_sessions: vec![],
+        }
     }
 
     fn stores() -> Vec<(Box<dyn CoValueStore>, tempfile::TempDir)> {

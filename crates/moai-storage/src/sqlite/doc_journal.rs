@@ -17,8 +17,7 @@ impl DocJournal for SqliteStorage {
         }
         let doc = doc.to_owned();
         self.write(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("INSERT INTO doc_updates(doc, data) VALUES (?1, ?2) RETURNING seq")?;
+            let mut stmt = conn.prepare_cached("INSERT INTO doc_updates(doc, data) VALUES (?1, ?2) RETURNING seq")?;
             let mut last = None;
             for update in updates {
                 last = Some(stmt.query_row(params![doc, update], |r| r.get::<_, i64>(0))? as u64);
@@ -53,8 +52,7 @@ impl DocJournal for SqliteStorage {
                         Some(whole)
                     }
                 };
-                let mut stmt =
-                    conn.prepare_cached("SELECT seq, data FROM doc_updates WHERE doc = ?1 ORDER BY seq")?;
+                let mut stmt = conn.prepare_cached("SELECT seq, data FROM doc_updates WHERE doc = ?1 ORDER BY seq")?;
                 let updates = stmt
                     .query_map(params![doc], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;

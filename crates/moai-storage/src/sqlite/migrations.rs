@@ -11,9 +11,9 @@ use crate::StorageError;
 pub(super) const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
-    // The per-document journal (DocJournal). `seq` is global and monotonic so that a compaction
-    // can name "everything up to here" even while appends continue.
-    "CREATE TABLE doc_snapshots (
+        // The per-document journal (DocJournal). `seq` is global and monotonic so that a compaction
+        // can name "everything up to here" even while appends continue.
+        "CREATE TABLE doc_snapshots (
          doc        TEXT PRIMARY KEY,
          snapshot   BLOB NOT NULL,
          through_seq INTEGER NOT NULL,
@@ -89,8 +89,7 @@ pub(super) fn apply(conn: &mut Connection) -> Result<(), StorageError> {
              applied_at INTEGER NOT NULL DEFAULT (unixepoch())
          )",
     )?;
-    let current: i64 =
-        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
     if current > SCHEMA_VERSION {
         return Err(StorageError::SchemaTooNew { found: current, supported: SCHEMA_VERSION });
     }

@@ -56,11 +56,7 @@ struct Inner {
 impl SqliteStorage {
     /// Opens (creating if needed) the database at `path`, applies pending migrations, and starts
     /// the writer thread. Blocking: call it from `spawn_blocking` in async code.
-    pub fn open(
-        path: &Path,
-        options: SqliteOptions,
-        observer: Arc<dyn StorageObserver>,
-    ) -> Result<Self, StorageError> {
+    pub fn open(path: &Path, options: SqliteOptions, observer: Arc<dyn StorageObserver>) -> Result<Self, StorageError> {
         let open_err = |source| StorageError::Open { path: path.display().to_string(), source };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             // A missing parent directory is the most common first-run failure; create it, and if
@@ -129,9 +125,7 @@ fn configure_writer(conn: &Connection, options: &SqliteOptions) -> rusqlite::Res
         ));
     }
     let sync = if options.fsync_every_commit { "FULL" } else { "NORMAL" };
-    conn.execute_batch(&format!(
-        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
-    ))
+    conn.execute_batch(&format!("PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"))
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {

@@ -266,9 +266,9 @@ mod tests {
         let mut rest = Vec::new();
         for i in 0..100 {
             let w = writer.clone();
-            rest.push(tokio::spawn(async move {
-                w.write(move |c| c.execute("INSERT INTO t(v) VALUES (?1)", [i])).await
-            }));
+            rest.push(tokio::spawn(
+                async move { w.write(move |c| c.execute("INSERT INTO t(v) VALUES (?1)", [i])).await },
+            ));
         }
         while QUEUE_DEPTH - writer.tx.capacity() < 100 {
             tokio::task::yield_now().await;
@@ -311,7 +311,8 @@ mod tests {
     /// rollback while being reported as failed. A real full filesystem: a small tmpfs (root).
     #[tokio::test]
     async fn a_batch_rolled_back_by_a_full_disk_reports_exactly_what_is_on_disk() {
-        let is_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+        let is_root =
+            std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
         if !is_root {
             eprintln!("skipped: mounting a tmpfs needs root");
             return;
@@ -358,7 +359,12 @@ mod tests {
         tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
         let insert = |k: &'static str, len: usize| {
             let w = writer.clone();
-            tokio::spawn(async move { w.write(move |c| c.execute("INSERT INTO t(k, v) VALUES (?1, zeroblob(?2))", rusqlite::params![k, len as i64])).await })
+            tokio::spawn(async move {
+                w.write(move |c| {
+                    c.execute("INSERT INTO t(k, v) VALUES (?1, zeroblob(?2))", rusqlite::params![k, len as i64])
+                })
+                .await
+            })
         };
         let a = insert("a", 1000);
         let b = insert("b", 4 << 20); // does not fit

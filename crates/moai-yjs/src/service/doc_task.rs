@@ -364,7 +364,11 @@ impl DocTask {
         let len = frame.len();
         let queued = c.flags.queued_bytes.fetch_add(len, Ordering::Relaxed);
         let over_bytes = queued > 0 && queued + len > self.config.outbox_bytes;
-        let sent = if over_bytes { Err(mpsc::error::TrySendError::Full(Outbound::Frame(frame))) } else { c.outbox.try_send(Outbound::Frame(frame)) };
+        let sent = if over_bytes {
+            Err(mpsc::error::TrySendError::Full(Outbound::Frame(frame)))
+        } else {
+            c.outbox.try_send(Outbound::Frame(frame))
+        };
         if sent.is_err() {
             c.flags.queued_bytes.fetch_sub(len, Ordering::Relaxed);
         }
