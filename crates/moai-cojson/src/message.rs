@@ -91,6 +91,28 @@ pub struct ContentMessage {
     pub extra: Map<String, Value>,
 }
 
+impl ContentMessage {
+    /// About how many bytes this message takes (its strings and numbers, as on the wire): what
+    /// holding it costs, for the relay's per-peer bounds. Linear in the message, no allocation.
+    pub fn approx_bytes(&self) -> usize {
+        fn value(v: &Value) -> usize {
+            match v {
+                Value::String(s) => s.len() + 2,
+                Value::Array(a) => 2 + a.iter().map(value).sum::<usize>(),
+                Value::Object(o) => 2 + o.iter().map(|(k, v)| k.len() + 3 + value(v)).sum::<usize>(),
+                _ => 8,
+            }
+        }
+        let header = self.header.as_ref().map_or(0, value);
+        let sessions: usize = self
+            .new
+            .iter()
+            .map(|(key, s)| key.len() + s.last_signature.len() + s.new_transactions.iter().map(value).sum::<usize>())
+            .sum();
+        64 + self.id.as_str().len() + header + sessions
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReconcileMessage {
     /// Batch ID, echoed back in `reconcile-ack`.

@@ -1030,3 +1030,29 @@ fn covalues_per_peer_are_bounded() {
     d.msg(b, load(&CoId::parse("co_zUnknown3").unwrap(), None));
     assert_eq!(d.closed.len(), 1);
 }
+
+#[test]
+fn parked_content_is_bounded_per_peer_in_bytes() {
+    let uploads: Vec<_> = (0..3)
+        .map(|i| {
+            let mut w = World::new();
+            w.map_header["uniqueness"] = json!(format!("zB{i}"));
+            w.map = moai_cojson::crypto::id_for_header(&w.map_header);
+            w.map_upload()
+        })
+        .collect();
+    let size = |m: &SyncMessage| match m {
+        SyncMessage::Content(c) => c.approx_bytes(),
+        _ => unreachable!(),
+    };
+    // Room for two of them in bytes, and plenty in count.
+    let budget = size(&uploads[0]) + size(&uploads[1]) + size(&uploads[2]) / 2;
+    let config =
+        RelayConfig { max_parked_content_per_peer: 1000, max_parked_bytes_per_peer: budget, ..RelayConfig::default() };
+    let mut d = Driver::new(Relay::new(config));
+    let a = d.connect(1);
+    for m in uploads {
+        d.msg(a, m);
+    }
+    assert_eq!(d.closed, vec![(a, CloseReason::TooMuchParkedContent)]);
+}

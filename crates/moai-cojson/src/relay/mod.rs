@@ -146,6 +146,9 @@ pub struct RelayConfig {
     /// id subscribes; cojson has no bound). Each costs the relay a known-state entry and
     /// usually a storage read, so a peer over it is closed instead of growing memory.
     pub max_covalues_per_peer: usize,
+    /// Bytes of content one peer may have waiting for dependencies (the count bound alone
+    /// would allow 1024 messages of the frame limit each).
+    pub max_parked_bytes_per_peer: usize,
 }
 
 impl Default for RelayConfig {
@@ -154,6 +157,7 @@ impl Default for RelayConfig {
             piece_limit_bytes: PIECE_LIMIT_BYTES,
             max_parked_content_per_peer: 1024,
             max_covalues_per_peer: 20_000,
+            max_parked_bytes_per_peer: 64 << 20,
         }
     }
 }
@@ -396,12 +400,16 @@ impl Relay {
     fn park(&mut self, on: &CoId, job: Job) {
         let peer = job.peer();
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        if matches!(job, Job::Content { .. }) {
-            if p.parked_content >= self.config.max_parked_content_per_peer {
+        if let Job::Content { msg, .. } = &job {
+            let bytes = msg.approx_bytes();
+            if p.parked_content >= self.config.max_parked_content_per_peer
+                || p.parked_bytes + bytes > self.config.max_parked_bytes_per_peer
+            {
                 self.close(peer, CloseReason::TooMuchParkedContent);
                 return;
             }
             p.parked_content += 1;
+            p.parked_bytes += bytes;
         }
         p.parked_on.insert(on.clone());
         self.slots.entry(on.clone()).or_default().waiters.push(job);
@@ -411,8 +419,9 @@ impl Relay {
     fn wake(&mut self, id: &CoId) {
         let Some(slot) = self.slots.get_mut(id) else { return };
         for job in std::mem::take(&mut slot.waiters) {
-            if let (Job::Content { .. }, Some(p)) = (&job, self.peers.get_mut(&job.peer())) {
+            if let (Job::Content { msg, .. }, Some(p)) = (&job, self.peers.get_mut(&job.peer())) {
                 p.parked_content = p.parked_content.saturating_sub(1);
+                p.parked_bytes = p.parked_bytes.saturating_sub(msg.approx_bytes());
             }
             self.ready.push_back(job);
         }

@@ -76,6 +76,8 @@ pub(crate) struct PeerState {
     pub parked_on: HashSet<CoId>,
     /// Content messages of this peer currently parked (bounded).
     pub parked_content: usize,
+    /// Bytes of the content messages currently parked ([`crate::message::ContentMessage::approx_bytes`]).
+    pub parked_bytes: usize,
     /// CoValues with an ack for this peer waiting on durability.
     pub awaiting_ack: HashSet<CoId>,
     /// A `Close` was emitted: ignore everything until the disconnect.
