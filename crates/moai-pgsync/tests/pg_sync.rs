@@ -46,6 +46,30 @@ async fn start(cluster: &PgCluster) -> PgSync {
     sync
 }
 
+/// Connects while Postgres may be restarting: retries with a short backoff (20 ms doubling to
+/// 200 ms) and fails the test if no connection succeeds before `deadline`.
+async fn connect_retrying(url: &str, deadline: tokio::time::Instant) -> Client {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let error = match tokio::time::timeout_at(deadline, tokio_postgres::connect(url, NoTls)).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return client;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect attempt still pending".to_owned(),
+        };
+        assert!(
+            tokio::time::Instant::now() + backoff < deadline,
+            "Postgres did not accept connections again before the deadline; last error: {error}"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
 async fn history_count(c: &Client) -> (i64, i64) {
     let r = c
         .query_one("SELECT count(*), count(DISTINCT (pk->>'id')) FROM moai_sync.change_history WHERE op = 'I'", &[])
@@ -192,29 +216,27 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
                     let _ = h.send(());
                 }
             }
+            // Each transaction must commit within a minute of its first attempt, restart included.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
-                if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                    conn = match tokio_postgres::connect(&url, NoTls).await {
-                        Ok((c, k)) => {
-                            tokio::spawn(async move {
-                                let _ = k.await;
-                            });
-                            Some(c)
-                        }
-                        Err(_) => {
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                    };
-                }
+                let c = match conn.take() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => connect_retrying(&url, deadline).await,
+                };
                 let sql = format!(
                     "INSERT INTO items SELECT g, {t}, 'r' FROM generate_series({}, {}) g ON CONFLICT (id) DO NOTHING",
                     t * 50 + 1,
                     t * 50 + 50
                 );
-                match conn.as_ref().unwrap().batch_execute(&sql).await {
-                    Ok(()) => break,
-                    Err(_) => conn = None,
+                match c.batch_execute(&sql).await {
+                    Ok(()) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(e) => assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "transaction {t} did not commit within 60 s: {e}"
+                    ),
                 }
             }
         }
