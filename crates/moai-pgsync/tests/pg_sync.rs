@@ -81,11 +81,69 @@ async fn history_count(c: &Client) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_after_catching_up_with_startup_wal() {
     let (cluster, c) = setup().await;
-    let sync = start(&cluster).await;
-    assert!(sync.is_ready());
+    // A first run creates publication, slot and generation, then stops. What is committed after
+    // that is WAL the next start must consume before it may say it is ready.
+    let first = start(&cluster).await;
+    let generation = first.feed().borrow().generation;
+    first.shutdown().await;
+
+    // The backlog: 50 000 rows in 500 transactions, committed while moai is down.
+    const TXNS: i64 = 500;
+    const ROWS: i64 = 100;
+    c.batch_execute(&format!(
+        "DO $$ BEGIN FOR t IN 0..{} LOOP \
+           INSERT INTO items SELECT g, t, 'backlog' FROM generate_series(t * {ROWS} + 1, (t + 1) * {ROWS}) g; \
+           COMMIT; \
+         END LOOP; END $$",
+        TXNS - 1
+    ))
+    .await
+    .unwrap();
+    assert_eq!(history_count(&c).await, (0, 0), "moai was down: nothing of the backlog is in history yet");
+
+    // Start without waiting: `start` returns once the replicator holds the slot, before it has
+    // consumed the backlog.
+    let t0 = std::time::Instant::now();
+    let sync = PgSync::start(config(&cluster)).await.expect("start");
+    let mut feed = sync.feed();
+    let mut not_ready_seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let ready = loop {
+        let state = feed.borrow_and_update().clone();
+        if state.caught_up {
+            assert!(sync.is_ready());
+            break state;
+        }
+        assert_ne!(state.phase, Phase::Stopped, "the replicator stopped");
+        not_ready_seen += 1;
+        match tokio::time::timeout_at(deadline, feed.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the feed closed before catching up"),
+            Err(_) => panic!("not caught up within 120 s; last state {:?}", feed.borrow().clone()),
+        }
+    };
+    eprintln!("ready {:?} after start, {not_ready_seen} not-ready states seen", t0.elapsed());
+    assert!(not_ready_seen > 0, "ready at once, before consuming a backlog of {} rows", TXNS * ROWS);
+
+    // Readiness came only once the backlog was history: the state that first said ready has a
+    // watermark (every commit at or below it is in change_history) at or past the last backlog
+    // commit, and every backlog row is there, once.
+    assert_eq!(history_count(&c).await, (TXNS * ROWS, TXNS * ROWS), "every backlog change in change_history");
+    let last_backlog: String =
+        c.query_one("SELECT max(commit_lsn)::text FROM moai_sync.change_history", &[]).await.unwrap().get(0);
+    let last_backlog: moai_pgsync::Lsn = last_backlog.parse().unwrap();
+    assert!(
+        ready.watermark >= last_backlog,
+        "ready at watermark {} before the last backlog commit {last_backlog} was in history",
+        ready.watermark
+    );
+    let txns: i64 =
+        c.query_one("SELECT count(DISTINCT commit_lsn) FROM moai_sync.change_history", &[]).await.unwrap().get(0);
+    assert_eq!(txns, TXNS, "one history transaction per backlog transaction");
+
     let f = sync.feed().borrow().clone();
     assert_eq!(f.phase, Phase::Streaming);
-    assert!(f.generation > 0);
+    assert_eq!(f.generation, generation, "the same generation: the backlog came through the kept slot");
     // The slot and publication exist; the state row carries the generation.
     let g: i64 = c.query_one("SELECT generation FROM moai_sync.replication_state", &[]).await.unwrap().get(0);
     assert_eq!(g as u64, f.generation);
