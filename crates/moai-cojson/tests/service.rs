@@ -74,12 +74,19 @@ async fn next_msgs(session: &mut CojsonSession, n: usize) -> Vec<SyncMessage> {
     out
 }
 
-/// Nothing arrives for a while.
-async fn silent(session: &mut CojsonSession) -> bool {
-    if PENDING.with(|p| p.borrow().get(&session.peer().0).is_some_and(|q| !q.is_empty())) {
-        return false;
-    }
-    tokio::time::timeout(Duration::from_millis(150), session.outbound()).await.is_err()
+/// Proves that the service has sent `session` nothing so far, without waiting for a while: asks
+/// it about a CoValue nobody has (a new id each call) and asserts that the answer, `known` for
+/// that id, is the very next message. The service handles a session's messages in order and
+/// answers this `load` only after a storage read, so whatever it had sent or queued for the
+/// session before (an ack, a forwarded edit) would arrive first.
+async fn assert_nothing_sent(session: &mut CojsonSession, what: &str) {
+    static MARKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MARKERS.fetch_add(1, Ordering::SeqCst);
+    let marker = moai_cojson::crypto::id_for_header(&map_header(&World::new().group, &format!("zMarker{n}")));
+    send(session, load(&marker, None)).await;
+    let got = next_msg(session).await;
+    assert_eq!(kind(&got), ("known", marker.to_string()), "{what}: {got:?} came before the marker's answer");
+    assert!(!known_of(&got).header, "the marker CoValue is unknown to the service");
 }
 
 fn sqlite(path: &Path) -> SqliteStorage {
@@ -243,7 +250,7 @@ async fn acks_go_out_only_after_the_write_is_durable() {
     let acc = w.account_upload();
     send(&a, acc).await;
     store.entered.notified().await; // the write is inside storage now
-    assert!(silent(&mut a).await, "acked before durable");
+    assert_nothing_sent(&mut a, "acked before durable").await;
     assert!(store.inner.load_covalue(w.alice.account.as_str()).await.unwrap().is_none());
 
     store.gate.add_permits(1);
@@ -263,7 +270,7 @@ async fn acks_go_out_only_after_the_write_is_durable() {
     let (e1, e2) = (w.map_edit("x", 5000), w.map_edit("y", 5001));
     send(&a, e1).await;
     send(&a, e2).await;
-    assert!(silent(&mut a).await);
+    assert_nothing_sent(&mut a, "acked while the map's first write is held").await;
     store.gate.add_permits(10);
     let acks = next_msgs(&mut a, 3).await;
     for ack in &acks {
@@ -320,7 +327,7 @@ async fn forged_content_is_rejected_without_affecting_other_peers() {
     send(&m, SyncMessage::Content(forged)).await;
     let reply = next_msg(&mut m).await;
     assert_eq!(known_of(&reply).count(&sid(&w.map_writer.session)), 1, "unchanged state");
-    assert!(silent(&mut b).await, "nothing forwarded to Bob");
+    assert_nothing_sent(&mut b, "forged content forwarded to Bob").await;
     assert_eq!(svc.stats().rejected_sessions_total, 1);
 
     // The honest edit still goes through from Alice, and Bob gets it.
@@ -380,7 +387,7 @@ async fn malformed_frames_are_dropped_and_the_session_stays_open() {
     assert_eq!(a.receive("").await.unwrap().messages, 0);
     // Exactly one answer: the load of the valid line.
     assert_eq!(kind(&next_msg(&mut a).await), ("known", w.map.to_string()));
-    assert!(silent(&mut a).await);
+    assert_nothing_sent(&mut a, "more than one answer").await;
 }
 
 #[tokio::test]
