@@ -501,11 +501,12 @@ pub struct Outgoing(Arc<OutgoingInner>);
 struct OutgoingInner {
     msg: SyncMessage,
     json: OnceLock<String>,
+    bytes: OnceLock<usize>,
 }
 
 impl Outgoing {
     pub fn new(msg: SyncMessage) -> Self {
-        Outgoing(Arc::new(OutgoingInner { msg, json: OnceLock::new() }))
+        Outgoing(Arc::new(OutgoingInner { msg, json: OnceLock::new(), bytes: OnceLock::new() }))
     }
 
     pub fn message(&self) -> &SyncMessage {
@@ -515,6 +516,15 @@ impl Outgoing {
     /// The message as one JSON line ([`SyncMessage::to_json`]), encoded on first use.
     pub fn json(&self) -> &str {
         self.0.json.get_or_init(|| self.0.msg.to_json())
+    }
+
+    /// About how many bytes the message takes, computed once however many peers it goes to:
+    /// what the per-socket outbox bound counts.
+    pub fn approx_bytes(&self) -> usize {
+        *self.0.bytes.get_or_init(|| match &self.0.msg {
+            SyncMessage::Content(c) => c.approx_bytes(),
+            _ => 256,
+        })
     }
 
     /// Whether both are the same shared message (not just equal ones).

@@ -210,7 +210,17 @@ impl Driver {
         match action {
             Action::Send(peer, msg) => {
                 let Some(conn) = self.peers.get(&peer) else { return };
-                match conn.outbox.try_send(msg) {
+                let bytes = msg.approx_bytes();
+                let queued = conn.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+                let sent = if queued > 0 && queued + bytes > self.config.outbox_bytes {
+                    Err(mpsc::error::TrySendError::Full(msg))
+                } else {
+                    conn.outbox.try_send(msg)
+                };
+                if sent.is_err() {
+                    conn.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                }
+                match sent {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         self.stats.slow_peers_closed.fetch_add(1, Ordering::Relaxed);

@@ -54,6 +54,8 @@ pub struct CojsonConfig {
     /// Messages queued for one socket before it counts as too slow and is closed. Generous,
     /// because one `load` or `reconcile` legitimately produces a burst (dependencies, pieces).
     pub outbox_messages: usize,
+    /// The same bound in bytes (a message larger than this still goes to an empty queue).
+    pub outbox_bytes: usize,
     /// Commands (frames, connects, leaves) queued for the relay task before sessions wait.
     pub command_queue: usize,
     /// Eviction period: a CoValue idle (evictable) for a whole period leaves memory.
@@ -67,6 +69,7 @@ impl Default for CojsonConfig {
         CojsonConfig {
             relay: RelayConfig::default(),
             outbox_messages: 4096,
+            outbox_bytes: 64 << 20,
             command_queue: 8192,
             evict_interval: Duration::from_secs(30),
             max_batch: 512,

@@ -59,6 +59,9 @@ pub struct ServiceStopped;
 #[derive(Default, Debug)]
 pub(crate) struct SessionShared {
     close: Mutex<Option<(u16, String)>>,
+    /// Bytes of messages in the outbox ([`Outgoing::approx_bytes`]): added by the relay task
+    /// before queueing, taken off here when the edge takes the message.
+    pub(crate) queued_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl SessionShared {
@@ -135,7 +138,10 @@ impl CojsonSession {
             return Some(close);
         }
         match self.outbox.recv().await {
-            Some(msg) => Some(Outbound::Text(self.frame_from(msg))),
+            Some(msg) => {
+                self.taken(&msg);
+                Some(Outbound::Text(self.frame_from(msg)))
+            }
             // The relay task dropped its end: a close was recorded first, or the service ended.
             None => {
                 self.finished = true;
@@ -153,7 +159,10 @@ impl CojsonSession {
             return Some(close);
         }
         match self.outbox.try_recv() {
-            Ok(msg) => Some(Outbound::Text(self.frame_from(msg))),
+            Ok(msg) => {
+                self.taken(&msg);
+                Some(Outbound::Text(self.frame_from(msg)))
+            }
             Err(mpsc::error::TryRecvError::Empty) => None,
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 self.finished = true;
@@ -169,12 +178,17 @@ impl CojsonSession {
         let mut frame = String::from(first.json());
         while frame.len() < COALESCE_BYTES {
             let Ok(next) = self.outbox.try_recv() else { break };
+            self.taken(&next);
             let json = next.json();
             frame.reserve(json.len() + 1);
             frame.push('\n');
             frame.push_str(json);
         }
         frame
+    }
+
+    fn taken(&self, msg: &Outgoing) {
+        self.shared.queued_bytes.fetch_sub(msg.approx_bytes(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn closing(&mut self) -> Option<Outbound> {
