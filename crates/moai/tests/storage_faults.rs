@@ -1,5 +1,6 @@
-//! Storage that fails under a running server, with a real full filesystem: a small tmpfs
-//! mounted by the test holds the database, and a filler file takes its last bytes. Writes are
+//! Storage that fails under a running server: a real full filesystem (a small tmpfs
+//! mounted by the test, whose last bytes a filler file takes) and database files made immutable
+//! (`chattr +i`) while the server holds them open. Writes are
 //! refused with a clear error, /health says why (503), nothing acknowledged is lost, and the
 //! server recovers by itself once there is room again.
 //!
@@ -129,4 +130,53 @@ fn a_full_disk_is_reported_survived_and_recovered_from() {
     let text = read_text(&server, "d");
     assert!(text.contains("acked ") && text.contains("after"), "{:?}", &text[..text.len().min(80)]);
     assert_eq!(text.len(), "acked after".len(), "the refused write is not there");
+}
+
+fn chattr(flag: &str, path: &Path) -> bool {
+    Command::new("chattr").arg(flag).arg(path).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// The database (and its write-ahead log) made immutable under the running server: even root
+/// cannot write through the descriptors SQLite already holds. Writes fail with a clear error,
+/// /health says why, and the server recovers by itself when the files are writable again.
+#[test]
+fn a_database_made_read_only_under_a_running_server_is_reported_and_recovered_from() {
+    if !is_root() {
+        eprintln!("skipped: chattr +i needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moai.db");
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &db, &[]);
+    server.wait_ready();
+    let path = "/api/v1/docs/d/update";
+    assert_eq!(http(server.addr, "POST", path, &[], &update(&Doc::new(), "acked ")).0, 204);
+    let wal = db.with_extension("db-wal");
+    assert!(chattr("+i", &db) && chattr("+i", &wal), "chattr +i failed (needs root on ext4 or similar)");
+    struct Writable(Vec<PathBuf>);
+    impl Drop for Writable {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                chattr("-i", p);
+            }
+        }
+    }
+    let guard = Writable(vec![db.clone(), wal.clone()]);
+
+    let (status, body) = http(server.addr, "POST", path, &[], &update(&Doc::new(), "refused"));
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(json(&body)["status"], "degraded", "{body}");
+    assert!(json(&body)["storage_error"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
+
+    drop(guard); // writable again
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while server.get("/health").0 != 200 {
+        assert!(Instant::now() < deadline, "never recovered: {:?}", server.get("/health"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http(server.addr, "POST", path, &[], &update(&Doc::new(), "after")).0, 204);
+    let text = read_text(&server, "d");
+    assert!(text.contains("acked ") && text.contains("after") && !text.contains("refused"), "{text}");
 }
