@@ -12,8 +12,8 @@ use moai_cojson::relay::{CloseReason, Diagnostic, Event, NotEvictable, PeerId, R
 use moai_cojson::verify::VerifyError;
 use serde_json::{json, Map, Value};
 
-fn relay() -> Driver {
-    Driver::new(Relay::default())
+fn relay() -> RelayHarness {
+    RelayHarness::new(Relay::default())
 }
 
 fn sid(s: &str) -> SessionId {
@@ -21,7 +21,7 @@ fn sid(s: &str) -> SessionId {
 }
 
 /// Alice (peer 1) uploads her account, group and map; all persisted.
-fn uploaded() -> (Driver, World, PeerId) {
+fn uploaded() -> (RelayHarness, World, PeerId) {
     let mut d = relay();
     let mut w = World::new();
     let a = d.connect(1);
@@ -152,8 +152,9 @@ fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing()
 
     let edit = w.map_edit("n", 2000);
     d.msg(a, edit);
-    let to =
-        |d: &Driver, p: PeerId| d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>();
+    let to = |d: &RelayHarness, p: PeerId| {
+        d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>()
+    };
     let (fb, fc, fe) = (to(&d, b), to(&d, c), to(&d, e));
     assert_eq!((fb.len(), fc.len(), fe.len()), (1, 1, 1));
     assert!(moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fc[0]), "same state, same message");
@@ -632,7 +633,7 @@ fn failed_write_closes_the_peers_of_that_covalue_and_reloads_from_storage() {
 
 #[test]
 fn parked_content_is_bounded_per_peer() {
-    let mut d = Driver::new(Relay::new(RelayConfig { max_parked_content_per_peer: 2, ..RelayConfig::default() }));
+    let mut d = RelayHarness::new(Relay::new(RelayConfig { max_parked_content_per_peer: 2, ..RelayConfig::default() }));
     let a = d.connect(1);
     for i in 0..3 {
         let mut w = World::new();
@@ -731,7 +732,7 @@ fn disconnect_drops_parked_content() {
 
 /// `uploaded()`, then Alice leaves and everything is evicted: storage holds account, group and
 /// map, memory nothing. Returns the map's known state as stored.
-fn stored_only() -> (Driver, World, KnownState) {
+fn stored_only() -> (RelayHarness, World, KnownState) {
     let (mut d, w, a) = uploaded();
     let map_state = d.relay.known_state(&w.map).unwrap();
     d.run(Event::PeerDisconnected(a));
@@ -1013,7 +1014,7 @@ fn reconcile_of_covalues_not_in_memory_compares_stored_known_states() {
 
 #[test]
 fn covalues_per_peer_are_bounded() {
-    let mut d = Driver::new(Relay::new(RelayConfig { max_covalues_per_peer: 3, ..RelayConfig::default() }));
+    let mut d = RelayHarness::new(Relay::new(RelayConfig { max_covalues_per_peer: 3, ..RelayConfig::default() }));
     let a = d.connect(1);
     let b = d.connect(2);
     for i in 0..3 {
@@ -1021,7 +1022,7 @@ fn covalues_per_peer_are_bounded() {
     }
     assert!(d.closed.is_empty(), "three are allowed");
     // A fourth new id closes the peer and is not looked up.
-    let reads = |d: &Driver| d.loads.len() + d.known_loads.iter().map(Vec::len).sum::<usize>();
+    let reads = |d: &RelayHarness| d.loads.len() + d.known_loads.iter().map(Vec::len).sum::<usize>();
     let before = reads(&d);
     d.msg(a, load(&CoId::parse("co_zUnknown3").unwrap(), None));
     assert_eq!(d.closed, vec![(a, CloseReason::TooManyCoValues)]);
@@ -1049,7 +1050,7 @@ fn parked_content_is_bounded_per_peer_in_bytes() {
     let budget = size(&uploads[0]) + size(&uploads[1]) + size(&uploads[2]) / 2;
     let config =
         RelayConfig { max_parked_content_per_peer: 1000, max_parked_bytes_per_peer: budget, ..RelayConfig::default() };
-    let mut d = Driver::new(Relay::new(config));
+    let mut d = RelayHarness::new(Relay::new(config));
     let a = d.connect(1);
     for m in uploads {
         d.msg(a, m);

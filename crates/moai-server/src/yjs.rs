@@ -14,7 +14,7 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use moai_yjs::service::{Outbound as YjsOutbound, ServiceError, Session, YjsService};
+use moai_yjs::service::{Outbound as YjsOutbound, ServiceError, YjsService, YjsSession};
 use moai_yjs::{Access, KEEPALIVE_FRAME};
 
 use crate::auth::{AuthError, Resource};
@@ -91,7 +91,7 @@ pub(crate) async fn socket(
 
 /// A Yjs document session as the pump drives it.
 struct YjsEdge {
-    session: Session,
+    session: YjsSession,
     metrics: Arc<Metrics>,
     keepalive: Duration,
 }

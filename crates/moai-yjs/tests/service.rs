@@ -9,7 +9,7 @@ use bytes::Bytes;
 use gated::GatedJournal;
 use moai_storage::{DocJournal, MemoryStorage};
 use moai_yjs::protocol::sync_update_frame;
-use moai_yjs::service::{Outbound, ServiceError, Session, YjsConfig, YjsService};
+use moai_yjs::service::{Outbound, ServiceError, YjsConfig, YjsService, YjsSession};
 use moai_yjs::yrs::updates::decoder::Decode;
 use moai_yjs::yrs::{Doc, GetString, Text, Transact, Update};
 use moai_yjs::{Message, SyncMessage};
@@ -33,7 +33,7 @@ fn text(doc: &Doc) -> String {
 }
 
 /// Next frame for a session, with a generous bound so a bug fails instead of hanging.
-async fn next(session: &mut Session) -> Outbound {
+async fn next(session: &mut YjsSession) -> Outbound {
     tokio::time::timeout(Duration::from_secs(10), session.outbound())
         .await
         .expect("timed out")
@@ -41,7 +41,7 @@ async fn next(session: &mut Session) -> Outbound {
 }
 
 /// Reads frames until an update (sync step 2 or update) arrives and applies it to `doc`.
-async fn apply_next_update(session: &mut Session, doc: &Doc) {
+async fn apply_next_update(session: &mut YjsSession, doc: &Doc) {
     loop {
         if let Outbound::Frame(f) = next(session).await {
             if let Ok(Message::Sync(SyncMessage::Update(u) | SyncMessage::Step2(u))) = Message::decode(&f) {

@@ -1,7 +1,7 @@
 //! The async driver of the CoJSON engine: it runs the sans-IO [`Relay`](crate::relay::Relay)
 //! against storage and the edge's sockets.
 //!
-//! One relay serves the whole server, owned by one task (see `driver.rs`), so there are no locks
+//! One relay serves the whole server, owned by one task (see `relay_task.rs`), so there are no locks
 //! around relay state and each peer's messages are handled in arrival order. Storage reads and
 //! writes run in tasks that task spawns; writes of one CoValue reach storage in issue order and
 //! everything ready at once shares one storage call (see `writes.rs`), which the storage
@@ -14,10 +14,10 @@
 //! ends, [`CojsonSession::leave`]. Pings ([`ping_frame`], right after accept and every
 //! [`PING_INTERVAL`]), frame limits and shutdown stay at the edge.
 
-mod driver;
 mod eviction;
 mod ping;
 pub mod records;
+mod relay_task;
 mod session;
 mod stats;
 mod writes;
@@ -34,7 +34,7 @@ pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;
 
 use crate::relay::{PeerId, RelayConfig};
-use driver::{Command, Driver};
+use relay_task::{Command, RelayTask};
 use session::SessionShared;
 use stats::Stats;
 
@@ -93,7 +93,7 @@ impl CojsonService {
         let (commands, rx) = mpsc::channel(config.command_queue.max(1));
         let stats = Arc::new(Stats::default());
         let outbox_messages = config.outbox_messages.max(1);
-        tokio::spawn(Driver::new(store, config, rx, stats.clone()).run());
+        tokio::spawn(RelayTask::new(store, config, rx, stats.clone()).run());
         CojsonService { commands, next_peer: Arc::new(AtomicU64::new(1)), stats, outbox_messages }
     }
 

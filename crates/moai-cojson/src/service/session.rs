@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::driver::Command;
+use super::relay_task::Command;
 use crate::message::{frame_is_clean, parse_frame, Incoming, Outgoing, SyncMessage};
 use crate::relay::PeerId;
 

@@ -158,8 +158,8 @@ impl World {
 
 /// The driver: performs `Load` and `Persist` against an in-memory store.
 /// Loads are answered at once; writes are applied to the store at once but
-/// reported durable only when the test calls [`Driver::persist_all`].
-pub struct Driver {
+/// reported durable only when the test calls [`RelayHarness::persist_all`].
+pub struct RelayHarness {
     pub relay: Relay,
     pub store: HashMap<CoId, StoredCoValue>,
     pub unpersisted: Vec<PersistToken>,
@@ -178,9 +178,9 @@ pub struct Driver {
     pub held_loads: Vec<CoId>,
 }
 
-impl Driver {
+impl RelayHarness {
     pub fn new(relay: Relay) -> Self {
-        Driver {
+        RelayHarness {
             relay,
             store: HashMap::new(),
             unpersisted: Vec::new(),

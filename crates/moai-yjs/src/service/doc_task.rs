@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use super::compactor::Compactor;
 use super::registry::RegistryRef;
 use super::session::SessionFlags;
-use super::{Outbound, ServiceError, Session, YjsConfig};
+use super::{Outbound, ServiceError, YjsConfig, YjsSession};
 use crate::room::{Action, RoomError};
 use crate::{load_room, Access, ConnId, Room};
 
@@ -42,7 +42,7 @@ pub(crate) enum Command {
         access: Access,
         outbox: mpsc::Sender<Outbound>,
         outbound: Option<mpsc::Receiver<Outbound>>,
-        reply: oneshot::Sender<Reply<Session>>,
+        reply: oneshot::Sender<Reply<YjsSession>>,
     },
     Frame {
         conn: ConnId,
@@ -265,7 +265,7 @@ impl DocTask {
                     Ok(connect_actions) => {
                         let flags = Arc::new(SessionFlags::default());
                         self.conns.insert(conn, Connection { outbox, flags: flags.clone() });
-                        let session = Session {
+                        let session = YjsSession {
                             conn,
                             commands: self.self_sender.clone(),
                             outbound,

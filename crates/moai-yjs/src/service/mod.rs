@@ -6,9 +6,9 @@
 //! document joins the same task: loading is single-flight by construction (simultaneous first
 //! connections always share one in-memory document).
 //!
-//! What the edge sees: [`YjsService::join`] gives a [`Session`] for one socket (its inbound
-//! frames go in with [`Session::receive`]; its outbound frames come out of
-//! [`Session::outbound`]), and [`YjsService::read_state`] / [`YjsService::apply_update`] serve
+//! What the edge sees: [`YjsService::join`] gives a [`YjsSession`] for one socket (its inbound
+//! frames go in with [`YjsSession::receive`]; its outbound frames come out of
+//! [`YjsSession::outbound`]), and [`YjsService::read_state`] / [`YjsService::apply_update`] serve
 //! the HTTP API. Sockets, heartbeats and auth stay at the edge.
 
 mod compactor;
@@ -24,7 +24,7 @@ use moai_storage::DocJournal;
 use crate::Access;
 use thiserror::Error;
 
-pub use session::{Outbound, Session};
+pub use session::{Outbound, YjsSession};
 
 use registry::Registry;
 
@@ -94,13 +94,13 @@ impl YjsService {
 
     /// Connects a new socket to `doc_id`, loading the document if needed. The session's
     /// outbound queue already holds the server's SyncStep1 (and awareness states, if any).
-    pub async fn join(&self, doc_id: &str) -> Result<Session, ServiceError> {
+    pub async fn join(&self, doc_id: &str) -> Result<YjsSession, ServiceError> {
         self.registry.join(doc_id, Access::ReadWrite).await
     }
 
     /// [`YjsService::join`] with the connection's access: a read-only session loads, receives
     /// updates and shows presence, but its document updates are dropped ([`crate::Room::connect_with`]).
-    pub async fn join_as(&self, doc_id: &str, access: Access) -> Result<Session, ServiceError> {
+    pub async fn join_as(&self, doc_id: &str, access: Access) -> Result<YjsSession, ServiceError> {
         self.registry.join(doc_id, access).await
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
-use super::{ServiceError, Session, YjsConfig};
+use super::{ServiceError, YjsConfig, YjsSession};
 use crate::Access;
 
 /// How many times a caller re-resolves a document that was being evicted under it.
@@ -112,7 +112,7 @@ impl Registry {
         Err(ServiceError::Unavailable(format!("document {doc_id} kept closing while we tried to reach it")))
     }
 
-    pub(crate) async fn join(self: &Arc<Self>, doc_id: &str, access: Access) -> Result<Session, ServiceError> {
+    pub(crate) async fn join(self: &Arc<Self>, doc_id: &str, access: Access) -> Result<YjsSession, ServiceError> {
         let outbox_frames = self.config.outbox_frames;
         let make = move |reply| {
             let (outbox, outbound) = mpsc::channel(outbox_frames);

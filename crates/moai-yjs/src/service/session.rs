@@ -29,7 +29,7 @@ pub(crate) struct SessionFlags {
     pub(crate) queued_bytes: AtomicUsize,
 }
 
-pub struct Session {
+pub struct YjsSession {
     pub(crate) conn: ConnId,
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) outbound: mpsc::Receiver<Outbound>,
@@ -39,7 +39,7 @@ pub struct Session {
     pub(crate) left: bool,
 }
 
-impl Session {
+impl YjsSession {
     pub fn conn(&self) -> ConnId {
         self.conn
     }
@@ -55,7 +55,7 @@ impl Session {
     }
 
     /// The next thing to write to the socket. `None` means the document dropped this session:
-    /// see [`Session::was_too_slow`].
+    /// see [`YjsSession::was_too_slow`].
     pub async fn outbound(&mut self) -> Option<Outbound> {
         let out = self.outbound.recv().await;
         self.taken(out)
@@ -86,7 +86,7 @@ impl Session {
     }
 }
 
-impl Drop for Session {
+impl Drop for YjsSession {
     fn drop(&mut self) {
         // A session dropped without leave() (a panic or a cancelled task at the edge) still
         // leaves, so its presence does not linger.

@@ -57,7 +57,7 @@ struct PeerConn {
     shared: Arc<SessionShared>,
 }
 
-pub(crate) struct Driver {
+pub(crate) struct RelayTask {
     relay: Relay,
     store: Arc<dyn CoValueStore>,
     config: CojsonConfig,
@@ -69,9 +69,9 @@ pub(crate) struct Driver {
     /// itself be waiting for nothing but completions).
     completion_sender: mpsc::UnboundedSender<Completion>,
     writes: WriteQueue,
-    /// Loads asked for during this cycle, in issue order (see [`Driver::flush_loads`]).
+    /// Loads asked for during this cycle, in issue order (see [`RelayTask::flush_loads`]).
     loads: Vec<CoId>,
-    /// Known-state reads asked for during this cycle (see [`Driver::flush_known_loads`]).
+    /// Known-state reads asked for during this cycle (see [`RelayTask::flush_known_loads`]).
     known_loads: Vec<CoId>,
     eviction: Eviction,
     stats: Arc<Stats>,
@@ -83,7 +83,7 @@ const KNOWN_STATES_PER_READ: usize = 1000;
 /// Pauses between attempts of a failing storage read.
 const LOAD_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
 
-impl Driver {
+impl RelayTask {
     pub(crate) fn new(
         store: Arc<dyn CoValueStore>,
         config: CojsonConfig,
@@ -91,7 +91,7 @@ impl Driver {
         stats: Arc<Stats>,
     ) -> Self {
         let (completion_sender, completions) = mpsc::unbounded_channel();
-        Driver {
+        RelayTask {
             relay: Relay::new(config.relay.clone()),
             store,
             config,
