@@ -246,6 +246,37 @@ async fn tokens_are_required_when_a_secret_is_set() {
     assert_eq!(support::json(&server.get("/health").1)["auth"], "token");
 }
 
+/// GET `path` and return status and the raw body bytes (support's `http` returns the body as
+/// lossy UTF-8, which mangles a binary update). One request, `Connection: close`; a chunked body
+/// is decoded.
+fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let (mut rest, mut out) = (&body[..], Vec::new());
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+            let size = std::str::from_utf8(&rest[..eol]).unwrap().split(';').next().unwrap().trim();
+            let size = usize::from_str_radix(size, 16).expect("chunk size");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
 #[tokio::test]
 async fn the_http_api_reads_and_writes_documents() {
     let server = Server::start(&["--sync-shared-secret", "k"]);
@@ -269,8 +300,10 @@ async fn the_http_api_reads_and_writes_documents() {
 
     assert_eq!(http(server.addr, "GET", path, &[], b"").0, 401);
     assert_eq!(http(server.addr, "POST", path, &[("Authorization", &auth)], b"\xff\xfe garbage").0, 400);
-    let (status, _) = http(server.addr, "GET", &format!("{path}?token={token}"), &[], b"");
+    // GET returns the document's state as a Yjs v1 update: it holds what the POST wrote.
+    let (status, body) = http_get_bytes(server.addr, &format!("{path}?token={token}"));
     assert_eq!(status, 200);
+    assert_eq!(text_of_update(&body), "via http");
 }
 
 #[tokio::test]
