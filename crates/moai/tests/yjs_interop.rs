@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::node_driver::NodeDriver;
@@ -237,11 +237,39 @@ fn a_silent_dead_peer_is_closed_by_the_ping_timeout() {
     let server = Server::start(&["--yjs-ping-interval", "200ms"]);
     server.wait_ready();
     let mut c = NodeDriver::yjs();
+    // The ghost connects alone first, so the first session opened is its: that gives its peer
+    // address, to tell its close from any other.
     c.connect("ghost", &base(&server), "doc", json!({"awarenessState": {"user": "ghost"}}));
+    c.call("waitSynced", json!({"name": "ghost"}));
+    let opened = server.wait_log("session open", Duration::from_secs(10)).expect("the ghost's session open");
+    let ghost_peer = serde_json::from_str::<serde_json::Value>(&opened).unwrap()["peer"].clone();
+    assert!(ghost_peer.as_str().is_some_and(|p| p.contains("127.0.0.1")), "no peer address: {opened}");
+    let watcher_connected = Instant::now();
     c.connect("watcher", &base(&server), "doc", json!({}));
     c.call("waitAwareness", json!({"name": "watcher", "hasStateWith": {"user": "ghost"}}));
     c.call("dropSocket", json!({"name": "ghost", "mode": "silent", "stayOffline": true}));
-    let line = server.wait_log("no pong to two pings", Duration::from_secs(10)).expect("dead peer detected");
-    assert!(line.contains("session closed"));
-    c.call("waitAwareness", json!({"name": "watcher", "lacksStateWith": {"user": "ghost"}, "timeoutMs": 5000}));
+
+    // The ghost's session is closed for missing pongs (two pings, about 3 intervals). The bound
+    // is generous (150 intervals, for a busy machine) yet far below the 60 s or more it would
+    // take if the 200 ms interval were not applied (default 30 s).
+    let is_ghost_close = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v["message"] == "session closed" && v["peer"] == ghost_peer)
+    };
+    let line = server
+        .wait_log_where(is_ghost_close, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the silent ghost was not closed within 30 s: {:#?}", server.logs()));
+    let close: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(close["reason"], "no pong to two pings", "{line}");
+    assert_eq!(close["code"], 1001, "{line}");
+
+    // The server tells the watcher the ghost is gone. The watcher's own awareness timeout
+    // (y-protocols: 30 s after it received the ghost's state, so after `watcher_connected`) would
+    // remove the ghost too; the wait ends well before that, so only the server can satisfy it.
+    let left = Duration::from_secs(27).saturating_sub(watcher_connected.elapsed());
+    assert!(left >= Duration::from_secs(2), "too slow to tell the server's removal from the client's own timeout");
+    c.call(
+        "waitAwareness",
+        json!({"name": "watcher", "lacksStateWith": {"user": "ghost"}, "timeoutMs": left.as_millis() as u64}),
+    );
 }

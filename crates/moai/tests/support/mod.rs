@@ -73,6 +73,11 @@ impl Server {
         wait_line(&self.logs, |l| l.contains(needle), timeout)
     }
 
+    /// Waits for a log line for which `pred` holds.
+    pub fn wait_log_where(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        wait_line(&self.logs, pred, timeout)
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.0.lock().unwrap().clone()
     }
