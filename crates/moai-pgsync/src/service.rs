@@ -30,7 +30,7 @@ use crate::protocol::{
     ClientMessage, ColumnSchema, ErrorCode, ErrorMessage, Hello, RefetchReason, Row, ServerMessage, ServerState,
     ShapeRequest, ShapeSchema,
 };
-use crate::replicator::{FeedState, Phase, Replicator};
+use crate::replicator::{FeedState, Phase, Replicator, MESSAGE_PREFIX};
 use crate::session::{Action, Event, HistoryRow, PageQuery, Session, SessionConfig, Stitch};
 use crate::shape::{Shape, Truth};
 use crate::value_mapping;
@@ -661,6 +661,16 @@ impl Driver {
         match action {
             Action::Send(msg) => self.send(&msg).await,
             Action::Close => Err(SessionEnd::Closed),
+            Action::AwaitWatermark(needed) => {
+                // The watermark reaches `needed` once the replicator stored what the snapshot
+                // saw and then meets a commit or an idle point at or above it. With nothing
+                // else written, that idle point would be the walsender's next keepalive; a
+                // non-transactional logical message, written after the snapshot, is one now.
+                if self.feed.borrow().watermark < needed {
+                    tokio::spawn(nudge_replication(self.inner.clone()));
+                }
+                Ok(())
+            }
             Action::PersistPosition(p) => {
                 self.unpersisted = Some(p);
                 self.persist_soon(false);
@@ -674,7 +684,9 @@ impl Driver {
             }
             Action::TakeSnapshot { shapes } => match self.snapshot(&shapes).await {
                 Ok(Ok(stitch)) => {
-                    // The catch-up must reach at least h (spec 4.3 step 3-4).
+                    // The catch-up must reach at least h (spec 4.3 step 3-4); the session waits
+                    // for the watermark to pass everything the snapshot saw
+                    // (`Action::AwaitWatermark`).
                     let w = self.feed.borrow().watermark.max(stitch.snapshot_watermark);
                     events.push_back(Event::WatermarkAdvanced(w));
                     events.push_back(Event::SnapshotFinished(stitch));
@@ -763,10 +775,14 @@ impl Driver {
             .read_only(true)
             .start()
             .await?;
+        // The first statement takes the transaction's snapshot; the WAL insert position read in
+        // it is therefore above the commit record of every transaction the snapshot sees, also
+        // of those the replicator has not stored yet (see `Stitch::handoff_watermark`).
         let row = tx
             .query_one(
                 &format!(
-                    "SELECT pg_current_snapshot()::text, (SELECT watermark FROM {}.replication_state WHERE id = 1)",
+                    "SELECT pg_current_snapshot()::text, (SELECT watermark FROM {}.replication_state WHERE id = 1), \
+                     pg_current_wal_insert_lsn()",
                     ident(&self.inner.cfg.schema)
                 ),
                 &[],
@@ -774,6 +790,7 @@ impl Driver {
             .await?;
         let snapshot: String = row.get(0);
         let h = Lsn(u64::from(row.get::<_, PgLsn>(1)));
+        let wal_position = Lsn(u64::from(row.get::<_, PgLsn>(2)));
         for (i, shape) in shapes.iter().enumerate() {
             let shape_id = self.shapes.get(i).map(|(id, _)| id.clone()).unwrap_or_else(|| format!("shape-{i}"));
             let snapshot_id = format!("s-{}", self.inner.snapshot_ids.fetch_add(1, Ordering::Relaxed));
@@ -833,7 +850,22 @@ impl Driver {
         tx.commit().await?;
         // Done: let the connection end gracefully (Terminate); its task then frees the slot.
         conn.finished = true;
-        Ok(Ok(Stitch { snapshot, snapshot_watermark: h }))
+        Ok(Ok(Stitch { snapshot, snapshot_watermark: h, wal_position }))
+    }
+}
+
+/// Write a non-transactional logical message: when the replicator reads it between
+/// transactions, its watermark moves up to the message's LSN (an idle point). Best effort: if
+/// the role may not write one, keepalives move the watermark later.
+async fn nudge_replication(inner: Arc<Inner>) {
+    let res = async {
+        let client = inner.shared.get().await?;
+        client.query_one("SELECT pg_logical_emit_message(false, $1, 'snapshot_handoff')", &[&MESSAGE_PREFIX]).await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "pgsync: logical message for a snapshot handoff failed; waiting for keepalives");
     }
 }
 

@@ -10,7 +10,12 @@
 //!   `snapshot_*` frames), then a catch-up up to a *fixed* watermark `W` that carries the
 //!   snapshot's `Stitch` (so the query adds the xid-visibility filter), then `up_to_date` at
 //!   `(W, MAX)`. Everything after uses the plain rule from `(W, MAX)`, i.e. `commit_lsn > W`, so
-//!   the two ranges meet exactly.
+//!   the two ranges meet exactly, provided `W` is at or above the commit LSN of every
+//!   transaction the snapshot sees. The snapshot can see transactions the replicator has not
+//!   stored yet (they committed just before the hello), so the catch-up waits until the
+//!   watermark reaches [`Stitch::handoff_watermark`]: with a lower `W`, such a transaction would
+//!   come again after `up_to_date` as a live change, on top of the snapshot that already holds
+//!   it, and `(W, MAX)` would be a resume point below data the client has.
 //! * **Whole transactions.** A full page may end inside a transaction. If the page holds more
 //!   than one transaction, the trailing one is held back and re-read by the next query; if the
 //!   page is a single transaction it is sent with `last: false`, and the transaction is closed
@@ -53,11 +58,26 @@ pub struct SessionConfig {
 }
 
 /// The data snapshot's identity, needed to stitch (spec 4.3): the `pg_current_snapshot()` text
-/// and the watermark `h` read in the same MVCC snapshot.
+/// and the watermark `h` read in the same MVCC snapshot, and the WAL insert position read right
+/// after the snapshot was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stitch {
     pub snapshot: String,
     pub snapshot_watermark: Lsn,
+    /// `pg_current_wal_insert_lsn()`, read in the snapshot's first statement (so after the
+    /// snapshot was taken): a transaction becomes visible only after its commit record is in
+    /// the WAL, so every transaction the snapshot sees has a commit LSN below this.
+    pub wal_position: Lsn,
+}
+
+impl Stitch {
+    /// The watermark the catch-up must reach before it may end: at or above the commit LSN of
+    /// every transaction visible in the snapshot (all of them are below `wal_position`), so
+    /// that `up_to_date` at `(W, MAX)` and the plain rule `commit_lsn > W` after it never hand
+    /// the client a transaction its snapshot already holds.
+    pub fn handoff_watermark(&self) -> Lsn {
+        Lsn(self.wal_position.0.saturating_sub(1)).max(self.snapshot_watermark)
+    }
 }
 
 /// One `change_history` row, already converted for the wire.
@@ -107,6 +127,11 @@ pub enum Action {
     /// a client treated as new. Emitted only once the hello was decided, never for a refused
     /// one, so a position the session does not serve can never hold retention back.
     Register(Option<Position>),
+    /// The snapshot handoff waits for the replicator's watermark to reach this LSN (see
+    /// [`Stitch::handoff_watermark`]). The I/O layer makes the replication stream get there
+    /// promptly even when nothing else is written (a logical message) and reports the
+    /// watermark's moves as `WatermarkAdvanced`, as always.
+    AwaitWatermark(Lsn),
     /// Close the socket (after sending what precedes this action).
     Close,
 }
@@ -115,6 +140,11 @@ pub enum Action {
 enum State {
     AwaitHello,
     Snapshotting,
+    /// The snapshot is sent; the watermark has not reached `stitch.handoff_watermark()` yet:
+    /// the replicator has still to store transactions the snapshot saw.
+    AwaitingHandoff {
+        stitch: Stitch,
+    },
     /// Catching up to a fixed `upto`; `stitch` set for a new client's first catch-up.
     CatchingUp {
         upto: Lsn,
@@ -227,13 +257,19 @@ impl Session {
             }
             Event::WatermarkAdvanced(w) => {
                 self.watermark = self.watermark.max(w);
+                self.maybe_hand_off();
                 self.maybe_query(&mut out);
             }
             Event::SnapshotFinished(stitch) => {
                 if self.state != State::Snapshotting {
                     return self.fail(ErrorCode::Internal, "snapshot finished in wrong state", true);
                 }
-                self.state = State::CatchingUp { upto: self.watermark, stitch: Some(stitch) };
+                let needed = stitch.handoff_watermark();
+                self.state = State::AwaitingHandoff { stitch };
+                self.maybe_hand_off();
+                if matches!(self.state, State::AwaitingHandoff { .. }) {
+                    out.push(Action::AwaitWatermark(needed));
+                }
                 self.maybe_query(&mut out);
             }
             Event::PageLoaded(rows) => self.on_page(rows, &mut out),
@@ -354,6 +390,17 @@ impl Session {
             out.push(Action::PersistPosition(position));
         }
         self.maybe_query(out);
+    }
+
+    /// Start the stitched catch-up once the watermark covers every transaction the snapshot
+    /// saw. Its `upto` is the watermark at that moment: the stitch filter is exact on any range,
+    /// and `upto` must be at or above the handoff watermark (see [`Stitch::handoff_watermark`]).
+    fn maybe_hand_off(&mut self) {
+        if let State::AwaitingHandoff { stitch } = &self.state {
+            if self.watermark >= stitch.handoff_watermark() {
+                self.state = State::CatchingUp { upto: self.watermark, stitch: Some(stitch.clone()) };
+            }
+        }
     }
 
     /// Issue the next page query if the state wants one and the window allows it.

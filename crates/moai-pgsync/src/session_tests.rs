@@ -58,8 +58,9 @@ fn history(sizes: &[u32]) -> Vec<HistoryRow> {
 fn answer(h: &[HistoryRow], q: &PageQuery) -> Vec<HistoryRow> {
     h.iter()
         .filter(|r| q.after.is_none_or(|a| r.position > a) && r.position.lsn <= q.upto)
-        // The stitch filter itself runs in SQL; here "visible in snapshot" = at or below h.
-        .filter(|r| q.stitch.as_ref().is_none_or(|s| r.position.lsn > s.snapshot_watermark))
+        // The stitch filter itself runs in SQL; here "visible in snapshot" = committed below the
+        // WAL position read in the snapshot.
+        .filter(|r| q.stitch.as_ref().is_none_or(|s| r.position.lsn >= s.wal_position))
         .take(q.limit as usize)
         .cloned()
         .collect()
@@ -108,8 +109,25 @@ impl Client {
     }
 }
 
+/// The snapshot of [`drive`]: it sees the transactions up to 0x100, which the history holds.
+fn stitch() -> Stitch {
+    Stitch { snapshot: "500:510:".into(), snapshot_watermark: Lsn(0x100), wal_position: Lsn(0x101) }
+}
+
 /// Drive session + history + client until quiescent. Returns the actions seen.
 fn drive(s: &mut Session, first: Event, h: &[HistoryRow], c: &mut Client, ack: bool) -> Vec<Action> {
+    drive_with(s, first, h, c, ack, &stitch())
+}
+
+/// [`drive`], with the snapshot a `TakeSnapshot` produces.
+fn drive_with(
+    s: &mut Session,
+    first: Event,
+    h: &[HistoryRow],
+    c: &mut Client,
+    ack: bool,
+    snapshot: &Stitch,
+) -> Vec<Action> {
     let mut seen = Vec::new();
     let mut queue = VecDeque::from([first]);
     while let Some(ev) = queue.pop_front() {
@@ -117,10 +135,7 @@ fn drive(s: &mut Session, first: Event, h: &[HistoryRow], c: &mut Client, ack: b
             match &a {
                 Action::QueryPage(q) => queue.push_back(Event::PageLoaded(answer(h, q))),
                 Action::Send(m) => c.receive(m),
-                Action::TakeSnapshot { .. } => queue.push_back(Event::SnapshotFinished(Stitch {
-                    snapshot: "500:510:".into(),
-                    snapshot_watermark: Lsn(0x100),
-                })),
+                Action::TakeSnapshot { .. } => queue.push_back(Event::SnapshotFinished(snapshot.clone())),
                 _ => {}
             }
             seen.push(a);
@@ -174,15 +189,7 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
     });
-    assert_eq!(
-        first_query,
-        Some(PageQuery {
-            after: None,
-            upto: Lsn(0x400),
-            limit: 4,
-            stitch: Some(Stitch { snapshot: "500:510:".into(), snapshot_watermark: Lsn(0x100) })
-        })
-    );
+    assert_eq!(first_query, Some(PageQuery { after: None, upto: Lsn(0x400), limit: 4, stitch: Some(stitch()) }));
     // Stitched catch-up: everything after the snapshot's h up to W.
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
     let want: Vec<Position> =
@@ -204,6 +211,57 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
     let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100)).collect();
     assert_eq!(got, want, "no gap and no duplicate across the handoff");
     assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
+}
+
+/// The snapshot can see transactions the replicator has not stored yet: they committed just
+/// before the hello. The catch-up must not end (`up_to_date`) below them, or they come again
+/// as live changes after it, on top of the snapshot that holds them (seen as rows inserted
+/// before the hello arriving in `changes` under load).
+#[test]
+fn handoff_waits_until_the_history_holds_what_the_snapshot_saw() {
+    let h = history(&sizes());
+    // The history holds up to 0x300; the snapshot sees every commit up to 0x500.
+    let snapshot = Stitch { snapshot: "505:505:".into(), snapshot_watermark: Lsn(0x300), wal_position: Lsn(0x5a0) };
+    assert_eq!(snapshot.handoff_watermark(), Lsn(0x59f));
+    let mut s = Session::new(cfg(0x300));
+    let mut c = Client::default();
+    let actions = drive_with(&mut s, hello(None, None, 4, 2), &h, &mut c, true, &snapshot);
+    assert!(actions.contains(&Action::AwaitWatermark(Lsn(0x59f))), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::QueryPage(_))), "no catch-up yet: {actions:?}");
+    assert!(c.up_to_date.is_empty() && c.applied.is_empty());
+
+    // The replicator stored 0x400: still below what the snapshot saw.
+    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x400)), &h, &mut c, true, &snapshot);
+    assert!(actions.is_empty(), "{actions:?}");
+    // Acks and pings are still answered while the session waits.
+    let actions = drive_with(&mut s, Event::Client(ClientMessage::Ping { t: 3 }), &h, &mut c, true, &snapshot);
+    assert_eq!(actions, vec![Action::Send(ServerMessage::Pong { t: 3 })]);
+
+    // Past it (0x600 committed after the snapshot): the stitched catch-up runs up to there.
+    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x600)), &h, &mut c, true, &snapshot);
+    let first_query = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        first_query,
+        Some(PageQuery { after: None, upto: Lsn(0x600), limit: 4, stitch: Some(snapshot.clone()) })
+    );
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x600))]);
+
+    // Live from there: every transaction the snapshot did not see, exactly once.
+    drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true, &snapshot);
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn >= Lsn(0x600)).collect();
+    assert_eq!(got, want, "nothing the snapshot holds, nothing twice");
+    assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
+
+    // A snapshot that saw nothing beyond the history hands off at once, without waiting.
+    let mut s = Session::new(cfg(0x400));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
+    assert!(!actions.iter().any(|a| matches!(a, Action::AwaitWatermark(_))), "{actions:?}");
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
 }
 
 #[test]

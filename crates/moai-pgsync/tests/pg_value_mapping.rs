@@ -255,28 +255,82 @@ async fn a_bool_predicate_matches_snapshot_rows() {
     assert_eq!(by_shape("flagged"), vec![2], "a domain over bool compares as bool");
     assert_eq!(by_shape("happy"), vec![1], "enum, inet and char(n) compare as their output text");
 
-    // The same predicates in the stream.
+    // The same predicates in the stream. Rows 101 and 102 come in one transaction, so once
+    // both are there the whole of it is, and 103 (all NULL) matches no shape.
     insert_rows(&c, 100).await;
-    cl.until("streamed matches", |cl| {
-        cl.messages
-            .iter()
-            .filter(|m| m["type"] == "changes")
-            .flat_map(|m| m["txns"].as_array().unwrap().clone())
-            .count()
-            > 0
+    cl.until("rows 101 and 102 streamed", |cl| {
+        let ids = streamed_ids(cl);
+        ids.contains(&101) && ids.contains(&102)
     })
     .await;
-    let streamed: Vec<(String, i64)> = cl
-        .messages
+    let streamed = streamed_ops(&cl);
+    assert_eq!(streamed_ids(&cl), vec![101, 102], "only the stream-era rows, filtered: {streamed:?}");
+    sync.shutdown().await;
+}
+
+/// (txn lsn, op, row id) of every op in the `changes` frames a client received.
+fn streamed_ops(cl: &TestClient) -> Vec<(String, String, i64)> {
+    cl.messages
         .iter()
         .filter(|m| m["type"] == "changes")
-        .flat_map(|m| {
-            m["txns"].as_array().unwrap().iter().flat_map(|t| t["ops"].as_array().unwrap().clone()).collect::<Vec<_>>()
+        .flat_map(|m| m["txns"].as_array().unwrap().clone())
+        .flat_map(|t| {
+            let lsn = t["lsn"].as_str().unwrap().to_owned();
+            t["ops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|op| (lsn.clone(), op["op"].as_str().unwrap().to_owned(), op["key"]["id"].as_i64().unwrap()))
+                .collect::<Vec<_>>()
         })
-        .map(|op| (op["shapes"].to_string(), op["row"]["id"].as_i64().unwrap()))
-        .collect();
-    let ids: Vec<i64> = streamed.iter().map(|(_, id)| *id).collect();
-    assert!(ids.contains(&101) && ids.contains(&102) && !ids.contains(&103), "streamed: {streamed:?}");
+        .collect()
+}
+
+fn streamed_ids(cl: &TestClient) -> Vec<i64> {
+    let mut ids: Vec<i64> = streamed_ops(cl).into_iter().map(|(_, _, id)| id).collect();
+    ids.sort();
+    ids
+}
+
+/// A transaction that commits just before a hello is in the new client's snapshot but not yet in
+/// change_history: the replicator has not stored it. It must not reach the client a second time
+/// as a live change after `up_to_date` (spec §5: every transaction exactly once across the
+/// snapshot handoff). Deterministic: a lock on change_history holds the replicator's write of
+/// that transaction until the snapshot has been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_replicator_has_not_stored_yet_reaches_a_new_client_once() {
+    let (cluster, c, sync) = setup().await;
+    let hold = sql(&cluster).await;
+    hold.batch_execute("BEGIN; LOCK TABLE moai_sync.change_history IN EXCLUSIVE MODE").await.unwrap();
+    insert_rows(&c, 0).await;
+    let shapes = [
+        json!({"id": "all", "table": VALS}),
+        json!({"id": "open", "table": VALS, "where": "b = false"}),
+        json!({"id": "flagged", "table": VALS, "where": "fl = true"}),
+    ];
+    let mut cl = TestClient::connect(&sync, "c-handoff");
+    cl.hello_shapes(&shapes, 100, 4).await;
+    cl.until("three snapshots", |cl| cl.messages.iter().filter(|m| m["type"] == "snapshot_end").count() == 3).await;
+    assert_eq!(snapshot_rows(&cl).keys().copied().collect::<Vec<_>>(), vec![1, 2, 3], "the snapshot sees the rows");
+    // Let the replicator store the transaction.
+    hold.batch_execute("COMMIT").await.unwrap();
+    let up_to_date = cl.expect_type("up_to_date").await;
+    let commit_lsn: String = c
+        .query_one("SELECT max(commit_lsn)::text FROM moai_sync.change_history WHERE tbl = 'public.vals'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let at: moai_pgsync::Lsn = up_to_date["position"]["lsn"].as_str().unwrap().parse().unwrap();
+    assert!(
+        at >= commit_lsn.parse().unwrap(),
+        "up_to_date {up_to_date} is below the commit ({commit_lsn}) of rows the snapshot holds"
+    );
+
+    insert_rows(&c, 100).await;
+    cl.until("rows 101..103 streamed", |cl| streamed_ids(cl).contains(&103)).await;
+    let streamed = streamed_ops(&cl);
+    assert_eq!(streamed_ids(&cl), vec![101, 102, 103], "snapshot rows are not streamed again: {streamed:?}");
+    assert_eq!(cl.table(VALS).len(), 6);
     sync.shutdown().await;
 }
 
