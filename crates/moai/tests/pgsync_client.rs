@@ -94,6 +94,28 @@ fn assert_no_duplicates(client: &ClientHandle<MemoryStore>) {
     }
 }
 
+/// Connects while Postgres may be restarting: retries with a short backoff (20 ms doubling to
+/// 200 ms) and fails the test if no connection succeeds before `deadline`.
+async fn connect_retrying(url: &str, deadline: tokio::time::Instant) -> Client {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let error = match tokio::time::timeout_at(deadline, tokio_postgres::connect(url, NoTls)).await {
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(conn);
+                return client;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect attempt still pending".to_owned(),
+        };
+        assert!(
+            tokio::time::Instant::now() + backoff < deadline,
+            "Postgres did not accept connections again before the deadline; last error: {error}"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
 /// `n` single-row insert transactions (ids from `first`), each retried until it commits
 /// (a Postgres restart breaks the connection mid-way). `at_half` fires after `n / 2`.
 fn writer(url: String, first: i64, n: i64, at_half: tokio::sync::oneshot::Sender<()>) -> tokio::task::JoinHandle<()> {
@@ -106,28 +128,28 @@ fn writer(url: String, first: i64, n: i64, at_half: tokio::sync::oneshot::Sender
                     let _ = h.send(());
                 }
             }
+            // Each transaction must commit within a minute of its first attempt, restart included.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
-                if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                    conn = match tokio_postgres::connect(&url, NoTls).await {
-                        Ok((c, k)) => {
-                            tokio::spawn(k);
-                            Some(c)
-                        }
-                        Err(_) => {
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                    };
-                }
+                let c = match conn.take() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => connect_retrying(&url, deadline).await,
+                };
                 let id = first + i;
                 let stmt = format!(
                     "INSERT INTO items VALUES ({id}, {i}, 'w') ON CONFLICT (id) DO UPDATE SET val = items.val + 1; \
                      UPDATE items SET val = val + 1 WHERE id = {}",
                     1 + i % 50
                 );
-                match conn.as_ref().unwrap().batch_execute(&stmt).await {
-                    Ok(()) => break,
-                    Err(_) => conn = None,
+                match c.batch_execute(&stmt).await {
+                    Ok(()) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(e) => assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "transaction {i} did not commit within 60 s: {e}"
+                    ),
                 }
             }
         }
@@ -196,22 +218,25 @@ async fn snapshot_and_stream_equal_the_table_under_concurrent_writes() {
     assert_eq!((s.connections, s.snapshots), (1, 1), "{s:?}");
     // The server holds the client's acked position.
     let pos = s.position.expect("position");
-    let registered = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let r = c
-                .query_opt("SELECT pos_lsn::text FROM moai_sync.clients WHERE client_id = 'c-exact'", &[])
-                .await
-                .unwrap();
-            if let Some(lsn) = r.and_then(|r| r.get::<_, Option<String>>(0)) {
-                if lsn.parse::<pgsync_client::Lsn>().unwrap() >= pos.lsn {
-                    return lsn;
-                }
-            }
-            tokio::task::yield_now().await;
+    // The server writes acked positions in the background: poll with a short backoff (20 ms
+    // doubling to 200 ms) until the registry holds it, failing after 30 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let r =
+            c.query_opt("SELECT pos_lsn::text FROM moai_sync.clients WHERE client_id = 'c-exact'", &[]).await.unwrap();
+        let registered = r.and_then(|r| r.get::<_, Option<String>>(0));
+        if registered.as_ref().is_some_and(|lsn| lsn.parse::<pgsync_client::Lsn>().unwrap() >= pos.lsn) {
+            break;
         }
-    })
-    .await;
-    assert!(registered.is_ok(), "acked position never reached the registry");
+        assert!(
+            tokio::time::Instant::now() + backoff < deadline,
+            "the acked position {} never reached the registry (it holds {registered:?})",
+            pos.lsn
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
     client.stop();
     client.join().await.unwrap();
 }
