@@ -51,10 +51,32 @@ impl From<crate::lib0::DecodeError> for Stop {
     }
 }
 
+/// Most bytes yrs reads for one variable-length integer (it stops with an error after 70 bits).
+const YRS_MAX_VARINT_BYTES: usize = 11;
+
 impl<'a> Walk<'a> {
-    /// A count of entries that take at least `min_entry` bytes each.
-    fn count(&mut self, min_entry: usize) -> Result<u64, Stop> {
-        let claimed = self.reader.read_var_u64()?;
+    /// A variable-length integer exactly as yrs decodes it: every 7-bit group shifted in with a
+    /// wrapping shift (so a long encoding wraps around instead of failing), up to 11 bytes.
+    /// Counts must be computed the way yrs computes them, or a crafted encoding could show this
+    /// check a small number and yrs a huge one.
+    fn yrs_var(&mut self, bits: u32) -> Result<u64, Stop> {
+        let mut num: u64 = 0;
+        let mut shift: u32 = 0;
+        for _ in 0..YRS_MAX_VARINT_BYTES {
+            let byte = self.reader.read_u8()?;
+            num |= u64::from(byte & 0x7f).wrapping_shl(shift % bits);
+            shift += 7;
+            if byte < 0x80 {
+                return Ok(if bits == 32 { num & u64::from(u32::MAX) } else { num });
+            }
+        }
+        Err(Stop::Unparsed)
+    }
+
+    /// A count of entries that take at least `min_entry` bytes each, read as yrs reads a
+    /// `u32` (`bits` 32) or a `usize` (`bits` 64).
+    fn count_as(&mut self, min_entry: usize, bits: u32) -> Result<u64, Stop> {
+        let claimed = self.yrs_var(bits)?;
         let bytes = self.reader.remaining();
         if claimed > (bytes / min_entry) as u64 {
             return Err(Stop::Refuse(Implausible::Count { claimed, bytes }));
@@ -62,8 +84,20 @@ impl<'a> Walk<'a> {
         Ok(claimed)
     }
 
+    /// A count yrs reads as a `u32` (clients, structs, ranges, JSON strings, `Any` lists).
+    fn count(&mut self, min_entry: usize) -> Result<u64, Stop> {
+        self.count_as(min_entry, 32)
+    }
+
+    /// Skips an integer the way yrs reads one (up to 11 bytes).
+    fn skip_var(&mut self) -> Step {
+        self.yrs_var(64).map(drop)
+    }
+
+    /// A length-prefixed string or buffer, its length read as yrs reads it.
     fn string(&mut self) -> Step {
-        self.reader.read_bytes()?;
+        let len = self.yrs_var(32)?;
+        self.reader.skip(usize::try_from(len).map_err(|_| Stop::Unparsed)?)?;
         Ok(())
     }
 
@@ -71,8 +105,8 @@ impl<'a> Walk<'a> {
         let clients = self.count(MIN_UPDATE_CLIENT_SECTION)?;
         for _ in 0..clients {
             let blocks = self.count(1)?;
-            self.reader.skip_var()?; // client
-            self.reader.skip_var()?; // clock
+            self.skip_var()?; // client
+            self.skip_var()?; // clock
             for _ in 0..blocks {
                 self.block()?;
             }
@@ -80,11 +114,11 @@ impl<'a> Walk<'a> {
         // Delete set: clients, each with its ranges (clock, length).
         let clients = self.count(2)?;
         for _ in 0..clients {
-            self.reader.skip_var()?;
+            self.skip_var()?;
             let ranges = self.count(2)?;
             for _ in 0..ranges {
-                self.reader.skip_var()?;
-                self.reader.skip_var()?;
+                self.skip_var()?;
+                self.skip_var()?;
             }
         }
         Ok(())
@@ -98,30 +132,30 @@ impl<'a> Walk<'a> {
         let info = self.reader.read_u8()?;
         if info == 0 || info == 10 {
             // GC or Skip: a length.
-            self.reader.skip_var()?;
+            self.skip_var()?;
             return Ok(());
         }
         if info & HAS_ORIGIN != 0 {
-            self.reader.skip_var()?;
-            self.reader.skip_var()?;
+            self.skip_var()?;
+            self.skip_var()?;
         }
         if info & HAS_RIGHT_ORIGIN != 0 {
-            self.reader.skip_var()?;
-            self.reader.skip_var()?;
+            self.skip_var()?;
+            self.skip_var()?;
         }
         if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
-            if self.reader.read_var_u64()? == 1 {
+            if self.yrs_var(32)? == 1 {
                 self.string()?; // named root type
             } else {
-                self.reader.skip_var()?; // parent id
-                self.reader.skip_var()?;
+                self.skip_var()?; // parent id
+                self.skip_var()?;
             }
             if info & HAS_PARENT_SUB != 0 {
                 self.string()?;
             }
         }
         match info & 0x0f {
-            1 => self.reader.skip_var()?, // deleted: a length
+            1 => self.skip_var()?, // deleted: a length
             2 => {
                 // JSON: yrs reads one string more than the count says.
                 let n = self.count(1)?;
@@ -161,19 +195,19 @@ impl<'a> Walk<'a> {
         }
         match self.reader.read_u8()? {
             127 | 126 | 121 | 120 => {}
-            125 => self.reader.skip_var()?,
+            125 => self.skip_var()?,
             124 => self.reader.skip(4)?,
             123 | 122 => self.reader.skip(8)?,
             119 | 116 => self.string()?,
             118 => {
-                let n = self.count(2)?;
+                let n = self.count_as(2, 64)?;
                 for _ in 0..n {
                     self.string()?;
                     self.any(depth + 1)?;
                 }
             }
             117 => {
-                let n = self.count(1)?;
+                let n = self.count_as(1, 64)?;
                 for _ in 0..n {
                     self.any(depth + 1)?;
                 }
@@ -214,6 +248,24 @@ mod tests {
         assert!(state_vector(&[0xe2, 0xe2, 0xe2, 0xe2, 0x0a]).is_err());
         assert!(update_v1(&[2, 0, 1, 0]).is_err(), "two client sections need six bytes");
         assert!(state_vector(&[2, 1, 1]).is_err());
+    }
+
+    #[test]
+    fn counts_are_read_the_way_yrs_reads_them() {
+        // Found by the yjs_frame fuzz target: ten 0xff bytes and a terminator overflow a strict
+        // u64 reader, but yrs wraps them into a count of 0xffff_ffff clients.
+        let mut u = vec![0xff; 10];
+        u.extend([0x00, 0x01, 0x0c, 0x01, 0xff, 0x00]);
+        assert!(matches!(update_v1(&u), Err(Implausible::Count { claimed: 0xffff_ffff, .. })), "{:?}", update_v1(&u));
+        // An overlong encoding of a small count is the small count, for yrs and for us.
+        assert!(update_v1(&[0x80, 0x80, 0x00, 0x00]).is_ok());
+        // A string length that wraps to 1 for yrs must not hide a bomb behind it from us: one
+        // client, one string item under root "t" whose length 2^32 + 1 wraps to 1, then a
+        // delete set claiming 2^32 - 1 clients.
+        let mut u = vec![1, 1, 1, 0, 4, 1, 1, b't'];
+        u.extend([0x81, 0x80, 0x80, 0x80, 0x10, b'x']);
+        u.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(matches!(update_v1(&u), Err(Implausible::Count { .. })), "{:?}", update_v1(&u));
     }
 
     #[test]
