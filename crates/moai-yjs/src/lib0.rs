@@ -93,17 +93,6 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Skips one variable-length integer, signed or unsigned (bytes up to one without the
-    /// continuation bit; at most ten).
-    pub(crate) fn skip_var(&mut self) -> Result<(), DecodeError> {
-        for _ in 0..10 {
-            if self.read_u8()? & 0x80 == 0 {
-                return Ok(());
-            }
-        }
-        Err(DecodeError::VarUintOverflow)
-    }
-
     /// varuint8array: length, then that many raw bytes.
     pub(crate) fn read_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let declared = self.read_var_u64()?;
