@@ -49,3 +49,37 @@ async fn change_feed_messages_are_limited_to_one_mebibyte() {
         }
     }
 }
+
+/// Browsers carry the token as a `bearer.…` subprotocol; the change feed selects `moai-sync`
+/// when offered next to it, else the bearer entry, so the handshake completes.
+#[tokio::test]
+async fn the_change_feed_selects_a_subprotocol_for_token_carrying_clients() {
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let cluster = pg::PgCluster::start();
+    let url = cluster.url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute("CREATE TABLE public.items (id int PRIMARY KEY, name text)").await.unwrap();
+    let server = Server::start(&["--pg-url", &url, "--pg-tables", "public.items", "--sync-shared-secret", "k"]);
+    server.wait_ready();
+    let token = moai_server::Auth::with_secret("k")
+        .mint(&moai_server::auth::Claims { sub: "u".into(), ..Default::default() })
+        .unwrap();
+    let bearer = format!("bearer.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&token));
+    for (offer, expected) in
+        [(format!("moai-sync, {bearer}"), "moai-sync".to_owned()), (bearer.clone(), bearer.clone())]
+    {
+        let mut req = server.ws_url("/api/sync").into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), expected.as_str());
+        // Authenticated: a hello is answered, not closed with 4401.
+        let hello = r#"{"type":"hello","protocol":1,"client_id":"sp","position":null,"shapes":[{"id":"s","table":"public.items"}]}"#;
+        ws.send(WsMessage::Text(hello.into())).await.unwrap();
+        match support::ws::next_within(&mut ws, Duration::from_secs(10)).await {
+            WsMessage::Text(t) => assert!(!t.contains("\"error\""), "{t}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
