@@ -1,7 +1,8 @@
 //! `change_history`: the durable, ordered log of row changes, keyed by `(commit_lsn, seq)`.
 //!
 //! The replicator is its single writer (binary COPY); sessions read it with keyset pages bounded
-//! by the durable watermark (spec 4.2-4.4). Retention deletes the oldest transactions.
+//! by the durable watermark (docs/pgsync-protocol.md §5). Retention deletes the oldest
+//! transactions (§8).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -104,9 +105,10 @@ pub(crate) async fn copy_in(
     Ok(writer.finish().await?)
 }
 
-/// The statement of a page query (spec 4.3 step 3 when `stitch` is set). Schema-change rows
-/// (`op = 'S'`) are returned only for `tables` (the session's subscribed tables): the caller
-/// turns them into `must_refetch{schema_changed}`.
+/// The statement of a page query (docs/pgsync-protocol.md §5; with the snapshot → stream
+/// handoff filter when `stitch` is set). Schema-change rows (`op = 'S'`) are returned only for
+/// `tables` (the session's subscribed tables): the caller turns them into
+/// `must_refetch{schema_changed}`.
 fn page_sql(schema: &str, stitched: bool) -> String {
     let stitch = if stitched {
         " AND (commit_lsn > $5::text::pg_lsn OR xid >= pg_snapshot_xmin($6::text::pg_snapshot)) \

@@ -1,4 +1,5 @@
-//! Shape filtering of one change for one session (spec 4.8), sans-IO.
+//! Shape filtering of one change for one session, sans-IO (the rules for clients:
+//! docs/pgsync-protocol.md §10 item 5).
 //!
 //! Why: a shape with a row predicate (the client's `where`, the token's table predicate, or
 //! both ANDed) must never tell a client anything about a row outside it, not even its key.

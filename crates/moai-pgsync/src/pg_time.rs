@@ -6,8 +6,9 @@
 /// Seconds from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 
-/// `2026-11-22T03:04:05.123Z` (millisecond precision, like the spec example). Values outside
-/// years 0..=9999 are clamped to those bounds rather than producing a malformed string.
+/// `2026-11-22T03:04:05.123Z` (millisecond precision, as `commit_time` in docs/pgsync-protocol.md
+/// §4). Values outside years 0..=9999 are clamped to those bounds rather than producing a
+/// malformed string.
 pub fn to_rfc3339(pg_micros: i64) -> String {
     let unix_ms = (pg_micros.div_euclid(1000)).saturating_add(PG_EPOCH_UNIX_SECS * 1000);
     // 0000-01-01 and 9999-12-31T23:59:59.999 in unix milliseconds.

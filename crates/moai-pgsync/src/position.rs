@@ -22,7 +22,8 @@ impl Position {
     }
 
     /// "Everything committed at or before `lsn`": the position after the last possible change
-    /// of a transaction committing at `lsn`. Used after a snapshot (spec 4.3 step 4).
+    /// of a transaction committing at `lsn` (docs/pgsync-protocol.md §2). `up_to_date` names one,
+    /// e.g. after a snapshot (§5, snapshot → stream handoff).
     pub fn end_of(lsn: Lsn) -> Self {
         Position { lsn, seq: u32::MAX }
     }
@@ -43,7 +44,7 @@ mod tests {
     }
 
     #[test]
-    fn json_shape_matches_spec() {
+    fn json_is_lsn_text_and_seq_and_bad_values_are_rejected() {
         let p = Position::new("0/16B3748".parse().unwrap(), 12);
         assert_eq!(serde_json::to_string(&p).unwrap(), r#"{"lsn":"0/16B3748","seq":12}"#);
         let back: Position = serde_json::from_str(r#"{"lsn":"0/16B3748","seq":12}"#).unwrap();

@@ -1,4 +1,4 @@
-//! The `/api/sync` client wire protocol (spec §5) as serde types.
+//! The `/api/sync` client wire protocol (docs/pgsync-protocol.md §3 and §4) as serde types.
 //!
 //! Frames are JSON text, internally tagged by `"type"`. Types here are plain data: the session
 //! state machine produces and consumes them and the WebSocket edge only (de)serialises. Unknown
@@ -22,7 +22,7 @@ pub type Row = Map<String, Value>;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Hello(Hello),
-    /// Durably applied through here; always a transaction end (spec 4.4).
+    /// Durably applied through here; always a transaction end (docs/pgsync-protocol.md §3, `ack`).
     Ack {
         position: Position,
     },
@@ -194,15 +194,18 @@ pub enum ErrorCode {
     ShapeInvalid,
     Overloaded,
     Internal,
-    /// Not in spec §5: the hello's position is above the server's watermark, i.e. it was not
-    /// issued by this history (a client talking to a restored or different database). Fatal;
-    /// the client must drop its data and reconnect with `position: null`.
+    /// Added by moai (docs/pgsync-protocol.md §10 item 7): the hello's position is above the
+    /// server's watermark, i.e. it was not issued by this history (a client talking to a
+    /// restored or different database). Fatal; the client must drop its data and reconnect with
+    /// `position: null`.
     PositionAhead,
-    /// Not in spec §5: the token is valid but does not open a table the hello asks for
-    /// (see [`crate::access`]). Fatal; retrying with the same token cannot help.
+    /// Added by moai (docs/pgsync-protocol.md §10 item 10): the token is valid but does not open
+    /// a table the hello asks for (see [`crate::access`]). Fatal; retrying with the same token
+    /// cannot help.
     Forbidden,
-    /// Not in spec §5: the hello (and any `subscribe` after it) asked for more shapes than the
-    /// server lets one session hold (`PgSyncConfig::max_shapes_per_session`). Fatal.
+    /// Added by moai (docs/pgsync-protocol.md §10 item 13): the hello (and any `subscribe` after
+    /// it) asked for more shapes than the server lets one session hold
+    /// (`PgSyncConfig::max_shapes_per_session`). Fatal.
     TooManyShapes,
 }
 
@@ -273,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn hello_from_spec_example_parses() {
+    fn documented_hello_parses_ignoring_unknown_fields_and_round_trips() {
         let text = r#"{"type":"hello","protocol":1,"client_id":"5d1","generation":7,
             "position":{"lsn":"0/16B3748","seq":12},
             "shapes":[{"id":"todos","table":"public.todos","columns":["id","title"],
@@ -346,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn changes_message_matches_spec_shape() {
+    fn changes_message_serializes_ops_as_documented_and_round_trips() {
         let m = ServerMessage::Changes {
             from: Some(pos("0/16B3748", 12)),
             to: pos("0/16C0000", 3),

@@ -1,5 +1,7 @@
 //! The replicator: one task that owns the logical slot, decodes the pgoutput stream and writes
-//! `change_history` + the watermark (spec 4.1, 4.2, 4.5, 4.10).
+//! `change_history` + the watermark (docs/pgsync-protocol.md: §5 "Whole transactions" for
+//! what is stored and when the slot is acknowledged, §2 and §7 for generations, §10 items 4 and
+//! 6 for relation changes and the idle watermark, §9 for readiness).
 //!
 //! * Publication and slot are created when missing. Each connection attempt checks the slot
 //!   and the cluster identity; a missing or lost slot, another `system_identifier`, or missing

@@ -194,7 +194,8 @@ impl PgSync {
     }
 
     /// Resolves once the replicator has consumed the WAL that existed when it started
-    /// (spec 4.7); sessions answer `hello` only after that anyway.
+    /// (docs/pgsync-protocol.md §1 and §9, docs/protocols/design.md §4); sessions answer `hello`
+    /// only after that anyway.
     pub async fn wait_caught_up(&self) -> Result<(), Error> {
         let mut feed = self.inner.feed.clone();
         feed.wait_for(|s| s.caught_up || s.phase == Phase::Stopped)
@@ -337,8 +338,8 @@ impl Drop for Prefetch {
     }
 }
 
-/// Acked positions are written to the registry at most this often per session (spec 4.5:
-/// "about 1 per second per client"). The registry only feeds retention and metrics (the
+/// Acked positions are written to the registry at most this often per session
+/// (docs/pgsync-protocol.md §6). The registry only feeds retention and metrics (the
 /// client's hello is authoritative), so a position that is up to this old costs nothing but
 /// slightly more conservative retention, while writing every ack put two commits per
 /// delivered transaction on the connection that also serves page queries, which showed up as
@@ -374,7 +375,8 @@ impl Driver {
     }
 
     async fn run(&mut self, inbound: &mut mpsc::Receiver<String>) -> SessionEnd {
-        // Readiness gate (spec 4.7): buffer frames until the replicator caught up.
+        // Readiness gate (docs/pgsync-protocol.md §9): buffer frames until the replicator
+        // caught up.
         let mut early: VecDeque<String> = VecDeque::new();
         if !self.feed.borrow().caught_up {
             if let Err(e) = self.send(&ServerMessage::Status { state: ServerState::Starting }).await {
@@ -684,8 +686,8 @@ impl Driver {
             }
             Action::TakeSnapshot { shapes } => match self.snapshot(&shapes).await {
                 Ok(Ok(stitch)) => {
-                    // The catch-up must reach at least h (spec 4.3 step 3-4); the session waits
-                    // for the watermark to pass everything the snapshot saw
+                    // The catch-up must reach at least h (docs/pgsync-protocol.md §5); the
+                    // session waits for the watermark to pass everything the snapshot saw
                     // (`Action::AwaitWatermark`).
                     let w = self.feed.borrow().watermark.max(stitch.snapshot_watermark);
                     events.push_back(Event::WatermarkAdvanced(w));
@@ -712,8 +714,9 @@ impl Driver {
                 let mut rows: Vec<HistoryRow> = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        // Shape filtering (spec 4.8) with the row before the change; a
-                        // dropped op keeps its position in the session (see `filter`).
+                        // Shape filtering (docs/pgsync-protocol.md §10 item 5) with the row
+                        // before the change; a dropped op keeps its position in the session (see
+                        // `filter`).
                         PageItem::Row(mut r, old) => {
                             r.op = r.op.and_then(|op| filter_op(&self.shapes, op, old.as_ref()));
                             rows.push(r);

@@ -6,13 +6,13 @@
 //! * **No gap, no duplicate.** Every page query is keyset `(commit_lsn, seq) > after AND
 //!   commit_lsn <= upto ORDER BY commit_lsn, seq LIMIT limit`, where `after` is exactly the last
 //!   position sent. Positions only move forward, and results are checked against the query.
-//! * **Snapshot handoff (spec 4.3).** A new client first gets the snapshot (the I/O layer streams
-//!   `snapshot_*` frames), then a catch-up up to a *fixed* watermark `W` that carries the
-//!   snapshot's `Stitch` (so the query adds the xid-visibility filter), then `up_to_date` at
-//!   `(W, MAX)`. Everything after uses the plain rule from `(W, MAX)`, i.e. `commit_lsn > W`, so
-//!   the two ranges meet exactly, provided `W` is at or above the commit LSN of every
-//!   transaction the snapshot sees. The snapshot can see transactions the replicator has not
-//!   stored yet (they committed just before the hello), so the catch-up waits until the
+//! * **Snapshot handoff (docs/pgsync-protocol.md §5).** A new client first gets the snapshot
+//!   (the I/O layer streams `snapshot_*` frames), then a catch-up up to a *fixed* watermark `W`
+//!   that carries the snapshot's `Stitch` (so the query adds the xid-visibility filter), then
+//!   `up_to_date` at `(W, MAX)`. Everything after uses the plain rule from `(W, MAX)`, i.e.
+//!   `commit_lsn > W`, so the two ranges meet exactly, provided `W` is at or above the commit LSN
+//!   of every transaction the snapshot sees. The snapshot can see transactions the replicator
+//!   has not stored yet (they committed just before the hello), so the catch-up waits until the
 //!   watermark reaches [`Stitch::handoff_watermark`]: with a lower `W`, such a transaction would
 //!   come again after `up_to_date` as a live change, on top of the snapshot that already holds
 //!   it, and `(W, MAX)` would be a resume point below data the client has.
@@ -57,9 +57,9 @@ pub struct SessionConfig {
     pub max_client_id_bytes: usize,
 }
 
-/// The data snapshot's identity, needed to stitch (spec 4.3): the `pg_current_snapshot()` text
-/// and the watermark `h` read in the same MVCC snapshot, and the WAL insert position read right
-/// after the snapshot was taken.
+/// The data snapshot's identity, needed to stitch (docs/pgsync-protocol.md §5, snapshot → stream
+/// handoff): the `pg_current_snapshot()` text and the watermark `h` read in the same MVCC
+/// snapshot, and the WAL insert position read right after the snapshot was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stitch {
     pub snapshot: String,
@@ -96,7 +96,8 @@ pub struct PageQuery {
     pub after: Option<Position>,
     pub upto: Lsn,
     pub limit: u32,
-    /// Present only for a new client's catch-up: add the xid filter of spec 4.3 step 3.
+    /// Present only for a new client's catch-up: add the xid filter of the snapshot → stream
+    /// handoff (docs/pgsync-protocol.md §5).
     pub stitch: Option<Stitch>,
 }
 

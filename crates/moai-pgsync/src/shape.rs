@@ -12,8 +12,9 @@
 //!
 //! Keywords are case-insensitive. Anything else (OR, parentheses, functions, `= NULL`, `<` on a
 //! boolean...) is rejected with the byte offset of the problem: the predicate is evaluated in
-//! Rust on every change (spec 4.8), so it must stay small enough to reason about. The spec's
-//! JSON predicate form (`{"col":{"eq":..}}`) can be compiled to this later.
+//! Rust on every change (docs/pgsync-protocol.md §10 item 5), so it must stay small enough to
+//! reason about. The JSON predicate form of the original design notes (`{"col":{"eq":..}}`,
+//! docs/pgsync-protocol.md §10 item 2) can be compiled to this later.
 //!
 //! Evaluation is three-valued. A NULL column fails every comparison (SQL WHERE semantics) and
 //! satisfies IS NULL. A column *missing* from the row, which happens for patch updates that left

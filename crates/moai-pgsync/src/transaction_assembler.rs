@@ -10,11 +10,13 @@
 //! every column is flagged, which would make the whole row the "key"; callers that know the
 //! primary key (from the catalog) set it with [`TransactionAssembler::set_key_columns`].
 //!
-//! Updates are patches (spec 4.6): unchanged-TOAST columns are left out of `row` and listed in
-//! `unchanged`, unless the old image (FULL identity) carries the value, which is then used.
+//! Updates are patches (docs/pgsync-protocol.md §4, `changes`): unchanged-TOAST columns are left
+//! out of `row` and listed in `unchanged`, unless the old image (FULL identity, §11) carries the
+//! value, which is then used.
 //!
-//! Not supported: v2 streaming of in-progress transactions (spec 4.6 says not to enable it) and
-//! binary-format columns; both return typed errors.
+//! Not supported: v2 streaming of in-progress transactions (moai never enables it, so a
+//! transaction arrives only with its commit: docs/pgsync-protocol.md §5, "Whole transactions")
+//! and binary-format columns; both return typed errors.
 
 use std::collections::HashMap;
 
@@ -37,9 +39,10 @@ pub enum ChangeOp {
     Update,
     Delete,
     Truncate,
-    /// A relation's definition changed mid-stream (spec 4.10 `op='S'`); `schema` holds the new
-    /// column list. Not sent to clients as-is: the session turns it into a schema bump or a
-    /// `must_refetch`.
+    /// A relation's definition changed mid-stream (stored in `change_history` as `op = 'S'`);
+    /// `schema` holds the new column list. Not sent to clients as-is: serving a page turns it
+    /// into `must_refetch{schema_changed}` for the shapes on the table (docs/pgsync-protocol.md
+    /// §10 item 4).
     Schema,
 }
 

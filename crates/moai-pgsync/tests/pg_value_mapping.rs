@@ -294,9 +294,9 @@ fn streamed_ids(cl: &TestClient) -> Vec<i64> {
 
 /// A transaction that commits just before a hello is in the new client's snapshot but not yet in
 /// change_history: the replicator has not stored it. It must not reach the client a second time
-/// as a live change after `up_to_date` (spec §5: every transaction exactly once across the
-/// snapshot handoff). Deterministic: a lock on change_history holds the replicator's write of
-/// that transaction until the snapshot has been sent.
+/// as a live change after `up_to_date` (docs/pgsync-protocol.md §5: every transaction exactly
+/// once across the snapshot handoff). Deterministic: a lock on change_history holds the
+/// replicator's write of that transaction until the snapshot has been sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_the_replicator_has_not_stored_yet_reaches_a_new_client_once() {
     let (cluster, c, sync) = setup().await;

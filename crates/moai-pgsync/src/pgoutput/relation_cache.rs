@@ -2,7 +2,8 @@
 //!
 //! pgoutput sends a Relation message before the first change to a table in a session and again
 //! whenever its definition changes; tuples carry only positional values. The cache also reports
-//! *how* a relation changed, because a changed column list is our DDL signal (spec 4.10).
+//! *how* a relation changed, because a changed column list is our DDL signal
+//! (docs/pgsync-protocol.md §10 item 4).
 
 use std::collections::HashMap;
 
