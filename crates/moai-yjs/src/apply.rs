@@ -46,7 +46,10 @@ pub struct Applied {
 /// Runs `f`, turning a panic into its message. yrs has known panics on hostile input; one must
 /// cost the document that met it (which is then reloaded), never the process or other documents.
 pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+    let outer = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(outer));
+    result.map_err(|payload| {
         payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -58,6 +61,17 @@ pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
     contain(|| apply_v1_unguarded(doc, bytes))
         .unwrap_or_else(|why| Applied { diff: None, error: Some(ApplyError::Panicked(why)) })
+}
+
+thread_local! {
+    /// Set while [`contain`] runs a call on this thread.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a panic happening now on this thread will be contained by the Yjs engine (the
+/// binary's panic hook logs those as a warning instead of as a crash).
+pub fn panic_is_contained() -> bool {
+    CONTAINING.with(|c| c.get())
 }
 
 #[cfg(test)]

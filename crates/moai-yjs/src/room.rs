@@ -21,6 +21,11 @@
 //! action in its original relative order. That satisfies the rule, because moving a `Persist`
 //! earlier only delays sends; it never reorders them.
 //!
+//! **Panics.** yrs panics on some hostile input, also later, when it re-reads what a hostile
+//! update left pending (encoding the state for the next joiner). Every entry point contains
+//! them and returns [`RoomError::Poisoned`]: the driver must then drop the room, close its
+//! connections and reload the document from storage, as after a persist failure.
+//!
 //! **Persist failure.** Memory is then ahead of storage. Do not execute the pending actions;
 //! close every connection of the room and drop the `Room` (reload it from storage). Clients keep
 //! their edits and upload them again through the SyncStep1/SyncStep2 exchange on reconnect.
@@ -38,7 +43,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use crate::apply::{apply_v1, has_pending, ApplyError};
+use crate::apply::{apply_v1, contain, has_pending, ApplyError};
 use crate::awareness::{AwarenessTracker, AwarenessUpdate};
 use crate::conn::{Access, ConnId};
 use crate::protocol::{
@@ -234,6 +239,10 @@ impl Room {
     /// applied, persisted or broadcast. The first one it sends is answered with a
     /// permission-denied auth message ([`READ_ONLY_REASON`]).
     pub fn connect_with(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
+        contain(|| self.connect_with_unguarded(conn, access)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+    }
+
+    fn connect_with_unguarded(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
         let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
         self.conns.insert(conn);
         if access == Access::ReadOnly {
@@ -268,6 +277,10 @@ impl Room {
     /// yrs-based peers send) are processed message by message; the first bad message closes
     /// the connection, keeping the actions of the messages before it.
     pub fn receive(&mut self, conn: ConnId, frame: &[u8]) -> Result<Vec<Action>, RoomError> {
+        contain(|| self.receive_unguarded(conn, frame)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+    }
+
+    fn receive_unguarded(&mut self, conn: ConnId, frame: &[u8]) -> Result<Vec<Action>, RoomError> {
         if !self.conns.contains(&conn) {
             return Err(RoomError::UnknownConnection(conn));
         }
@@ -383,6 +396,10 @@ impl Room {
     /// Applies an update from the HTTP API (server-side write). The change is persisted and then
     /// broadcast to every connection.
     pub fn apply_http_update(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
+        contain(|| self.apply_http_update_unguarded(update)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+    }
+
+    fn apply_http_update_unguarded(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
         let had_pending = has_pending(&self.doc);
         let applied = apply_v1(&self.doc, update);
         let mut actions = Vec::new();
@@ -410,8 +427,11 @@ impl Room {
     /// entries up to that point may be dropped once the snapshot is durable; later entries
     /// must stay (replaying something the snapshot already has is harmless).
     pub fn encode_state_as_update(&self) -> Result<Vec<u8>, RoomError> {
-        let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
-        Ok(txn.encode_state_as_update_v1(&StateVector::default()))
+        contain(|| {
+            let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
+            Ok(txn.encode_state_as_update_v1(&StateVector::default()))
+        })
+        .unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
     }
 
     /// The document's current state vector (v1), e.g. to compare replicas.

@@ -357,3 +357,28 @@ fn repeated_state_requests_are_answered_once_until_something_changes() {
     assert_eq!(full(&room.receive(a, &query).unwrap()), 1);
     assert_eq!(room.stats().coalesced_requests, 101);
 }
+
+/// Found by the `yjs_frame` fuzz target: this update is accepted (parked as pending), and the
+/// next full-state encode makes yrs panic while re-reading it. The panic must not escape the
+/// room: the call reports the document as failed (the server then reloads it from storage).
+#[test]
+fn a_yrs_panic_on_a_later_encode_is_contained() {
+    let update =
+        [1u8, 1, 1, 22, 194, 1, 207, 188, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 132, 0, 1, 194, 22, 1, 207, 188, 129, 228, 166];
+    let mut room = Room::new("doc");
+    let _ = room.apply_http_update(&update);
+    match room.encode_state_as_update() {
+        Ok(_) => {}
+        Err(RoomError::Poisoned(why)) => assert!(!why.is_empty()),
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+    // The same through a socket's SyncStep1 (what a joiner sends).
+    let mut room = Room::new("doc");
+    room.connect(ConnId(1)).unwrap();
+    let frame = moai_yjs::protocol::sync_update_frame(&update);
+    let _ = room.receive(ConnId(1), &frame);
+    match room.receive(ConnId(1), &moai_yjs::protocol::sync_step1_frame(&[0])) {
+        Ok(_) | Err(RoomError::Poisoned(_)) => {}
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+}

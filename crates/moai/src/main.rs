@@ -19,7 +19,28 @@ fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
+/// Panics the Yjs engine contains (yrs on hostile input: the document is closed and reloaded
+/// from storage) are logged as a warning with their message; any other panic is reported as
+/// the default hook reports it.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if moai_yjs::apply::panic_is_contained() {
+            let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned());
+            tracing::warn!(%location, message = message.as_deref().unwrap_or("?"), "the Yjs library failed on a document; it is closed and reloaded from storage");
+        } else {
+            default(info);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
     let workers = match &cli.command {
         None => cli.serve.worker_threads.map(usize::from),

@@ -377,3 +377,31 @@ async fn a_deeply_nested_update_is_refused_and_the_server_lives() {
     bystander.send(WsMessage::Binary(sync_update_frame(&edit(&w, "still here")).into())).await.unwrap();
     assert_eq!(sync(&mut bystander).await, "still here");
 }
+
+/// An update that makes yrs panic on the next full-state encode (found by the fuzz target): the
+/// panic costs only that document, which is closed and reloaded from storage; the server, its
+/// other documents and later clients of the same document are served.
+#[tokio::test]
+async fn a_yrs_panic_costs_only_its_document() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let mut other = connect(&server.ws_url("/sync/v1/other")).await;
+    assert_eq!(sync(&mut other).await, "");
+    let w = Doc::new();
+    assert_eq!(http(server.addr, "POST", "/api/v1/docs/p/update", &[], &edit(&w, "kept")).0, 204);
+    let poison =
+        [1u8, 1, 1, 22, 194, 1, 207, 188, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 132, 0, 1, 194, 22, 1, 207, 188, 129, 228, 166];
+    let _ = http(server.addr, "POST", "/api/v1/docs/p/update", &[], &poison);
+    // The next full-state read meets the panic (or the document was already reloaded).
+    let _ = http(server.addr, "GET", "/api/v1/docs/p/update", &[], b"");
+    // A client of the same document gets what was durable.
+    let mut fresh = connect(&server.ws_url("/sync/v1/p")).await;
+    assert_eq!(sync(&mut fresh).await, "kept");
+    // The other document's session was not touched.
+    other.send(WsMessage::Binary(sync_update_frame(&edit(&Doc::new(), "fine")).into())).await.unwrap();
+    assert_eq!(sync(&mut other).await, "fine");
+    assert!(
+        server.logs().iter().any(|l| l.contains("the Yjs library failed on a document")),
+        "the contained panic is logged"
+    );
+}

@@ -278,7 +278,12 @@ impl DocTask {
                         }
                         actions.extend(connect_actions);
                     }
-                    Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
+                    Err(e) => {
+                        if let RoomError::Poisoned(why) = &e {
+                            self.poisoned = Some(why.clone());
+                        }
+                        drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string()))))
+                    }
                 }
             }
             Command::Frame { conn, frame, budget: _budget } => {
@@ -300,7 +305,12 @@ impl DocTask {
             Command::ReadState { reply } => {
                 let answer = match self.room.encode_state_as_update() {
                     Ok(update) => Reply::Done(update),
-                    Err(e) => Reply::Failed(ServiceError::Unavailable(e.to_string())),
+                    Err(e) => {
+                        if let RoomError::Poisoned(why) = &e {
+                            self.poisoned = Some(why.clone());
+                        }
+                        Reply::Failed(ServiceError::Unavailable(e.to_string()))
+                    }
                 };
                 // Memory may hold updates of this batch that are not durable yet: answer after
                 // the batch's commit, like every other send.

@@ -1,0 +1,547 @@
+//! Subscription tests: a simulated `change_history` answers page queries, a simulated client
+//! applies and acks; we check the client ends with every change exactly once, in order, in
+//! whole transactions, for many page sizes and windows.
+
+use super::*;
+use crate::protocol::{Row, ShapeRequest};
+
+fn cfg(watermark: u64) -> SubscriptionConfig {
+    SubscriptionConfig {
+        generation: 7,
+        watermark: Lsn(watermark),
+        horizon: Lsn(0x10),
+        default_batch_rows: 1000,
+        max_batch_rows: 5000,
+        default_window: 4,
+        max_shapes: 100,
+        max_client_id_bytes: 256,
+    }
+}
+
+fn hello(position: Option<Position>, generation: Option<u64>, batch: u32, window: u32) -> Event {
+    Event::Client(ClientMessage::Hello(Hello {
+        protocol: 1,
+        client_id: "c1".into(),
+        generation,
+        position,
+        shapes: vec![ShapeRequest {
+            id: "todos".into(),
+            table: "public.todos".into(),
+            columns: None,
+            where_: Some("done = false".into()),
+        }],
+        auth: None,
+        max_batch_rows: Some(batch),
+        window: Some(window),
+    }))
+}
+
+/// History: transactions at commit LSNs 0x100, 0x200, ... with the given sizes.
+fn history(sizes: &[u32]) -> Vec<HistoryRow> {
+    let mut rows = Vec::new();
+    for (t, &n) in sizes.iter().enumerate() {
+        let lsn = Lsn(0x100 * (t as u64 + 1));
+        for seq in 0..n {
+            let mut key = Row::new();
+            key.insert("id".into(), (t as u64 * 10_000 + u64::from(seq)).into());
+            rows.push(HistoryRow {
+                position: Position::new(lsn, seq),
+                xid: format!("{}", 500 + t),
+                commit_time: "2026-01-01T00:00:00.000Z".into(),
+                op: Some(WireOp::Delete { seq, table: "public.todos".into(), key: key.into() }),
+            });
+        }
+    }
+    rows
+}
+
+fn answer(h: &[HistoryRow], q: &PageQuery) -> Vec<HistoryRow> {
+    h.iter()
+        .filter(|r| q.after.is_none_or(|a| r.position > a) && r.position.lsn <= q.upto)
+        // The stitch filter itself runs in SQL; here "visible in snapshot" = committed below the
+        // WAL position read in the snapshot.
+        .filter(|r| q.stitch.as_ref().is_none_or(|s| r.position.lsn >= s.wal_position))
+        .take(q.limit as usize)
+        .cloned()
+        .collect()
+}
+
+/// A client that applies `changes` only when a transaction's `last` part arrived.
+#[derive(Default)]
+struct Client {
+    applied: Vec<(Position, u32)>, // (txn lsn + seq, op count of that txn)
+    pending: Vec<(Lsn, Vec<WireOp>)>,
+    up_to_date: Vec<Position>,
+    acks: Vec<Position>,
+}
+
+impl Client {
+    fn receive(&mut self, msg: &ServerMessage) {
+        match msg {
+            ServerMessage::Changes { to, txns, .. } => {
+                for t in txns {
+                    match self.pending.last_mut() {
+                        Some((l, ops)) if *l == t.lsn => ops.extend(t.ops.iter().cloned()),
+                        _ => {
+                            assert!(self.pending.is_empty(), "a new txn started while {:?} was open", self.pending);
+                            self.pending.push((t.lsn, t.ops.clone()));
+                        }
+                    }
+                    if t.last {
+                        let (lsn, ops) = self.pending.pop().unwrap();
+                        let n = ops.len() as u32;
+                        for op in ops {
+                            self.applied.push((Position::new(lsn, op.seq()), n));
+                        }
+                    }
+                }
+                if self.pending.is_empty() {
+                    self.acks.push(*to);
+                }
+            }
+            ServerMessage::UpToDate { position, .. } => {
+                assert!(self.pending.is_empty(), "up_to_date inside a transaction");
+                self.up_to_date.push(*position);
+                self.acks.push(*position);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The snapshot of [`drive`]: it sees the transactions up to 0x100, which the history holds.
+fn stitch() -> Stitch {
+    Stitch { snapshot: "500:510:".into(), snapshot_watermark: Lsn(0x100), wal_position: Lsn(0x101) }
+}
+
+/// Drive subscription + history + client until quiescent. Returns the actions seen.
+fn drive(s: &mut Subscription, first: Event, h: &[HistoryRow], c: &mut Client, ack: bool) -> Vec<Action> {
+    drive_with(s, first, h, c, ack, &stitch())
+}
+
+/// [`drive`], with the snapshot a `TakeSnapshot` produces.
+fn drive_with(
+    s: &mut Subscription,
+    first: Event,
+    h: &[HistoryRow],
+    c: &mut Client,
+    ack: bool,
+    snapshot: &Stitch,
+) -> Vec<Action> {
+    let mut seen = Vec::new();
+    let mut queue = VecDeque::from([first]);
+    while let Some(ev) = queue.pop_front() {
+        for a in s.handle(ev) {
+            match &a {
+                Action::QueryPage(q) => queue.push_back(Event::PageLoaded(answer(h, q))),
+                Action::Send(m) => c.receive(m),
+                Action::TakeSnapshot { .. } => queue.push_back(Event::SnapshotFinished(snapshot.clone())),
+                _ => {}
+            }
+            seen.push(a);
+        }
+        if ack && queue.is_empty() {
+            for p in c.acks.drain(..) {
+                queue.push_back(Event::Client(ClientMessage::Ack { position: p }));
+            }
+        }
+    }
+    seen
+}
+
+fn sizes() -> Vec<u32> {
+    vec![3, 1, 17, 2, 40, 1, 5]
+}
+
+#[test]
+fn catchup_delivers_every_change_exactly_once_for_any_page_size() {
+    let h = history(&sizes());
+    for limit in [1, 2, 3, 4, 5, 16, 17, 18, 40, 41, 1000] {
+        for window in [1, 2, 4] {
+            let mut s = Subscription::new(cfg(0x700));
+            let mut c = Client::default();
+            let start = Position::new(Lsn(0x100), 2); // already has txn 0x100
+            drive(&mut s, hello(Some(start), Some(7), limit, window), &h, &mut c, true);
+            let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| *p > start).collect();
+            let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+            assert_eq!(got, want, "limit {limit} window {window}");
+            // Each transaction applied whole: the op count seen equals its real size.
+            for (p, n) in &c.applied {
+                let real = h.iter().filter(|r| r.position.lsn == p.lsn).count() as u32;
+                assert_eq!(*n, real, "txn {} split, limit {limit}", p.lsn);
+            }
+            assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x700))]);
+            assert!(s.is_live());
+        }
+    }
+}
+
+#[test]
+fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
+    let h = history(&sizes());
+    let mut s = Subscription::new(cfg(0x400));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
+    assert!(matches!(&actions[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Snapshot, .. })));
+    assert_eq!(actions[1], Action::Register(None));
+    assert!(matches!(&actions[2], Action::TakeSnapshot { shapes } if shapes.len() == 1));
+    let first_query = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(first_query, Some(PageQuery { after: None, upto: Lsn(0x400), limit: 4, stitch: Some(stitch()) }));
+    // Stitched catch-up: everything after the snapshot's h up to W.
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> =
+        h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100) && p.lsn <= Lsn(0x400)).collect();
+    assert_eq!(got, want);
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
+
+    // Live: the first plain query starts exactly after W, with no stitch.
+    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true);
+    let q = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        q,
+        Some(PageQuery { after: Some(Position::end_of(Lsn(0x400))), upto: Lsn(0x700), limit: 4, stitch: None })
+    );
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100)).collect();
+    assert_eq!(got, want, "no gap and no duplicate across the handoff");
+    assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
+}
+
+/// The snapshot can see transactions the replicator has not stored yet: they committed just
+/// before the hello. The catch-up must not end (`up_to_date`) below them, or they come again
+/// as live changes after it, on top of the snapshot that holds them (seen as rows inserted
+/// before the hello arriving in `changes` under load).
+#[test]
+fn handoff_waits_until_the_history_holds_what_the_snapshot_saw() {
+    let h = history(&sizes());
+    // The history holds up to 0x300; the snapshot sees every commit up to 0x500.
+    let snapshot = Stitch { snapshot: "505:505:".into(), snapshot_watermark: Lsn(0x300), wal_position: Lsn(0x5a0) };
+    assert_eq!(snapshot.handoff_watermark(), Lsn(0x59f));
+    let mut s = Subscription::new(cfg(0x300));
+    let mut c = Client::default();
+    let actions = drive_with(&mut s, hello(None, None, 4, 2), &h, &mut c, true, &snapshot);
+    assert!(actions.contains(&Action::AwaitWatermark(Lsn(0x59f))), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::QueryPage(_))), "no catch-up yet: {actions:?}");
+    assert!(c.up_to_date.is_empty() && c.applied.is_empty());
+
+    // The replicator stored 0x400: still below what the snapshot saw.
+    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x400)), &h, &mut c, true, &snapshot);
+    assert!(actions.is_empty(), "{actions:?}");
+    // Acks and pings are still answered while the subscription waits.
+    let actions = drive_with(&mut s, Event::Client(ClientMessage::Ping { t: 3 }), &h, &mut c, true, &snapshot);
+    assert_eq!(actions, vec![Action::Send(ServerMessage::Pong { t: 3 })]);
+
+    // Past it (0x600 committed after the snapshot): the stitched catch-up runs up to there.
+    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x600)), &h, &mut c, true, &snapshot);
+    let first_query = actions.iter().find_map(|a| match a {
+        Action::QueryPage(q) => Some(q.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        first_query,
+        Some(PageQuery { after: None, upto: Lsn(0x600), limit: 4, stitch: Some(snapshot.clone()) })
+    );
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x600))]);
+
+    // Live from there: every transaction the snapshot did not see, exactly once.
+    drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true, &snapshot);
+    let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
+    let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn >= Lsn(0x600)).collect();
+    assert_eq!(got, want, "nothing the snapshot holds, nothing twice");
+    assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
+
+    // A snapshot that saw nothing beyond the history hands off at once, without waiting.
+    let mut s = Subscription::new(cfg(0x400));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
+    assert!(!actions.iter().any(|a| matches!(a, Action::AwaitWatermark(_))), "{actions:?}");
+    assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
+}
+
+#[test]
+fn window_blocks_queries_until_ack_and_acks_are_persisted() {
+    let h = history(&sizes());
+    let mut s = Subscription::new(cfg(0x700));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(Some(Position::end_of(Lsn(0x100))), Some(7), 2, 1), &h, &mut c, false);
+    let queries = actions.iter().filter(|a| matches!(a, Action::QueryPage(_))).count();
+    let changes = actions.iter().filter(|a| matches!(a, Action::Send(ServerMessage::Changes { .. }))).count();
+    assert_eq!((queries, changes), (1, 1), "window 1 without acks: one frame in flight");
+    let to = c.acks[0];
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: to }));
+    assert_eq!(out[0], Action::PersistPosition(to));
+    assert!(matches!(out[1], Action::QueryPage(PageQuery { after: Some(p), .. }) if p == to));
+    // Acking the same position again persists nothing.
+    let page = s.handle(Event::PageLoaded(vec![]));
+    assert!(page.iter().all(|a| !matches!(a, Action::PersistPosition(_))));
+}
+
+#[test]
+fn bad_acks_are_rejected_without_moving_the_position() {
+    let h = history(&[2]);
+    let mut s = Subscription::new(cfg(0x100));
+    let mut c = Client::default();
+    drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4), &h, &mut c, false);
+    let beyond = Position::new(Lsn(0x900), 0);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: beyond }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && !e.fatal));
+    assert!(!out.iter().any(|a| matches!(a, Action::PersistPosition(_))));
+    let backwards = Position::new(Lsn(0x1), 0);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: backwards }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(_))));
+    let ok = s.handle(Event::Client(ClientMessage::Ack { position: Position::end_of(Lsn(0x100)) }));
+    assert_eq!(ok, vec![Action::PersistPosition(Position::end_of(Lsn(0x100)))]);
+}
+
+#[test]
+fn refetch_cases_and_protocol_errors() {
+    let mut s = Subscription::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x50), 0)), Some(6), 10, 4));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, shape_ids }) if shape_ids == &vec!["todos".to_string()])
+    );
+    assert!(matches!(out.last(), Some(Action::TakeSnapshot { .. })));
+
+    let mut s = Subscription::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x5), 0)), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
+
+    let mut s = Subscription::new(cfg(0x100));
+    let mut h = match hello(None, None, 1, 1) {
+        Event::Client(ClientMessage::Hello(h)) => h,
+        _ => unreachable!(),
+    };
+    h.protocol = 2;
+    let out = s.handle(Event::Client(ClientMessage::Hello(h.clone())));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::BadRequest));
+    assert_eq!(out.last(), Some(&Action::Close));
+    assert!(s.is_closed());
+    assert!(s.handle(Event::WatermarkAdvanced(Lsn(0x200))).is_empty());
+
+    let mut s = Subscription::new(cfg(0x100));
+    h.protocol = 1;
+    h.shapes[0].where_ = Some("a = 1 OR b = 2".into());
+    let out = s.handle(Event::Client(ClientMessage::Hello(h)));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::ShapeInvalid));
+
+    let mut s = Subscription::new(cfg(0x100));
+    assert_eq!(s.handle(Event::Client(ClientMessage::Ping { t: 5 })), vec![Action::Send(ServerMessage::Pong { t: 5 })]);
+    let out = s.handle(Event::Client(ClientMessage::Ack { position: Position::new(Lsn(1), 0) }));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(_))), "ack before hello");
+}
+
+#[test]
+fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
+    // At the watermark (even with any seq) is fine: it is the end of what was served.
+    let mut s = Subscription::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::end_of(Lsn(0x100))), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
+
+    let mut s = Subscription::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
+    match &out[..] {
+        [Action::Send(ServerMessage::Error(e)), Action::Close] => {
+            assert_eq!(e.code, ErrorCode::PositionAhead);
+            assert!(e.fatal);
+            assert!(e.message.contains("0/101") && e.message.contains("watermark 0/100"), "{}", e.message);
+        }
+        other => panic!("expected error + close, got {other:?}"),
+    }
+    assert!(s.is_closed());
+
+    // Once the watermark has moved past it, the same position is served.
+    let mut s = Subscription::new(cfg(0x100));
+    s.handle(Event::WatermarkAdvanced(Lsn(0x200)));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
+
+    // Another generation's position is a refetch, not an error, however high it is.
+    let mut s = Subscription::new(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(u64::MAX), 0)), Some(6), 10, 4));
+    assert!(matches!(
+        &out[0],
+        Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, .. })
+    ));
+}
+
+#[test]
+fn pages_that_break_the_keyset_contract_are_fatal() {
+    let h = history(&[3]);
+    for bad in [
+        vec![h[1].clone(), h[0].clone()],                           // out of order
+        vec![h[0].clone(), h[0].clone()],                           // duplicate
+        history(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])[10..].to_vec(), // beyond upto
+    ] {
+        let mut s = Subscription::new(cfg(0x100));
+        s.handle(hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4));
+        let out = s.handle(Event::PageLoaded(bad));
+        assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::Internal));
+        assert!(s.is_closed());
+    }
+    let mut s = Subscription::new(cfg(0x100));
+    s.handle(hello(None, None, 10, 4));
+    let out = s.handle(Event::PageLoaded(vec![]));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal), "page with no query");
+}
+
+#[test]
+fn transaction_ending_exactly_at_page_boundary_is_closed_with_empty_part() {
+    // One txn of 4 rows, limit 4: page is full and single-txn, so it is sent with last=false;
+    // the next (empty) page closes it with an empty last part.
+    let h = history(&[4]);
+    let mut s = Subscription::new(cfg(0x100));
+    let mut c = Client::default();
+    let actions = drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 4, 4), &h, &mut c, true);
+    let parts: Vec<(bool, usize)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(ServerMessage::Changes { txns, .. }) => {
+                Some(txns.iter().map(|t| (t.last, t.ops.len())).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(parts, vec![(false, 4), (true, 0)]);
+    assert_eq!(c.applied.len(), 4);
+}
+
+#[test]
+fn live_subscription_stays_quiet_when_the_watermark_moves_over_nothing() {
+    // Keepalive-proven watermark advances with no new rows must not produce frames: a client
+    // ack would write its position, whose WAL would advance the watermark again, forever.
+    let h = history(&sizes());
+    let mut s = Subscription::new(cfg(0x700));
+    let mut c = Client::default();
+    drive(&mut s, hello(Some(Position::new(Lsn(0x100), 2)), Some(7), 1000, 4), &h, &mut c, true);
+    assert!(s.is_live());
+    let frames_before = c.up_to_date.len();
+    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x7FF)), &h, &mut c, true);
+    assert!(actions.iter().any(|a| matches!(a, Action::QueryPage(_))), "it still looks");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Send(_))), "but sends nothing: {actions:?}");
+    assert_eq!(c.up_to_date.len(), frames_before);
+    // A later real change is still delivered, followed by up_to_date.
+    let mut h2 = h.clone();
+    let mut key = Row::new();
+    key.insert("id".into(), 1.into());
+    h2.push(HistoryRow {
+        position: Position::new(Lsn(0x900), 0),
+        xid: "999".into(),
+        commit_time: "2026-01-01T00:00:00.000Z".into(),
+        op: Some(WireOp::Delete { seq: 0, table: "public.todos".into(), key: key.into() }),
+    });
+    drive(&mut s, Event::WatermarkAdvanced(Lsn(0x900)), &h2, &mut c, true);
+    assert_eq!(c.applied.last().map(|(p, _)| *p), Some(Position::new(Lsn(0x900), 0)));
+    assert_eq!(c.up_to_date.len(), frames_before + 1);
+}
+
+fn hello_with(client_id: &str, shapes: usize, position: Option<Position>) -> ClientMessage {
+    ClientMessage::Hello(Hello {
+        protocol: 1,
+        client_id: client_id.into(),
+        generation: Some(7),
+        position,
+        shapes: (0..shapes)
+            .map(|i| ShapeRequest { id: format!("s{i}"), table: "public.todos".into(), columns: None, where_: None })
+            .collect(),
+        auth: None,
+        max_batch_rows: None,
+        window: None,
+    })
+}
+
+fn registrations(out: &[Action]) -> Vec<Option<Position>> {
+    out.iter().filter_map(|a| if let Action::Register(p) = a { Some(*p) } else { None }).collect()
+}
+
+#[test]
+fn too_many_shapes_in_a_hello_is_fatal_before_anything_is_served() {
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Subscription::new(c.clone());
+    let out = s.handle(Event::Client(hello_with("c1", 3, None)));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
+
+    let mut s = Subscription::new(c);
+    let msg = hello_with("c1", 4, None);
+    let refused = s.refuse(&msg).expect("refused");
+    match &refused[..] {
+        [Action::Send(ServerMessage::Error(e)), Action::Close] => {
+            assert_eq!(e.code, ErrorCode::TooManyShapes);
+            assert!(e.fatal);
+            assert!(e.message.contains("at most 3"), "{}", e.message);
+        }
+        other => panic!("expected error + close, got {other:?}"),
+    }
+    assert!(s.is_closed());
+    // The core applies the same limit on its own.
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Subscription::new(c);
+    let out = s.handle(Event::Client(msg));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal));
+    assert_eq!(out.last(), Some(&Action::Close));
+    assert!(registrations(&out).is_empty() && !out.iter().any(|a| matches!(a, Action::TakeSnapshot { .. })));
+}
+
+#[test]
+fn subscribe_counts_against_the_same_shape_limit() {
+    let mut c = cfg(0x400);
+    c.max_shapes = 3;
+    let mut s = Subscription::new(c);
+    s.handle(Event::Client(hello_with("c1", 2, None)));
+    let one = ShapeRequest { id: "x".into(), table: "public.todos".into(), columns: None, where_: None };
+    // Within the limit: still the (non-fatal) "not supported yet".
+    assert!(s.refuse(&ClientMessage::Subscribe { shapes: vec![one.clone()] }).is_none());
+    let out = s.handle(Event::Client(ClientMessage::Subscribe { shapes: vec![one.clone(), one] }));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal),
+        "{out:?}"
+    );
+    assert!(s.is_closed());
+}
+
+#[test]
+fn an_over_long_client_id_is_refused() {
+    let mut s = Subscription::new(cfg(0x400));
+    assert!(s.refuse(&hello_with(&"x".repeat(256), 1, None)).is_none());
+    let out = s.refuse(&hello_with(&"x".repeat(257), 1, None)).expect("refused");
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && e.fatal && e.message.contains("client_id"))
+    );
+    assert!(s.is_closed());
+}
+
+/// Only a position the subscription accepted is registered (it holds retention back); a refused,
+/// too old or foreign one never is.
+#[test]
+fn only_an_accepted_position_is_registered() {
+    let p = Position::new(Lsn(0x200), 3);
+    // Accepted: catch-up from p.
+    let mut s = Subscription::new(cfg(0x400));
+    assert_eq!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(p))))), vec![Some(p)]);
+    // Below the horizon (0x10): refetch, registered as new.
+    let mut s = Subscription::new(cfg(0x400));
+    let out = s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0), 0)))));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
+    assert_eq!(registrations(&out), vec![None]);
+    // Ahead of the watermark: refused, not registered at all.
+    let mut s = Subscription::new(cfg(0x400));
+    assert!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0x401), 0)))))).is_empty());
+    // Another generation: new client.
+    let mut s = Subscription::new(cfg(0x400));
+    let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
+    h.generation = Some(6);
+    assert_eq!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))), vec![None]);
+    // Invalid shape: refused, not registered.
+    let mut s = Subscription::new(cfg(0x400));
+    let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
+    h.shapes[0].where_ = Some("done ==".into());
+    assert!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))).is_empty());
+}
