@@ -20,7 +20,7 @@ use crate::pgoutput::PgTimestamp;
 use crate::position::Position;
 use crate::protocol::{Row, WireOp};
 use crate::raw_row::RawRow;
-use crate::session::{HistoryRow, PageQuery};
+use crate::subscription::{HistoryRow, PageQuery};
 use crate::transaction_assembler::{Change, ChangeOp};
 
 const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;

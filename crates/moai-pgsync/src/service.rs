@@ -1,9 +1,14 @@
 //! The engine as the server edge sees it: [`PgSync::start`] and [`PgSync::run_session`].
 //!
 //! The edge knows nothing about Postgres: it moves JSON text frames between a WebSocket and two
-//! channels and tells the session when to stop. Everything else (readiness gate, snapshot,
-//! keyset paging, shape filtering, positions, registry) happens here, driven by the sans-IO
-//! [`crate::session::Session`].
+//! channels, runs [`PgSync::run_session`] as one tokio task per client and tells it when to
+//! stop. That task is a `SessionTask`: it owns the client's sans-IO
+//! [`Subscription`], feeds it events and performs its actions.
+//! The subscription decides the protocol (what to answer, which page to read next, when a
+//! client is up to date); the task does the I/O around it: the readiness gate, the token's
+//! restriction of the shapes, catalog checks, the snapshot, page queries and shape filtering,
+//! the registry and coalesced position writes, and the mid-session `must_refetch` for a new
+//! generation or a changed table.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -31,8 +36,8 @@ use crate::protocol::{
     ShapeRequest, ShapeSchema,
 };
 use crate::replicator::{FeedState, Phase, Replicator, MESSAGE_PREFIX};
-use crate::session::{Action, Event, HistoryRow, PageQuery, Session, SessionConfig, Stitch};
 use crate::shape::{Shape, Truth};
+use crate::subscription::{Action, Event, HistoryRow, PageQuery, Stitch, Subscription, SubscriptionConfig};
 use crate::value_mapping;
 
 /// Why [`PgSync::run_session`] returned. The edge closes the socket in every case (normal
@@ -251,7 +256,7 @@ impl PgSync {
     where
         C: Future<Output = ()>,
     {
-        let mut driver = Driver {
+        let mut task = SessionTask {
             inner: self.inner.clone(),
             out: outbound,
             feed: self.inner.feed.clone(),
@@ -268,11 +273,11 @@ impl PgSync {
         let end = tokio::select! {
             biased;
             _ = &mut cancel => SessionEnd::Cancelled,
-            end = driver.run(&mut inbound) => end,
+            end = task.run(&mut inbound) => end,
         };
         // The last ack is written before the session reports its end, so whoever reacts to
         // the end (a test, a shutdown) sees the registry up to date.
-        driver.flush_position().await;
+        task.flush_position().await;
         end
     }
 }
@@ -307,7 +312,11 @@ async fn maintenance_once(inner: &Inner) -> Result<(), Error> {
     Ok(())
 }
 
-struct Driver {
+/// One client's session: owns its [`Subscription`] and everything the subscription asks the I/O
+/// layer to hold (the hello, the resolved shapes, the pending position write, a prefetched page)
+/// and runs, inside [`PgSync::run_session`], as one tokio task that the edge spawns. Nothing
+/// else touches this state, so it needs no locks.
+struct SessionTask {
     inner: Arc<Inner>,
     out: mpsc::Sender<String>,
     feed: watch::Receiver<FeedState>,
@@ -318,7 +327,7 @@ struct Driver {
     /// Acked position not yet written to the registry (writes are coalesced).
     unpersisted: Option<Position>,
     last_persist: Option<tokio::time::Instant>,
-    /// The next page, already being read (see [`Driver::prefetch`]).
+    /// The next page, already being read (see [`SessionTask::prefetch`]).
     prefetched: Option<Prefetch>,
     /// What the token lets this session read; applied to the hello's shapes.
     access: Access,
@@ -362,7 +371,7 @@ fn stored_shapes(shapes: &[ShapeRequest]) -> Value {
 /// Control flow out of an action: keep going, or end the session.
 type Flow = Result<(), SessionEnd>;
 
-impl Driver {
+impl SessionTask {
     async fn send(&self, msg: &ServerMessage) -> Flow {
         self.out.send(msg.to_json()).await.map_err(|_| SessionEnd::Failed("outbound channel closed".into()))
     }
@@ -406,7 +415,7 @@ impl Driver {
         let f = self.feed.borrow_and_update().clone();
         self.generation = f.generation;
         let mut phase = f.phase.clone();
-        let mut session = Session::new(SessionConfig {
+        let mut subscription = Subscription::new(SubscriptionConfig {
             generation: f.generation,
             watermark: f.watermark,
             horizon: f.horizon,
@@ -420,7 +429,7 @@ impl Driver {
         let mut events: VecDeque<Event> = VecDeque::new();
         loop {
             while let Some(ev) = events.pop_front() {
-                let actions = session.handle(ev);
+                let actions = subscription.handle(ev);
                 if let Some(q) = actions.iter().find_map(|a| match a {
                     Action::QueryPage(q) => Some(q),
                     _ => None,
@@ -482,7 +491,7 @@ impl Driver {
             };
             let parsed = ClientMessage::from_json(&text);
             // Limits first (shape count, client_id length), before any work for the message.
-            if let Some(refused) = parsed.as_ref().ok().and_then(|m| session.refuse(m)) {
+            if let Some(refused) = parsed.as_ref().ok().and_then(|m| subscription.refuse(m)) {
                 for action in refused {
                     if let Err(end) = self.exec(action, &mut events).await {
                         return end;
@@ -493,7 +502,7 @@ impl Driver {
             match parsed {
                 Ok(ClientMessage::Hello(h)) if self.hello.is_none() => {
                     // The token's tables and row predicates become part of the shapes, so the
-                    // session core serves exactly what the token allows. Every way a shape can
+                    // subscription serves exactly what the token allows. Every way a shape can
                     // enter a session must pass here (`subscribe`, not implemented yet, too).
                     let h = match self.access.restrict_hello(h) {
                         Ok(h) => h,
@@ -542,7 +551,7 @@ impl Driver {
         for req in &h.shapes {
             let shape = match Shape::from_request(req) {
                 Ok(s) => s,
-                // The session answers invalid syntax itself.
+                // The subscription answers invalid syntax itself.
                 Err(_) => return Ok(()),
             };
             if !self.inner.cfg.tables.contains(&shape.table) {
@@ -559,14 +568,14 @@ impl Driver {
             shapes.push((req.id.clone(), shape));
         }
         self.shapes = shapes;
-        // Registration waits for the session's decision on the position (`Action::Register`):
-        // a refused or too old position must never reach the registry, where it would hold
-        // retention back.
+        // Registration waits for the subscription's decision on the position
+        // (`Action::Register`): a refused or too old position must never reach the registry,
+        // where it would hold retention back.
         self.hello = Some(h.clone());
         Ok(())
     }
 
-    /// Register the client under (token subject, client_id) with the position the session
+    /// Register the client under (token subject, client_id) with the position the subscription
     /// accepted, then keep at most `max_clients_per_subject` rows for the subject (the least
     /// recently seen go first).
     async fn register(&self, position: Option<Position>) -> Result<(), Error> {
@@ -687,7 +696,7 @@ impl Driver {
             Action::TakeSnapshot { shapes } => match self.snapshot(&shapes).await {
                 Ok(Ok(stitch)) => {
                     // The catch-up must reach at least h (docs/pgsync-protocol.md §5); the
-                    // session waits for the watermark to pass everything the snapshot saw
+                    // subscription waits for the watermark to pass everything the snapshot saw
                     // (`Action::AwaitWatermark`).
                     let w = self.feed.borrow().watermark.max(stitch.snapshot_watermark);
                     events.push_back(Event::WatermarkAdvanced(w));
@@ -715,8 +724,8 @@ impl Driver {
                 for item in items {
                     match item {
                         // Shape filtering (docs/pgsync-protocol.md §10 item 5) with the row
-                        // before the change; a dropped op keeps its position in the session (see
-                        // `filter`).
+                        // before the change; a dropped op keeps its position in the subscription
+                        // (see `filter`).
                         PageItem::Row(mut r, old) => {
                             r.op = r.op.and_then(|op| filter_op(&self.shapes, op, old.as_ref()));
                             rows.push(r);
@@ -741,8 +750,8 @@ impl Driver {
         }
     }
 
-    /// Start reading the page the session just asked for, before the actions queued ahead of
-    /// it (typically encoding and sending the previous page) run: PostgreSQL produces the next
+    /// Start reading the page the subscription just asked for, before the actions queued ahead
+    /// of it (typically encoding and sending the previous page) run: PostgreSQL produces the next
     /// page while this task encodes the current one. Without it the two took turns, and a
     /// catch-up ran at the speed of their sum.
     fn prefetch(&mut self, query: PageQuery) {

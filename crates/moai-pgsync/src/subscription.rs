@@ -2,8 +2,9 @@
 //! session. Events in (a client message, a watermark move, a finished snapshot, a loaded page),
 //! actions out (send a frame, take a snapshot, read a page, wait for the watermark, register the
 //! client, persist an acked position, close). The `SessionTask` in `service.rs` performs the
-//! actions and feeds their results back; every protocol decision is made here. Sections below
-//! are those of docs/pgsync-protocol.md.
+//! actions and feeds their results back. The subscription makes every decision that needs only
+//! the protocol's state; those that need the database or the token are the task's (listed at
+//! the end). Sections below are those of docs/pgsync-protocol.md.
 //!
 //! * **Limits first.** [`Subscription::refuse`] checks a message against the per-session limits
 //!   (§12: shapes, `hello` and `subscribe` together; `client_id` length) so that the I/O layer
