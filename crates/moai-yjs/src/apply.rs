@@ -49,13 +49,16 @@ pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     let outer = CONTAINING.with(|c| c.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     CONTAINING.with(|c| c.set(outer));
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into())
-    })
+    result.map_err(|payload| panic_message(&*payload))
+}
+
+/// The message a panic carried.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
@@ -98,11 +101,28 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
         Ok(txn) => txn,
         Err(_) => return Applied { diff: None, error: Some(ApplyError::Busy) },
     };
-    let error = txn.apply_update(update).err().map(ApplyError::from);
-    let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
-    let diff = changed.then(|| txn.encode_update_v1());
-    drop(txn);
-    Applied { diff, error }
+    // The work runs in its own catch_unwind while `txn` lives out here, so a panic in yrs never
+    // unwinds through the transaction: its Drop commits, and on the state that made yrs panic
+    // the commit can panic again, which during unwinding aborts the whole process (found by the
+    // yjs_frame fuzz target with a 40-byte update).
+    let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let error = txn.apply_update(update).err().map(ApplyError::from);
+        let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+        let diff = changed.then(|| txn.encode_update_v1());
+        (error, diff)
+    }));
+    match work {
+        Ok((error, diff)) => {
+            drop(txn);
+            Applied { diff, error }
+        }
+        Err(payload) => {
+            // The commit of the broken transaction may panic too; outside any unwinding that
+            // is an ordinary, catchable panic.
+            let _ = contain(move || drop(txn));
+            Applied { diff: None, error: Some(ApplyError::Panicked(panic_message(&*payload))) }
+        }
+    }
 }
 
 /// True while the document holds structs or deletions waiting for missing dependencies.

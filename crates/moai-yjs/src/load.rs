@@ -31,9 +31,11 @@ where
     J: IntoIterator<Item = &'a [u8]>,
 {
     let doc = Doc::new();
-    {
-        // A fresh doc has no other handle, so this cannot contend.
-        let mut txn = doc.transact_mut();
+    // A fresh doc has no other handle, so this cannot contend.
+    let mut txn = doc.transact_mut();
+    // As in `apply`: a panic must not unwind through the transaction (its commit could panic
+    // again during unwinding and abort the process).
+    let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), LoadError> {
         if let Some(snapshot) = snapshot {
             let update = Update::decode_v1(snapshot).map_err(LoadError::SnapshotDecode)?;
             txn.apply_update(update).map_err(LoadError::SnapshotApply)?;
@@ -41,6 +43,17 @@ where
         for (index, entry) in journal.into_iter().enumerate() {
             let update = Update::decode_v1(entry).map_err(|source| LoadError::JournalDecode { index, source })?;
             txn.apply_update(update).map_err(|source| LoadError::JournalApply { index, source })?;
+        }
+        Ok(())
+    }));
+    match work {
+        Ok(result) => {
+            drop(txn);
+            result?;
+        }
+        Err(payload) => {
+            let _ = crate::apply::contain(move || drop(txn));
+            return Err(LoadError::Panicked(crate::apply::panic_message(&*payload)));
         }
     }
     Ok(doc)
