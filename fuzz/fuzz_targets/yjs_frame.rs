@@ -16,7 +16,8 @@ fuzz_target!(init: {
     std::panic::set_hook(Box::new(|_| {}));
 }, |data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let mut room = Room::new("fuzz");
+    // A fixed client id keeps runs reproducible (yrs' conflict resolution compares client ids).
+    let mut room = Room::from_doc("fuzz", moai_yjs::yrs::Doc::with_client_id(1));
     let (a, b) = (ConnId(1), ConnId(2));
     room.connect(a).unwrap();
     room.connect_with(b, Access::ReadOnly).unwrap();
