@@ -28,6 +28,8 @@ pub enum Implausible {
     Count { claimed: u64, bytes: usize },
     #[error("values nested deeper than {MAX_ANY_DEPTH} levels")]
     TooDeep,
+    #[error("a client appears in more than one section of the update")]
+    RepeatedClient,
 }
 
 /// Walks a payload, refusing what would make yrs over-allocate or recurse without bound. A walk
@@ -103,9 +105,15 @@ impl<'a> Walk<'a> {
 
     fn update(&mut self) -> Step {
         let clients = self.count(MIN_UPDATE_CLIENT_SECTION)?;
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..clients {
             let blocks = self.count(1)?;
-            self.skip_var()?; // client
+            // Encoders write each client once; yrs merges repeated sections of one client into
+            // one list out of clock order, the input of the use-after-free the fuzz target found
+            // in yrs' conflict resolution (docs/fuzzing.md).
+            if !seen.insert(self.yrs_var(64)?) {
+                return Err(Stop::Refuse(Implausible::RepeatedClient));
+            }
             self.skip_var()?; // clock
             for _ in 0..blocks {
                 self.block()?;
@@ -266,6 +274,14 @@ mod tests {
         u.extend([0x81, 0x80, 0x80, 0x80, 0x10, b'x']);
         u.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(matches!(update_v1(&u), Err(Implausible::Count { .. })), "{:?}", update_v1(&u));
+    }
+
+    #[test]
+    fn a_client_repeated_in_one_update_is_refused() {
+        // Two sections for client 7 (no encoder writes that; yrs mishandles it: docs/fuzzing.md).
+        let u = [2, 0, 7, 0, 0, 7, 5, 0];
+        assert_eq!(update_v1(&u), Err(Implausible::RepeatedClient));
+        assert!(update_v1(&[2, 0, 7, 0, 0, 8, 5, 0]).is_ok(), "two different clients are fine");
     }
 
     #[test]
