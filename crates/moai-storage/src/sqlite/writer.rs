@@ -198,12 +198,10 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>, observer: &dyn StorageO
     let commit = match &lost {
         Some(msg) => Err(msg.clone()),
         None => conn.execute_batch("COMMIT").map_err(|e| {
-            if conn.is_autocommit() {
-                e.to_string()
-            } else {
+            if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
-                e.to_string()
             }
+            e.to_string()
         }),
     };
     match &commit {
@@ -239,18 +237,11 @@ mod tests {
         }
     }
 
-    fn memory_writer(observer: Arc<Batches>) -> Writer {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t(v INTEGER NOT NULL)").unwrap();
-        Writer::start(conn, 512, observer)
-    }
-
-    /// Writes queued while a commit is in progress share the next transaction.
-    #[tokio::test]
-    async fn queued_writes_share_one_commit() {
-        let observer = Arc::new(Batches(Mutex::new(Vec::new())));
-        let writer = Arc::new(memory_writer(observer.clone()));
-        // Hold the writer inside a first job until 100 more writes are queued behind it.
+    /// Holds the writer inside a first job, so that writes queued meanwhile share the next
+    /// batch. Returns that job and the sender that releases it.
+    async fn hold(
+        writer: &Arc<Writer>,
+    ) -> (tokio::task::JoinHandle<Result<(), StorageError>>, std::sync::mpsc::Sender<()>) {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let w = writer.clone();
@@ -263,6 +254,22 @@ mod tests {
             .await
         });
         tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+        (first, release_tx)
+    }
+
+    fn memory_writer(observer: Arc<Batches>) -> Writer {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(v INTEGER NOT NULL)").unwrap();
+        Writer::start(conn, 512, observer)
+    }
+
+    /// Writes queued while a commit is in progress share the next transaction.
+    #[tokio::test]
+    async fn queued_writes_share_one_commit() {
+        let observer = Arc::new(Batches(Mutex::new(Vec::new())));
+        let writer = Arc::new(memory_writer(observer.clone()));
+        // Hold the writer inside a first job until 100 more writes are queued behind it.
+        let (first, release_tx) = hold(&writer).await;
         let mut rest = Vec::new();
         for i in 0..100 {
             let w = writer.clone();
@@ -345,18 +352,7 @@ mod tests {
             let free = 2 * 1024 * 1024 - 300 * 1024;
             f.write_all(&vec![0u8; free]).unwrap();
         }
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let w = writer.clone();
-        let first = tokio::spawn(async move {
-            w.write(move |_| {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-                Ok(())
-            })
-            .await
-        });
-        tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+        let (first, release_tx) = hold(&writer).await;
         let insert = |k: &'static str, len: usize| {
             let w = writer.clone();
             tokio::spawn(async move {
