@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use moai_yjs::protocol::{sync_step1_frame, sync_update_frame};
-use moai_yjs::yrs::updates::decoder::Decode;
-use moai_yjs::yrs::{Doc, GetString, Text, Transact, Update};
+use moai_yjs::yrs::{Doc, Text, Transact};
 use moai_yjs::{Message, SyncMessage};
 use support::ws::{closed_within, connect, next_within, Ws};
+use support::yjs::text_of_update;
 use support::{http, Server};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -41,14 +41,6 @@ async fn peak_rss_during<F: std::future::Future>(server: &Server, done: F) -> (F
             _ = tick.tick() => peak = peak.max(rss_mib(server)),
         }
     }
-}
-
-fn text_of_update(update: &[u8]) -> String {
-    let doc = Doc::new();
-    doc.transact_mut().apply_update(Update::decode_v1(update).unwrap()).unwrap();
-    let t = doc.get_or_insert_text("t");
-    let s = t.get_string(&doc.transact());
-    s
 }
 
 /// A bystander edits and reads its edit back through the server: it is being served.

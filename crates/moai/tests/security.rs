@@ -13,10 +13,10 @@ use futures_util::SinkExt;
 use moai_server::auth::Claims;
 use moai_server::Auth;
 use moai_yjs::protocol::{sync_step1_frame, sync_update_frame};
-use moai_yjs::yrs::updates::decoder::Decode;
-use moai_yjs::yrs::{Doc, GetString, Text, Transact, Update};
+use moai_yjs::yrs::Doc;
 use moai_yjs::{AuthMessage, Message, SyncMessage};
-use support::ws::{closed_within, connect, next_within, Ws};
+use support::ws::{closed_within, connect, next_within};
+use support::yjs::{edit, sync};
 use support::{http, json, Server};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -35,34 +35,6 @@ fn claims(f: impl FnOnce(&mut Claims)) -> Claims {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn edit(doc: &Doc, s: &str) -> Vec<u8> {
-    let t = doc.get_or_insert_text("t");
-    let mut txn = doc.transact_mut();
-    let len = t.len(&txn);
-    t.insert(&mut txn, len, s);
-    txn.encode_update_v1()
-}
-
-fn text_of_update(update: &[u8]) -> String {
-    let doc = Doc::new();
-    doc.transact_mut().apply_update(Update::decode_v1(update).unwrap()).unwrap();
-    let t = doc.get_or_insert_text("t");
-    let s = t.get_string(&doc.transact());
-    s
-}
-
-/// Asks for the document's state and returns its text.
-async fn sync(ws: &mut Ws) -> String {
-    ws.send(WsMessage::Binary(sync_step1_frame(&[0]).into())).await.unwrap();
-    loop {
-        if let WsMessage::Binary(b) = next_within(ws, WAIT).await {
-            if let Ok(Message::Sync(SyncMessage::Step2(update))) = Message::decode(&b) {
-                return text_of_update(update);
-            }
-        }
-    }
 }
 
 fn secured(extra: &[&str]) -> Server {

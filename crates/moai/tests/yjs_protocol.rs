@@ -7,10 +7,10 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use moai_yjs::protocol::{sync_step1_frame, sync_update_frame};
-use moai_yjs::yrs::updates::decoder::Decode;
-use moai_yjs::yrs::{Doc, GetString, Text, Transact, Update};
+use moai_yjs::protocol::sync_update_frame;
+use moai_yjs::yrs::Doc;
 use moai_yjs::{Message, SyncMessage};
+use support::yjs::{edit, sync, text_of_update};
 use support::{http, Server};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -42,35 +42,6 @@ async fn closed(ws: &mut Ws) -> (u16, String) {
             WsMessage::Close(Some(frame)) => return (u16::from(frame.code), frame.reason.to_string()),
             WsMessage::Close(None) => return (1005, String::new()),
             _ => {}
-        }
-    }
-}
-
-fn edit(doc: &Doc, s: &str) -> Vec<u8> {
-    let t = doc.get_or_insert_text("t");
-    let mut txn = doc.transact_mut();
-    let len = t.len(&txn);
-    t.insert(&mut txn, len, s);
-    txn.encode_update_v1()
-}
-
-fn text_of_update(update: &[u8]) -> String {
-    let doc = Doc::new();
-    doc.transact_mut().apply_update(Update::decode_v1(update).unwrap()).unwrap();
-    let t = doc.get_or_insert_text("t");
-    let s = t.get_string(&doc.transact());
-    s
-}
-
-/// Connects a raw client that completes the handshake and returns once it holds the
-/// document's full state, which it returns as text.
-async fn sync(ws: &mut Ws) -> String {
-    ws.send(WsMessage::Binary(sync_step1_frame(&[0]).into())).await.unwrap();
-    loop {
-        if let WsMessage::Binary(b) = next(ws).await {
-            if let Ok(Message::Sync(SyncMessage::Step2(update))) = Message::decode(&b) {
-                return text_of_update(update);
-            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod node_driver;
 pub mod ws;
+pub mod yjs;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
