@@ -12,15 +12,15 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{FromSql, PgLsn, ToSql, Type};
 use tokio_postgres::Client;
 
-use crate::config::Error;
 use crate::db::{extend_xid, ident, Xid8};
+use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::pg_time;
 use crate::pgoutput::PgTimestamp;
 use crate::position::Position;
 use crate::protocol::{Row, WireOp};
 use crate::raw_row::RawRow;
-use crate::subscription::{HistoryRow, PageQuery};
+use crate::subscription::{HistoryRow, PageItem, PageQuery};
 use crate::transaction_assembler::{Change, ChangeOp};
 
 const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
@@ -89,7 +89,7 @@ pub(crate) async fn copy_in(
         let xid = Xid8(extend_xid(t.xid, next_full_xid));
         let time = pg_micros_to_system_time(t.commit_time);
         for c in t.changes {
-            let seq = i32::try_from(c.seq).map_err(|_| Error::Other("seq exceeds int4".into()))?;
+            let seq = i32::try_from(c.seq).map_err(|_| Error::CorruptHistory("seq exceeds int4"))?;
             let op = c.op.code() as u8 as i8;
             let data = match c.op {
                 ChangeOp::Schema => c.schema.as_ref().map(|cols| serde_json::json!({ "columns": cols })),
@@ -146,31 +146,17 @@ impl<'a> FromSql<'a> for JsonbText {
 
 /// NULL → `None`; an object → its text; anything else in a row column is corruption.
 fn raw_object(v: Option<JsonbText>) -> Result<Option<RawRow>, Error> {
-    v.map(|JsonbText(text)| RawRow::from_json(text).map_err(|e| Error::Other(format!("change_history: {e}"))))
-        .transpose()
+    v.map(|JsonbText(text)| RawRow::from_json(text).map_err(Error::from)).transpose()
 }
 
-pub(crate) enum PageItem {
-    /// A change, with the complete row before it (`old`, stored for UPDATE/DELETE under
-    /// REPLICA IDENTITY FULL): the shape filter needs it (see [`crate::filter`]).
-    Row(HistoryRow, Option<RawRow>),
-    /// A schema change of a subscribed table.
-    SchemaChanged { table: String },
-}
-
-pub(crate) async fn load_page(
-    client: &Client,
-    schema: &str,
-    q: &PageQuery,
-    tables: &[String],
-) -> Result<Vec<PageItem>, Error> {
+pub(crate) async fn load_page(client: &Client, schema: &str, q: &PageQuery) -> Result<Vec<PageItem>, Error> {
     let after = q.after.unwrap_or(Position::new(Lsn::ZERO, 0));
     // (0/0, -1): strictly before every row.
     let after_seq: i64 = if q.after.is_none() { -1 } else { i64::from(after.seq) };
     let after_lsn = PgLsn::from(after.lsn.0);
     let upto = PgLsn::from(q.upto.0);
     let limit = i64::from(q.limit);
-    let tables: Vec<String> = tables.to_vec();
+    let tables: &Vec<String> = &q.tables;
     let rows = match &q.stitch {
         None => {
             let sql = page_sql(schema, false).replace("$7", "$5");
@@ -190,7 +176,7 @@ pub(crate) async fn load_page(
     let mut last_time: Option<(SystemTime, String)> = None;
     for r in rows {
         let lsn = Lsn(u64::from(r.try_get::<_, PgLsn>(0)?));
-        let seq = u32::try_from(r.try_get::<_, i32>(1)?).map_err(|_| Error::Other("negative seq".into()))?;
+        let seq = u32::try_from(r.try_get::<_, i32>(1)?).map_err(|_| Error::CorruptHistory("negative seq"))?;
         let position = Position::new(lsn, seq);
         let xid: String = r.try_get(2)?;
         let time: SystemTime = r.try_get(3)?;
@@ -217,7 +203,7 @@ pub(crate) async fn load_page(
                 out.push(PageItem::SchemaChanged { table });
                 continue;
             }
-            other => return Err(Error::Other(format!("unknown op {:?} in change_history", other as char))),
+            other => return Err(Error::UnknownOp(other as char)),
         };
         out.push(PageItem::Row(
             HistoryRow {

@@ -1,9 +1,8 @@
-//! Configuration and error type of the async engine (replicator + sessions).
+//! Configuration of the async engine (replicator + sessions).
 
 use std::time::Duration;
 
-use crate::pgoutput::DecodeError;
-use crate::transaction_assembler::AssembleError;
+use crate::error::Error;
 
 #[derive(Debug, Clone)]
 pub struct PgSyncConfig {
@@ -111,48 +110,5 @@ impl PgSyncConfig {
             ));
         }
         Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("configuration: {0}")]
-    Config(String),
-    /// Shown with the server's message: tokio-postgres' own Display says only "db error",
-    /// which would hide e.g. "password authentication failed" from the operator.
-    #[error("postgres: {}", sql_detail(.0))]
-    Sql(#[from] tokio_postgres::Error),
-    #[error("replication: {0}")]
-    Replication(#[from] pgwire_replication::PgWireError),
-    #[error("pgoutput: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("transaction assembly: {0}")]
-    Assemble(#[from] AssembleError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl Error {
-    /// The replication slot is held by another connection: another moai instance replicating
-    /// the same database, or one that died and whose walsender Postgres has not reaped yet.
-    /// Not a start-up failure: this instance waits as a standby until the slot is free.
-    pub fn is_slot_in_use(&self) -> bool {
-        match self {
-            // SQLSTATE 55006 (object_in_use) on the SQL side…
-            Error::Sql(e) => e.as_db_error().is_some_and(|db| db.code().code() == "55006"),
-            // …and the server's message on the replication protocol side.
-            Error::Replication(e) => {
-                let text = e.to_string();
-                text.contains("is active for PID") || text.contains("55006")
-            }
-            _ => false,
-        }
-    }
-}
-
-fn sql_detail(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::Error;
+use crate::error::Error;
 
 /// Session settings pinned on every connection (SQL and replication), so values rendered as
 /// text by a snapshot query and by the walsender look the same.

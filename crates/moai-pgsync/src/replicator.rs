@@ -34,8 +34,9 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
 use crate::change_history::{copy_in, TxnRows};
-use crate::config::{Error, PgSyncConfig};
+use crate::config::PgSyncConfig;
 use crate::db::{self, ident, qualified_ident};
+use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::pgoutput::{
     Begin, Commit, Decoder, DecodingMessage, LogicalMessage, Relation, RelationColumn, ReplicaIdentity,
@@ -220,12 +221,8 @@ impl Replicator {
                     ident(&cfg.slot_name)
                 ))
                 .await?;
-            let cp = rows
-                .first()
-                .and_then(|r| r.get(1).cloned().flatten())
-                .ok_or_else(|| Error::Other("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
-            let cp: Lsn =
-                String::from_utf8_lossy(&cp).parse().map_err(|e| Error::Other(format!("consistent point: {e}")))?;
+            let cp = rows.first().and_then(|r| r.get(1).cloned().flatten()).ok_or_else(|| Error::NoConsistentPoint)?;
+            let cp: Lsn = String::from_utf8_lossy(&cp).parse().map_err(Error::BadConsistentPoint)?;
             // Unique across restores of older backups: never reuse a number a client may hold.
             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             let generation = (old_gen as u64 + 1).max(now_us);
@@ -450,7 +447,7 @@ impl Replicator {
                 }
             };
             let Some(ev) = ev else {
-                return Err(Error::Other("replication stream ended".into()));
+                return Err(Error::StreamEnded);
             };
             match ev {
                 ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
@@ -506,7 +503,7 @@ impl Replicator {
                         self.idle_point(st, Lsn(wal_end.as_u64())).await?;
                     }
                 }
-                ReplicationEvent::StoppedAt { .. } => return Err(Error::Other("replication stopped".into())),
+                ReplicationEvent::StoppedAt { .. } => return Err(Error::StreamStopped),
             }
         }
     }
@@ -541,7 +538,7 @@ impl Replicator {
 
     async fn next_full_xid(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, Error> {
         let next: String = tx.query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[]).await?.get(0);
-        next.parse::<u64>().map_err(|e| Error::Other(format!("xid8: {e}")))
+        next.parse::<u64>().map_err(Error::BadXid8)
     }
 
     /// Write the open transaction's buffered changes without moving the watermark.

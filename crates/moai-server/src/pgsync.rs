@@ -80,16 +80,20 @@ impl PgsyncEdge {
     /// The close that tells the client how the session ended.
     async fn ended(&mut self) -> Close {
         let end = match self.task.take() {
-            Some(task) => task.await.unwrap_or_else(|e| SessionEnd::Failed(format!("session task failed: {e}"))),
-            None => SessionEnd::Failed("session already ended".into()),
+            Some(task) => task.await,
+            None => return Close::new(close::INTERNAL, "session already ended"),
         };
         match end {
-            SessionEnd::ClientClosed => Close::new(close::NORMAL, "client closed"),
-            SessionEnd::Cancelled => Close::new(close::GOING_AWAY, "server shutting down"),
-            SessionEnd::Closed => Close::new(close::NORMAL, "session ended; see the last message"),
-            SessionEnd::Failed(reason) => {
-                tracing::error!(error = %reason, "pgsync session failed");
-                Close::new(close::INTERNAL, reason)
+            Ok(SessionEnd::ClientClosed) => Close::new(close::NORMAL, "client closed"),
+            Ok(SessionEnd::Cancelled) => Close::new(close::GOING_AWAY, "server shutting down"),
+            Ok(SessionEnd::Closed) => Close::new(close::NORMAL, "session ended; see the last message"),
+            Ok(SessionEnd::Failed(failure)) => {
+                tracing::error!(error = %failure, "pgsync session failed");
+                Close::new(close::INTERNAL, failure.to_string())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pgsync session task failed");
+                Close::new(close::INTERNAL, "session task failed")
             }
         }
     }

@@ -3,19 +3,102 @@
 //! whole transactions, for many page sizes and windows.
 
 use super::*;
-use crate::protocol::{Row, ShapeRequest};
+use crate::protocol::{Row, ShapeRequest, WelcomeMode};
 
-fn cfg(watermark: u64) -> SubscriptionConfig {
-    SubscriptionConfig {
-        generation: 7,
-        watermark: Lsn(watermark),
-        horizon: Lsn(0x10),
-        default_batch_rows: 1000,
-        max_batch_rows: 5000,
-        default_window: 4,
-        max_shapes: 100,
-        max_client_id_bytes: 256,
+/// A test's server: the subscription's limits and the replicator's state when it is ready.
+#[derive(Clone)]
+struct TestCfg {
+    cfg: SubscriptionConfig,
+    feed: FeedState,
+}
+
+impl std::ops::Deref for TestCfg {
+    type Target = SubscriptionConfig;
+    fn deref(&self) -> &SubscriptionConfig {
+        &self.cfg
     }
+}
+
+impl std::ops::DerefMut for TestCfg {
+    fn deref_mut(&mut self) -> &mut SubscriptionConfig {
+        &mut self.cfg
+    }
+}
+
+fn feed(watermark: u64) -> FeedState {
+    FeedState { phase: Phase::Streaming, generation: 7, watermark: Lsn(watermark), horizon: Lsn(0x10), caught_up: true }
+}
+
+fn cfg(watermark: u64) -> TestCfg {
+    TestCfg {
+        cfg: SubscriptionConfig {
+            tables: vec!["public.todos".into()],
+            default_batch_rows: 1000,
+            max_batch_rows: 5000,
+            default_window: 4,
+            max_shapes: 100,
+            max_client_id_bytes: 256,
+        },
+        feed: feed(watermark),
+    }
+}
+
+/// The columns of the catalog these tests answer with.
+fn todos_columns() -> Vec<(String, Vec<String>)> {
+    vec![("public.todos".into(), vec!["id".into(), "done".into(), "title".into(), "owner".into()])]
+}
+
+/// A subscription whose catalog lookups are answered at once with [`todos_columns`], as the
+/// session task does; the lookups are left out of the returned actions.
+struct Sub(Subscription);
+
+impl Sub {
+    fn handle(&mut self, ev: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        for a in self.0.handle(ev) {
+            if let Action::LookUpColumns(_) = a {
+                out.extend(self.0.handle(Event::Columns(todos_columns())));
+            } else {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    fn is_live(&self) -> bool {
+        self.0.is_live()
+    }
+}
+
+/// A subscription on a ready server (the replicator caught up, at `c.feed`).
+fn sub(c: TestCfg) -> Sub {
+    let mut s = Subscription::new(c.cfg, Access::all());
+    assert!(s.handle(Event::Feed(c.feed)).is_empty());
+    Sub(s)
+}
+
+/// The replicator's watermark moved to `w`.
+fn watermark(w: Lsn) -> Event {
+    Event::Feed(feed(w.0))
+}
+
+/// Rows as a page, each with the row before it as the history stores it (the tests' shapes
+/// match every old row: `done` is false).
+fn page(rows: Vec<HistoryRow>) -> Vec<PageItem> {
+    rows.into_iter()
+        .map(|r| {
+            let mut old = match &r.op {
+                Some(WireOp::Delete { key, .. }) => key.to_row(),
+                _ => Row::new(),
+            };
+            old.insert("done".into(), false.into());
+            PageItem::Row(r, Some(RawRow::from_row(&old)))
+        })
+        .collect()
 }
 
 fn hello(position: Option<Position>, generation: Option<u64>, batch: u32, window: u32) -> Event {
@@ -115,13 +198,13 @@ fn stitch() -> Stitch {
 }
 
 /// Drive subscription + history + client until quiescent. Returns the actions seen.
-fn drive(s: &mut Subscription, first: Event, h: &[HistoryRow], c: &mut Client, ack: bool) -> Vec<Action> {
+fn drive(s: &mut Sub, first: Event, h: &[HistoryRow], c: &mut Client, ack: bool) -> Vec<Action> {
     drive_with(s, first, h, c, ack, &stitch())
 }
 
 /// [`drive`], with the snapshot a `TakeSnapshot` produces.
 fn drive_with(
-    s: &mut Subscription,
+    s: &mut Sub,
     first: Event,
     h: &[HistoryRow],
     c: &mut Client,
@@ -133,7 +216,7 @@ fn drive_with(
     while let Some(ev) = queue.pop_front() {
         for a in s.handle(ev) {
             match &a {
-                Action::QueryPage(q) => queue.push_back(Event::PageLoaded(answer(h, q))),
+                Action::QueryPage(q) => queue.push_back(Event::PageLoaded(page(answer(h, q)))),
                 Action::Send(m) => c.receive(m),
                 Action::TakeSnapshot { .. } => queue.push_back(Event::SnapshotFinished(snapshot.clone())),
                 _ => {}
@@ -149,6 +232,10 @@ fn drive_with(
     seen
 }
 
+fn todos() -> Vec<String> {
+    vec!["public.todos".into()]
+}
+
 fn sizes() -> Vec<u32> {
     vec![3, 1, 17, 2, 40, 1, 5]
 }
@@ -158,7 +245,7 @@ fn catchup_delivers_every_change_exactly_once_for_any_page_size() {
     let h = history(&sizes());
     for limit in [1, 2, 3, 4, 5, 16, 17, 18, 40, 41, 1000] {
         for window in [1, 2, 4] {
-            let mut s = Subscription::new(cfg(0x700));
+            let mut s = sub(cfg(0x700));
             let mut c = Client::default();
             let start = Position::new(Lsn(0x100), 2); // already has txn 0x100
             drive(&mut s, hello(Some(start), Some(7), limit, window), &h, &mut c, true);
@@ -179,17 +266,20 @@ fn catchup_delivers_every_change_exactly_once_for_any_page_size() {
 #[test]
 fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
     let h = history(&sizes());
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     let mut c = Client::default();
     let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
     assert!(matches!(&actions[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Snapshot, .. })));
-    assert_eq!(actions[1], Action::Register(None));
-    assert!(matches!(&actions[2], Action::TakeSnapshot { shapes } if shapes.len() == 1));
+    assert!(matches!(&actions[1], Action::Register(r) if r.position.is_none()));
+    assert!(matches!(&actions[2], Action::TakeSnapshot { shapes, .. } if shapes.len() == 1));
     let first_query = actions.iter().find_map(|a| match a {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
     });
-    assert_eq!(first_query, Some(PageQuery { after: None, upto: Lsn(0x400), limit: 4, stitch: Some(stitch()) }));
+    assert_eq!(
+        first_query,
+        Some(PageQuery { after: None, upto: Lsn(0x400), limit: 4, stitch: Some(stitch()), tables: todos() })
+    );
     // Stitched catch-up: everything after the snapshot's h up to W.
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
     let want: Vec<Position> =
@@ -198,14 +288,20 @@ fn new_client_snapshot_then_stitched_catchup_then_live_without_gap() {
     assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x400))]);
 
     // Live: the first plain query starts exactly after W, with no stitch.
-    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true);
+    let actions = drive(&mut s, watermark(Lsn(0x700)), &h, &mut c, true);
     let q = actions.iter().find_map(|a| match a {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
     });
     assert_eq!(
         q,
-        Some(PageQuery { after: Some(Position::end_of(Lsn(0x400))), upto: Lsn(0x700), limit: 4, stitch: None })
+        Some(PageQuery {
+            after: Some(Position::end_of(Lsn(0x400))),
+            upto: Lsn(0x700),
+            limit: 4,
+            stitch: None,
+            tables: todos()
+        })
     );
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
     let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn > Lsn(0x100)).collect();
@@ -223,7 +319,7 @@ fn handoff_waits_until_the_history_holds_what_the_snapshot_saw() {
     // The history holds up to 0x300; the snapshot sees every commit up to 0x500.
     let snapshot = Stitch { snapshot: "505:505:".into(), snapshot_watermark: Lsn(0x300), wal_position: Lsn(0x5a0) };
     assert_eq!(snapshot.handoff_watermark(), Lsn(0x59f));
-    let mut s = Subscription::new(cfg(0x300));
+    let mut s = sub(cfg(0x300));
     let mut c = Client::default();
     let actions = drive_with(&mut s, hello(None, None, 4, 2), &h, &mut c, true, &snapshot);
     assert!(actions.contains(&Action::AwaitWatermark(Lsn(0x59f))), "{actions:?}");
@@ -231,33 +327,33 @@ fn handoff_waits_until_the_history_holds_what_the_snapshot_saw() {
     assert!(c.up_to_date.is_empty() && c.applied.is_empty());
 
     // The replicator stored 0x400: still below what the snapshot saw.
-    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x400)), &h, &mut c, true, &snapshot);
+    let actions = drive_with(&mut s, watermark(Lsn(0x400)), &h, &mut c, true, &snapshot);
     assert!(actions.is_empty(), "{actions:?}");
     // Acks and pings are still answered while the subscription waits.
     let actions = drive_with(&mut s, Event::Client(ClientMessage::Ping { t: 3 }), &h, &mut c, true, &snapshot);
     assert_eq!(actions, vec![Action::Send(ServerMessage::Pong { t: 3 })]);
 
     // Past it (0x600 committed after the snapshot): the stitched catch-up runs up to there.
-    let actions = drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x600)), &h, &mut c, true, &snapshot);
+    let actions = drive_with(&mut s, watermark(Lsn(0x600)), &h, &mut c, true, &snapshot);
     let first_query = actions.iter().find_map(|a| match a {
         Action::QueryPage(q) => Some(q.clone()),
         _ => None,
     });
     assert_eq!(
         first_query,
-        Some(PageQuery { after: None, upto: Lsn(0x600), limit: 4, stitch: Some(snapshot.clone()) })
+        Some(PageQuery { after: None, upto: Lsn(0x600), limit: 4, stitch: Some(snapshot.clone()), tables: todos() })
     );
     assert_eq!(c.up_to_date, vec![Position::end_of(Lsn(0x600))]);
 
     // Live from there: every transaction the snapshot did not see, exactly once.
-    drive_with(&mut s, Event::WatermarkAdvanced(Lsn(0x700)), &h, &mut c, true, &snapshot);
+    drive_with(&mut s, watermark(Lsn(0x700)), &h, &mut c, true, &snapshot);
     let got: Vec<Position> = c.applied.iter().map(|(p, _)| *p).collect();
     let want: Vec<Position> = h.iter().map(|r| r.position).filter(|p| p.lsn >= Lsn(0x600)).collect();
     assert_eq!(got, want, "nothing the snapshot holds, nothing twice");
     assert_eq!(c.up_to_date.last(), Some(&Position::end_of(Lsn(0x700))));
 
     // A snapshot that saw nothing beyond the history hands off at once, without waiting.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     let mut c = Client::default();
     let actions = drive(&mut s, hello(None, None, 4, 2), &h, &mut c, true);
     assert!(!actions.iter().any(|a| matches!(a, Action::AwaitWatermark(_))), "{actions:?}");
@@ -267,7 +363,7 @@ fn handoff_waits_until_the_history_holds_what_the_snapshot_saw() {
 #[test]
 fn window_blocks_queries_until_ack_and_acks_are_persisted() {
     let h = history(&sizes());
-    let mut s = Subscription::new(cfg(0x700));
+    let mut s = sub(cfg(0x700));
     let mut c = Client::default();
     let actions = drive(&mut s, hello(Some(Position::end_of(Lsn(0x100))), Some(7), 2, 1), &h, &mut c, false);
     let queries = actions.iter().filter(|a| matches!(a, Action::QueryPage(_))).count();
@@ -285,7 +381,7 @@ fn window_blocks_queries_until_ack_and_acks_are_persisted() {
 #[test]
 fn bad_acks_are_rejected_without_moving_the_position() {
     let h = history(&[2]);
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let mut c = Client::default();
     drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4), &h, &mut c, false);
     let beyond = Position::new(Lsn(0x900), 0);
@@ -301,18 +397,18 @@ fn bad_acks_are_rejected_without_moving_the_position() {
 
 #[test]
 fn refetch_cases_and_protocol_errors() {
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(0x50), 0)), Some(6), 10, 4));
     assert!(
         matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, shape_ids }) if shape_ids == &vec!["todos".to_string()])
     );
     assert!(matches!(out.last(), Some(Action::TakeSnapshot { .. })));
 
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(0x5), 0)), Some(7), 10, 4));
     assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
 
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let mut h = match hello(None, None, 1, 1) {
         Event::Client(ClientMessage::Hello(h)) => h,
         _ => unreachable!(),
@@ -322,15 +418,15 @@ fn refetch_cases_and_protocol_errors() {
     assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::BadRequest));
     assert_eq!(out.last(), Some(&Action::Close));
     assert!(s.is_closed());
-    assert!(s.handle(Event::WatermarkAdvanced(Lsn(0x200))).is_empty());
+    assert!(s.handle(watermark(Lsn(0x200))).is_empty());
 
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     h.protocol = 1;
     h.shapes[0].where_ = Some("a = 1 OR b = 2".into());
     let out = s.handle(Event::Client(ClientMessage::Hello(h)));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::ShapeInvalid));
 
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     assert_eq!(s.handle(Event::Client(ClientMessage::Ping { t: 5 })), vec![Action::Send(ServerMessage::Pong { t: 5 })]);
     let out = s.handle(Event::Client(ClientMessage::Ack { position: Position::new(Lsn(1), 0) }));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Error(_))), "ack before hello");
@@ -339,11 +435,11 @@ fn refetch_cases_and_protocol_errors() {
 #[test]
 fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
     // At the watermark (even with any seq) is fine: it is the end of what was served.
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::end_of(Lsn(0x100))), Some(7), 10, 4));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
 
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
     match &out[..] {
         [Action::Send(ServerMessage::Error(e)), Action::Close] => {
@@ -356,13 +452,13 @@ fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
     assert!(s.is_closed());
 
     // Once the watermark has moved past it, the same position is served.
-    let mut s = Subscription::new(cfg(0x100));
-    s.handle(Event::WatermarkAdvanced(Lsn(0x200)));
+    let mut s = sub(cfg(0x100));
+    s.handle(watermark(Lsn(0x200)));
     let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
 
     // Another generation's position is a refetch, not an error, however high it is.
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(u64::MAX), 0)), Some(6), 10, 4));
     assert!(matches!(
         &out[0],
@@ -378,13 +474,13 @@ fn pages_that_break_the_keyset_contract_are_fatal() {
         vec![h[0].clone(), h[0].clone()],                           // duplicate
         history(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])[10..].to_vec(), // beyond upto
     ] {
-        let mut s = Subscription::new(cfg(0x100));
+        let mut s = sub(cfg(0x100));
         s.handle(hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4));
-        let out = s.handle(Event::PageLoaded(bad));
+        let out = s.handle(Event::PageLoaded(page(bad)));
         assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal && e.code == ErrorCode::Internal));
         assert!(s.is_closed());
     }
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     s.handle(hello(None, None, 10, 4));
     let out = s.handle(Event::PageLoaded(vec![]));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.fatal), "page with no query");
@@ -395,7 +491,7 @@ fn transaction_ending_exactly_at_page_boundary_is_closed_with_empty_part() {
     // One txn of 4 rows, limit 4: page is full and single-txn, so it is sent with last=false;
     // the next (empty) page closes it with an empty last part.
     let h = history(&[4]);
-    let mut s = Subscription::new(cfg(0x100));
+    let mut s = sub(cfg(0x100));
     let mut c = Client::default();
     let actions = drive(&mut s, hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 4, 4), &h, &mut c, true);
     let parts: Vec<(bool, usize)> = actions
@@ -417,12 +513,12 @@ fn live_subscription_stays_quiet_when_the_watermark_moves_over_nothing() {
     // Keepalive-proven watermark advances with no new rows must not produce frames: a client
     // ack would write its position, whose WAL would advance the watermark again, forever.
     let h = history(&sizes());
-    let mut s = Subscription::new(cfg(0x700));
+    let mut s = sub(cfg(0x700));
     let mut c = Client::default();
     drive(&mut s, hello(Some(Position::new(Lsn(0x100), 2)), Some(7), 1000, 4), &h, &mut c, true);
     assert!(s.is_live());
     let frames_before = c.up_to_date.len();
-    let actions = drive(&mut s, Event::WatermarkAdvanced(Lsn(0x7FF)), &h, &mut c, true);
+    let actions = drive(&mut s, watermark(Lsn(0x7FF)), &h, &mut c, true);
     assert!(actions.iter().any(|a| matches!(a, Action::QueryPage(_))), "it still looks");
     assert!(!actions.iter().any(|a| matches!(a, Action::Send(_))), "but sends nothing: {actions:?}");
     assert_eq!(c.up_to_date.len(), frames_before);
@@ -436,7 +532,7 @@ fn live_subscription_stays_quiet_when_the_watermark_moves_over_nothing() {
         commit_time: "2026-01-01T00:00:00.000Z".into(),
         op: Some(WireOp::Delete { seq: 0, table: "public.todos".into(), key: key.into() }),
     });
-    drive(&mut s, Event::WatermarkAdvanced(Lsn(0x900)), &h2, &mut c, true);
+    drive(&mut s, watermark(Lsn(0x900)), &h2, &mut c, true);
     assert_eq!(c.applied.last().map(|(p, _)| *p), Some(Position::new(Lsn(0x900), 0)));
     assert_eq!(c.up_to_date.len(), frames_before + 1);
 }
@@ -457,20 +553,20 @@ fn hello_with(client_id: &str, shapes: usize, position: Option<Position>) -> Cli
 }
 
 fn registrations(out: &[Action]) -> Vec<Option<Position>> {
-    out.iter().filter_map(|a| if let Action::Register(p) = a { Some(*p) } else { None }).collect()
+    out.iter().filter_map(|a| if let Action::Register(r) = a { Some(r.position) } else { None }).collect()
 }
 
 #[test]
 fn too_many_shapes_in_a_hello_is_fatal_before_anything_is_served() {
     let mut c = cfg(0x400);
     c.max_shapes = 3;
-    let mut s = Subscription::new(c.clone());
+    let mut s = sub(c.clone());
     let out = s.handle(Event::Client(hello_with("c1", 3, None)));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { .. })), "{out:?}");
 
-    let mut s = Subscription::new(c);
+    let mut s = sub(c);
     let msg = hello_with("c1", 4, None);
-    let refused = s.refuse(&msg).expect("refused");
+    let refused = s.handle(Event::Client(msg.clone()));
     match &refused[..] {
         [Action::Send(ServerMessage::Error(e)), Action::Close] => {
             assert_eq!(e.code, ErrorCode::TooManyShapes);
@@ -483,7 +579,7 @@ fn too_many_shapes_in_a_hello_is_fatal_before_anything_is_served() {
     // The core applies the same limit on its own.
     let mut c = cfg(0x400);
     c.max_shapes = 3;
-    let mut s = Subscription::new(c);
+    let mut s = sub(c);
     let out = s.handle(Event::Client(msg));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal));
     assert_eq!(out.last(), Some(&Action::Close));
@@ -494,11 +590,14 @@ fn too_many_shapes_in_a_hello_is_fatal_before_anything_is_served() {
 fn subscribe_counts_against_the_same_shape_limit() {
     let mut c = cfg(0x400);
     c.max_shapes = 3;
-    let mut s = Subscription::new(c);
+    let mut s = sub(c);
     s.handle(Event::Client(hello_with("c1", 2, None)));
     let one = ShapeRequest { id: "x".into(), table: "public.todos".into(), columns: None, where_: None };
     // Within the limit: still the (non-fatal) "not supported yet".
-    assert!(s.refuse(&ClientMessage::Subscribe { shapes: vec![one.clone()] }).is_none());
+    assert!(s
+        .handle(Event::Client(ClientMessage::Subscribe { shapes: vec![one.clone()] }))
+        .iter()
+        .all(|a| matches!(a, Action::Send(ServerMessage::Error(e)) if !e.fatal)));
     let out = s.handle(Event::Client(ClientMessage::Subscribe { shapes: vec![one.clone(), one] }));
     assert!(
         matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::TooManyShapes && e.fatal),
@@ -509,9 +608,13 @@ fn subscribe_counts_against_the_same_shape_limit() {
 
 #[test]
 fn an_over_long_client_id_is_refused() {
-    let mut s = Subscription::new(cfg(0x400));
-    assert!(s.refuse(&hello_with(&"x".repeat(256), 1, None)).is_none());
-    let out = s.refuse(&hello_with(&"x".repeat(257), 1, None)).expect("refused");
+    let mut s = sub(cfg(0x400));
+    assert!(matches!(
+        &s.handle(Event::Client(hello_with(&"x".repeat(256), 1, None)))[0],
+        Action::Send(ServerMessage::Welcome { .. })
+    ));
+    let mut s = sub(cfg(0x400));
+    let out = s.handle(Event::Client(hello_with(&"x".repeat(257), 1, None)));
     assert!(
         matches!(&out[0], Action::Send(ServerMessage::Error(e)) if e.code == ErrorCode::BadRequest && e.fatal && e.message.contains("client_id"))
     );
@@ -524,24 +627,269 @@ fn an_over_long_client_id_is_refused() {
 fn only_an_accepted_position_is_registered() {
     let p = Position::new(Lsn(0x200), 3);
     // Accepted: catch-up from p.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     assert_eq!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(p))))), vec![Some(p)]);
     // Below the horizon (0x10): refetch, registered as new.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     let out = s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0), 0)))));
     assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
     assert_eq!(registrations(&out), vec![None]);
     // Ahead of the watermark: refused, not registered at all.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     assert!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0x401), 0)))))).is_empty());
     // Another generation: new client.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
     h.generation = Some(6);
     assert_eq!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))), vec![None]);
     // Invalid shape: refused, not registered.
-    let mut s = Subscription::new(cfg(0x400));
+    let mut s = sub(cfg(0x400));
     let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
     h.shapes[0].where_ = Some("done ==".into());
     assert!(registrations(&s.handle(Event::Client(ClientMessage::Hello(h)))).is_empty());
+}
+
+// ---- Decisions that used to live in the session task: readiness, the replicator's state,
+// ---- frames, the token, the catalog, schema changes, filtering.
+
+fn errors(out: &[Action]) -> Vec<&ErrorMessage> {
+    out.iter().filter_map(|a| if let Action::Send(ServerMessage::Error(e)) = a { Some(e) } else { None }).collect()
+}
+
+fn hello_text(position: Option<Position>) -> String {
+    let Event::Client(msg) = hello(position, Some(7), 10, 4) else { unreachable!() };
+    serde_json::to_string(&msg).unwrap()
+}
+
+#[test]
+fn frames_wait_until_the_replicator_is_ready_then_are_answered_in_order() {
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    let mut starting = feed(0);
+    starting.caught_up = false;
+    starting.phase = Phase::Starting;
+    assert_eq!(
+        s.handle(Event::Feed(starting.clone())),
+        vec![Action::Send(ServerMessage::Status { state: ServerState::Starting })]
+    );
+    // Told once, however often the state changes before readiness.
+    assert!(s.handle(Event::Feed(starting)).is_empty());
+    assert!(s.handle(Event::ClientText(hello_text(None))).is_empty(), "the hello waits");
+    assert!(s.handle(Event::ClientText(r#"{"type":"ping","t":9}"#.into())).is_empty());
+    let out = s.handle(Event::Feed(feed(0x400)));
+    assert_eq!(
+        out,
+        vec![Action::LookUpColumns(todos()), Action::Send(ServerMessage::Pong { t: 9 })],
+        "in order of arrival: the hello is taken up, the ping answered"
+    );
+    let out = s.handle(Event::Columns(todos_columns()));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Snapshot, watermark, .. }) if *watermark == Lsn(0x400)),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::TakeSnapshot { .. })));
+}
+
+#[test]
+fn a_flood_before_readiness_is_refused_with_a_bounded_buffer() {
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    let mut starting = feed(0);
+    starting.caught_up = false;
+    s.handle(Event::Feed(starting.clone()));
+    for i in 0..MAX_EARLY_MESSAGES {
+        assert!(s.handle(Event::ClientText(format!(r#"{{"type":"ping","t":{i}}}"#))).is_empty());
+    }
+    let out = s.handle(Event::ClientText(r#"{"type":"ping","t":99}"#.into()));
+    let e = errors(&out);
+    assert!(e.len() == 1 && e[0].fatal && e[0].code == ErrorCode::BadRequest, "{out:?}");
+    assert_eq!(out.last(), Some(&Action::Close));
+    assert!(s.is_closed());
+    // By bytes too: one huge frame.
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    s.handle(Event::Feed(starting));
+    let out = s.handle(Event::ClientText(" ".repeat(MAX_EARLY_BYTES + 1)));
+    assert!(errors(&out).iter().any(|e| e.fatal), "{out:?}");
+}
+
+#[test]
+fn an_engine_that_stops_ends_the_session_before_and_after_readiness() {
+    let mut stopped = feed(0);
+    stopped.phase = Phase::Stopped;
+    stopped.caught_up = false;
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    assert_eq!(s.handle(Event::Feed(stopped.clone())), vec![Action::Abort(Abort::EngineStopped)]);
+    assert!(s.is_closed());
+    let mut s = sub(cfg(0x400));
+    stopped.caught_up = true;
+    assert_eq!(s.handle(Event::Feed(stopped)), vec![Action::Abort(Abort::EngineStopped)]);
+}
+
+#[test]
+fn a_new_generation_in_mid_session_makes_the_client_refetch_every_shape() {
+    let h = history(&sizes());
+    let mut s = sub(cfg(0x700));
+    let mut c = Client::default();
+    drive(&mut s, hello(Some(Position::new(Lsn(0x100), 2)), Some(7), 100, 4), &h, &mut c, true);
+    let mut next = feed(0x700);
+    next.generation = 8;
+    let out = s.handle(Event::Feed(next));
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(ServerMessage::MustRefetch {
+                reason: RefetchReason::GenerationChanged,
+                shape_ids: vec!["todos".into()]
+            }),
+            Action::Close
+        ]
+    );
+    assert!(s.is_closed());
+}
+
+#[test]
+fn replication_trouble_is_reported_once_and_its_end_too() {
+    let mut s = sub(cfg(0x400));
+    let reconnecting = |e: &str| {
+        let mut f = feed(0x400);
+        f.phase = Phase::Reconnecting { error: e.into() };
+        Event::Feed(f)
+    };
+    let status = |state| vec![Action::Send(ServerMessage::Status { state })];
+    assert_eq!(s.handle(reconnecting("connection refused")), status(ServerState::ReplicationReconnecting));
+    assert!(s.handle(reconnecting("timed out")).is_empty(), "a new error text is the same state");
+    assert_eq!(s.handle(Event::Feed(feed(0x400))), status(ServerState::Ok));
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn a_frame_that_does_not_parse_is_fatal_before_the_hello_and_not_after() {
+    let mut s = sub(cfg(0x400));
+    let out = s.handle(Event::ClientText(r#"{"type":"hello","protocol":1,"client_id":5,"shapes":[]}"#.into()));
+    let e = errors(&out);
+    assert!(e[0].fatal && e[0].code == ErrorCode::BadRequest && e[0].message.contains("client_id"), "{out:?}");
+    assert_eq!(out.last(), Some(&Action::Close));
+
+    let mut s = sub(cfg(0x400));
+    let out = s.handle(Event::ClientText("not json".into()));
+    assert!(errors(&out)[0].message.starts_with("expected a hello first"), "{out:?}");
+
+    let h = history(&[1]);
+    let mut s = sub(cfg(0x100));
+    let mut c = Client::default();
+    drive(&mut s, Event::ClientText(hello_text(Some(Position::new(Lsn(0x10), 0)))), &h, &mut c, true);
+    let out = s.handle(Event::ClientText("{\"type\":\"nope\"}".into()));
+    let e = errors(&out);
+    assert!(e.len() == 1 && !e[0].fatal && e[0].code == ErrorCode::BadRequest, "{out:?}");
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn the_token_and_the_catalog_decide_before_anything_is_served() {
+    let Event::Client(ClientMessage::Hello(base)) = hello(None, None, 10, 4) else { unreachable!() };
+    // A table the token does not open: forbidden, nothing looked up, nothing registered.
+    let access = Access::tables([("public.other".to_string(), None)].into());
+    let mut s = Subscription::new(cfg(0x400).cfg, access);
+    s.handle(Event::Feed(feed(0x400)));
+    let out = s.handle(Event::Client(ClientMessage::Hello(base.clone())));
+    assert!(
+        matches!(&out[..], [Action::Send(ServerMessage::Error(e)), Action::Close] if e.code == ErrorCode::Forbidden && e.fatal),
+        "{out:?}"
+    );
+
+    // The token's predicate is ANDed into the shape the subscription serves.
+    let access = Access::tables([("public.todos".to_string(), Some("owner = 'u1'".to_string()))].into());
+    let mut s = Subscription::new(cfg(0x400).cfg, access);
+    s.handle(Event::Feed(feed(0x400)));
+    assert_eq!(s.handle(Event::Client(ClientMessage::Hello(base.clone()))), vec![Action::LookUpColumns(todos())]);
+    let out = s.handle(Event::Columns(todos_columns()));
+    let Some(Action::TakeSnapshot { shapes, batch_rows }) = out.last() else { panic!("{out:?}") };
+    assert_eq!(*batch_rows, 10);
+    assert_eq!(shapes[0].1.conditions.len(), 2, "the client's where and the token's: {shapes:?}");
+
+    // A table the server does not sync: shape_invalid without a lookup.
+    let mut h = base.clone();
+    h.shapes[0].table = "public.secret".into();
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    s.handle(Event::Feed(feed(0x400)));
+    let out = s.handle(Event::Client(ClientMessage::Hello(h)));
+    assert!(
+        matches!(&out[..], [Action::Send(ServerMessage::Error(e)), Action::Close] if e.code == ErrorCode::ShapeInvalid && e.message.contains("not synced")),
+        "{out:?}"
+    );
+
+    // A column the table does not have: shape_invalid once the catalog answered.
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    s.handle(Event::Feed(feed(0x400)));
+    s.handle(Event::Client(ClientMessage::Hello(base.clone())));
+    let out = s.handle(Event::Columns(vec![("public.todos".into(), vec!["id".into()])]));
+    assert!(
+        matches!(&out[..], [Action::Send(ServerMessage::Error(e)), Action::Close] if e.code == ErrorCode::ShapeInvalid && e.message.contains("todos")),
+        "{out:?}"
+    );
+    assert!(registrations(&out).is_empty());
+
+    // The catalog could not be read: internal, with a retry hint.
+    let mut s = Subscription::new(cfg(0x400).cfg, Access::all());
+    s.handle(Event::Feed(feed(0x400)));
+    s.handle(Event::Client(ClientMessage::Hello(base)));
+    let out = s.handle(Event::Failed { step: IoStep::Catalog, detail: "connection reset".into() });
+    let e = errors(&out);
+    assert!(e[0].code == ErrorCode::Internal && e[0].fatal && e[0].retry_after_ms == Some(1000), "{out:?}");
+    assert!(e[0].message.contains("catalog") && e[0].message.contains("connection reset"));
+}
+
+#[test]
+fn a_schema_change_in_a_page_makes_the_shapes_on_that_table_refetch() {
+    let h = history(&[2]);
+    let mut s = sub(cfg(0x100));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4));
+    assert!(out.iter().any(|a| matches!(a, Action::QueryPage(_))));
+    let mut items = page(h);
+    items.insert(1, PageItem::SchemaChanged { table: "public.todos".into() });
+    let out = s.handle(Event::PageLoaded(items));
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(ServerMessage::MustRefetch {
+                reason: RefetchReason::SchemaChanged,
+                shape_ids: vec!["todos".into()]
+            }),
+            Action::Close
+        ]
+    );
+}
+
+#[test]
+fn rows_outside_the_shape_keep_their_position_but_are_not_sent() {
+    let h = history(&[1, 1]);
+    let mut s = sub(cfg(0x200));
+    let out = s.handle(hello(Some(Position::new(Lsn(0x10), 0)), Some(7), 10, 4));
+    assert!(out.iter().any(|a| matches!(a, Action::QueryPage(_))));
+    // The first delete's row was never in the shape (done = true before it): not even its key
+    // goes out. The second was.
+    let mut items = page(h.clone());
+    let outside = {
+        let mut old = Row::new();
+        old.insert("id".into(), 0.into());
+        old.insert("done".into(), true.into());
+        RawRow::from_row(&old)
+    };
+    items[0] = PageItem::Row(h[0].clone(), Some(outside));
+    let out = s.handle(Event::PageLoaded(items));
+    let Some(Action::Send(ServerMessage::Changes { to, txns, .. })) = out.first() else { panic!("{out:?}") };
+    assert_eq!(*to, h[1].position, "the position covers both");
+    let ops: Vec<usize> = txns.iter().map(|t| t.ops.len()).collect();
+    assert_eq!(ops, vec![0, 1], "the outside row's transaction is sent empty");
+}
+
+#[test]
+fn the_horizon_follows_the_feed() {
+    let mut s = sub(cfg(0x400));
+    let mut f = feed(0x400);
+    f.horizon = Lsn(0x300);
+    assert!(s.handle(Event::Feed(f)).is_empty());
+    let out = s.handle(hello(Some(Position::new(Lsn(0x200), 0)), Some(7), 10, 4));
+    assert!(
+        matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })),
+        "{out:?}"
+    );
 }
