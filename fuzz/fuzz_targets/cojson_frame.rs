@@ -4,8 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moai_cojson::message::{parse_frame, Incoming};
-use moai_cojson::relay::{Action, Event, PeerId, Relay};
+use moai_cojson::{parse_frame, Action, Event, Incoming, PeerId, Relay};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

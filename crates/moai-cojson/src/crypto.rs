@@ -7,10 +7,15 @@
 //! that a malformed ID is a typed error instead of a panic deeper down.
 //! Anything cojson hashes is first turned into canonical JSON
 //! ([`crate::canonical_json`]); this module only deals in bytes and encodings.
+//!
+//! A relay verifies and never signs: the secrets and signing (`AgentSecret`, `sign_hash`, …)
+//! exist only in tests, which sign real content with them and pin them against the vectors.
 
 use crate::canonical_json::stable_stringify;
 use crate::ids::{AgentId, CoId};
-use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
+#[cfg(test)]
+use ed25519_dalek::{Signer as _, SigningKey};
+use ed25519_dalek::{Verifier as _, VerifyingKey};
 use serde_json::Value;
 use std::fmt;
 use thiserror::Error;
@@ -51,6 +56,8 @@ macro_rules! z_encoded {
         #[derive(Clone, Copy, PartialEq, Eq, Hash)]
         pub struct $name(pub [u8; $len]);
 
+        // Every encoding gets the same API; not every type uses all of it outside tests.
+        #[allow(dead_code)]
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
@@ -58,7 +65,7 @@ macro_rules! z_encoded {
                 decode_z::<$len>(s, $prefix, stringify!($name)).map($name)
             }
 
-            pub fn to_z_string(&self) -> String {
+            pub fn to_z_string(self) -> String {
                 encode_z($prefix, &self.0)
             }
         }
@@ -80,8 +87,11 @@ macro_rules! z_encoded {
 z_encoded!(Hash, 32, "hash");
 z_encoded!(ShortHash, SHORT_HASH_LENGTH, "shortHash");
 z_encoded!(Signature, 64, "signature");
+#[cfg(test)]
 z_encoded!(SealerId, 32, "sealer");
+#[cfg(test)]
 z_encoded!(SealerSecret, 32, "sealerSecret");
+#[cfg(test)]
 z_encoded!(SignerSecret, 32, "signerSecret");
 
 /// An Ed25519 public key as cojson writes it (`signer_z…`). Parsing checks
@@ -98,12 +108,8 @@ impl SignerId {
         VerifyingKey::from_bytes(&bytes).map(SignerId).map_err(|_| CryptoError::BadPublicKey(s.to_string()))
     }
 
-    pub fn to_z_string(&self) -> String {
+    pub fn to_z_string(self) -> String {
         encode_z(Self::PREFIX, self.0.as_bytes())
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
     }
 
     /// Verifies an Ed25519 signature over raw message bytes (RFC 8032, via
@@ -126,6 +132,7 @@ impl fmt::Debug for SignerId {
     }
 }
 
+#[cfg(test)]
 impl SignerSecret {
     pub fn signer_id(&self) -> SignerId {
         SignerId(SigningKey::from_bytes(&self.0).verifying_key())
@@ -136,6 +143,7 @@ impl SignerSecret {
     }
 }
 
+#[cfg(test)]
 impl SealerSecret {
     /// X25519 public key for this secret (clamped scalar × base point).
     pub fn sealer_id(&self) -> SealerId {
@@ -144,12 +152,14 @@ impl SealerSecret {
 }
 
 /// `sealerSecret_z…/signerSecret_z…`.
+#[cfg(test)]
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentSecret {
     pub sealer: SealerSecret,
     pub signer: SignerSecret,
 }
 
+#[cfg(test)]
 impl AgentSecret {
     pub fn parse(s: &str) -> Result<Self, CryptoError> {
         let (sealer, signer) = s.split_once('/').ok_or(CryptoError::BadAgentSecret)?;
@@ -178,6 +188,7 @@ impl AgentSecret {
     }
 }
 
+#[cfg(test)]
 impl fmt::Debug for AgentSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AgentSecret(..)") // never print secrets
@@ -194,16 +205,12 @@ pub fn blake3_hash(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// `blake3HashOnceWithContext`: BLAKE3 over `context ‖ data`.
+#[cfg(test)]
 pub fn blake3_hash_with_context(data: &[u8], context: &[u8]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(context);
     hasher.update(data);
     *hasher.finalize().as_bytes()
-}
-
-/// `secureHash`: BLAKE3 of the canonical JSON, as `hash_z…`.
-pub fn secure_hash(value: &Value) -> Hash {
-    Hash(blake3_hash(stable_stringify(value).as_bytes()))
 }
 
 /// `shortHash`: the first 19 bytes of BLAKE3 of the canonical JSON.
@@ -226,6 +233,7 @@ pub fn signed_message_for_hash(hash: &Hash) -> String {
     format!("\"{}\"", hash.to_z_string())
 }
 
+#[cfg(test)]
 pub fn sign_hash(secret: &SignerSecret, hash: &Hash) -> Signature {
     secret.sign(signed_message_for_hash(hash).as_bytes())
 }
@@ -237,6 +245,7 @@ pub fn verify_hash(signer: &SignerId, hash: &Hash, signature: &Signature) -> boo
 /// XSalsa20 nonce of a private transaction: the first 24 bytes of BLAKE3 of
 /// `{"in":coID,"tx":{"sessionID":…,"txIndex":n}}` in canonical JSON. A relay
 /// never decrypts; this exists to pin the format against the vectors.
+#[cfg(test)]
 pub fn transaction_nonce(co_id: &CoId, session_id: &str, tx_index: u64) -> [u8; 24] {
     let material = serde_json::json!({
         "in": co_id.as_str(),

@@ -1,23 +1,45 @@
 //! Sans-IO core of moai's CoJSON (Jazz 0.20.x) sync server, relay role.
 //!
-//! No sockets, clocks or storage live here: the server edge feeds parsed
-//! frames in and carries actions out. The wire formats and verification are
-//! the foundation; [`relay`] is the server state machine built on them, and
-//! [`service`] is the async driver that runs it against storage and the
-//! edge's per-socket queues (the only module with tasks and clocks).
+//! No sockets, clocks or storage live in the core: the server edge feeds parsed frames in and
+//! carries actions out. The wire formats and verification are the foundation; [`Relay`] is the
+//! server state machine built on them, and [`CojsonService`] is the async driver that runs it
+//! against storage and the edge's per-socket queues (the only part with tasks and clocks).
+//!
+//! The public API is what other crates use: the engine as the server runs it
+//! ([`CojsonService`], [`CojsonSession`] and their types), and the few items the fuzz target
+//! drives directly. Everything else is internal; its tests live beside it in `src/`.
 
-pub mod canonical_json;
-pub mod content_pieces;
-pub mod covalue;
-pub mod crypto;
-pub mod dependencies;
-pub mod group_roles;
-pub mod header;
-pub mod ids;
-pub mod known_state;
-pub mod message;
-pub mod persistence;
-pub mod relay;
-pub mod service;
-pub mod transaction_hash;
-pub mod verify;
+mod canonical_json;
+mod content_pieces;
+mod covalue;
+mod crypto;
+mod dependencies;
+mod group_roles;
+mod header;
+mod ids;
+mod known_state;
+mod message;
+mod persistence;
+mod relay;
+mod service;
+mod transaction_hash;
+mod verify;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod vectors_tests;
+
+// The engine, as moai-server's `/sync` edge and moai's `serve` use it.
+pub use relay::RelayConfig;
+pub use service::{
+    ping_frame, CojsonConfig, CojsonService, CojsonSession, CojsonStats, Outbound, Received, ServiceStopped,
+    PING_INTERVAL,
+};
+
+/// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which decodes fuzzed frames
+/// with it.
+pub use message::{parse_frame, Incoming};
+/// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which drives the sans-IO
+/// relay directly, without storage or sockets.
+pub use relay::{Action, Event, PeerId, Relay};

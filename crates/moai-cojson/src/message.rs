@@ -365,7 +365,7 @@ fn plain_known(text: &str) -> Option<SyncMessage> {
 /// Splits a text frame on `"\n"` and decodes each part independently: a bad
 /// line yields an error for that line only. (cojson-transport-ws drops the
 /// whole frame if any part fails to `JSON.parse`; per-line results let the
-/// edge choose either policy — see [`frame_is_clean`].) An empty frame holds
+/// edge choose either policy — see `frame_is_clean`.) An empty frame holds
 /// no messages. Trailing `\r` is not stripped, as in cojson.
 pub fn parse_frame(frame: &str) -> Vec<Result<Incoming, LineError>> {
     if frame.is_empty() {
@@ -559,7 +559,13 @@ impl PartialEq for Outgoing {
 }
 
 /// Joins messages into one frame with `"\n"`, as cojson's batching does.
-/// (One message per frame is always accepted too.)
+/// (One message per frame is always accepted too.) Tests build client frames with it; a session
+/// joins its already encoded outgoing messages itself.
+#[cfg(test)]
 pub fn encode_frame(messages: &[SyncMessage]) -> String {
     messages.iter().map(SyncMessage::to_json).collect::<Vec<_>>().join("\n")
 }
+
+#[cfg(test)]
+#[path = "message_tests.rs"]
+mod tests;

@@ -15,7 +15,7 @@
 //!   non-negative integer that fits `u64` (a float makes the batch fail).
 
 use crate::canonical_json::{js_number_to_string, js_number_value, write_json_string};
-use crate::crypto::{sign_hash, verify_hash, Hash, Signature, SignerId, SignerSecret};
+use crate::crypto::{verify_hash, Hash, Signature, SignerId};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
@@ -179,8 +179,9 @@ impl SessionHasher {
         verify_hash(signer, &self.current(), signature)
     }
 
-    pub fn sign(&self, secret: &SignerSecret) -> Signature {
-        sign_hash(secret, &self.current())
+    #[cfg(test)]
+    pub fn sign(&self, secret: &crate::crypto::SignerSecret) -> Signature {
+        crate::crypto::sign_hash(secret, &self.current())
     }
 }
 

@@ -85,9 +85,11 @@ pub trait DeletePolicy {
     fn author_is_admin(&self, owner_group: &CoId, author: &SessionAuthor, made_at: u64) -> bool;
 }
 
-/// Rejects every delete (for verifying without any group state, e.g. tests).
+/// Rejects every delete (for verifying without any group state, in tests).
+#[cfg(test)]
 pub struct DenyDeletes;
 
+#[cfg(test)]
 impl DeletePolicy for DenyDeletes {
     fn author_is_admin(&self, _: &CoId, _: &SessionAuthor, _: u64) -> bool {
         false
@@ -125,6 +127,7 @@ pub struct ContentVerdict {
 
 impl ContentVerdict {
     /// Whether anything would be stored (a new header or transactions).
+    #[cfg(test)]
     pub fn has_new_content(&self) -> bool {
         self.new_header.is_some() || !self.accepted.is_empty()
     }
@@ -294,3 +297,7 @@ pub fn verify_session_batch(
         is_delete,
     })
 }
+
+#[cfg(test)]
+#[path = "verify_tests.rs"]
+mod tests;

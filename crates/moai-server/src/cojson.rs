@@ -1,6 +1,6 @@
 //! The CoJSON endpoint, `/sync`: the Jazz sync protocol for unmodified cojson clients.
 //!
-//! The relay logic lives in [`moai_cojson::service`]; this file authenticates (a scoped token
+//! The relay logic lives in [`moai_cojson`]; this file authenticates (a scoped token
 //! must name `cojson`), joins the relay (read-only when the token says so) and hands the socket
 //! to the shared [`pump`]. Text frames carry one JSON message or several joined by "\n". cojson
 //! clients expect a `{"type":"ping",…}` right after accept, and treat 10 s without any message
@@ -13,7 +13,7 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use moai_cojson::service::{ping_frame, CojsonSession, Outbound as CojsonOutbound, PING_INTERVAL};
+use moai_cojson::{ping_frame, CojsonSession, Outbound as CojsonOutbound, PING_INTERVAL};
 
 use crate::auth::Resource;
 use crate::caller::{Admission, Caller};

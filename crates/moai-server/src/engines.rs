@@ -8,5 +8,5 @@
 pub struct Engines {
     pub yjs: Option<moai_yjs::service::YjsService>,
     pub pgsync: Option<moai_pgsync::PgSync>,
-    pub cojson: Option<moai_cojson::service::CojsonService>,
+    pub cojson: Option<moai_cojson::CojsonService>,
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use moai_cojson::service::{CojsonConfig, CojsonService};
+use moai_cojson::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_server::quota::Quota;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};

@@ -50,8 +50,6 @@ mod reconcile;
 mod sending;
 mod slot;
 
-pub use reconcile::sessions_hash;
-
 use crate::content_pieces::PIECE_LIMIT_BYTES;
 use crate::covalue::CoValueState;
 use crate::dependencies::covalue_dependencies;
@@ -123,7 +121,7 @@ pub enum Diagnostic {
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)] // actions are consumed at once
 pub enum Action {
-    /// Send this message to the peer. The same [`Outgoing`] may go to many peers (content
+    /// Send this message to the peer. The same `Outgoing` may go to many peers (content
     /// fanned out to peers at the same known state is built once), so it is encoded once.
     Send(PeerId, Outgoing),
     Load(CoId),
@@ -650,3 +648,6 @@ impl Relay {
         self.send_known(peer, state, correction);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,7 +16,7 @@
 
 mod eviction;
 mod ping;
-pub mod records;
+mod records;
 mod relay_task;
 mod session;
 mod stats;
@@ -29,7 +29,7 @@ use std::time::Duration;
 use moai_storage::CoValueStore;
 use tokio::sync::mpsc;
 
-pub use ping::{ping_frame, PING_DC, PING_INTERVAL};
+pub use ping::{ping_frame, PING_INTERVAL};
 pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;
 
@@ -131,3 +131,8 @@ impl CojsonService {
         self.stats.snapshot()
     }
 }
+
+#[cfg(test)]
+mod outbox_tests;
+#[cfg(test)]
+mod tests;

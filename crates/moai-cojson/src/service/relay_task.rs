@@ -17,7 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moai_storage::CoValueStore;
+use moai_storage::{AppendError, CoValueStore};
+use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
@@ -48,8 +49,19 @@ enum Completion {
     },
     /// One known-state read: per CoValue, what storage holds of it.
     KnownLoaded(Vec<(CoId, StoredKnown)>),
-    /// One write batch: per write, its token, CoValue and outcome (error text on failure).
-    Written(Vec<(PersistToken, CoId, Result<(), String>)>),
+    /// One write batch: per write, its token, CoValue and outcome.
+    Written(Vec<(PersistToken, CoId, Result<(), WriteError>)>),
+}
+
+/// Why one write of a batch is not durable.
+#[derive(Debug, Error)]
+enum WriteError {
+    /// Storage refused the append or failed to commit it.
+    #[error(transparent)]
+    Append(AppendError),
+    /// Storage answered fewer results than the batch had writes (a backend bug).
+    #[error("storage returned no result for this write")]
+    NoResult,
 }
 
 struct PeerConn {
@@ -348,8 +360,8 @@ impl RelayTask {
                 .map(|req| {
                     let outcome = match results.next() {
                         Some(Ok(())) => Ok(()),
-                        Some(Err(e)) => Err(e.to_string()),
-                        None => Err("storage returned no result for this write".to_owned()),
+                        Some(Err(e)) => Err(WriteError::Append(e)),
+                        None => Err(WriteError::NoResult),
                     };
                     (req.token, req.id, outcome)
                 })

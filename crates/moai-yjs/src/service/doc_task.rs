@@ -16,16 +16,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use moai_storage::DocJournal;
+use moai_storage::{DocJournal, StorageError};
+use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 
 use super::compactor::Compactor;
 use super::registry::RegistryRef;
 use super::session::SessionFlags;
 use super::{Outbound, ServiceError, YjsConfig, YjsSession};
 use crate::room::{Action, RoomError};
-use crate::{load_room, Access, ConnId, Room};
+use crate::{load_room, Access, ConnId, LoadError, Room};
 
 /// Close code for "the server could not serve this document" (load or storage failure).
 const CLOSE_INTERNAL: u16 = 1011;
@@ -84,7 +85,7 @@ struct DocTask {
     config: YjsConfig,
     /// Journal bytes not yet folded into a snapshot.
     journal_bytes: usize,
-    compaction: Option<JoinHandle<Result<usize, String>>>,
+    compaction: Option<JoinHandle<Result<usize, CompactionError>>>,
     /// Inbound bytes queued for this document ([`YjsConfig::inbound_bytes`]).
     inbound: Arc<Semaphore>,
     /// yrs panicked while handling this batch: the room is unusable.
@@ -132,24 +133,36 @@ pub(crate) fn spawn(
                 if let Some(r) = registry.upgrade() {
                     r.remove(&doc_id, generation);
                 }
-                fail_all(commands, ServiceError::LoadFailed(reason));
+                fail_all(commands, ServiceError::LoadFailed(reason.to_string()));
             }
         }
     });
 }
 
-async fn load(doc_id: &str, storage: &dyn DocJournal) -> Result<(Room, usize), String> {
-    let stored = storage.load(doc_id).await.map_err(|e| e.to_string())?;
+/// Why a document could not be loaded. It is then refused, never served empty.
+#[derive(Debug, Error)]
+enum DocLoadError {
+    /// Storage could not read the snapshot and journal.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// What storage holds does not rebuild a document.
+    #[error(transparent)]
+    Rebuild(#[from] LoadError),
+    /// The blocking task that rebuilds the document ended without an answer.
+    #[error("load task failed: {0}")]
+    Task(#[from] JoinError),
+}
+
+async fn load(doc_id: &str, storage: &dyn DocJournal) -> Result<(Room, usize), DocLoadError> {
+    let stored = storage.load(doc_id).await?;
     let journal_bytes = stored.journal_bytes();
     let doc_id = doc_id.to_owned();
     // Applying a large snapshot is O(document): keep it off the async workers.
-    tokio::task::spawn_blocking(move || {
+    let room = tokio::task::spawn_blocking(move || {
         load_room(doc_id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
-            .map(|room| (room, journal_bytes))
-            .map_err(|e| e.to_string())
     })
-    .await
-    .map_err(|e| format!("load task failed: {e}"))?
+    .await??;
+    Ok((room, journal_bytes))
 }
 
 /// Answers every queued and future command with `error` (the document could not be served).
@@ -183,7 +196,7 @@ impl DocTask {
                 },
                 result = async { self.compaction.as_mut().expect("guarded").await }, if self.compaction.is_some() => {
                     self.compaction = None;
-                    self.compaction_finished(result.unwrap_or_else(|e| Err(e.to_string())));
+                    self.compaction_finished(result.unwrap_or_else(|e| Err(CompactionError::Task(e))));
                     continue;
                 }
                 _ = tokio::time::sleep(self.config.idle_evict), if idle => {
@@ -237,7 +250,7 @@ impl DocTask {
         if !updates.is_empty() {
             let bytes: usize = updates.iter().map(Vec::len).sum();
             if let Err(e) = self.storage.append_many(&self.doc_id, updates).await {
-                self.storage_failed(e.to_string(), deferred);
+                self.storage_failed(e, deferred);
                 return false;
             }
             self.journal_bytes += bytes;
@@ -401,9 +414,9 @@ impl DocTask {
 
     /// Memory is ahead of storage: close everyone (they keep their edits and re-upload them on
     /// reconnect) and end this task so the next use reloads from storage.
-    fn storage_failed(&mut self, error: String, deferred: Vec<Deferred>) {
+    fn storage_failed(&mut self, error: StorageError, deferred: Vec<Deferred>) {
         tracing::error!(doc = %self.doc_id, error = %error, "persisting updates failed; closing the document");
-        self.fail_document(ServiceError::Storage(error), "storage failure", deferred);
+        self.fail_document(ServiceError::Storage(error.to_string()), "storage failure", deferred);
     }
 
     /// Memory can no longer be trusted (a failed write, a panic in yrs): close every
@@ -437,7 +450,7 @@ impl DocTask {
         }
     }
 
-    fn compaction_finished(&mut self, result: Result<usize, String>) {
+    fn compaction_finished(&mut self, result: Result<usize, CompactionError>) {
         match result {
             Ok(folded) => {
                 self.journal_bytes = self.journal_bytes.saturating_sub(folded);
@@ -476,22 +489,41 @@ impl DocTask {
     }
 }
 
+/// Why a compaction failed. The journal is intact either way; it is tried again later.
+#[derive(Debug, Error)]
+enum CompactionError {
+    /// Reading the document, or replacing the journal prefix with the snapshot, failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// What storage holds does not rebuild a document.
+    #[error(transparent)]
+    Rebuild(#[from] LoadError),
+    /// The rebuilt document could not be encoded as a snapshot.
+    #[error(transparent)]
+    Encode(#[from] RoomError),
+    /// The compaction thread did not run the job (it is gone, or the job panicked).
+    #[error("the compaction thread is gone")]
+    ThreadGone,
+    /// The task running the compaction panicked or was cancelled.
+    #[error(transparent)]
+    Task(JoinError),
+}
+
 /// Rebuilds the document from storage on the low-priority compaction thread and replaces the
 /// journal prefix it covers with one snapshot. Returns the journal bytes folded.
-async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) -> Result<usize, String> {
-    let stored = storage.load(doc_id).await.map_err(|e| e.to_string())?;
+async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) -> Result<usize, CompactionError> {
+    let stored = storage.load(doc_id).await?;
     let Some(through) = stored.last_seq() else { return Ok(0) };
     let folded = stored.journal_bytes();
     let id = doc_id.to_owned();
     let snapshot = compactor
-        .run(move || {
-            let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
-                .map_err(|e| e.to_string())?;
-            room.encode_state_as_update().map_err(|e| e.to_string())
+        .run(move || -> Result<Vec<u8>, CompactionError> {
+            let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))?;
+            Ok(room.encode_state_as_update()?)
         })
         .await
-        .ok_or_else(|| "the compaction thread is gone".to_owned())??;
-    storage.compact(doc_id, snapshot, through).await.map_err(|e| e.to_string())?;
+        .ok_or(CompactionError::ThreadGone)??;
+    storage.compact(doc_id, snapshot, through).await?;
     Ok(folded)
 }
 

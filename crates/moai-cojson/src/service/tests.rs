@@ -2,19 +2,15 @@
 //! SQLite), acks only after durability, restart from SQLite, forged content, slow peers,
 //! malformed frames, eviction and storage failures.
 
-mod common;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use moai_cojson::ids::SessionId;
-use moai_cojson::message::{encode_frame, SyncMessage};
-use moai_cojson::service::{
-    CojsonConfig, CojsonService, CojsonSession, Outbound, CLOSE_STORAGE_FAILURE, CLOSE_TOO_SLOW,
-};
+use crate::ids::SessionId;
+use crate::message::{encode_frame, SyncMessage};
+use crate::service::{CojsonConfig, CojsonService, CojsonSession, Outbound, CLOSE_STORAGE_FAILURE, CLOSE_TOO_SLOW};
+use crate::test_support::*;
 use moai_storage::{CoValueStore, MemoryStorage, NoopObserver, SqliteOptions, SqliteStorage};
 use serde_json::{json, Value};
 
@@ -82,7 +78,7 @@ async fn next_msgs(session: &mut CojsonSession, n: usize) -> Vec<SyncMessage> {
 async fn assert_nothing_sent(session: &mut CojsonSession, what: &str) {
     static MARKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = MARKERS.fetch_add(1, Ordering::SeqCst);
-    let marker = moai_cojson::crypto::id_for_header(&map_header(&World::new().group, &format!("zMarker{n}")));
+    let marker = crate::crypto::id_for_header(&map_header(&World::new().group, &format!("zMarker{n}")));
     send(session, load(&marker, None)).await;
     let got = next_msg(session).await;
     assert_eq!(kind(&got), ("known", marker.to_string()), "{what}: {got:?} came before the marker's answer");
@@ -440,15 +436,15 @@ async fn a_reconnect_storm_is_answered_from_stored_known_states() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("moai.db");
     let mut w = World::new();
-    let extra: Vec<(moai_cojson::ids::CoId, serde_json::Value, Writer)> = (2..=3)
+    let extra: Vec<(crate::ids::CoId, serde_json::Value, Writer)> = (2..=3)
         .map(|n| {
             let header = map_header(&w.group, &format!("zMap{n}"));
-            let id = moai_cojson::crypto::id_for_header(&header);
+            let id = crate::crypto::id_for_header(&header);
             (id, header, w.alice.account_session(&format!("Map{n}")))
         })
         .collect();
     // Five CoValues stored, then the server restarts.
-    let mut held: Vec<moai_cojson::known_state::KnownState> = Vec::new();
+    let mut held: Vec<crate::known_state::KnownState> = Vec::new();
     {
         let store = sqlite(&path);
         let svc = CojsonService::new(Arc::new(store.clone()), CojsonConfig::default());
@@ -464,7 +460,7 @@ async fn a_reconnect_storm_is_answered_from_stored_known_states() {
         next_msgs(&mut a, 2).await;
         for id in [&w.alice.account, &w.group, &w.map, &extra[0].0, &extra[1].0] {
             let k = store.known_states(vec![id.as_str().to_owned()]).await.unwrap().pop().unwrap().unwrap();
-            held.push(moai_cojson::service::records::known_state_from_record(id.clone(), k).unwrap());
+            held.push(crate::service::records::known_state_from_record(id.clone(), k).unwrap());
         }
         a.leave().await;
         drop(svc);

@@ -1,15 +1,13 @@
 //! Scenario tests of the relay state machine: two or more peers, real
 //! signed content, a simulated storage driver.
 
-mod common;
-
-use common::*;
-use moai_cojson::ids::{CoId, SessionId};
-use moai_cojson::known_state::KnownState;
-use moai_cojson::message::{KnownMessage, ReconcileMessage, SyncMessage};
-use moai_cojson::persistence::StoredKnown;
-use moai_cojson::relay::{CloseReason, Diagnostic, Event, NotEvictable, PeerId, Relay, RelayConfig};
-use moai_cojson::verify::VerifyError;
+use crate::ids::{CoId, SessionId};
+use crate::known_state::KnownState;
+use crate::message::{KnownMessage, ReconcileMessage, SyncMessage};
+use crate::persistence::StoredKnown;
+use crate::relay::{CloseReason, Diagnostic, Event, NotEvictable, PeerId, Relay, RelayConfig};
+use crate::test_support::*;
+use crate::verify::VerifyError;
 use serde_json::{json, Map, Value};
 
 fn relay() -> RelayHarness {
@@ -157,8 +155,8 @@ fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing()
     };
     let (fb, fc, fe) = (to(&d, b), to(&d, c), to(&d, e));
     assert_eq!((fb.len(), fc.len(), fe.len()), (1, 1, 1));
-    assert!(moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fc[0]), "same state, same message");
-    assert!(!moai_cojson::message::Outgoing::ptr_eq(&fb[0], &fe[0]));
+    assert!(crate::message::Outgoing::ptr_eq(&fb[0], &fc[0]), "same state, same message");
+    assert!(!crate::message::Outgoing::ptr_eq(&fb[0], &fe[0]));
     assert_eq!(fb[0], fe[0]);
     assert_eq!(as_content(&fb[0]).new[0].1.after, 1);
     assert_eq!(fb[0].json(), fc[0].json());
@@ -564,7 +562,7 @@ fn large_sessions_are_sent_in_signed_pieces_that_verify_elsewhere() {
 #[test]
 fn reconcile_loads_what_differs_and_acks_once_settled() {
     let (mut d, mut w, a) = uploaded();
-    let same = moai_cojson::relay::sessions_hash(&d.relay.known_state(&w.group).unwrap().sessions);
+    let same = crate::relay::reconcile::sessions_hash(&d.relay.known_state(&w.group).unwrap().sessions);
     let unknown = CoId::parse("co_zUnknownToServer").unwrap();
     let batch = |values: Vec<(CoId, String)>| {
         SyncMessage::Reconcile(ReconcileMessage { id: "b1".into(), values, extra: Map::new() })
@@ -638,7 +636,7 @@ fn parked_content_is_bounded_per_peer() {
     for i in 0..3 {
         let mut w = World::new();
         w.map_header["uniqueness"] = json!(format!("zU{i}"));
-        w.map = moai_cojson::crypto::id_for_header(&w.map_header);
+        w.map = crate::crypto::id_for_header(&w.map_header);
         let m = w.map_upload();
         d.msg(a, m);
     }
@@ -654,7 +652,7 @@ fn hostile_messages_do_not_panic_or_leak_into_state() {
     let (mut d, w, a) = uploaded();
     let session = w.map_writer.session.clone();
     let huge = 9_007_199_254_740_992u64;
-    let entry = |after: u64, txs: Vec<Value>, sig: &str| moai_cojson::message::SessionNewContent {
+    let entry = |after: u64, txs: Vec<Value>, sig: &str| crate::message::SessionNewContent {
         after,
         new_transactions: txs,
         last_signature: sig.into(),
@@ -680,7 +678,7 @@ fn hostile_messages_do_not_panic_or_leak_into_state() {
         d.msg(c, m);
     }
     d.msg(c, SyncMessage::Done(w.map.clone()));
-    d.run(Event::Persisted(moai_cojson::persistence::PersistToken(999_999)));
+    d.run(Event::Persisted(crate::persistence::PersistToken(999_999)));
     d.run(Event::Loaded { id: w.map.clone(), stored: None });
     d.run(Event::Message(PeerId(77), load(&w.map, None)));
     assert_eq!(d.relay.known_state(&w.map).unwrap(), before);
@@ -694,7 +692,7 @@ fn parked_dependency_cycles_do_not_deadlock() {
     let header =
         |u: &str| json!({"type":"comap","ruleset":{"type":"group","initialAdmin":me.agent},"meta":null,"uniqueness":u});
     let (h1, h2) = (header("zG1"), header("zG2"));
-    let (g1, g2) = (moai_cojson::crypto::id_for_header(&h1), moai_cojson::crypto::id_for_header(&h2));
+    let (g1, g2) = (crate::crypto::id_for_header(&h1), crate::crypto::id_for_header(&h2));
     let mut w1 = me.agent_session("One");
     let mut w2 = me.agent_session("Two");
     let c1 = content(Some(&h1), &g1, vec![w1.append(vec![set(&format!("parent_{g2}"), json!("extend"), 1)])]);
@@ -912,7 +910,7 @@ fn loads_of_one_cycle_share_one_known_state_read_and_waiters_are_answered_togeth
         for msg in [load(&w.map, Some(stored.clone())), load(&w.group, Some(group_state.clone()))] {
             for action in d.relay.handle(Event::Message(p, msg)) {
                 match action {
-                    moai_cojson::relay::Action::LoadKnown(ids) => held.extend(ids),
+                    crate::relay::Action::LoadKnown(ids) => held.extend(ids),
                     other => panic!("nothing but the read before it lands: {other:?}"),
                 }
             }
@@ -939,9 +937,9 @@ fn a_deleted_or_unreadable_stored_known_state_falls_back_to_a_full_load() {
     // Unreadable: the answer comes from a full load.
     let b = d.connect(2);
     let mut actions = d.relay.handle(Event::Message(b, load(&w.map, Some(stored.clone()))));
-    assert!(matches!(&actions[..], [moai_cojson::relay::Action::LoadKnown(ids)] if ids == &vec![w.map.clone()]));
+    assert!(matches!(&actions[..], [crate::relay::Action::LoadKnown(ids)] if ids == &vec![w.map.clone()]));
     actions = d.relay.handle(Event::KnownLoaded(vec![(w.map.clone(), StoredKnown::Unreadable)]));
-    assert_eq!(actions, vec![moai_cojson::relay::Action::Load(w.map.clone())]);
+    assert_eq!(actions, vec![crate::relay::Action::Load(w.map.clone())]);
     let stored_map = d.store[&w.map].clone();
     d.run(Event::Loaded { id: w.map.clone(), stored: Some(stored_map) });
     let got = d.take(b);
@@ -965,7 +963,7 @@ fn a_deleted_or_unreadable_stored_known_state_falls_back_to_a_full_load() {
 fn reconcile_of_covalues_not_in_memory_compares_stored_known_states() {
     let (mut d, w, stored) = stored_only();
     let a = d.connect(1);
-    let same = moai_cojson::relay::sessions_hash(&stored.sessions);
+    let same = crate::relay::reconcile::sessions_hash(&stored.sessions);
     let unknown = CoId::parse("co_zUnknownToServer").unwrap();
     d.msg(
         a,
@@ -1038,7 +1036,7 @@ fn parked_content_is_bounded_per_peer_in_bytes() {
         .map(|i| {
             let mut w = World::new();
             w.map_header["uniqueness"] = json!(format!("zB{i}"));
-            w.map = moai_cojson::crypto::id_for_header(&w.map_header);
+            w.map = crate::crypto::id_for_header(&w.map_header);
             w.map_upload()
         })
         .collect();

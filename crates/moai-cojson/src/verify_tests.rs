@@ -1,13 +1,13 @@
 //! Verification and application of content, starting from the cojson vectors.
 
-use moai_cojson::covalue::CoValueState;
-use moai_cojson::crypto::{id_for_header, AgentSecret};
-use moai_cojson::header::Header;
-use moai_cojson::ids::{CoId, SessionAuthor};
-use moai_cojson::known_state::KnownState;
-use moai_cojson::message::{ContentMessage, SessionNewContent, SyncMessage};
-use moai_cojson::transaction_hash::{canonical_transaction, SessionHasher};
-use moai_cojson::verify::{verify_content, ContentError, DeletePolicy, DenyDeletes, VerifyError};
+use crate::covalue::CoValueState;
+use crate::crypto::{id_for_header, AgentSecret};
+use crate::header::Header;
+use crate::ids::{CoId, SessionAuthor};
+use crate::known_state::KnownState;
+use crate::message::{ContentMessage, SessionNewContent, SyncMessage};
+use crate::transaction_hash::{canonical_transaction, SessionHasher};
+use crate::verify::{verify_content, ContentError, DeletePolicy, DenyDeletes, VerifyError};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 

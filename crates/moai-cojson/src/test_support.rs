@@ -3,13 +3,13 @@
 //! when writes become durable.
 #![allow(dead_code)]
 
-use moai_cojson::crypto::{id_for_header, AgentSecret};
-use moai_cojson::ids::CoId;
-use moai_cojson::known_state::KnownState;
-use moai_cojson::message::{ContentMessage, SessionNewContent, SyncMessage};
-use moai_cojson::persistence::{PersistRequest, PersistToken, StoredCoValue, StoredKnown, StoredSession};
-use moai_cojson::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
-use moai_cojson::transaction_hash::{canonical_transaction, SessionHasher};
+use crate::crypto::{id_for_header, AgentSecret};
+use crate::ids::CoId;
+use crate::known_state::KnownState;
+use crate::message::{ContentMessage, SessionNewContent, SyncMessage};
+use crate::persistence::{PersistRequest, PersistToken, StoredCoValue, StoredKnown, StoredSession};
+use crate::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
+use crate::transaction_hash::{canonical_transaction, SessionHasher};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, VecDeque};
 
@@ -170,7 +170,7 @@ pub struct RelayHarness {
     pub known_loads: Vec<Vec<CoId>>,
     pub sent: Vec<(PeerId, SyncMessage)>,
     /// Every `Send` as the relay issued it (to check sharing).
-    pub shared: Vec<(PeerId, moai_cojson::message::Outgoing)>,
+    pub shared: Vec<(PeerId, crate::message::Outgoing)>,
     pub closed: Vec<(PeerId, CloseReason)>,
     pub diagnostics: Vec<Diagnostic>,
     /// When set, `Load`s are held here instead of answered.

@@ -1,14 +1,12 @@
 //! The per-socket outbox is bounded in bytes as well as in messages: a peer that reads nothing
 //! is closed once what is queued for it passes the byte bound, however few messages that is.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use moai_cojson::message::encode_frame;
-use moai_cojson::service::{CojsonConfig, CojsonService, Outbound, CLOSE_TOO_SLOW};
+use crate::message::encode_frame;
+use crate::service::{CojsonConfig, CojsonService, Outbound, CLOSE_TOO_SLOW};
+use crate::test_support::*;
 use moai_storage::MemoryStorage;
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Wire message decoding/encoding and frame splitting.
 
-use moai_cojson::ids::{CoId, SessionId};
-use moai_cojson::message::{encode_frame, frame_is_clean, parse_frame, Incoming, MessageError, Ping, SyncMessage};
+use crate::ids::{CoId, SessionId};
+use crate::message::{encode_frame, frame_is_clean, parse_frame, Incoming, MessageError, Ping, SyncMessage};
 use serde_json::Value;
 
 fn vectors() -> Value {
