@@ -14,15 +14,36 @@ use crate::StorageError;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoredDoc {
     pub snapshot: Option<Vec<u8>>,
+    /// Identifies the stored snapshot (`None`: there is none). A compaction names the version it
+    /// started from, so it can never replace a snapshot written since (by another compaction,
+    /// perhaps on another instance) with older state.
+    pub snapshot_version: Option<String>,
     /// `(seq, update)` pairs, ascending by `seq`.
     pub updates: Vec<(u64, Vec<u8>)>,
 }
 
+/// What a compaction folded into its snapshot: the stored state it loaded.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Folded {
+    /// The snapshot it started from ([`StoredDoc::snapshot_version`]).
+    pub snapshot_version: Option<String>,
+    /// The journal entries it merged; exactly these are deleted. Entries appended since (on this
+    /// instance or another, whatever their sequence numbers) are kept.
+    pub seqs: Vec<u64>,
+}
+
 impl StoredDoc {
-    /// The sequence number of the last journal entry, which a compaction must name so that
-    /// updates appended meanwhile survive it.
+    /// The sequence number of the last journal entry.
     pub fn last_seq(&self) -> Option<u64> {
         self.updates.last().map(|(seq, _)| *seq)
+    }
+
+    /// Everything this load holds, as a compaction of it names it.
+    pub fn folded(&self) -> Folded {
+        Folded {
+            snapshot_version: self.snapshot_version.clone(),
+            seqs: self.updates.iter().map(|(seq, _)| *seq).collect(),
+        }
     }
 
     /// Total bytes held in the journal (not counting the snapshot).
@@ -49,7 +70,10 @@ pub trait DocJournal: Send + Sync + 'static {
     /// [`StoredDoc`], not an error.
     async fn load(&self, doc: &str) -> Result<StoredDoc, StorageError>;
 
-    /// Replaces `doc`'s snapshot with `snapshot` and deletes journal entries with
-    /// `seq <= through_seq`, atomically. Entries appended after `through_seq` are kept.
-    async fn compact(&self, doc: &str, snapshot: Vec<u8>, through_seq: u64) -> Result<(), StorageError>;
+    /// Replaces `doc`'s snapshot with `snapshot` and deletes the journal entries `folded.seqs`,
+    /// atomically, provided the stored snapshot is still `folded.snapshot_version`. Otherwise
+    /// (another compaction got there first) nothing changes and the result is
+    /// [`StorageError::CompactionConflict`]: the caller loads again and retries later. Entries
+    /// not in `folded.seqs` are always kept.
+    async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError>;
 }

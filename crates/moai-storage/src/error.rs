@@ -28,6 +28,10 @@ pub enum StorageError {
     /// The group commit that carried this write failed; nothing of that batch was persisted.
     #[error("commit failed: {0}")]
     CommitFailed(String),
+    /// A compaction found a different snapshot stored than the one it started from: another
+    /// compaction replaced it meanwhile. Nothing was changed; load again and retry.
+    #[error("compaction of {doc} lost a race: the stored snapshot changed since it was loaded")]
+    CompactionConflict { doc: String },
     /// The writer thread is gone (storage was closed, or it died). Nothing submitted after this
     /// point was persisted.
     #[error("storage is closed")]

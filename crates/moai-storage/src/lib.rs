@@ -25,7 +25,7 @@ pub use covalue_store::{
     AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, SessionAppendRecord, SessionRecord,
     StoredKnownState,
 };
-pub use doc_journal::{DocJournal, StoredDoc};
+pub use doc_journal::{DocJournal, Folded, StoredDoc};
 pub use error::StorageError;
 pub use memory::MemoryStorage;
 pub use observer::{NoopObserver, StorageObserver};

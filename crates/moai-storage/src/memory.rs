@@ -8,14 +8,16 @@ use async_trait::async_trait;
 
 use crate::covalue_store::check_append;
 use crate::{
-    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, StorageError, StoredDoc,
-    StoredKnownState,
+    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, Folded, StorageError,
+    StoredDoc, StoredKnownState,
 };
 
 #[derive(Default)]
 pub struct MemoryStorage {
     docs: Mutex<HashMap<String, StoredDoc>>,
     next_seq: Mutex<u64>,
+    /// Snapshot versions handed out (unique per storage).
+    next_version: std::sync::atomic::AtomicU64,
     covalues: Mutex<HashMap<String, MemoryCoValue>>,
 }
 
@@ -52,11 +54,16 @@ impl DocJournal for MemoryStorage {
         Ok(docs.get(doc).cloned().unwrap_or_default())
     }
 
-    async fn compact(&self, doc: &str, snapshot: Vec<u8>, through_seq: u64) -> Result<(), StorageError> {
+    async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError> {
         let mut docs = self.docs.lock().map_err(|_| StorageError::Closed)?;
+        let next_version = self.next_version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let entry = docs.entry(doc.to_owned()).or_default();
+        if entry.snapshot_version != folded.snapshot_version {
+            return Err(StorageError::CompactionConflict { doc: doc.to_owned() });
+        }
         entry.snapshot = Some(snapshot);
-        entry.updates.retain(|(seq, _)| *seq > through_seq);
+        entry.snapshot_version = Some(next_version.to_string());
+        entry.updates.retain(|(seq, _)| !folded.seqs.contains(seq));
         Ok(())
     }
 }

@@ -40,9 +40,8 @@ async fn compaction_keeps_updates_appended_after_it() {
         let s1 = store.append("d", b"1".to_vec()).await.unwrap();
         let _s2 = store.append("d", b"2".to_vec()).await.unwrap();
         let loaded = store.load("d").await.unwrap();
-        let through = loaded.last_seq().unwrap();
         let s3 = store.append("d", b"3".to_vec()).await.unwrap();
-        store.compact("d", b"snap-1-2".to_vec(), through).await.unwrap();
+        store.compact("d", b"snap-1-2".to_vec(), loaded.folded()).await.unwrap();
         let after = store.load("d").await.unwrap();
         assert_eq!(after.snapshot.as_deref(), Some(&b"snap-1-2"[..]));
         assert_eq!(after.updates, vec![(s3, b"3".to_vec())], "update 3 must survive compaction");
@@ -134,9 +133,10 @@ async fn large_snapshots_are_written_in_chunks_and_read_back_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("moai.db");
     let store = open(&path);
-    let seq = store.append("big", b"u".to_vec()).await.unwrap();
+    store.append("big", b"u".to_vec()).await.unwrap();
     let snapshot = pseudo_random(3 * (1 << 20) + 12345, 7);
-    store.compact("big", snapshot.clone(), seq).await.unwrap();
+    let folded = store.load("big").await.unwrap().folded();
+    store.compact("big", snapshot.clone(), folded).await.unwrap();
     assert_eq!(store.load("big").await.unwrap().snapshot.as_deref(), Some(&snapshot[..]));
     let conn = rusqlite::Connection::open(&path).unwrap();
     let chunks: i64 =
@@ -144,9 +144,10 @@ async fn large_snapshots_are_written_in_chunks_and_read_back_exactly() {
     assert_eq!(chunks, 4, "3 MiB + a bit = 4 chunks of 1 MiB");
 
     // A second compaction replaces the chunk set and leaves no old chunks behind.
-    let seq2 = store.append("big", b"v".to_vec()).await.unwrap();
+    store.append("big", b"v".to_vec()).await.unwrap();
     let smaller = pseudo_random(1000, 9);
-    store.compact("big", smaller.clone(), seq2).await.unwrap();
+    let folded = store.load("big").await.unwrap().folded();
+    store.compact("big", smaller.clone(), folded).await.unwrap();
     assert_eq!(store.load("big").await.unwrap().snapshot.as_deref(), Some(&smaller[..]));
     let chunks: i64 =
         conn.query_row("SELECT COUNT(*) FROM doc_snapshot_chunks WHERE doc='big'", [], |r| r.get(0)).unwrap();
@@ -158,8 +159,9 @@ async fn a_compaction_that_crashed_half_way_changes_nothing_and_is_cleaned_up() 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("moai.db");
     let store = open(&path);
-    let s1 = store.append("d", b"1".to_vec()).await.unwrap();
-    store.compact("d", b"good".to_vec(), s1).await.unwrap();
+    store.append("d", b"1".to_vec()).await.unwrap();
+    let folded = store.load("d").await.unwrap().folded();
+    store.compact("d", b"good".to_vec(), folded).await.unwrap();
     let s2 = store.append("d", b"2".to_vec()).await.unwrap();
     // What a crash after two chunks of a new snapshot leaves: chunks of an unreferenced version.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -171,7 +173,7 @@ async fn a_compaction_that_crashed_half_way_changes_nothing_and_is_cleaned_up() 
     let loaded = store.load("d").await.unwrap();
     assert_eq!(loaded.snapshot.as_deref(), Some(&b"good"[..]));
     assert_eq!(loaded.updates, vec![(s2, b"2".to_vec())]);
-    store.compact("d", b"better".to_vec(), s2).await.unwrap();
+    store.compact("d", b"better".to_vec(), loaded.folded()).await.unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(DISTINCT version) FROM doc_snapshot_chunks WHERE doc='d'", [], |r| r.get(0))
         .unwrap();
@@ -187,4 +189,31 @@ async fn inline_snapshots_from_before_chunking_still_load() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute("INSERT INTO doc_snapshots(doc, snapshot, through_seq) VALUES ('old', x'0102', 0)", []).unwrap();
     assert_eq!(store.load("old").await.unwrap().snapshot, Some(vec![1, 2]));
+}
+
+/// Two compactions of one document that started from the same snapshot: the one that finishes
+/// second must not replace the first one's snapshot (it may hold less), and loses instead.
+#[tokio::test]
+async fn a_compaction_that_lost_the_race_changes_nothing() {
+    for store in [Box::new(MemoryStorage::new()) as Box<dyn DocJournal>, {
+        let dir = tempfile::tempdir().unwrap().keep();
+        Box::new(open(&dir.join("moai.db")))
+    }] {
+        store.append("d", b"1".to_vec()).await.unwrap();
+        let slow = store.load("d").await.unwrap();
+        store.append("d", b"2".to_vec()).await.unwrap();
+        let fast = store.load("d").await.unwrap();
+        store.compact("d", b"snap-1-2".to_vec(), fast.folded()).await.unwrap();
+        let lost = store.compact("d", b"snap-1".to_vec(), slow.folded()).await;
+        assert!(matches!(lost, Err(StorageError::CompactionConflict { .. })), "{lost:?}");
+        let after = store.load("d").await.unwrap();
+        assert_eq!(after.snapshot.as_deref(), Some(&b"snap-1-2"[..]), "the newer snapshot stays");
+        assert!(after.updates.is_empty());
+        // A compaction from the current state goes through.
+        let s3 = store.append("d", b"3".to_vec()).await.unwrap();
+        let current = store.load("d").await.unwrap();
+        store.compact("d", b"snap-1-2-3".to_vec(), current.folded()).await.unwrap();
+        assert_eq!(store.load("d").await.unwrap().snapshot.as_deref(), Some(&b"snap-1-2-3"[..]));
+        assert!(s3 > 0);
+    }
 }

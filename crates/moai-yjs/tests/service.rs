@@ -76,7 +76,7 @@ async fn simultaneous_first_joins_share_one_document() {
 mod gated {
     //! A journal whose appends wait for a gate, to observe what happens before durability.
     use super::*;
-    use moai_storage::{StorageError, StoredDoc};
+    use moai_storage::{Folded, StorageError, StoredDoc};
     use tokio::sync::{Notify, Semaphore};
 
     pub struct GatedJournal {
@@ -99,8 +99,8 @@ mod gated {
         async fn load(&self, doc: &str) -> Result<StoredDoc, StorageError> {
             self.inner.load(doc).await
         }
-        async fn compact(&self, doc: &str, snapshot: Vec<u8>, through: u64) -> Result<(), StorageError> {
-            self.inner.compact(doc, snapshot, through).await
+        async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError> {
+            self.inner.compact(doc, snapshot, folded).await
         }
     }
 }

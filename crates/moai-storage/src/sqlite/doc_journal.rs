@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 
 use super::SqliteStorage;
-use crate::{DocJournal, StorageError, StoredDoc};
+use crate::{DocJournal, Folded, StorageError, StoredDoc};
+
+/// The version of a snapshot stored inline, before snapshots were chunked.
+const INLINE: &str = "inline";
 
 #[async_trait]
 impl DocJournal for SqliteStorage {
@@ -38,6 +41,8 @@ impl DocJournal for SqliteStorage {
                     .prepare_cached("SELECT snapshot, version FROM doc_snapshots WHERE doc = ?1")?
                     .query_row(params![doc], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?)))
                     .optional()?;
+                let snapshot_version =
+                    row.as_ref().map(|(_, v)| v.map_or_else(|| INLINE.to_owned(), |v| v.to_string()));
                 let snapshot = match row {
                     None => None,
                     Some((inline, None)) => Some(inline),
@@ -56,7 +61,7 @@ impl DocJournal for SqliteStorage {
                 let updates = stmt
                     .query_map(params![doc], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(StoredDoc { snapshot, updates })
+                Ok(StoredDoc { snapshot, snapshot_version, updates })
             })();
             let _ = conn.execute_batch("COMMIT");
             result
@@ -64,7 +69,10 @@ impl DocJournal for SqliteStorage {
         .await
     }
 
-    async fn compact(&self, doc: &str, snapshot: Vec<u8>, through_seq: u64) -> Result<(), StorageError> {
+    async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError> {
+        // One writer commits in sequence order, so the entries a load saw are exactly those up to
+        // its last sequence number: deleting `seq <= through` deletes `folded.seqs`, no more.
+        let through_seq = folded.seqs.iter().copied().max().unwrap_or(0);
         let snapshot = bytes_chunks(snapshot);
         let mut chunks = snapshot.into_iter().enumerate();
         // First chunk: pick a version no chunk set of this document uses, and drop chunk sets
@@ -92,22 +100,38 @@ impl DocJournal for SqliteStorage {
             let id = doc.to_owned();
             self.write(move |conn| insert_chunk(conn, &id, version, idx as i64, &chunk)).await?;
         }
-        // Switch to the new chunk set and trim the journal, atomically.
+        // Switch to the new chunk set and trim the journal, atomically, if the snapshot is still
+        // the one the compaction started from.
         let id = doc.to_owned();
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO doc_snapshots(doc, snapshot, through_seq, version) VALUES (?1, X'', ?2, ?3)
+        let expected = folded.snapshot_version;
+        let switched = self
+            .write(move |conn| {
+                let stored: Option<Option<i64>> = conn
+                    .prepare_cached("SELECT version FROM doc_snapshots WHERE doc = ?1")?
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()?;
+                let stored = stored.map(|v| v.map_or_else(|| INLINE.to_owned(), |v| v.to_string()));
+                if stored != expected {
+                    return Ok(false);
+                }
+                conn.prepare_cached(
+                    "INSERT INTO doc_snapshots(doc, snapshot, through_seq, version) VALUES (?1, X'', ?2, ?3)
                  ON CONFLICT(doc) DO UPDATE SET snapshot = X'', through_seq = excluded.through_seq,
                      version = excluded.version, updated_at = unixepoch()",
-            )?
-            .execute(params![id, through_seq as i64, version])?;
-            conn.prepare_cached("DELETE FROM doc_snapshot_chunks WHERE doc = ?1 AND version <> ?2")?
-                .execute(params![id, version])?;
-            conn.prepare_cached("DELETE FROM doc_updates WHERE doc = ?1 AND seq <= ?2")?
-                .execute(params![id, through_seq as i64])?;
+                )?
+                .execute(params![id, through_seq as i64, version])?;
+                conn.prepare_cached("DELETE FROM doc_snapshot_chunks WHERE doc = ?1 AND version <> ?2")?
+                    .execute(params![id, version])?;
+                conn.prepare_cached("DELETE FROM doc_updates WHERE doc = ?1 AND seq <= ?2")?
+                    .execute(params![id, through_seq as i64])?;
+                Ok(true)
+            })
+            .await?;
+        if switched {
             Ok(())
-        })
-        .await
+        } else {
+            Err(StorageError::CompactionConflict { doc: doc.to_owned() })
+        }
     }
 }
 

@@ -456,6 +456,11 @@ impl DocTask {
                 self.journal_bytes = self.journal_bytes.saturating_sub(folded);
                 tracing::debug!(doc = %self.doc_id, folded, "journal compacted");
             }
+            // Another compaction (another instance's, on shared storage) replaced the snapshot
+            // first; ours is discarded and the journal intact. The next one starts from theirs.
+            Err(CompactionError::Storage(e @ StorageError::CompactionConflict { .. })) => {
+                tracing::debug!(doc = %self.doc_id, error = %e, "compaction lost a race; retried later")
+            }
             // The journal is intact; we try again after the next write.
             Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction failed"),
         }
@@ -513,8 +518,11 @@ enum CompactionError {
 /// journal prefix it covers with one snapshot. Returns the journal bytes folded.
 async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) -> Result<usize, CompactionError> {
     let stored = storage.load(doc_id).await?;
-    let Some(through) = stored.last_seq() else { return Ok(0) };
-    let folded = stored.journal_bytes();
+    if stored.updates.is_empty() {
+        return Ok(0);
+    }
+    let folded = stored.folded();
+    let folded_bytes = stored.journal_bytes();
     let id = doc_id.to_owned();
     let snapshot = compactor
         .run(move || -> Result<Vec<u8>, CompactionError> {
@@ -523,8 +531,8 @@ async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) 
         })
         .await
         .ok_or(CompactionError::ThreadGone)??;
-    storage.compact(doc_id, snapshot, through).await?;
-    Ok(folded)
+    storage.compact(doc_id, snapshot, folded).await?;
+    Ok(folded_bytes)
 }
 
 #[cfg(test)]
