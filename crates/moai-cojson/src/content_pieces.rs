@@ -23,6 +23,7 @@
 //! JS string length here; the split is a local decision of the sender).
 
 use crate::covalue::CoValueState;
+use crate::durable::Durable;
 use crate::known_state::{KnownState, SessionCounts};
 use crate::message::{ContentMessage, SessionNewContent};
 use serde_json::{Map, Value};
@@ -54,19 +55,48 @@ fn has_content(piece: &ContentMessage) -> bool {
     piece.header.is_some() || !piece.new.is_empty()
 }
 
-/// True when [`new_content_since`] with `Some(known)` would be empty: the peer has the header
-/// and, in every session we would send, at least our count. Allocation-free.
-pub fn peer_lacks_no_content(state: &CoValueState, known: &KnownState) -> bool {
+/// How far [`new_content_since`] goes in each session: to our count and last signature, or
+/// only to what is durable (the relay's case, see [`crate::durable`]).
+fn end_of<'a>(
+    log: &'a crate::covalue::SessionLog,
+    session: &crate::ids::SessionId,
+    upto: Option<&'a Durable>,
+) -> (u64, &'a crate::crypto::Signature) {
+    let ours = log.count();
+    match upto.and_then(|d| d.sessions.get(session)) {
+        None if upto.is_some() => (0, &log.last_signature),
+        Some((count, signature)) if *count < ours => (*count, signature),
+        _ => (ours, &log.last_signature),
+    }
+}
+
+/// True when [`new_content_since`] with `Some(known)` and the same `upto` would be empty: the
+/// peer has the header (or we may not send it yet) and, in every session we would send, at
+/// least the count we would send up to. Allocation-free.
+pub fn peer_lacks_no_content(state: &CoValueState, known: &KnownState, upto: Option<&Durable>) -> bool {
+    if upto.is_some_and(|d| !d.header) {
+        return true;
+    }
     known.header
         && state.sessions.iter().all(|(session, log)| {
-            (state.deleted && !session.is_delete_session()) || known.count(session) >= log.count()
+            (state.deleted && !session.is_delete_session()) || known.count(session) >= end_of(log, session, upto).0
         })
 }
 
 /// The pieces to send a peer whose (optimistic) known state is `known`
-/// (`None`: nothing known, send everything). Empty when the peer lacks
-/// nothing. Never panics: ranges that do not fit the stored log are skipped.
-pub fn new_content_since(state: &CoValueState, known: Option<&KnownState>, limit: usize) -> Vec<ContentMessage> {
+/// (`None`: nothing known, send everything), going no further than `upto` when given (`None`:
+/// to our state). Empty when the peer lacks nothing. Never panics: ranges that do not fit the
+/// stored log are skipped.
+pub fn new_content_since(
+    state: &CoValueState,
+    known: Option<&KnownState>,
+    upto: Option<&Durable>,
+    limit: usize,
+) -> Vec<ContentMessage> {
+    // Nothing can be sent before the header is durable: sessions need it to be verified.
+    if upto.is_some_and(|d| !d.header) {
+        return Vec::new();
+    }
     let mut finished: Vec<ContentMessage> = Vec::new();
     let mut current = empty_piece(state);
     let mut current_size = 0usize;
@@ -77,7 +107,7 @@ pub fn new_content_since(state: &CoValueState, known: Option<&KnownState>, limit
             continue;
         }
         let from = known.map_or(0, |k| k.count(session));
-        let to = log.count();
+        let (to, last_signature) = end_of(log, session, upto);
         if from >= to {
             continue;
         }
@@ -102,7 +132,7 @@ pub fn new_content_since(state: &CoValueState, known: Option<&KnownState>, limit
         }
         let Some(txs) = slice(start, to) else { continue };
         let size: usize = txs.iter().map(transaction_payload_len).sum();
-        let last = (session.as_str().to_string(), entry(start, txs, &log.last_signature));
+        let last = (session.as_str().to_string(), entry(start, txs, last_signature));
         if size > limit {
             let mut piece = empty_piece(state);
             piece.new.push(last);
@@ -180,7 +210,7 @@ mod tests {
     #[test]
     fn small_content_is_one_piece_with_header_and_no_expectation() {
         let state = state_with(&[("a", 3, 10, &[]), ("b", 1, 10, &[])]);
-        let pieces = new_content_since(&state, None, PIECE_LIMIT_BYTES);
+        let pieces = new_content_since(&state, None, None, PIECE_LIMIT_BYTES);
         assert_eq!(pieces.len(), 1);
         assert!(pieces[0].header.is_some());
         assert!(pieces[0].expect_content_until.is_none());
@@ -191,16 +221,16 @@ mod tests {
     fn delta_only_and_nothing_when_up_to_date() {
         let state = state_with(&[("a", 3, 10, &[])]);
         let mut known = state.known_state();
-        assert!(new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES).is_empty());
-        assert!(peer_lacks_no_content(&state, &known));
+        assert!(new_content_since(&state, Some(&known), None, PIECE_LIMIT_BYTES).is_empty());
+        assert!(peer_lacks_no_content(&state, &known, None));
         known.header = false;
-        assert!(!peer_lacks_no_content(&state, &known));
-        assert_eq!(new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES).len(), 1, "the header alone");
+        assert!(!peer_lacks_no_content(&state, &known, None));
+        assert_eq!(new_content_since(&state, Some(&known), None, PIECE_LIMIT_BYTES).len(), 1, "the header alone");
         known.header = true;
         let sid = SessionId::parse("co_zA_session_za").unwrap();
         known.sessions.insert(sid.clone(), 1);
-        assert!(!peer_lacks_no_content(&state, &known));
-        let pieces = new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES);
+        assert!(!peer_lacks_no_content(&state, &known, None));
+        let pieces = new_content_since(&state, Some(&known), None, PIECE_LIMIT_BYTES);
         assert_eq!(shape(&pieces), vec![vec![(sid.as_str().to_string(), 1, 2)]]);
         assert!(pieces[0].header.is_none());
         assert_eq!(pieces[0].new[0].1.last_signature, state.sessions[&sid].last_signature.to_z_string());
@@ -210,7 +240,7 @@ mod tests {
     fn split_at_checkpoints_with_expectation_on_first_piece() {
         // 6 × 60 KB, checkpoints after 2 and 4 (the example in docs/protocols/cojson.md §8).
         let state = state_with(&[("a", 6, 60_000, &[2, 4])]);
-        let pieces = new_content_since(&state, None, PIECE_LIMIT_BYTES);
+        let pieces = new_content_since(&state, None, None, PIECE_LIMIT_BYTES);
         let s = "co_zA_session_za".to_string();
         assert_eq!(shape(&pieces), vec![vec![(s.clone(), 0, 2)], vec![(s.clone(), 2, 2)], vec![(s.clone(), 4, 2)]]);
         assert!(pieces[0].header.is_some() && pieces[1].header.is_none());
@@ -222,7 +252,7 @@ mod tests {
         let mut known = state.known_state();
         known.sessions.insert(sid, 3);
         assert_eq!(
-            shape(&new_content_since(&state, Some(&known), PIECE_LIMIT_BYTES)),
+            shape(&new_content_since(&state, Some(&known), None, PIECE_LIMIT_BYTES)),
             vec![vec![(s.clone(), 3, 1)], vec![(s, 4, 2)]]
         );
     }
@@ -230,7 +260,7 @@ mod tests {
     #[test]
     fn sessions_are_packed_until_the_limit() {
         let state = state_with(&[("a", 1, 60_000, &[]), ("b", 1, 60_000, &[]), ("c", 1, 10, &[])]);
-        let pieces = new_content_since(&state, None, PIECE_LIMIT_BYTES);
+        let pieces = new_content_since(&state, None, None, PIECE_LIMIT_BYTES);
         // a fits; b pushes the piece over the limit and closes it; c starts a new one.
         assert_eq!(pieces.iter().map(|p| p.new.len()).collect::<Vec<_>>(), vec![2, 1]);
         assert!(pieces[0].expect_content_until.is_some());

@@ -14,6 +14,7 @@ mod content_pieces;
 mod covalue;
 mod crypto;
 mod dependencies;
+mod durable;
 mod group_roles;
 mod header;
 mod ids;

@@ -64,11 +64,14 @@ fn concurrent_same_key_edits_converge() {
     c.call("getMap", json!({"name": "b", "coId": map}));
     // B edits offline so neither sees the other's write before both are made.
     c.call("disconnect", json!({"name": "b"}));
-    c.call("setKey", json!({"name": "a", "coId": map, "key": "k", "value": "from-a"}));
+    let a_write = c.call("setKey", json!({"name": "a", "coId": map, "key": "k", "value": "from-a"}));
     let mut b_write = c.call("setKey", json!({"name": "b", "coId": map, "key": "k", "value": "from-b"}));
     // cojson orders same-key writes by madeAt; equal timestamps are an undefined tie in cojson
-    // itself (not moai's concern), so make B's strictly later.
-    while b_write["madeAt"] == c.call("getMap", json!({"name": "a", "coId": map}))["madeAt"] {
+    // itself (not moai's concern), so make B's strictly later. (This compared with `getMap`,
+    // which has no `madeAt`, so it never looped, and writes in the same millisecond made the
+    // test flaky on a loaded machine.)
+    let made_at = |v: &serde_json::Value| v["madeAt"].as_u64().expect("setKey reports madeAt");
+    while made_at(&b_write) <= made_at(&a_write) {
         b_write = c.call("setKey", json!({"name": "b", "coId": map, "key": "k", "value": "from-b"}));
     }
     c.call("reconnect", json!({"name": "b"}));

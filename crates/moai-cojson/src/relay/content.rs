@@ -19,12 +19,14 @@
 //!    accepted sessions of the same message are kept (cojson semantics);
 //! 5. apply, `Persist`, and the reply: `known` (a correction if a session
 //!    had a gap) once the write is durable;
-//! 6. fan-out to every subscribed peer (the sender gets only what it lacks).
+//! 6. fan-out to every subscribed peer (the sender gets only what it lacks),
+//!    once the write is durable (`Relay::on_persisted`).
 
 use super::slot::{Job, PendingAck, Residence, Resident};
 use super::{Diagnostic, PeerId, Relay, Slot, SlotGroups, SlotHeaders};
 use crate::covalue::CoValueState;
 use crate::dependencies::{content_dependencies, covalue_dependencies, session_content_dependencies};
+use crate::durable::Durable;
 use crate::header::Header;
 use crate::ids::CoId;
 use crate::known_state::KnownState;
@@ -146,17 +148,9 @@ impl Relay {
         }
         self.reconcile_settled(peer, &id);
 
-        // 6. Fan-out.
-        if applied_any {
-            let subscribers: Vec<PeerId> =
-                self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
-            for other in subscribers {
-                let errored = self.peers.get(&other).is_none_or(|p| p.errored.contains(&id) || p.closing);
-                if !errored {
-                    self.answer(other, id.clone(), false);
-                }
-            }
-        }
+        // 6. Fan-out happens once the write is durable (`on_persisted`): every write issued
+        // here answers with `Persisted` or `PersistFailed`.
+        let _ = applied_any;
     }
 
     /// Commits a verdict (installing the CoValue if new), updates cached
@@ -172,7 +166,7 @@ impl Relay {
                 let applied = CoValueState::apply(&mut fresh, verdict);
                 if let Some(state) = fresh {
                     let deps = covalue_dependencies(&state);
-                    let durable = KnownState::empty(id.clone());
+                    let durable = Durable::default();
                     slot.residence = Residence::InMemory(Box::new(Resident {
                         state,
                         deps,
@@ -196,10 +190,14 @@ impl Relay {
             r.deps.remove(id);
             let token = PersistToken(self.next_token);
             self.next_token += 1;
-            let mut written = KnownState::empty(id.clone());
-            written.header = true;
+            // What this write makes durable, with the signature valid at each new count (the
+            // incoming message's, just applied), so exactly that much can be sent later.
+            let mut written = Durable { header: true, ..Durable::default() };
             for (session, _, after) in &applied.sessions {
-                written.raise(session, *after);
+                if let Some(log) = r.state.sessions.get(session) {
+                    let signature = if log.count() == *after { log.last_signature } else { continue };
+                    written.sessions.insert(session.clone(), (*after, signature));
+                }
             }
             r.pending.push_back((token, false, written));
             let req = persist_request(

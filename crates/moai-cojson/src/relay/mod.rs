@@ -29,10 +29,11 @@
 //!   ([`crate::verify`]); a rejected session changes nothing.
 //! * An ack (`known` after `content`) is sent only after every write of that
 //!   CoValue issued so far is durable, and reports the durable state.
-//! * New content is forwarded at once to every other subscribed peer,
-//!   dependencies first. Forwarding does not wait for durability: the
-//!   content is signed by its author, and after a crash a peer that holds
-//!   more than the relay uploads it again on reconnect.
+//! * New content is forwarded to every other subscribed peer, dependencies
+//!   first, as soon as it is durable (on `Persisted`), and never beyond what
+//!   is durable: no peer is sent, or told we have, anything a crash could
+//!   still lose ([`crate::durable`]). A dependency whose creation is not
+//!   durable yet holds back what depends on it.
 //! * A `load` (or `known`) about a CoValue that is not in memory, from a peer
 //!   that says it has the header, is first compared with the *stored known
 //!   state* (`LoadKnown`): if the peer lacks nothing, the answer is `known`
@@ -53,6 +54,7 @@ mod slot;
 use crate::content_pieces::PIECE_LIMIT_BYTES;
 use crate::covalue::CoValueState;
 use crate::dependencies::covalue_dependencies;
+use crate::durable::Durable;
 use crate::group_roles::{self, CoValueLookup};
 use crate::header::Header;
 use crate::header::HeaderError;
@@ -548,7 +550,7 @@ impl Relay {
             None => Residence::Absent,
             Some(Ok(state)) => {
                 let deps = covalue_dependencies(&state);
-                let durable = state.known_state();
+                let durable = Durable::all_of(&state);
                 Residence::InMemory(Box::new(Resident {
                     state,
                     deps,
@@ -598,9 +600,25 @@ impl Relay {
             return;
         };
         let Some(r) = self.slots.get_mut(&id).and_then(Slot::resident_mut) else { return };
+        let before = r.durable.clone();
         let ready = r.complete(token);
+        let advanced = r.durable != before;
         for ack in ready {
             self.send_ack(ack.peer, &id, ack.correction);
+        }
+        if advanced {
+            self.content_memo = None;
+            // Now durable: forward it to every subscriber (the author lacks nothing, so it gets
+            // nothing), and resume answers that waited for it as a dependency.
+            let subscribers: Vec<PeerId> =
+                self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+            for peer in subscribers {
+                let skip = self.peers.get(&peer).is_none_or(|p| p.errored.contains(&id) || p.closing);
+                if !skip {
+                    self.answer(peer, id.clone(), false);
+                }
+            }
+            self.wake(&id);
         }
     }
 
@@ -636,7 +654,7 @@ impl Relay {
     /// sessions the delete discarded (`stopSyncingKnownStateMessage`).
     fn send_ack(&mut self, peer: PeerId, id: &CoId, correction: bool) {
         let Some(r) = self.slots.get(id).and_then(Slot::resident) else { return };
-        let mut state = r.durable.clone();
+        let mut state = r.durable.known_state(id);
         if r.state.deleted {
             if let Some(k) = self.peers.get(&peer).and_then(|p| p.known.get(id)) {
                 state.merge_sessions(&k.confirmed.sessions);

@@ -50,8 +50,9 @@ impl Relay {
             None
         } else {
             match self.slots.get(&id).map(|s| &s.residence) {
+                // What we hold durably: the client keeps offering what we might still lose.
                 Some(Residence::InMemory(r)) => {
-                    let state = r.state.known_state();
+                    let state = r.durable.known_state(&id);
                     (sessions_hash(&state.sessions) != hash).then_some(state)
                 }
                 Some(Residence::Shell(state)) => (sessions_hash(&state.sessions) != hash).then(|| state.clone()),

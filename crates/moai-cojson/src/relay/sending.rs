@@ -1,6 +1,9 @@
 //! Sending a peer what it lacks, dependencies first (cojson's
 //! `sendNewContent` for a peer in role "client").
 //!
+//! Only durable content is sent, and only durable state announced
+//! ([`crate::durable`]).
+//!
 //! Before anything is sent, the whole dependency closure must be in memory:
 //! a dependency that was evicted is loaded first (the answer is parked until
 //! it arrives), so a peer always receives the account and group before the
@@ -73,6 +76,11 @@ impl Relay {
                 continue;
             }
             match self.slots.get(&node).map(|s| &s.residence) {
+                // A dependency whose creation is not durable yet cannot be sent: what needs it
+                // waits (its `Persisted` wakes the answer).
+                Some(Residence::InMemory(r)) if node != *id && !r.durable.header => {
+                    missing.get_or_insert(node);
+                }
                 Some(Residence::InMemory(r)) => {
                     stack.push((node.clone(), true));
                     for dep in r.deps.iter().rev() {
@@ -178,7 +186,7 @@ impl Relay {
                         return false;
                     }
                     match p.known.get(node) {
-                        Some(k) if peer_lacks_no_content(&r.state, k.optimistic()) => {}
+                        Some(k) if peer_lacks_no_content(&r.state, k.optimistic(), Some(&r.durable)) => {}
                         _ => return false,
                     }
                     stack.extend(r.deps.iter());
@@ -229,17 +237,17 @@ impl Relay {
         let Some(p) = self.peers.get(&peer) else { return };
         let optimistic = p.known.get(id).map(|k| k.optimistic());
         let told = p.told_known.contains(id);
-        if !optimistic.is_some_and(|k| peer_lacks_no_content(&r.state, k)) {
+        if !optimistic.is_some_and(|k| peer_lacks_no_content(&r.state, k, Some(&r.durable))) {
             let memo = match self.content_memo.take() {
                 Some(m) if m.id == *id && m.from.as_ref() == optimistic => m,
                 _ => ContentMemo {
                     id: id.clone(),
                     from: optimistic.cloned(),
-                    pieces: new_content_since(&r.state, optimistic, self.config.piece_limit_bytes)
+                    pieces: new_content_since(&r.state, optimistic, Some(&r.durable), self.config.piece_limit_bytes)
                         .into_iter()
                         .map(|piece| Outgoing::new(SyncMessage::Content(piece)))
                         .collect(),
-                    ours: r.state.known_state(),
+                    ours: r.durable.known_state(id),
                 },
             };
             if !memo.pieces.is_empty() {
@@ -257,7 +265,8 @@ impl Relay {
         }
         if force_known || !told {
             let Some(r) = self.slots.get(id).and_then(Slot::resident) else { return };
-            let mut state = r.state.known_state();
+            // What we hold durably: a peer must never count on us for more.
+            let mut state = r.durable.known_state(id);
             if r.state.deleted {
                 if let Some(k) = self.peers.get(&peer).and_then(|p| p.known.get(id)) {
                     state.merge_sessions(&k.confirmed.sessions);

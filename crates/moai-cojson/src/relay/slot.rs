@@ -9,9 +9,11 @@
 //! CoValue is too, and only then is its range merged into `durable`. An ack
 //! waits for the newest write that existed when its content was processed
 //! and reports `durable`, so a peer is never told we hold something that a
-//! crash could still lose.
+//! crash could still lose. Content is sent to peers only up to `durable` too
+//! (see [`crate::durable`]).
 
 use crate::covalue::CoValueState;
+use crate::durable::Durable;
 use crate::ids::CoId;
 use crate::known_state::KnownState;
 use crate::message::ContentMessage;
@@ -54,10 +56,10 @@ pub(crate) struct Resident {
     pub state: CoValueState,
     /// Cached dependencies (`covalue_dependencies`), kept up to date on apply.
     pub deps: BTreeSet<CoId>,
-    /// What storage is known to hold.
-    pub durable: KnownState,
+    /// What storage is known to hold: all that acks report and peers are sent.
+    pub durable: Durable,
     /// Writes in flight, oldest first: (token, completed, what it writes).
-    pub pending: VecDeque<(PersistToken, bool, KnownState)>,
+    pub pending: VecDeque<(PersistToken, bool, Durable)>,
     pub acks: Vec<PendingAck>,
 }
 

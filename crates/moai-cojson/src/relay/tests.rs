@@ -87,7 +87,7 @@ fn upload_is_acked_only_after_persisted_and_load_gets_dependencies_first() {
 }
 
 #[test]
-fn live_edit_is_forwarded_at_once_and_acked_after_persisted() {
+fn live_edit_is_forwarded_and_acked_once_it_is_durable() {
     let (mut d, mut w, a) = uploaded();
     let b = d.connect(2);
     d.msg(b, load(&w.map, None));
@@ -95,17 +95,25 @@ fn live_edit_is_forwarded_at_once_and_acked_after_persisted() {
 
     let edit = w.map_edit("n", 2000);
     d.msg(a, edit);
-    // Forwarded to Bob at once: only the new transaction, no header, no deps.
+    // Nothing leaves before the write is durable: not Alice's ack, not Bob's copy (a crash now
+    // must not leave Bob with content the relay forgot).
+    assert!(d.take(a).is_empty());
+    assert!(d.take(b).is_empty());
+    assert_eq!(d.unpersisted.len(), 1);
+    // A load meanwhile is told only the durable state.
+    let c2 = d.connect(3);
+    d.msg(c2, load(&w.map, Some(d.relay.known_state(&w.map).unwrap())));
+    let told: Vec<_> = d.take(c2).into_iter().filter(|m| kind(m) == ("known", w.map.to_string())).collect();
+    assert_eq!(told.len(), 1);
+    assert_eq!(known_of(&told[0]).count(&sid(&w.map_writer.session)), 1, "not the write in flight");
+    d.persist_all();
+    // Forwarded to Bob: only the new transaction, no header, no deps.
     let fwd = d.take(b);
     assert_eq!(fwd.len(), 1);
     let c = as_content(&fwd[0]);
     assert!(c.header.is_none());
     assert_eq!(c.new[0].1.after, 1);
     assert_eq!(c.new[0].1.new_transactions.len(), 1);
-    // Alice: no ack until the write is durable.
-    assert!(d.take(a).is_empty());
-    assert_eq!(d.unpersisted.len(), 1);
-    d.persist_all();
     let ack = d.take(a);
     assert_eq!(ack.len(), 1);
     assert_eq!(known_of(&ack[0]).count(&sid(&w.map_writer.session)), 2);
@@ -150,6 +158,7 @@ fn fan_out_to_peers_at_the_same_state_shares_one_message_and_acks_cost_nothing()
 
     let edit = w.map_edit("n", 2000);
     d.msg(a, edit);
+    d.persist_all();
     let to = |d: &RelayHarness, p: PeerId| {
         d.shared.iter().filter(|(q, _)| *q == p).map(|(_, m)| m.clone()).collect::<Vec<_>>()
     };
@@ -235,6 +244,7 @@ fn forged_signature_is_rejected_for_the_sender_only_and_changes_nothing() {
     let c = d.connect(3);
     d.msg(c, honest);
     assert_eq!(d.relay.known_state(&w.map).unwrap().count(&sid(&w.map_writer.session)), 2);
+    d.persist_all();
     assert_eq!(d.take(b).len(), 1, "forwarded to Bob");
 }
 
@@ -871,6 +881,7 @@ fn a_subscribed_but_not_resident_covalue_still_forwards_new_content() {
     let edit = w.map_edit("later", 3000);
     d.msg(a, edit);
     assert!(d.loads.contains(&w.map), "the upload path loads the CoValue whole");
+    d.persist_all();
     let fwd = d.take(b);
     assert_eq!(fwd.iter().map(kind).collect::<Vec<_>>(), vec![("content", w.map.to_string())], "{fwd:?}");
     let m = as_content(&fwd[0]);
@@ -888,9 +899,7 @@ fn a_subscribed_but_not_resident_covalue_still_forwards_new_content() {
         ]
     );
     assert_eq!(as_content(&fwd[2]).new[0].1.after, 1);
-    // The ack to Alice still waits for durability.
-    assert!(d.take(a).is_empty(), "the sender gets nothing before its ack");
-    d.persist_all();
+    // Alice's ack came with the same durability (it was the forwarding's trigger too).
     let ack = d.take(a);
     assert_eq!(ack.len(), 1);
     assert_eq!(known_of(&ack[0]).count(&sid(&w.map_writer.session)), 2);
@@ -1054,4 +1063,79 @@ fn parked_content_is_bounded_per_peer_in_bytes() {
         d.msg(a, m);
     }
     assert_eq!(d.closed, vec![(a, CloseReason::TooMuchParkedContent)]);
+}
+
+/// Content is forwarded only up to what is durable, in write order: with two writes in flight,
+/// the second completing first sends nothing; the first sends exactly its own part, signed
+/// where that part ends (so it verifies on the receiver), and the second the rest.
+#[test]
+fn forwarding_stops_at_the_durable_count_even_when_writes_complete_out_of_order() {
+    let (mut d, mut w, a) = uploaded();
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    let first = w.map_edit("one", 2000);
+    let second = w.map_edit("two", 2001);
+    let signature_of = |m: &SyncMessage| as_content(m).new[0].1.last_signature.clone();
+    let (sig1, sig2) = (signature_of(&first), signature_of(&second));
+    d.msg(a, first);
+    d.msg(a, second);
+    let tokens = std::mem::take(&mut d.unpersisted);
+    assert_eq!(tokens.len(), 2);
+    d.run(Event::Persisted(tokens[1]));
+    assert!(d.take(b).is_empty(), "the later write alone makes nothing durable");
+    assert!(d.take(a).is_empty(), "nor acks anything");
+    d.run(Event::Persisted(tokens[0]));
+    let fwd = d.take(b);
+    assert_eq!(fwd.len(), 1, "{fwd:?}");
+    let c = as_content(&fwd[0]);
+    assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (1, 2), "both, now both are durable");
+    assert_eq!(c.new[0].1.last_signature, sig2);
+
+    // One at a time: the first write's completion forwards exactly its transaction, with the
+    // signature that was valid at its end.
+    let third = w.map_edit("three", 2002);
+    let fourth = w.map_edit("four", 2003);
+    let sig3 = signature_of(&third);
+    d.msg(a, third);
+    d.msg(a, fourth);
+    let tokens = std::mem::take(&mut d.unpersisted);
+    d.run(Event::Persisted(tokens[0]));
+    let fwd = d.take(b);
+    let c = as_content(&fwd[0]);
+    assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (3, 1));
+    assert_eq!(c.new[0].1.last_signature, sig3);
+    assert_ne!(sig1, sig3);
+    d.run(Event::Persisted(tokens[1]));
+    let c = as_content(&d.take(b)[0]).clone();
+    assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (4, 1));
+}
+
+/// A CoValue whose creation is not durable is not sent, and neither is what depends on it:
+/// a subscriber of a new map gets nothing while its group's write is in flight, then all of it,
+/// dependencies first.
+#[test]
+fn content_waits_for_its_dependencies_to_be_durable() {
+    let mut d = relay();
+    let mut w = World::new();
+    let a = d.connect(1);
+    let acc = w.account_upload();
+    d.msg(a, acc);
+    d.persist_all();
+    d.take(a);
+    // Bob asks for the map before it exists: subscribed, told it is unknown.
+    let b = d.connect(2);
+    d.msg(b, load(&w.map, None));
+    d.take(b);
+    let (grp, map) = (w.group_upload(), w.map_upload());
+    d.msg(a, grp);
+    d.msg(a, map);
+    let tokens = std::mem::take(&mut d.unpersisted);
+    assert_eq!(tokens.len(), 2);
+    d.run(Event::Persisted(tokens[1])); // the map's write
+    assert!(d.take(b).is_empty(), "the map waits for its group to be durable");
+    d.run(Event::Persisted(tokens[0])); // the group's write
+    let got: Vec<_> = d.take(b).iter().map(kind).collect();
+    let want = [&w.alice.account, &w.group, &w.map].map(|id| ("content", id.to_string())).to_vec();
+    assert_eq!(got, want, "dependencies first (Bob never reported the account either)");
 }
