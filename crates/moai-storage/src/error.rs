@@ -36,4 +36,39 @@ pub enum StorageError {
     /// point was persisted.
     #[error("storage is closed")]
     Closed,
+    /// PostgreSQL refused or failed a statement. Shown with the server's message and SQLSTATE:
+    /// tokio-postgres' own Display says only "db error", which would hide e.g. "permission
+    /// denied for schema" from the operator.
+    #[error("postgres: {}", pg_detail(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to PostgreSQL could be had (refused, authentication, pool timeout).
+    /// `target` names the server without its password.
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    PostgresConnect { target: String, reason: String },
+    /// The `--storage` URL or the backend's options are not usable (never includes a password).
+    #[error("invalid PostgreSQL storage configuration: {0}")]
+    PostgresConfig(String),
+    #[error("PostgreSQL migration to schema version {version} failed: {}", pg_detail(.source))]
+    PostgresMigration {
+        version: i64,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// An operation did not finish in time (a server that stopped answering); its connection is
+    /// dropped, so nothing of it commits later.
+    #[error("storage operation timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// A count does not fit in a database integer (never true of real input: protocol counts are
+    /// bounded by 2^53). Refused, never wrapped.
+    #[error("{what} {value} does not fit in a 64-bit signed integer")]
+    OutOfRange { what: &'static str, value: u64 },
+}
+
+/// A PostgreSQL error as an operator needs to read it: severity, message and SQLSTATE of a server
+/// error, the client's own text otherwise (connection refused, closed, I/O).
+pub(crate) fn pg_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }

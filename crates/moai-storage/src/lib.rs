@@ -8,17 +8,21 @@
 //! - [`SqliteStorage`]: the embedded default. One writer thread owns the connection and commits
 //!   many small writes in one transaction (group commit), so engines can await durability per
 //!   update without paying one fsync each.
+//! - [`PostgresStorage`]: the shared backend, for several instances serving one database. The
+//!   same group commit on one writer task per instance, reads on pooled connections, and a
+//!   compaction rule that stays correct when other instances write the same documents.
 //! - [`MemoryStorage`]: the same contracts without a disk, for unit tests of engines.
 //!
 //! Dependency rule: storage never imports an engine. Traits speak in documents, byte strings
-//! and sequence numbers, never in Yjs or CoJSON types, so a PostgreSQL backend shared by several
-//! instances can be added beside SQLite without touching the engines.
+//! and sequence numbers, never in Yjs or CoJSON types, so the backends are interchangeable
+//! without touching the engines.
 
 mod covalue_store;
 mod doc_journal;
 mod error;
 mod memory;
 mod observer;
+mod postgres;
 mod sqlite;
 
 pub use covalue_store::{
@@ -29,4 +33,5 @@ pub use doc_journal::{DocJournal, Folded, StoredDoc};
 pub use error::StorageError;
 pub use memory::MemoryStorage;
 pub use observer::{NoopObserver, StorageObserver};
+pub use postgres::{redact_url, PostgresOptions, PostgresStorage, POSTGRES_SCHEMA_VERSION};
 pub use sqlite::{SqliteOptions, SqliteStorage, SCHEMA_VERSION};

@@ -1,81 +1,12 @@
-//! Behaviour of the SQLite backend that engines and operators rely on.
+//! What only the SQLite backend has: its file, its chunked snapshots, its migrations. The
+//! contracts every backend keeps are in contract.rs.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use moai_storage::{
-    DocJournal, MemoryStorage, NoopObserver, SqliteOptions, SqliteStorage, StorageError, StorageObserver,
-    SCHEMA_VERSION,
-};
+use moai_storage::{DocJournal, NoopObserver, SqliteOptions, SqliteStorage, StorageError, SCHEMA_VERSION};
 
 fn open(path: &std::path::Path) -> SqliteStorage {
     SqliteStorage::open(path, SqliteOptions::default(), Arc::new(NoopObserver)).expect("open")
-}
-
-#[tokio::test]
-async fn appended_updates_survive_reopen_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("moai.db");
-    let store = open(&path);
-    let a = store.append("doc-a", b"one".to_vec()).await.unwrap();
-    let b = store.append("doc-a", b"two".to_vec()).await.unwrap();
-    store.append("doc-b", b"other".to_vec()).await.unwrap();
-    assert!(b > a, "sequence numbers grow");
-    store.close().await.unwrap();
-
-    let store = open(&path);
-    let doc = store.load("doc-a").await.unwrap();
-    assert_eq!(doc.snapshot, None);
-    assert_eq!(doc.updates, vec![(a, b"one".to_vec()), (b, b"two".to_vec())]);
-    assert!(store.load("nobody").await.unwrap().updates.is_empty());
-}
-
-#[tokio::test]
-async fn compaction_keeps_updates_appended_after_it() {
-    for store in [Box::new(MemoryStorage::new()) as Box<dyn DocJournal>, {
-        let dir = tempfile::tempdir().unwrap().keep();
-        Box::new(open(&dir.join("moai.db")))
-    }] {
-        let s1 = store.append("d", b"1".to_vec()).await.unwrap();
-        let _s2 = store.append("d", b"2".to_vec()).await.unwrap();
-        let loaded = store.load("d").await.unwrap();
-        let s3 = store.append("d", b"3".to_vec()).await.unwrap();
-        store.compact("d", b"snap-1-2".to_vec(), loaded.folded()).await.unwrap();
-        let after = store.load("d").await.unwrap();
-        assert_eq!(after.snapshot.as_deref(), Some(&b"snap-1-2"[..]));
-        assert_eq!(after.updates, vec![(s3, b"3".to_vec())], "update 3 must survive compaction");
-        assert!(s1 < s3);
-    }
-}
-
-struct CountingObserver {
-    batches: AtomicUsize,
-    writes: AtomicUsize,
-}
-
-impl StorageObserver for CountingObserver {
-    fn batch_committed(&self, writes: usize, _latency: Duration) {
-        self.batches.fetch_add(1, Ordering::SeqCst);
-        self.writes.fetch_add(writes, Ordering::SeqCst);
-    }
-}
-
-#[tokio::test]
-async fn every_acknowledged_write_is_reported_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let obs = Arc::new(CountingObserver { batches: AtomicUsize::new(0), writes: AtomicUsize::new(0) });
-    let store = SqliteStorage::open(&dir.path().join("m.db"), SqliteOptions::default(), obs.clone()).unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let s = store.clone();
-        tasks.push(tokio::spawn(async move { s.append("doc", vec![i as u8]).await }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    assert_eq!(obs.writes.load(Ordering::SeqCst), 200);
-    assert_eq!(store.load("doc").await.unwrap().updates.len(), 200);
 }
 
 #[tokio::test]
@@ -105,15 +36,6 @@ async fn a_file_that_is_not_a_database_fails_to_open_with_the_cause() {
     assert!(err.to_string().contains("not a database"), "{err}");
     // And the garbage file is left as it was: we never overwrite what we cannot read.
     assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 8192]);
-}
-
-#[tokio::test]
-async fn writes_after_close_fail_instead_of_vanishing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir.path().join("m.db"));
-    store.append("d", b"x".to_vec()).await.unwrap();
-    store.close().await.unwrap();
-    assert!(matches!(store.append("d", b"y".to_vec()).await, Err(StorageError::Closed)));
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -189,31 +111,4 @@ async fn inline_snapshots_from_before_chunking_still_load() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute("INSERT INTO doc_snapshots(doc, snapshot, through_seq) VALUES ('old', x'0102', 0)", []).unwrap();
     assert_eq!(store.load("old").await.unwrap().snapshot, Some(vec![1, 2]));
-}
-
-/// Two compactions of one document that started from the same snapshot: the one that finishes
-/// second must not replace the first one's snapshot (it may hold less), and loses instead.
-#[tokio::test]
-async fn a_compaction_that_lost_the_race_changes_nothing() {
-    for store in [Box::new(MemoryStorage::new()) as Box<dyn DocJournal>, {
-        let dir = tempfile::tempdir().unwrap().keep();
-        Box::new(open(&dir.join("moai.db")))
-    }] {
-        store.append("d", b"1".to_vec()).await.unwrap();
-        let slow = store.load("d").await.unwrap();
-        store.append("d", b"2".to_vec()).await.unwrap();
-        let fast = store.load("d").await.unwrap();
-        store.compact("d", b"snap-1-2".to_vec(), fast.folded()).await.unwrap();
-        let lost = store.compact("d", b"snap-1".to_vec(), slow.folded()).await;
-        assert!(matches!(lost, Err(StorageError::CompactionConflict { .. })), "{lost:?}");
-        let after = store.load("d").await.unwrap();
-        assert_eq!(after.snapshot.as_deref(), Some(&b"snap-1-2"[..]), "the newer snapshot stays");
-        assert!(after.updates.is_empty());
-        // A compaction from the current state goes through.
-        let s3 = store.append("d", b"3".to_vec()).await.unwrap();
-        let current = store.load("d").await.unwrap();
-        store.compact("d", b"snap-1-2-3".to_vec(), current.folded()).await.unwrap();
-        assert_eq!(store.load("d").await.unwrap().snapshot.as_deref(), Some(&b"snap-1-2-3"[..]));
-        assert!(s3 > 0);
-    }
 }

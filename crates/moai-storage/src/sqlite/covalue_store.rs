@@ -245,14 +245,14 @@ impl CoValueStore for SqliteStorage {
 
 #[cfg(test)]
 mod tests {
-    //! The CoValueStore contract, run against SQLite and the memory backend alike, plus what
-    //! only SQLite has (the byte counter column, migrating an existing database).
+    //! What only SQLite has (the byte counter column, migrating an existing database). The
+    //! CoValueStore contract itself runs against every backend in tests/contract.rs.
 
     use std::path::Path;
     use std::sync::Arc;
 
     use super::*;
-    use crate::{DocJournal, MemoryStorage, NoopObserver, SessionAppendRecord, SqliteOptions, SCHEMA_VERSION};
+    use crate::{DocJournal, NoopObserver, SessionAppendRecord, SqliteOptions, SCHEMA_VERSION};
 
     const ID: &str = "co_zMap";
     // Key order and number text that a re-serialisation could change: stored as given.
@@ -284,135 +284,6 @@ mod tests {
             sessions,
             deleted: false,
             erase_sessions: vec![],
-        }
-    }
-
-    fn stores() -> Vec<(Box<dyn CoValueStore>, tempfile::TempDir)> {
-        let dir = tempfile::tempdir().unwrap();
-        let sqlite = open(&dir.path().join("moai.db"));
-        vec![(Box::new(sqlite), dir), (Box::new(MemoryStorage::new()), tempfile::tempdir().unwrap())]
-    }
-
-    #[tokio::test]
-    async fn reload_equals_what_was_written() {
-        for (store, _dir) in stores() {
-            store
-                .append_covalue(append(ID, Some(HEADER), vec![session("s1_session_zA", 0, 2, vec![2])]))
-                .await
-                .unwrap();
-            store
-                .append_covalue(append(
-                    ID,
-                    None,
-                    vec![session("s1_session_zA", 2, 3, vec![4]), session("s2_session_zB", 0, 1, vec![])],
-                ))
-                .await
-                .unwrap();
-            let loaded = store.load_covalue(ID).await.unwrap().expect("stored");
-            assert_eq!(loaded.header, HEADER);
-            assert!(!loaded.deleted);
-            assert_eq!(loaded.sessions.len(), 2);
-            let a = &loaded.sessions[0];
-            assert_eq!(a.session, "s1_session_zA");
-            assert_eq!(a.transactions, (0..5).map(tx).collect::<Vec<_>>());
-            assert_eq!(a.last_signature, "signature_zs1_session_zA5");
-            assert_eq!(
-                a.checkpoints,
-                vec![(2, "signature_zs1_session_zA2".to_string()), (4, "signature_zs1_session_zA4".to_string())]
-            );
-            assert_eq!(loaded.sessions[1].transactions, vec![tx(0)]);
-
-            let known = store.known_states(vec![ID.into(), "co_zNothing".into()]).await.unwrap();
-            assert_eq!(
-                known,
-                vec![
-                    Some(StoredKnownState {
-                        header: true,
-                        sessions: vec![("s1_session_zA".into(), 5), ("s2_session_zB".into(), 1)],
-                        deleted: false
-                    }),
-                    None
-                ]
-            );
-            assert_eq!(store.load_covalue("co_zNothing").await.unwrap(), None);
-
-            // A header-only CoValue exists with no sessions; deleting keeps rows, sets the flag.
-            store.append_covalue(append("co_zEmpty", Some("{}"), vec![])).await.unwrap();
-            let empty = store.load_covalue("co_zEmpty").await.unwrap().unwrap();
-            assert!(empty.sessions.is_empty());
-            let mut del = append(ID, None, vec![session("s3_session_zD$", 0, 1, vec![])]);
-            del.deleted = true;
-            store.append_covalue(del).await.unwrap();
-            let deleted = store.load_covalue(ID).await.unwrap().unwrap();
-            assert!(deleted.deleted);
-            assert_eq!(deleted.sessions.len(), 3, "nothing erased unless asked");
-
-            // Erasing the deleted CoValue's content leaves the header and the delete session.
-            let mut erase = append(ID, None, vec![]);
-            erase.erase_sessions = vec!["s1_session_zA".into(), "s2_session_zB".into(), "never_session_zX".into()];
-            store.append_covalue(erase).await.unwrap();
-            let erased = store.load_covalue(ID).await.unwrap().unwrap();
-            assert_eq!((erased.header.as_str(), erased.deleted), (HEADER, true));
-            assert_eq!(erased.sessions.iter().map(|s| s.session.as_str()).collect::<Vec<_>>(), vec!["s3_session_zD$"]);
-            let known = store.known_states(vec![ID.into()]).await.unwrap();
-            assert_eq!(known[0].as_ref().unwrap().sessions, vec![("s3_session_zD$".to_string(), 1)]);
-            // An erased session starts again from nothing (its old count is gone too).
-            store.append_covalue(append(ID, None, vec![session("s1_session_zA", 0, 1, vec![])])).await.unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn an_append_that_does_not_continue_the_log_is_refused_whole() {
-        for (store, _dir) in stores() {
-            store.append_covalue(append(ID, Some(HEADER), vec![session("s1_session_zA", 0, 2, vec![])])).await.unwrap();
-            let before = store.load_covalue(ID).await.unwrap();
-
-            // A good new session plus a gap in the old one: nothing of it may be stored.
-            let gap =
-                append(ID, None, vec![session("s2_session_zB", 0, 1, vec![]), session("s1_session_zA", 3, 1, vec![])]);
-            match store.append_covalue(gap).await {
-                Err(AppendError::CountMismatch { id, session, after, stored }) => {
-                    assert_eq!((id.as_str(), session.as_str(), after, stored), (ID, "s1_session_zA", 3, 2));
-                }
-                other => panic!("expected a count mismatch, got {other:?}"),
-            }
-            // Re-sending what is stored (overwrite) is refused the same way.
-            let overlap = append(ID, None, vec![session("s1_session_zA", 1, 2, vec![])]);
-            assert!(matches!(store.append_covalue(overlap).await, Err(AppendError::CountMismatch { stored: 2, .. })));
-            assert_eq!(store.load_covalue(ID).await.unwrap(), before, "refused appends left no trace");
-
-            let headless = append("co_zNew", None, vec![session("s1_session_zA", 0, 1, vec![])]);
-            assert!(matches!(store.append_covalue(headless).await, Err(AppendError::MissingHeader { .. })));
-            assert_eq!(store.load_covalue("co_zNew").await.unwrap(), None);
-            let bad_checkpoint = append(ID, None, vec![session("s1_session_zA", 2, 1, vec![7])]);
-            assert!(matches!(
-                store.append_covalue(bad_checkpoint).await,
-                Err(AppendError::CheckpointOutOfRange { count: 7, .. })
-            ));
-            let empty = append(ID, None, vec![session("s1_session_zA", 2, 0, vec![])]);
-            assert!(matches!(store.append_covalue(empty).await, Err(AppendError::EmptySession { .. })));
-            assert_eq!(store.load_covalue(ID).await.unwrap(), before);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_batch_commits_each_append_on_its_own_and_in_order() {
-        for (store, _dir) in stores() {
-            let results = store
-                .append_covalues(vec![
-                    append(ID, Some(HEADER), vec![session("s1_session_zA", 0, 1, vec![])]),
-                    // Sees the first append of the batch.
-                    append(ID, None, vec![session("s1_session_zA", 1, 1, vec![])]),
-                    // Refused: a gap.
-                    append(ID, None, vec![session("s1_session_zA", 5, 1, vec![])]),
-                    append("co_zOther", Some("{}"), vec![session("s9_session_zO", 0, 1, vec![])]),
-                ])
-                .await;
-            let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
-            assert_eq!(ok, vec![true, true, false, true]);
-            let known = store.known_states(vec![ID.into(), "co_zOther".into()]).await.unwrap();
-            assert_eq!(known[0].as_ref().unwrap().sessions, vec![("s1_session_zA".to_string(), 2)]);
-            assert!(known[1].is_some());
         }
     }
 

@@ -70,9 +70,10 @@ impl DocJournal for SqliteStorage {
     }
 
     async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError> {
-        // One writer commits in sequence order, so the entries a load saw are exactly those up to
-        // its last sequence number: deleting `seq <= through` deletes `folded.seqs`, no more.
+        // `through_seq` is informational (the highest entry folded); what is deleted is exactly
+        // `folded.seqs`, as the contract says, by primary key in the last small commit.
         let through_seq = folded.seqs.iter().copied().max().unwrap_or(0);
+        let seqs = folded.seqs;
         let snapshot = bytes_chunks(snapshot);
         let mut chunks = snapshot.into_iter().enumerate();
         // First chunk: pick a version no chunk set of this document uses, and drop chunk sets
@@ -122,8 +123,10 @@ impl DocJournal for SqliteStorage {
                 .execute(params![id, through_seq as i64, version])?;
                 conn.prepare_cached("DELETE FROM doc_snapshot_chunks WHERE doc = ?1 AND version <> ?2")?
                     .execute(params![id, version])?;
-                conn.prepare_cached("DELETE FROM doc_updates WHERE doc = ?1 AND seq <= ?2")?
-                    .execute(params![id, through_seq as i64])?;
+                let mut delete = conn.prepare_cached("DELETE FROM doc_updates WHERE seq = ?1 AND doc = ?2")?;
+                for seq in seqs.iter().filter_map(|&s| i64::try_from(s).ok()) {
+                    delete.execute(params![seq, id])?;
+                }
                 Ok(true)
             })
             .await?;
