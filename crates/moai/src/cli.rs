@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use moai_storage::redact_url;
+
+use crate::storage::{self, StorageUrl};
 use crate::units;
 
 #[derive(Parser, Debug)]
@@ -45,9 +48,15 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free port; the chosen one is logged).
     #[arg(long, env = "PORT", default_value_t = 4201)]
     pub port: u16,
-    /// SQLite database file of the embedded storage (created if missing).
+    /// SQLite database file of the embedded storage (created if missing). Used when --storage
+    /// is not given.
     #[arg(long, env = "DB_PATH", default_value = "./local-sync.db")]
     pub db_path: PathBuf,
+    /// Storage backend: `sqlite:PATH` (the embedded default, one file) or
+    /// `postgres://user:password@host:port/database` (a database several instances can share;
+    /// moai's tables go in the schema `moai_storage`). Unset: SQLite at --db-path.
+    #[arg(long, env = "MOAI_STORAGE", hide_env_values = true)]
+    pub storage: Option<String>,
     /// Log format. The filter comes from RUST_LOG (default "info").
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -155,6 +164,26 @@ pub struct ServeArgs {
     /// not-ready state deterministically.
     #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]
     pub test_hold_init_until: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The storage to open: `--storage`, else SQLite at `--db-path`. An error never shows the
+    /// value's password.
+    pub fn storage_url(&self) -> anyhow::Result<StorageUrl> {
+        match &self.storage {
+            None => Ok(StorageUrl::Sqlite(self.db_path.clone())),
+            Some(raw) => storage::parse_url(raw).map_err(|why| anyhow::anyhow!("--storage {}: {why}", redact_url(raw))),
+        }
+    }
+
+    /// The storage as the start-up log line names it (no password).
+    pub fn storage_description(&self) -> String {
+        match (self.storage_url(), &self.storage) {
+            (Ok(url), _) => url.to_string(),
+            (Err(_), Some(raw)) => redact_url(raw),
+            (Err(_), None) => String::new(),
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

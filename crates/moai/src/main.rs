@@ -4,6 +4,7 @@
 mod cli;
 mod logging;
 mod serve;
+mod storage;
 mod token;
 mod units;
 mod wait_ready;

@@ -11,13 +11,13 @@ use moai_cojson::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_server::quota::Quota;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};
-use moai_storage::{SqliteOptions, SqliteStorage};
 use moai_yjs::service::{YjsConfig, YjsService};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::ServeArgs;
 use crate::logging;
+use crate::storage::Storage;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -27,7 +27,7 @@ const FAILED_INIT_LINGER: Duration = Duration::from_secs(2);
 /// What initialisation produces and shutdown must close.
 struct Running {
     engines: Engines,
-    storage: SqliteStorage,
+    storage: Storage,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -50,7 +50,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(version = VERSION, addr = %local, db_path = %args.db_path.display(), "moai listening; initialising");
+    tracing::info!(version = VERSION, addr = %local, storage = %args.storage_description(), "moai listening; initialising");
 
     let auth = match args.sync_shared_secret.as_deref().filter(|s| !s.is_empty()) {
         Some(secret) => {
@@ -141,14 +141,11 @@ async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::R
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
     }
-    let path = args.db_path.clone();
-    let options = SqliteOptions { fsync_every_commit: args.fsync, ..SqliteOptions::default() };
-    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, options, observer))
-        .await
-        .context("storage open task failed")?
-        .with_context(|| format!("opening storage at {}", args.db_path.display()))?;
+    let url = args.storage_url()?;
+    let storage = Storage::open(&url, args.fsync, observer).await?;
+    tracing::info!(storage = %url, "storage open");
     let yjs = YjsService::new(
-        Arc::new(storage.clone()),
+        storage.journal(),
         YjsConfig {
             outbox_frames: args.yjs_outbox_frames.max(1),
             outbox_bytes: args.yjs_outbox_bytes.max(1),
@@ -169,7 +166,7 @@ async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::R
     };
     let mut cojson_config = CojsonConfig::default();
     cojson_config.relay.max_covalues_per_peer = args.cojson_max_covalues_per_peer.max(1);
-    let cojson = CojsonService::new(Arc::new(storage.clone()), cojson_config);
+    let cojson = CojsonService::new(storage.covalues(), cojson_config);
     Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson) }, storage })
 }
 
@@ -188,15 +185,21 @@ async fn start_pgsync(url: &str, args: &ServeArgs) -> anyhow::Result<PgSync> {
 }
 
 /// While storage is failing, tries a small write every second, so /health turns ready again
-/// once the disk has room (or is writable) again even if no client writes.
-async fn probe_failing_storage(storage: SqliteStorage, health: Arc<StorageHealth>, shutdown: Shutdown) {
+/// once the disk has room (or is writable, or the database server is back) even if no client
+/// writes. A backend on another server is also probed while healthy, less often, so an idle
+/// instance notices that server going away.
+async fn probe_failing_storage(storage: Storage, health: Arc<StorageHealth>, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let healthy_every = storage.probe_when_healthy();
+    let mut last_probe = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.token().cancelled() => return,
             _ = tick.tick() => {}
         }
-        if health.failure().is_some() {
+        let due = healthy_every.is_some_and(|every| last_probe.elapsed() >= every);
+        if health.failure().is_some() || due {
+            last_probe = Instant::now();
             if let Err(e) = storage.probe().await {
                 tracing::debug!(error = %e, "storage probe failed");
             }
@@ -214,7 +217,7 @@ async fn wait_for_file(path: &Path) {
 async fn drain(
     shutdown: &Shutdown,
     server: tokio::task::JoinHandle<()>,
-    storage: SqliteStorage,
+    storage: Storage,
     pgsync: Option<PgSync>,
     grace: Duration,
 ) -> ExitCode {

@@ -1,0 +1,126 @@
+//! Which storage backend serves (`--storage`), and what the binary does with storage that the
+//! engines do not: open it, probe it while it fails, close it last at shutdown. The engines only
+//! see `Arc<dyn DocJournal>` and `Arc<dyn CoValueStore>`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use moai_storage::{
+    redact_url, CoValueStore, DocJournal, PostgresOptions, PostgresStorage, SqliteOptions, SqliteStorage, StorageError,
+    StorageObserver,
+};
+
+/// Where storage lives, as given by `--storage` (or `--db-path`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum StorageUrl {
+    /// `sqlite:PATH`: the embedded default, a file.
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`: a database shared by several instances.
+    Postgres(String),
+}
+
+/// The `--storage` value parser.
+pub fn parse_url(s: &str) -> Result<StorageUrl, String> {
+    if let Some(path) = s.strip_prefix("sqlite:") {
+        // `sqlite://path` is accepted too, for those who write URLs out of habit.
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("sqlite: needs a file path, e.g. sqlite:./local-sync.db".into());
+        }
+        return Ok(StorageUrl::Sqlite(PathBuf::from(path)));
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return Ok(StorageUrl::Postgres(s.to_owned()));
+    }
+    Err("expected sqlite:PATH or postgres://user:password@host:port/database".into())
+}
+
+/// Never shows a password: this is what logs and `--help` errors print.
+impl fmt::Display for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageUrl::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            StorageUrl::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl fmt::Debug for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The open backend.
+#[derive(Clone)]
+pub enum Storage {
+    Sqlite(SqliteStorage),
+    Postgres(PostgresStorage),
+}
+
+impl Storage {
+    /// Opens (creating and migrating) the backend `url` names. `fsync`: see `--fsync`.
+    pub async fn open(url: &StorageUrl, fsync: bool, observer: Arc<dyn StorageObserver>) -> anyhow::Result<Storage> {
+        match url {
+            StorageUrl::Sqlite(path) => {
+                let options = SqliteOptions { fsync_every_commit: fsync, ..SqliteOptions::default() };
+                let p = path.clone();
+                let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&p, options, observer))
+                    .await
+                    .context("storage open task failed")?
+                    .with_context(|| format!("opening storage at {}", path.display()))?;
+                Ok(Storage::Sqlite(storage))
+            }
+            StorageUrl::Postgres(raw) => {
+                let options = PostgresOptions { fsync_every_commit: fsync, ..PostgresOptions::default() };
+                let storage = PostgresStorage::open(raw, options, observer)
+                    .await
+                    .with_context(|| format!("opening storage at {url}"))?;
+                Ok(Storage::Postgres(storage))
+            }
+        }
+    }
+
+    pub fn journal(&self) -> Arc<dyn DocJournal> {
+        match self {
+            Storage::Sqlite(s) => Arc::new(s.clone()),
+            Storage::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    pub fn covalues(&self) -> Arc<dyn CoValueStore> {
+        match self {
+            Storage::Sqlite(s) => Arc::new(s.clone()),
+            Storage::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// A small real write; see the backends' `probe`.
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        match self {
+            Storage::Sqlite(s) => s.probe().await,
+            Storage::Postgres(s) => s.probe().await,
+        }
+    }
+
+    /// Drains queued writes and closes.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        match self {
+            Storage::Sqlite(s) => s.close().await,
+            Storage::Postgres(s) => s.close().await,
+        }
+    }
+
+    /// How often to probe while storage looks healthy (`None`: only while it fails). A local file
+    /// does not vanish between writes; a database server does, and an idle instance should
+    /// still show it on /health.
+    pub fn probe_when_healthy(&self) -> Option<Duration> {
+        match self {
+            Storage::Sqlite(_) => None,
+            Storage::Postgres(_) => Some(Duration::from_secs(5)),
+        }
+    }
+}
