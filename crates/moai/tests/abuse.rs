@@ -163,3 +163,57 @@ async fn an_awareness_flood_closes_the_flooder_only() {
     assert_eq!(code, 1008, "{reason}");
     bystander_round_trip(&mut bystander, &by_doc, "still").await;
 }
+
+/// Item 9, the relay's queue: the relay handles (and verifies) every client's messages on one
+/// task, in queue order. One client pipelining large frames without waiting used to fill that
+/// queue (8192 frames of up to the frame limit each) with parsed messages, growing memory and
+/// putting everyone else behind it. Each connection now has a 4 MiB share of the queue: its
+/// socket is read no faster than the relay handles its frames, memory stays bounded, and a
+/// bystander is answered while the flood goes on.
+#[tokio::test]
+async fn a_client_pipelining_large_frames_cannot_fill_the_relay_queue() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    let baseline = rss_mib(&server);
+    let url = server.ws_url("/sync");
+    // ~2 MB frames of `known` messages about one CoValue: valid, cheap each, never ending.
+    let line = r#"{"action":"known","id":"co_zFlood","header":false,"sessions":{}}"#;
+    let frame: String = std::iter::repeat_n(line, 2_000_000 / line.len()).collect::<Vec<_>>().join("\n");
+    let (tx, mut rx) = futures_util::StreamExt::split(connect(&url).await);
+    let flood = tokio::spawn(async move {
+        let mut tx = tx;
+        // 100 MB in all: the sends complete only as fast as the server takes them in.
+        for _ in 0..50 {
+            if tx.send(WsMessage::Text(frame.clone().into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The attacker reads nothing (its answers pile up in its own bounded outbox).
+    let keep_rx_alive =
+        tokio::spawn(async move { while let Some(Ok(_)) = futures_util::StreamExt::next(&mut rx).await {} });
+    let bystander = async {
+        let mut other = connect(&url).await;
+        // The first frame of a fresh connection is the server's ping; then a load is answered.
+        let load = r#"{"action":"load","id":"co_zNothingHere","header":false,"sessions":{}}"#;
+        other.send(WsMessage::Text(load.into())).await.unwrap();
+        loop {
+            if let WsMessage::Text(t) = next_within(&mut other, WAIT).await {
+                if t.contains("co_zNothingHere") {
+                    return t.to_string();
+                }
+            }
+        }
+    };
+    // Memory is sampled until the whole flood went through the server, the bystander's
+    // request in the middle of it.
+    let during = async {
+        let answered = bystander.await;
+        tokio::time::timeout(Duration::from_secs(120), flood).await.expect("the flood went through").unwrap();
+        answered
+    };
+    let (answered, peak) = peak_rss_during(&server, during).await;
+    assert!(answered.contains("\"known\""), "{answered}");
+    assert!(peak < baseline + 250, "RSS grew from {baseline} MiB to {peak} MiB");
+    keep_rx_alive.abort();
+}

@@ -120,6 +120,7 @@ impl CojsonService {
             commands: self.commands.clone(),
             outbox: rx,
             shared,
+            inflight: Arc::new(tokio::sync::Semaphore::new(session::INFLIGHT_BYTES)),
             read_only,
             finished: false,
             left: false,

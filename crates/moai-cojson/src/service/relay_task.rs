@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use moai_storage::{AppendError, CoValueStore};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use super::eviction::Eviction;
@@ -36,9 +36,21 @@ use crate::relay::{Action, CloseReason, Diagnostic, Event, PeerId, Relay};
 /// From sessions to the relay task. One queue for all of a peer's commands, so connect,
 /// messages and leave are handled in the order the session issued them.
 pub(crate) enum Command {
-    Connect { peer: PeerId, outbox: mpsc::Sender<Outgoing>, shared: Arc<SessionShared> },
-    Messages { peer: PeerId, messages: Vec<SyncMessage> },
-    Leave { peer: PeerId },
+    Connect {
+        peer: PeerId,
+        outbox: mpsc::Sender<Outgoing>,
+        shared: Arc<SessionShared>,
+    },
+    /// The permit is the frame's part of the session's share of this queue; it is released
+    /// once the messages are handled.
+    Messages {
+        peer: PeerId,
+        messages: Vec<SyncMessage>,
+        _inflight: OwnedSemaphorePermit,
+    },
+    Leave {
+        peer: PeerId,
+    },
 }
 
 /// From storage tasks back to the relay task.
@@ -168,7 +180,7 @@ impl RelayTask {
                 self.peers.insert(peer, PeerConn { outbox, shared });
                 self.run_event(Event::PeerConnected(peer));
             }
-            Command::Messages { peer, messages } => {
+            Command::Messages { peer, messages, .. } => {
                 for msg in messages {
                     // A peer this task closed is gone for the relay; its late messages are not.
                     if !self.peers.contains_key(&peer) {

@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::relay_task::Command;
 use crate::message::{frame_is_clean, parse_frame, Incoming, Outgoing, SyncMessage};
@@ -55,6 +55,14 @@ pub struct Received {
 #[error("the CoJSON service has stopped")]
 pub struct ServiceStopped;
 
+/// Bytes of frames one session may have queued for the relay task, not yet handled. The relay
+/// handles (verifies) content on one task, in queue order: without a per-session share, one
+/// client pipelining large frames filled the whole queue (8192 frames of up to the frame limit
+/// each) and everyone else waited behind it. With it, a client's message waits behind at most
+/// this much of each other connected client's work, and what all sessions hold queued is
+/// bounded by connections × this.
+pub const INFLIGHT_BYTES: usize = 4 << 20;
+
 /// Shared between the session and the relay task: a close the task decided on.
 #[derive(Default, Debug)]
 pub(crate) struct SessionShared {
@@ -83,6 +91,8 @@ pub struct CojsonSession {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) outbox: mpsc::Receiver<Outgoing>,
     pub(crate) shared: Arc<SessionShared>,
+    /// This session's share of the relay task's queue, in bytes of frames ([`INFLIGHT_BYTES`]).
+    pub(crate) inflight: Arc<Semaphore>,
     /// Content from this session is dropped ([`super::CojsonService::connect_with`]).
     pub(crate) read_only: bool,
     /// A close (or the end) was returned; nothing more comes out.
@@ -99,8 +109,9 @@ impl CojsonSession {
     /// Hands one inbound text frame to the relay: split on `"\n"`, each line decoded. A frame
     /// with a line that is not JSON is dropped whole; a line that is JSON but not a valid
     /// message is dropped alone; pings and unknown objects are ignored. Never closes the
-    /// session. Waits while the relay's queue is full, which slows down reading this socket
-    /// instead of growing memory.
+    /// session. Waits while this session has [`INFLIGHT_BYTES`] of frames queued for the relay
+    /// (or the relay's queue is full), which slows down reading this socket instead of growing
+    /// memory, and keeps one busy client from filling the queue ahead of everyone else.
     pub async fn receive(&self, frame: &str) -> Result<Received, ServiceStopped> {
         let lines = parse_frame(frame);
         let mut received = Received::default();
@@ -123,7 +134,11 @@ impl CojsonSession {
         }
         received.messages = messages.len();
         if !messages.is_empty() {
-            self.commands.send(Command::Messages { peer: self.peer, messages }).await.map_err(|_| ServiceStopped)?;
+            // A frame larger than the whole share takes all of it.
+            let bytes = u32::try_from(frame.len().clamp(1, INFLIGHT_BYTES)).unwrap_or(u32::MAX);
+            let permit = self.inflight.clone().acquire_many_owned(bytes).await.map_err(|_| ServiceStopped)?;
+            let command = Command::Messages { peer: self.peer, messages, _inflight: permit };
+            self.commands.send(command).await.map_err(|_| ServiceStopped)?;
         }
         Ok(received)
     }

@@ -539,3 +539,36 @@ async fn a_read_only_session_reads_but_its_content_never_reaches_storage_or_peer
     viewer.leave().await;
     writer.leave().await;
 }
+
+/// Polls a future once (the test runtime is single-threaded: the relay task does not run
+/// meanwhile).
+fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+/// One session may have at most its share (`INFLIGHT_BYTES`) of frames queued for the relay
+/// task; the next frame waits until the relay has handled some (so its socket is read no
+/// faster), while another session still gets its frames in. Before, a session could queue 8192
+/// frames of up to the frame limit each, ahead of everyone.
+#[tokio::test]
+async fn a_session_may_queue_only_its_share_of_the_relay_queue() {
+    use crate::service::session::INFLIGHT_BYTES;
+    let svc = CojsonService::new(Arc::new(MemoryStorage::new()), CojsonConfig::default());
+    let flooder = svc.connect().await.unwrap();
+    let other = svc.connect().await.unwrap();
+    let line = json!({"action":"known","id":"co_zFlood","header":false,"sessions":{}}).to_string();
+    let frame = vec![line.as_str(); (1 << 20) / (line.len() + 1)].join("\n");
+    let share = INFLIGHT_BYTES / frame.len();
+    assert!(share >= 2);
+    for i in 0..share {
+        let mut f = std::pin::pin!(flooder.receive(&frame));
+        assert!(poll_once(f.as_mut()).is_ready(), "frame {i} is within the share");
+    }
+    let mut waiting = std::pin::pin!(flooder.receive(&frame));
+    assert!(poll_once(waiting.as_mut()).is_pending(), "the share is used up: the next frame waits");
+    let mut others = std::pin::pin!(other.receive(&frame));
+    assert!(poll_once(others.as_mut()).is_ready(), "another session is not held back");
+    // Once the relay task handled the queued frames, the waiting one goes in.
+    let received = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("relay handles the queue");
+    assert_eq!(received.unwrap().messages, frame.split('\n').count());
+}
