@@ -175,7 +175,7 @@ async fn a_document_that_fails_to_load_is_refused_not_served_empty() {
     storage.append("broken", b"\xff\xff\xff not an update".to_vec()).await.unwrap();
     let svc = service(storage.clone(), YjsConfig::default());
     match svc.join("broken").await {
-        Err(ServiceError::LoadFailed(reason)) => assert!(reason.contains("journal entry 0"), "{reason}"),
+        Err(ServiceError::LoadFailed(reason)) => assert!(reason.to_string().contains("journal entry 0"), "{reason}"),
         Err(other) => panic!("wrong error {other}"),
         Ok(_) => panic!("served a document that cannot be loaded"),
     }

@@ -24,7 +24,7 @@ use tokio::task::{JoinError, JoinHandle};
 use super::compactor::Compactor;
 use super::registry::RegistryRef;
 use super::session::SessionFlags;
-use super::{Outbound, ServiceError, YjsConfig, YjsSession};
+use super::{Outbound, ServiceError, Unavailable, YjsConfig, YjsSession};
 use crate::room::{Action, RoomError};
 use crate::{load_room, Access, ConnId, LoadError, Room};
 
@@ -133,7 +133,7 @@ pub(crate) fn spawn(
                 if let Some(r) = registry.upgrade() {
                     r.remove(&doc_id, generation);
                 }
-                fail_all(commands, ServiceError::LoadFailed(reason.to_string()));
+                fail_all(commands, ServiceError::LoadFailed(Arc::new(reason)));
             }
         }
     });
@@ -141,7 +141,7 @@ pub(crate) fn spawn(
 
 /// Why a document could not be loaded. It is then refused, never served empty.
 #[derive(Debug, Error)]
-enum DocLoadError {
+pub enum DocLoadError {
     /// Storage could not read the snapshot and journal.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -233,7 +233,7 @@ impl DocTask {
             // Nothing of this batch was persisted or sent; its writers were not acknowledged
             // and re-send on reconnect. Memory may be half-changed: drop it, reload from storage.
             tracing::error!(doc = %self.doc_id, error = %why, "the Yjs library panicked; closing the document to reload it from storage");
-            let error = ServiceError::Unavailable(format!("document failed: {why}"));
+            let error = ServiceError::Unavailable(Unavailable::Failed(why));
             self.fail_document(error, "document failed; reconnect", deferred);
             return false;
         }
@@ -295,7 +295,7 @@ impl DocTask {
                         if let RoomError::Poisoned(why) = &e {
                             self.poisoned = Some(why.clone());
                         }
-                        drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string()))))
+                        drop(reply.send(Reply::Failed(ServiceError::Unavailable(Unavailable::Room(Arc::new(e))))))
                     }
                 }
             }
@@ -322,7 +322,7 @@ impl DocTask {
                         if let RoomError::Poisoned(why) = &e {
                             self.poisoned = Some(why.clone());
                         }
-                        Reply::Failed(ServiceError::Unavailable(e.to_string()))
+                        Reply::Failed(ServiceError::Unavailable(Unavailable::Room(Arc::new(e))))
                     }
                 };
                 // Memory may hold updates of this batch that are not durable yet: answer after
@@ -344,9 +344,9 @@ impl DocTask {
                 }
                 Err(RoomError::Poisoned(why)) => {
                     self.poisoned = Some(why.clone());
-                    drop(reply.send(Reply::Failed(ServiceError::Unavailable(format!("document failed: {why}")))));
+                    drop(reply.send(Reply::Failed(ServiceError::Unavailable(Unavailable::Failed(why)))));
                 }
-                Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(e.to_string())))),
+                Err(e) => drop(reply.send(Reply::Failed(ServiceError::Unavailable(Unavailable::Room(Arc::new(e)))))),
             },
         }
     }
@@ -416,7 +416,7 @@ impl DocTask {
     /// reconnect) and end this task so the next use reloads from storage.
     fn storage_failed(&mut self, error: StorageError, deferred: Vec<Deferred>) {
         tracing::error!(doc = %self.doc_id, error = %error, "persisting updates failed; closing the document");
-        self.fail_document(ServiceError::Storage(error.to_string()), "storage failure", deferred);
+        self.fail_document(ServiceError::Storage(Arc::new(error)), "storage failure", deferred);
     }
 
     /// Memory can no longer be trusted (a failed write, a panic in yrs): close every

@@ -19,12 +19,15 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moai_storage::DocJournal;
+use moai_storage::{DocJournal, StorageError};
 
 use crate::Access;
 use thiserror::Error;
 
+pub use doc_task::DocLoadError;
 pub use session::{Outbound, YjsSession};
+
+use crate::room::RoomError;
 
 use registry::Registry;
 
@@ -61,24 +64,41 @@ impl Default for YjsConfig {
     }
 }
 
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+/// Why the engine could not serve a request. Cloned to every waiter of a failed document, so
+/// the underlying errors are shared (`Arc`).
+#[derive(Debug, Error, Clone)]
 pub enum ServiceError {
     /// The stored document could not be read or decoded. The document is refused rather than
     /// served empty, which could later overwrite the real data.
     #[error("document could not be loaded: {0}")]
-    LoadFailed(String),
+    LoadFailed(Arc<DocLoadError>),
     /// Storage failed while persisting; the document was closed and will reload on next use.
     #[error("storage failed: {0}")]
-    Storage(String),
-    /// The update is not a valid Yjs update (HTTP API).
+    Storage(Arc<StorageError>),
+    /// The update is not a valid Yjs update (HTTP API); the reason is told to the client.
     #[error("invalid update: {0}")]
     InvalidUpdate(String),
     /// The update builds on changes the document does not have (HTTP API); it was not applied.
     #[error("the update depends on changes this document does not have; send those first (or a full-state update)")]
     MissingDependencies,
-    /// The engine is shutting down or the document task ended unexpectedly.
+    /// The engine is shutting down or the document is being closed.
     #[error("document unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
+}
+
+/// Why a document could not be reached.
+#[derive(Debug, Error, Clone)]
+pub enum Unavailable {
+    /// The Yjs library failed on this document (the panic's message): it is closed and reloads
+    /// from storage on next use.
+    #[error("document failed: {0}")]
+    Failed(String),
+    /// The document answered with an error of its room.
+    #[error(transparent)]
+    Room(Arc<RoomError>),
+    /// The document kept closing (it failed, or was evicted) while we tried to reach it.
+    #[error("document {0} kept closing while we tried to reach it")]
+    KeptClosing(String),
 }
 
 /// Handle to the Yjs engine. Cheap to clone.

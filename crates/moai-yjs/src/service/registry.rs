@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
-use super::{ServiceError, YjsConfig, YjsSession};
+use super::{ServiceError, Unavailable, YjsConfig, YjsSession};
 use crate::Access;
 
 /// How many times a caller re-resolves a document that was being evicted under it.
@@ -109,7 +109,7 @@ impl Registry {
                 Ok(Reply::Retry) | Err(_) => continue,
             }
         }
-        Err(ServiceError::Unavailable(format!("document {doc_id} kept closing while we tried to reach it")))
+        Err(ServiceError::Unavailable(Unavailable::KeptClosing(doc_id.to_owned())))
     }
 
     pub(crate) async fn join(self: &Arc<Self>, doc_id: &str, access: Access) -> Result<YjsSession, ServiceError> {
