@@ -434,3 +434,26 @@ async fn a_wrong_password_fails_open_with_the_reason_and_never_shows_the_passwor
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A write the database refuses for what it wrote (here a NUL byte, which `text` cannot hold)
+/// rolls back to its savepoint and fails alone: the writes sharing its batch commit, and it is
+/// not reported as a storage failure.
+#[tokio::test]
+async fn a_refused_write_fails_alone_and_is_not_a_storage_failure() {
+    let pg = cluster().await;
+    let observer = Arc::new(Recorder::default());
+    let store = PostgresStorage::open(&pg.url(), PostgresOptions::default(), observer.clone()).await.unwrap();
+    let (a, bad, c) = tokio::join!(
+        store.append("d", b"a".to_vec()),
+        store.append("bad\0doc", b"b".to_vec()),
+        store.append("d", b"c".to_vec())
+    );
+    assert!(a.is_ok() && c.is_ok(), "{a:?} {c:?}");
+    match bad {
+        Err(e @ StorageError::Postgres(_)) => assert!(e.to_string().contains("SQLSTATE 22021"), "{e}"),
+        other => panic!("expected the server's refusal, got {other:?}"),
+    }
+    assert_eq!(store.load("d").await.unwrap().updates.len(), 2);
+    assert!(observer.failures.lock().unwrap().is_empty(), "{:?}", observer.failures.lock().unwrap());
+    assert!(observer.oks.load(Ordering::SeqCst) > 0);
+}
