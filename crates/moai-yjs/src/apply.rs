@@ -14,6 +14,7 @@
 
 use thiserror::Error;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, Transact, Update};
 
 #[derive(Debug, Error)]
@@ -26,10 +27,11 @@ pub enum ApplyError {
     Busy,
     #[error("update is not a valid Yjs v1 update: {0}")]
     Implausible(#[from] crate::plausible::Implausible),
-    /// yrs panicked while decoding or integrating. The document may be half-changed: the room
-    /// must not be used any more (reload it from storage).
+    /// yrs panicked while decoding or integrating, or left pending state it could not read back
+    /// (see [`pending_is_plausible`]). The document may be half-changed or hold a time bomb: the
+    /// room must not be used any more (reload it from storage).
     #[error("the Yjs library failed on this update: {0}")]
-    Panicked(String),
+    Poisoned(String),
 }
 
 /// Result of applying an update.
@@ -63,7 +65,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
     contain(|| apply_v1_unguarded(doc, bytes))
-        .unwrap_or_else(|why| Applied { diff: None, error: Some(ApplyError::Panicked(why)) })
+        .unwrap_or_else(|why| Applied { diff: None, error: Some(ApplyError::Poisoned(why)) })
 }
 
 thread_local! {
@@ -107,6 +109,10 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
     // yjs_frame fuzz target with a 40-byte update).
     let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let error = txn.apply_update(update).err().map(ApplyError::from);
+        let error = match pending_is_plausible(&txn) {
+            Ok(()) => error,
+            Err(why) => Some(ApplyError::Poisoned(why)),
+        };
         let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
         let diff = changed.then(|| txn.encode_update_v1());
         (error, diff)
@@ -120,9 +126,25 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
             // The commit of the broken transaction may panic too; outside any unwinding that
             // is an ordinary, catchable panic.
             let _ = contain(move || drop(txn));
-            Applied { diff: None, error: Some(ApplyError::Panicked(panic_message(&*payload))) }
+            Applied { diff: None, error: Some(ApplyError::Poisoned(panic_message(&*payload))) }
         }
     }
+}
+
+/// yrs keeps structs it cannot integrate yet as a *pending* update that it encodes itself and
+/// decodes again at every full-state encode (the answer to the next joiner's SyncStep1, every
+/// compaction). For some hostile inputs the pending update yrs builds claims counts its bytes
+/// cannot hold (fuzzing found one that made that later decode reserve ~49 GB), so the bomb
+/// would go off later, at someone else's request. It is checked here with the same rules as
+/// any incoming update, right after the update that created it; the cost is paid only while
+/// something is pending.
+fn pending_is_plausible(txn: &yrs::TransactionMut) -> Result<(), String> {
+    let store = txn.store();
+    if let Some(pending) = store.pending_update() {
+        crate::plausible::update_v1(&pending.update.encode_v1())
+            .map_err(|e| format!("yrs built a pending update it could not read back: {e}"))?;
+    }
+    Ok(())
 }
 
 /// True while the document holds structs or deletions waiting for missing dependencies.
@@ -139,7 +161,7 @@ mod tests {
         let doc = Doc::new();
         INJECT_PANIC.with(|p| p.set(true));
         let applied = apply_v1(&doc, &[0, 0]);
-        assert!(matches!(applied.error, Some(ApplyError::Panicked(ref m)) if m == "injected yrs panic"), "{applied:?}");
+        assert!(matches!(applied.error, Some(ApplyError::Poisoned(ref m)) if m == "injected yrs panic"), "{applied:?}");
         // The next update is applied as usual.
         assert!(apply_v1(&doc, &[0, 0]).error.is_none());
     }

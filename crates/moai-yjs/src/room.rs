@@ -136,6 +136,10 @@ pub struct Room {
     doc_version: u64,
     awareness_version: u64,
     stats: RoomStats,
+    /// Set by the first call that found the document poisoned (yrs panicked, or left state it
+    /// cannot read back): every later call answers [`RoomError::Poisoned`] without touching the
+    /// document, whatever the driver does next.
+    poisoned: std::sync::OnceLock<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -191,6 +195,7 @@ impl Room {
             doc_version: 0,
             awareness_version: 0,
             stats: RoomStats::default(),
+            poisoned: std::sync::OnceLock::new(),
         }
     }
 
@@ -239,7 +244,26 @@ impl Room {
     /// applied, persisted or broadcast. The first one it sends is answered with a
     /// permission-denied auth message ([`READ_ONLY_REASON`]).
     pub fn connect_with(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
-        contain(|| self.connect_with_unguarded(conn, access)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+        self.not_poisoned()?;
+        let result =
+            contain(|| self.connect_with_unguarded(conn, access)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
+    }
+
+    /// `Err(Poisoned)` once the document has been found poisoned.
+    fn not_poisoned(&self) -> Result<(), RoomError> {
+        match self.poisoned.get() {
+            Some(why) => Err(RoomError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers a poisoning, so the document is never used again.
+    fn note<T>(&self, result: Result<T, RoomError>) -> Result<T, RoomError> {
+        if let Err(RoomError::Poisoned(why)) = &result {
+            let _ = self.poisoned.set(why.clone());
+        }
+        result
     }
 
     fn connect_with_unguarded(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
@@ -277,7 +301,10 @@ impl Room {
     /// yrs-based peers send) are processed message by message; the first bad message closes
     /// the connection, keeping the actions of the messages before it.
     pub fn receive(&mut self, conn: ConnId, frame: &[u8]) -> Result<Vec<Action>, RoomError> {
-        contain(|| self.receive_unguarded(conn, frame)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+        self.not_poisoned()?;
+        let result =
+            contain(|| self.receive_unguarded(conn, frame)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
     }
 
     fn receive_unguarded(&mut self, conn: ConnId, frame: &[u8]) -> Result<Vec<Action>, RoomError> {
@@ -347,7 +374,7 @@ impl Room {
                 match applied.error {
                     None => {}
                     Some(ApplyError::Busy) => return Err(RoomError::Busy),
-                    Some(ApplyError::Panicked(why)) => return Err(RoomError::Poisoned(why)),
+                    Some(ApplyError::Poisoned(why)) => return Err(RoomError::Poisoned(why)),
                     Some(e) => return Ok(self.reject(conn, e.to_string(), actions)),
                 }
             }
@@ -396,7 +423,10 @@ impl Room {
     /// Applies an update from the HTTP API (server-side write). The change is persisted and then
     /// broadcast to every connection.
     pub fn apply_http_update(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
-        contain(|| self.apply_http_update_unguarded(update)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+        self.not_poisoned()?;
+        let result =
+            contain(|| self.apply_http_update_unguarded(update)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
     }
 
     fn apply_http_update_unguarded(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
@@ -414,7 +444,7 @@ impl Room {
             None if !had_pending && has_pending(&self.doc) => Err(RoomError::MissingDependencies { actions }),
             None => Ok(actions),
             Some(ApplyError::Busy) => Err(RoomError::Busy),
-            Some(ApplyError::Panicked(why)) => Err(RoomError::Poisoned(why)),
+            Some(ApplyError::Poisoned(why)) => Err(RoomError::Poisoned(why)),
             Some(e) => Err(RoomError::InvalidUpdate { reason: e.to_string(), actions }),
         }
     }
@@ -427,15 +457,18 @@ impl Room {
     /// entries up to that point may be dropped once the snapshot is durable; later entries
     /// must stay (replaying something the snapshot already has is harmless).
     pub fn encode_state_as_update(&self) -> Result<Vec<u8>, RoomError> {
-        contain(|| {
+        self.not_poisoned()?;
+        let result = contain(|| {
             let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
             Ok(txn.encode_state_as_update_v1(&StateVector::default()))
         })
-        .unwrap_or_else(|why| Err(RoomError::Poisoned(why)))
+        .unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
     }
 
     /// The document's current state vector (v1), e.g. to compare replicas.
     pub fn state_vector(&self) -> Result<Vec<u8>, RoomError> {
+        self.not_poisoned()?;
         let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
         Ok(txn.state_vector().encode_v1())
     }

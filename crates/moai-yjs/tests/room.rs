@@ -382,3 +382,26 @@ fn a_yrs_panic_on_a_later_encode_is_contained() {
         Err(other) => panic!("unexpected {other:?}"),
     }
 }
+
+/// Found by fuzzing: an update that yrs parks as pending, where the pending update yrs builds
+/// itself claims ~2 billion structs in 36 bytes; at the next full-state encode yrs decoded it
+/// again and reserved ~49 GB. The update is now refused as it arrives (the pending state is
+/// checked like any incoming update) and the document counts as failed: every later call says
+/// so without touching it, and the server reloads it from storage.
+#[test]
+fn an_update_that_leaves_unreadable_pending_state_poisons_only_that_document() {
+    let input = include_bytes!("../../../fuzz/seeds/yjs_frame/regression-yrs-pending-reencode-alloc");
+    let update = &input[1..]; // the fuzz target's first byte picks the HTTP path
+    let mut room = Room::from_doc("d", moai_yjs::yrs::Doc::with_client_id(1));
+    match room.apply_http_update(update) {
+        Err(RoomError::Poisoned(why)) => assert!(why.contains("pending"), "{why}"),
+        other => panic!("expected the document to fail, got {other:?}"),
+    }
+    assert!(matches!(room.encode_state_as_update(), Err(RoomError::Poisoned(_))));
+    assert!(matches!(room.connect(ConnId(9)), Err(RoomError::Poisoned(_))));
+    assert!(matches!(room.state_vector(), Err(RoomError::Poisoned(_))));
+    // Another document is untouched.
+    let mut other = Room::from_doc("e", moai_yjs::yrs::Doc::with_client_id(1));
+    assert!(other.connect(ConnId(1)).is_ok());
+    assert!(other.encode_state_as_update().is_ok());
+}
