@@ -30,6 +30,11 @@ pub enum Implausible {
     TooDeep,
     #[error("a client appears in more than one section of the update")]
     RepeatedClient,
+    /// Clocks are `u32`: a section whose structs run past 2^32 (or a deleted range that does)
+    /// wraps around inside yrs, which then holds overlapping ids (fuzzing: a use-after-free in
+    /// its conflict resolution). No real document gets near 4 billion operations per client.
+    #[error("clocks run past 2^32")]
+    ClockOverflow,
 }
 
 /// Walks a payload, refusing what would make yrs over-allocate or recurse without bound. A walk
@@ -96,11 +101,11 @@ impl<'a> Walk<'a> {
         self.yrs_var(64).map(drop)
     }
 
-    /// A length-prefixed string or buffer, its length read as yrs reads it.
-    fn string(&mut self) -> Step {
+    /// A length-prefixed string or buffer, its length read as yrs reads it; returns the length.
+    fn string(&mut self) -> Result<u64, Stop> {
         let len = self.yrs_var(32)?;
         self.reader.skip(usize::try_from(len).map_err(|_| Stop::Unparsed)?)?;
-        Ok(())
+        Ok(len)
     }
 
     fn update(&mut self) -> Step {
@@ -114,9 +119,12 @@ impl<'a> Walk<'a> {
             if !seen.insert(self.yrs_var(64)?) {
                 return Err(Stop::Refuse(Implausible::RepeatedClient));
             }
-            self.skip_var()?; // clock
+            let mut clock = self.yrs_var(32)?;
             for _ in 0..blocks {
-                self.block()?;
+                clock = clock.saturating_add(self.block()?);
+                if clock > u64::from(u32::MAX) {
+                    return Err(Stop::Refuse(Implausible::ClockOverflow));
+                }
             }
         }
         // Delete set: clients, each with its ranges (clock, length).
@@ -125,23 +133,26 @@ impl<'a> Walk<'a> {
             self.skip_var()?;
             let ranges = self.count(2)?;
             for _ in 0..ranges {
-                self.skip_var()?;
-                self.skip_var()?;
+                let (clock, len) = (self.yrs_var(32)?, self.yrs_var(32)?);
+                if clock + len > u64::from(u32::MAX) {
+                    return Err(Stop::Refuse(Implausible::ClockOverflow));
+                }
             }
         }
         Ok(())
     }
 
-    /// One struct, as yrs' `Update::decode_block` reads it.
-    fn block(&mut self) -> Step {
+    /// One struct, as yrs' `Update::decode_block` reads it. Returns how far it moves the clock,
+    /// or more (a string's UTF-8 byte length bounds its UTF-16 length): only an overflow of
+    /// `u32` is looked for, which no real update comes near.
+    fn block(&mut self) -> Result<u64, Stop> {
         const HAS_ORIGIN: u8 = 0x80;
         const HAS_RIGHT_ORIGIN: u8 = 0x40;
         const HAS_PARENT_SUB: u8 = 0x20;
         let info = self.reader.read_u8()?;
         if info == 0 || info == 10 {
             // GC or Skip: a length.
-            self.skip_var()?;
-            return Ok(());
+            return self.yrs_var(32);
         }
         if info & HAS_ORIGIN != 0 {
             self.skip_var()?;
@@ -162,38 +173,51 @@ impl<'a> Walk<'a> {
                 self.string()?;
             }
         }
-        match info & 0x0f {
-            1 => self.skip_var()?, // deleted: a length
+        let len = match info & 0x0f {
+            1 => self.yrs_var(32)?, // deleted: a length
             2 => {
                 // JSON: yrs reads one string more than the count says.
                 let n = self.count(1)?;
                 for _ in 0..=n {
                     self.string()?;
                 }
+                n + 1
             }
-            3..=5 => self.string()?, // binary, string, embed (JSON text)
+            4 => self.string()?, // string: UTF-16 length, at most its UTF-8 bytes
+            3 | 5 => {
+                self.string()?; // binary, embed (JSON text)
+                1
+            }
             6 => {
                 self.string()?; // format: key and JSON value
                 self.string()?;
+                1
             }
-            7 => match self.reader.read_u8()? {
-                3 => self.string()?, // XML element name
-                0..=6 | 9 | 15 => {}
-                _ => return Err(Stop::Unparsed),
-            },
+            7 => {
+                match self.reader.read_u8()? {
+                    3 => {
+                        self.string()?; // XML element name
+                    }
+                    0..=6 | 9 | 15 => {}
+                    _ => return Err(Stop::Unparsed),
+                }
+                1
+            }
             8 => {
                 let n = self.count(1)?;
                 for _ in 0..n {
                     self.any(0)?;
                 }
+                n
             }
             9 => {
                 self.string()?; // sub-document guid, then its options
                 self.any(0)?;
+                1
             }
             _ => return Err(Stop::Unparsed),
-        }
-        Ok(())
+        };
+        Ok(len.max(1))
     }
 
     /// One lib0 `Any` value, as yrs' `Any::decode` reads it.
@@ -206,7 +230,9 @@ impl<'a> Walk<'a> {
             125 => self.skip_var()?,
             124 => self.reader.skip(4)?,
             123 | 122 => self.reader.skip(8)?,
-            119 | 116 => self.string()?,
+            119 | 116 => {
+                self.string()?;
+            }
             118 => {
                 let n = self.count_as(2, 64)?;
                 for _ in 0..n {
@@ -282,6 +308,30 @@ mod tests {
         let u = [2, 0, 7, 0, 0, 7, 5, 0];
         assert_eq!(update_v1(&u), Err(Implausible::RepeatedClient));
         assert!(update_v1(&[2, 0, 7, 0, 0, 8, 5, 0]).is_ok(), "two different clients are fine");
+    }
+
+    #[test]
+    fn clocks_that_run_past_u32_are_refused() {
+        // One client starting at clock 2^32 - 2 with a deleted run of 5: yrs' `clock += len`
+        // wraps (the fuzz target's use-after-free in conflict resolution came from such ids).
+        let start = [0xfe, 0xff, 0xff, 0xff, 0x0f]; // 2^32 - 2
+        let mut u = vec![1, 1, 7];
+        u.extend(start);
+        u.extend([1, 1, 1, b't', 5, 0]); // deleted content of length 5 under root "t"; no deletes
+        assert_eq!(update_v1(&u), Err(Implausible::ClockOverflow));
+        // The same run ending exactly at 2^32 - 1 is fine.
+        let mut ok = vec![1, 1, 7];
+        ok.extend(start);
+        ok.extend([1, 1, 1, b't', 1, 0]);
+        assert_eq!(update_v1(&ok), Ok(()));
+        // A deleted range past 2^32 in the delete set.
+        let mut ds = vec![0, 1, 7, 1];
+        ds.extend(start);
+        ds.push(5);
+        assert_eq!(update_v1(&ds), Err(Implausible::ClockOverflow));
+        // The fuzz target's input itself.
+        let found = include_bytes!("../../../fuzz/seeds/yjs_frame/regression-yrs-clock-overflow-uaf");
+        assert_eq!(update_v1(&found[1..]), Err(Implausible::ClockOverflow));
     }
 
     #[test]
