@@ -1,19 +1,27 @@
 //! CoJSON text frames from a client: frame splitting and message decoding, then every decoded
 //! message into the relay (sans-IO), which verifies content (header hash, hash chain,
-//! signatures) before anything would be stored. Storage answers "not found" to every load.
+//! signatures) before anything would be stored. Storage answers "not stored" to every read and
+//! "durable" to every write (which is what releases acks and forwarding).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moai_cojson::{parse_frame, Action, Event, Incoming, PeerId, Relay};
+use moai_cojson::{parse_frame, Action, Event, Incoming, PeerId, Relay, StoredKnown};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let mut relay = Relay::default();
     let peer = PeerId(1);
+    // A second client asks for whatever the first one loads, so it is subscribed and gets
+    // content forwarded (dependency order, pieces cut at the durable state).
+    let watcher = PeerId(2);
     relay.handle(Event::PeerConnected(peer));
+    relay.handle(Event::PeerConnected(watcher));
     let mut pending: Vec<Event> = Vec::new();
     for line in parse_frame(&text) {
         if let Ok(Incoming::Sync(msg)) = line {
+            if matches!(msg, moai_cojson::SyncMessage::Load(..)) {
+                pending.push(Event::Message(watcher, msg.clone()));
+            }
             pending.push(Event::Message(peer, msg));
         }
     }
@@ -26,9 +34,7 @@ fuzz_target!(|data: &[u8]| {
             match action {
                 Action::Load(id) => pending.push(Event::Loaded { id, stored: None }),
                 Action::LoadKnown(ids) => {
-                    for id in ids {
-                        pending.push(Event::Loaded { id, stored: None });
-                    }
+                    pending.push(Event::KnownLoaded(ids.into_iter().map(|id| (id, StoredKnown::NotStored)).collect()))
                 }
                 Action::Persist(req) => pending.push(Event::Persisted(req.token)),
                 Action::Send(_, out) => {
@@ -39,4 +45,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     relay.handle(Event::PeerDisconnected(peer));
+    relay.handle(Event::PeerDisconnected(watcher));
 });

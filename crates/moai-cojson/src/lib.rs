@@ -40,7 +40,10 @@ pub use service::{
 
 /// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which decodes fuzzed frames
 /// with it.
-pub use message::{parse_frame, Incoming};
+pub use message::{parse_frame, Incoming, SyncMessage};
+/// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which drives the sans-IO
+/// relay directly, without storage or sockets (answering its reads as "not stored").
+pub use persistence::StoredKnown;
 /// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which drives the sans-IO
 /// relay directly, without storage or sockets.
 pub use relay::{Action, Event, PeerId, Relay};
