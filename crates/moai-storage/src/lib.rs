@@ -20,6 +20,7 @@
 mod covalue_store;
 mod doc_journal;
 mod error;
+mod inventory;
 mod memory;
 mod observer;
 mod postgres;
@@ -31,6 +32,7 @@ pub use covalue_store::{
 };
 pub use doc_journal::{DocJournal, Folded, StoredDoc};
 pub use error::StorageError;
+pub use inventory::Inventory;
 pub use memory::MemoryStorage;
 pub use observer::{NoopObserver, StorageObserver};
 pub use postgres::{redact_url, PostgresOptions, PostgresStorage, POSTGRES_SCHEMA_VERSION};

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use crate::covalue_store::check_append;
 use crate::{
-    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, Folded, StorageError,
-    StoredDoc, StoredKnownState,
+    AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, Folded, Inventory,
+    StorageError, StoredDoc, StoredKnownState,
 };
 
 #[derive(Default)]
@@ -100,6 +100,28 @@ impl CoValueStore for MemoryStorage {
                 })
             })
             .collect())
+    }
+}
+
+/// One page of `ids` in byte order: after `after`, at most `limit`.
+fn page<'a>(ids: impl Iterator<Item = &'a String>, after: Option<&str>, limit: usize) -> Vec<String> {
+    let mut ids: Vec<&String> = ids.filter(|id| after.is_none_or(|a| id.as_str() > a)).collect();
+    ids.sort_unstable();
+    ids.into_iter().take(limit).cloned().collect()
+}
+
+#[async_trait]
+impl Inventory for MemoryStorage {
+    async fn list_docs(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StorageError> {
+        let docs = self.docs.lock().map_err(|_| StorageError::Closed)?;
+        // An empty append leaves an empty entry behind: that document holds nothing.
+        let held = docs.iter().filter(|(_, d)| d.snapshot.is_some() || !d.updates.is_empty()).map(|(id, _)| id);
+        Ok(page(held, after, limit))
+    }
+
+    async fn list_covalues(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StorageError> {
+        let covalues = self.covalues.lock().map_err(|_| StorageError::Closed)?;
+        Ok(page(covalues.keys(), after, limit))
     }
 }
 

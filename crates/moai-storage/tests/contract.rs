@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moai_storage::{
-    AppendError, BytesSinceSignature, CoValueAppend, CoValueStore, DocJournal, Folded, MemoryStorage, NoopObserver,
-    PostgresOptions, PostgresStorage, SessionAppendRecord, SqliteOptions, SqliteStorage, StorageError, StorageObserver,
-    StoredKnownState,
+    AppendError, BytesSinceSignature, CoValueAppend, CoValueStore, DocJournal, Folded, Inventory, MemoryStorage,
+    NoopObserver, PostgresOptions, PostgresStorage, SessionAppendRecord, SqliteOptions, SqliteStorage, StorageError,
+    StorageObserver, StoredKnownState,
 };
 
-trait Store: DocJournal + CoValueStore {}
-impl<T: DocJournal + CoValueStore> Store for T {}
+trait Store: DocJournal + CoValueStore + Inventory {}
+impl<T: DocJournal + CoValueStore + Inventory> Store for T {}
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -506,6 +506,63 @@ async fn concurrent_appends_to_one_session_never_leave_a_gap() {
         for (i, t) in txs.iter().enumerate() {
             assert!(t.ends_with(&format!("\"at\":{i}}}")), "{kind:?}: transaction {i} is {t}");
         }
+        backend.close().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inventory
+
+/// Every page of a listing, `limit` ids at a time, until an empty page.
+async fn list_all(store: &dyn Store, covalues: bool, limit: usize) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    loop {
+        let after = all.last().map(String::as_str);
+        let page = match covalues {
+            false => store.list_docs(after, limit).await.unwrap(),
+            true => store.list_covalues(after, limit).await.unwrap(),
+        };
+        assert!(page.len() <= limit, "a page holds at most its limit");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+#[tokio::test]
+async fn listing_names_every_stored_document_and_covalue_once_in_pages() {
+    for kind in KINDS {
+        let mut backend = open(kind).await;
+        let store = backend.store();
+        assert!(store.list_docs(None, 10).await.unwrap().is_empty(), "{kind:?}: an empty store lists nothing");
+        assert!(store.list_covalues(None, 10).await.unwrap().is_empty(), "{kind:?}");
+
+        // Journal only; snapshot and journal; snapshot only (its journal folded away); an empty
+        // append stores nothing, so that document does not exist.
+        for doc in ["d-journal", "b-both", "c-snapshot"] {
+            store.append_many(doc, vec![b"1".to_vec(), b"2".to_vec()]).await.unwrap();
+        }
+        for doc in ["b-both", "c-snapshot"] {
+            let loaded = store.load(doc).await.unwrap();
+            store.compact(doc, b"snap".to_vec(), loaded.folded()).await.unwrap();
+        }
+        store.append("b-both", b"3".to_vec()).await.unwrap();
+        assert!(store.load("c-snapshot").await.unwrap().updates.is_empty(), "{kind:?}");
+        store.append_many("e-nothing", vec![]).await.unwrap();
+        for id in ["co_zB", "co_zA", "co_zC"] {
+            store.append_covalue(append(id, Some(HEADER), vec![session("s1_session_zA", 0, 1, vec![])])).await.unwrap();
+        }
+        backend.reopen().await;
+        let store = backend.store();
+
+        for limit in [1, 2, 100] {
+            assert_eq!(list_all(store, false, limit).await, ["b-both", "c-snapshot", "d-journal"], "{kind:?} {limit}");
+            assert_eq!(list_all(store, true, limit).await, ["co_zA", "co_zB", "co_zC"], "{kind:?} {limit}");
+        }
+        assert_eq!(store.list_docs(Some("b-both"), 1).await.unwrap(), ["c-snapshot"], "{kind:?}: after is exclusive");
+        assert_eq!(store.list_docs(Some("a"), 1).await.unwrap(), ["b-both"], "{kind:?}: after need not be stored");
+        assert!(store.list_covalues(Some("co_zC"), 5).await.unwrap().is_empty(), "{kind:?}");
         backend.close().await;
     }
 }

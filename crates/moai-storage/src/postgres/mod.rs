@@ -16,6 +16,7 @@ mod connect;
 mod covalue_store;
 mod doc_journal;
 mod failure;
+mod inventory;
 mod jobs;
 mod migrations;
 mod sql;

@@ -6,6 +6,7 @@
 
 mod covalue_store;
 mod doc_journal;
+mod inventory;
 mod migrations;
 mod readers;
 mod writer;
