@@ -246,15 +246,9 @@ fn an_admins_delete_reaches_everyone_and_a_writers_forged_delete_is_refused() {
     // just hidden: only the delete session is stored.
     server.stop("KILL");
     let stored = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        use moai_storage::CoValueStore;
-        let db = moai_storage::SqliteStorage::open(
-            &server.db,
-            Default::default(),
-            std::sync::Arc::new(moai_storage::NoopObserver),
-        )
-        .unwrap();
-        let record = db.load_covalue(&map).await.unwrap().expect("the map is stored");
-        db.close().await.unwrap();
+        let db = support::test_storage::Stored::open(&server.db).await;
+        let record = db.covalues().load_covalue(&map).await.unwrap().expect("the map is stored");
+        db.close().await;
         record
     });
     assert!(stored.deleted);

@@ -12,8 +12,8 @@
 
 mod support;
 
-#[path = "../../moai-pgsync/tests/support/pg.rs"]
-mod pg;
+// The throwaway cluster (crates/moai-pgsync/tests/support/pg.rs), included once by support.
+use support::pg;
 
 #[allow(dead_code, unused_imports)]
 #[path = "../../moai-pgsync-client/src/lib.rs"]

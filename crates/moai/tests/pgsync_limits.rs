@@ -4,8 +4,8 @@
 
 mod support;
 
-#[path = "../../moai-pgsync/tests/support/pg.rs"]
-mod pg;
+// The throwaway cluster (crates/moai-pgsync/tests/support/pg.rs), included once by support.
+use support::pg;
 
 use std::time::Duration;
 

@@ -25,8 +25,8 @@
 
 mod support;
 
-#[path = "../../moai-pgsync/tests/support/pg.rs"]
-mod pg;
+// The throwaway cluster (crates/moai-pgsync/tests/support/pg.rs), included once by support.
+use support::pg;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};

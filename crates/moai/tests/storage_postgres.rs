@@ -5,8 +5,8 @@
 
 mod support;
 
-#[path = "../../moai-pgsync/tests/support/pg.rs"]
-mod pg;
+// The throwaway cluster (crates/moai-pgsync/tests/support/pg.rs), included once by support.
+use support::pg;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

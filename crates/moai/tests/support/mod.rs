@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod node_driver;
+#[path = "../../../moai-pgsync/tests/support/pg.rs"]
+pub mod pg;
+pub mod test_storage;
 pub mod ws;
 pub mod yjs;
 
@@ -23,21 +26,28 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts moai on a free port with a fresh database in a temp dir, plus `extra` args.
+    /// Starts moai on a free port with a fresh database in a temp dir, plus `extra` args. The
+    /// database is SQLite, or PostgreSQL under `MOAI_TEST_STORAGE=postgres` (see
+    /// [`test_storage`]).
     pub fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("moai.db");
         Self::start_in(dir, &db, extra)
     }
 
+    /// Starts moai with `--db-path db`. A test that restarts its server passes the same `db`
+    /// again, and finds the same data: on PostgreSQL `db` stands for a database of its own (see
+    /// [`test_storage`]), unless `extra` names a `--storage` itself.
     pub fn start_in(dir: tempfile::TempDir, db: &Path, extra: &[&str]) -> Server {
         // A test that restarts on the same port passes its own --port.
         let port: &[&str] = if extra.contains(&"--port") { &[] } else { &["--port", "0"] };
+        let storage = if extra.contains(&"--storage") { None } else { test_storage::storage_for(db) };
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(port)
             .args(["--log-format", "json", "--db-path"])
             .arg(db)
+            .args(storage.iter().flat_map(|url| ["--storage", url.as_str()]))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
