@@ -79,6 +79,24 @@ pub fn panic_is_contained() -> bool {
     CONTAINING.with(|c| c.get())
 }
 
+/// Test hook, debug builds only: an update that contains these bytes makes the apply panic inside
+/// the guarded work, as yrs did on some hostile inputs (all of those are refused before yrs sees
+/// them now, see [`crate::plausible`]), so tests against the real server can still show that a
+/// panic costs only its document.
+#[cfg(debug_assertions)]
+static TEST_PANIC_MARKER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Sets the test hook above (the binary's hidden `--test-yrs-panic-marker`, debug builds only).
+#[cfg(debug_assertions)]
+pub fn set_test_panic_marker(marker: Vec<u8>) {
+    let _ = TEST_PANIC_MARKER.set(marker);
+}
+
+#[cfg(debug_assertions)]
+fn test_panic_marker_in(bytes: &[u8]) -> bool {
+    TEST_PANIC_MARKER.get().is_some_and(|m| !m.is_empty() && bytes.windows(m.len()).any(|w| w == m.as_slice()))
+}
+
 #[cfg(test)]
 thread_local! {
     /// Unit tests: make the next apply on this thread panic, as yrs does on some inputs.
@@ -108,6 +126,10 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
     // the commit can panic again, which during unwinding aborts the whole process (found by the
     // yjs_frame fuzz target with a 40-byte update).
     let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        #[cfg(debug_assertions)]
+        if test_panic_marker_in(bytes) {
+            panic!("test hook: the Yjs library panics on this update");
+        }
         let error = txn.apply_update(update).err().map(ApplyError::from);
         let error = match pending_is_plausible(&txn) {
             Ok(()) => error,

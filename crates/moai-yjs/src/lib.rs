@@ -25,6 +25,8 @@ pub mod service;
 #[cfg(test)]
 mod test_util;
 
+#[cfg(debug_assertions)]
+pub use apply::set_test_panic_marker;
 pub use apply::ApplyError;
 pub use awareness::{AwarenessEntry, AwarenessTracker, AwarenessUpdate};
 pub use conn::{Access, ConnId};

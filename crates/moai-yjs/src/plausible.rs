@@ -35,6 +35,12 @@ pub enum Implausible {
     /// its conflict resolution). No real document gets near 4 billion operations per client.
     #[error("clocks run past 2^32")]
     ClockOverflow,
+    /// Legacy JSON content (content ref 2, which Yjs 13 no longer writes): yrs 0.28 writes `n`
+    /// strings for it and reads back `n + 1` (so it reads a Yjs-encoded one wrongly too), and the
+    /// document's own state then decodes as garbage (fuzzing: a ~60 GB reservation at the next
+    /// full-state encode).
+    #[error("legacy JSON content (content ref 2) is not supported")]
+    LegacyJsonContent,
 }
 
 /// Walks a payload, refusing what would make yrs over-allocate or recurse without bound. A walk
@@ -175,14 +181,7 @@ impl<'a> Walk<'a> {
         }
         let len = match info & 0x0f {
             1 => self.yrs_var(32)?, // deleted: a length
-            2 => {
-                // JSON: yrs reads one string more than the count says.
-                let n = self.count(1)?;
-                for _ in 0..=n {
-                    self.string()?;
-                }
-                n + 1
-            }
+            2 => return Err(Stop::Refuse(Implausible::LegacyJsonContent)),
             4 => self.string()?, // string: UTF-16 length, at most its UTF-8 bytes
             3 | 5 => {
                 self.string()?; // binary, embed (JSON text)
@@ -332,6 +331,16 @@ mod tests {
         // The fuzz target's input itself.
         let found = include_bytes!("../../../fuzz/seeds/yjs_frame/regression-yrs-clock-overflow-uaf");
         assert_eq!(update_v1(&found[1..]), Err(Implausible::ClockOverflow));
+    }
+
+    #[test]
+    fn legacy_json_content_is_refused() {
+        // One item under root "t" with JSON content holding one string: yrs would read two.
+        let u = [1, 1, 7, 0, 2, 1, 1, b't', 1, 2, b'4', b'2', 0];
+        assert_eq!(update_v1(&u), Err(Implausible::LegacyJsonContent));
+        // The fuzz target's input: accepted, its re-encoding by yrs decoded as ~60 GB of structs.
+        let found = include_bytes!("../../../fuzz/seeds/yjs_frame/regression-yrs-legacy-json-reencode");
+        assert_eq!(update_v1(&found[1..]), Err(Implausible::LegacyJsonContent));
     }
 
     #[test]

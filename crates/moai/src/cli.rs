@@ -160,6 +160,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_TEST_CAPTURE_FRAMES", hide = true)]
     pub test_capture_frames: Option<PathBuf>,
 
+    /// Test hook, debug builds only: a Yjs update containing this text makes the Yjs library's
+    /// apply panic, so tests can show that a panic costs only its document (docs/fuzzing.md).
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    pub test_yrs_panic_marker: Option<String>,
+
     /// Test hook: hold initialisation open until this file exists, so tests can observe the
     /// not-ready state deterministically.
     #[arg(long, env = "MOAI_TEST_HOLD_INIT_UNTIL", hide = true)]

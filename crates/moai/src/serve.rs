@@ -32,6 +32,11 @@ struct Running {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     logging::init(args.log_format);
+    #[cfg(debug_assertions)]
+    if let Some(marker) = args.test_yrs_panic_marker.clone() {
+        tracing::warn!("test hook: Yjs updates containing the marker make the Yjs library panic");
+        moai_yjs::set_test_panic_marker(marker.into_bytes());
+    }
     let started = Instant::now();
     let metrics = Metrics::new(VERSION);
     let readiness = Readiness::new();
