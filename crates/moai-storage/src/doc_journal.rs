@@ -77,3 +77,38 @@ pub trait DocJournal: Send + Sync + 'static {
     /// not in `folded.seqs` are always kept.
     async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError>;
 }
+
+/// A [`DocJournal`] whose snapshots may be kept elsewhere ([`crate::ObjectSnapshots`] keeps them
+/// in object storage): what such a wrapper needs from the database under it. Its sequence
+/// numbers start at 1.
+#[async_trait]
+pub trait TrimJournal: DocJournal {
+    /// Deletes `doc`'s journal entries `folded.seqs` (a snapshot kept elsewhere now holds them)
+    /// and, if `folded.snapshot_version` is `Some` and still names the snapshot stored here,
+    /// that snapshot (merged into the one kept elsewhere), in one transaction. A snapshot
+    /// replaced since is kept, and so are entries not named.
+    async fn trim(&self, doc: &str, folded: Folded) -> Result<(), StorageError>;
+}
+
+/// A shared handle is the journal it points to.
+#[async_trait]
+impl<T: DocJournal + ?Sized> DocJournal for std::sync::Arc<T> {
+    async fn append_many(&self, doc: &str, updates: Vec<Vec<u8>>) -> Result<Option<u64>, StorageError> {
+        (**self).append_many(doc, updates).await
+    }
+
+    async fn load(&self, doc: &str) -> Result<StoredDoc, StorageError> {
+        (**self).load(doc).await
+    }
+
+    async fn compact(&self, doc: &str, snapshot: Vec<u8>, folded: Folded) -> Result<(), StorageError> {
+        (**self).compact(doc, snapshot, folded).await
+    }
+}
+
+#[async_trait]
+impl<T: TrimJournal + ?Sized> TrimJournal for std::sync::Arc<T> {
+    async fn trim(&self, doc: &str, folded: Folded) -> Result<(), StorageError> {
+        (**self).trim(doc, folded).await
+    }
+}

@@ -58,6 +58,13 @@ pub enum StorageError {
     /// dropped, so nothing of it commits later.
     #[error("storage operation timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The object store that holds Yjs snapshots refused or failed a request, could not be
+    /// reached, or did not answer in time. `target` is `s3://bucket/key`; never a credential.
+    #[error("object storage {operation} {target}: {reason}")]
+    ObjectStore { operation: &'static str, target: String, reason: String },
+    /// The object storage settings are not usable (never includes a credential).
+    #[error("invalid object storage configuration: {0}")]
+    ObjectStoreConfig(String),
     /// A count does not fit in a database integer (never true of real input: protocol counts are
     /// bounded by 2^53). Refused, never wrapped.
     #[error("{what} {value} does not fit in a 64-bit signed integer")]

@@ -12,6 +12,8 @@
 //!   same group commit on one writer task per instance, reads on pooled connections, and a
 //!   compaction rule that stays correct when other instances write the same documents.
 //! - [`MemoryStorage`]: the same contracts without a disk, for unit tests of engines.
+//! - [`ObjectSnapshots`]: wraps any of them to keep Yjs snapshots in S3-compatible object storage
+//!   (one object per document) while the journal tail stays in the database.
 //!
 //! Dependency rule: storage never imports an engine. Traits speak in documents, byte strings
 //! and sequence numbers, never in Yjs or CoJSON types, so the backends are interchangeable
@@ -22,6 +24,7 @@ mod doc_journal;
 mod error;
 mod inventory;
 mod memory;
+mod object_snapshots;
 mod observer;
 mod postgres;
 mod sqlite;
@@ -30,10 +33,15 @@ pub use covalue_store::{
     AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, SessionAppendRecord, SessionRecord,
     StoredKnownState,
 };
-pub use doc_journal::{DocJournal, Folded, StoredDoc};
+pub use doc_journal::{DocJournal, Folded, StoredDoc, TrimJournal};
 pub use error::StorageError;
 pub use inventory::Inventory;
 pub use memory::MemoryStorage;
+pub use object_snapshots::{
+    encode_doc_id, ObjectSnapshots, ObjectStoreOptions, SnapshotObjects, LEGACY_SNAPSHOT_SEQ,
+};
+/// The object storage client, for [`SnapshotObjects::new`] with a store of one's own.
+pub use object_store;
 pub use observer::{NoopObserver, StorageObserver};
 pub use postgres::{redact_url, PostgresOptions, PostgresStorage, POSTGRES_SCHEMA_VERSION};
 pub use sqlite::{SqliteOptions, SqliteStorage, SCHEMA_VERSION};

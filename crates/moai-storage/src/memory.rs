@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::covalue_store::check_append;
 use crate::{
     AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, DocJournal, Folded, Inventory,
-    StorageError, StoredDoc, StoredKnownState,
+    StorageError, StoredDoc, StoredKnownState, TrimJournal,
 };
 
 #[derive(Default)]
@@ -64,6 +64,21 @@ impl DocJournal for MemoryStorage {
         entry.snapshot = Some(snapshot);
         entry.snapshot_version = Some(next_version.to_string());
         entry.updates.retain(|(seq, _)| !folded.seqs.contains(seq));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TrimJournal for MemoryStorage {
+    async fn trim(&self, doc: &str, folded: Folded) -> Result<(), StorageError> {
+        let mut docs = self.docs.lock().map_err(|_| StorageError::Closed)?;
+        if let Some(entry) = docs.get_mut(doc) {
+            entry.updates.retain(|(seq, _)| !folded.seqs.contains(seq));
+            if folded.snapshot_version.is_some() && entry.snapshot_version == folded.snapshot_version {
+                entry.snapshot = None;
+                entry.snapshot_version = None;
+            }
+        }
         Ok(())
     }
 }

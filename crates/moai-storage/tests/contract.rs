@@ -1,8 +1,12 @@
 //! The storage contracts (`DocJournal`, `CoValueStore`) as their trait docs state them, run
 //! against every backend: memory, SQLite and PostgreSQL (a throwaway cluster per test, see
-//! crates/moai-pgsync/tests/support/pg.rs). A backend-specific test belongs in sqlite.rs or
-//! postgres.rs; anything an engine relies on belongs here.
+//! crates/moai-pgsync/tests/support/pg.rs). The `DocJournal` contracts also run against each of
+//! them wrapped in `ObjectSnapshots`, with the snapshots in a real S3-compatible server (moto, one
+//! per test: tests/support/moto.rs). A backend-specific test belongs in sqlite.rs, postgres.rs or
+//! object_snapshots.rs; anything an engine relies on belongs here.
 
+#[path = "support/moto.rs"]
+mod moto;
 #[path = "../../moai-pgsync/tests/support/pg.rs"]
 mod pg;
 
@@ -13,8 +17,8 @@ use std::time::Duration;
 
 use moai_storage::{
     AppendError, BytesSinceSignature, CoValueAppend, CoValueStore, DocJournal, Folded, Inventory, MemoryStorage,
-    NoopObserver, PostgresOptions, PostgresStorage, SessionAppendRecord, SqliteOptions, SqliteStorage, StorageError,
-    StorageObserver, StoredKnownState,
+    NoopObserver, ObjectSnapshots, ObjectStoreOptions, PostgresOptions, PostgresStorage, SessionAppendRecord,
+    SnapshotObjects, SqliteOptions, SqliteStorage, StorageError, StorageObserver, StoredKnownState,
 };
 
 trait Store: DocJournal + CoValueStore + Inventory {}
@@ -25,20 +29,71 @@ enum Kind {
     Memory,
     Sqlite,
     Postgres,
+    /// The backend's journal, snapshots in object storage (`ObjectSnapshots`).
+    MemoryS3,
+    SqliteS3,
+    PostgresS3,
 }
 
 const KINDS: [Kind; 3] = [Kind::Memory, Kind::Sqlite, Kind::Postgres];
+
+/// What the `DocJournal` contracts run against.
+const DOC_KINDS: [Kind; 6] =
+    [Kind::Memory, Kind::Sqlite, Kind::Postgres, Kind::MemoryS3, Kind::SqliteS3, Kind::PostgresS3];
 
 /// One backend under test, fresh, with what it takes to reopen it.
 enum Backend {
     Memory(Arc<MemoryStorage>),
     Sqlite { store: SqliteStorage, path: PathBuf, _dir: tempfile::TempDir },
     Postgres { store: PostgresStorage, cluster: Arc<pg::PgCluster> },
+    MemoryS3 { store: ObjectSnapshots<MemoryStorage>, _s3: moto::Moto },
+    SqliteS3 { store: ObjectSnapshots<SqliteStorage>, path: PathBuf, _dir: tempfile::TempDir, _s3: moto::Moto },
+    PostgresS3 { store: ObjectSnapshots<PostgresStorage>, cluster: Arc<pg::PgCluster>, _s3: moto::Moto },
+}
+
+/// A moto server with a bucket, and the snapshot objects under a prefix of it.
+async fn s3() -> (moto::Moto, SnapshotObjects) {
+    let moto = tokio::task::spawn_blocking(|| {
+        let moto = moto::Moto::start();
+        moto.create_bucket("contract");
+        moto
+    })
+    .await
+    .unwrap();
+    let options = ObjectStoreOptions {
+        endpoint: Some(moto.endpoint()),
+        region: Some(moto::REGION.into()),
+        access_key_id: Some(moto::ACCESS_KEY_ID.into()),
+        secret_access_key: Some(moto::SECRET_ACCESS_KEY.into()),
+        ..ObjectStoreOptions::from_url("s3://contract/snapshots/yjs").unwrap()
+    };
+    let objects = SnapshotObjects::open(options).await.expect("open object storage");
+    (moto, objects)
 }
 
 impl Backend {
     async fn open(kind: Kind, observer: Arc<dyn StorageObserver>) -> Backend {
         match kind {
+            Kind::MemoryS3 => {
+                let (s3, objects) = s3().await;
+                Backend::MemoryS3 { store: ObjectSnapshots::new(MemoryStorage::new(), objects), _s3: s3 }
+            }
+            Kind::SqliteS3 => {
+                let Backend::Sqlite { store, path, _dir } = Box::pin(Backend::open(Kind::Sqlite, observer)).await
+                else {
+                    unreachable!()
+                };
+                let (s3, objects) = s3().await;
+                Backend::SqliteS3 { store: ObjectSnapshots::new(store, objects), path, _dir, _s3: s3 }
+            }
+            Kind::PostgresS3 => {
+                let Backend::Postgres { store, cluster } = Box::pin(Backend::open(Kind::Postgres, observer)).await
+                else {
+                    unreachable!()
+                };
+                let (s3, objects) = s3().await;
+                Backend::PostgresS3 { store: ObjectSnapshots::new(store, objects), cluster, _s3: s3 }
+            }
             Kind::Memory => Backend::Memory(Arc::new(MemoryStorage::new())),
             Kind::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
@@ -56,16 +111,30 @@ impl Backend {
         }
     }
 
+    /// The whole store ([`KINDS`] only: `ObjectSnapshots` adds nothing to CoValues and listing).
     fn store(&self) -> &dyn Store {
         match self {
             Backend::Memory(m) => m.as_ref(),
             Backend::Sqlite { store, .. } => store,
             Backend::Postgres { store, .. } => store,
+            _ => unreachable!("the CoValue and Inventory contracts run against the plain backends"),
+        }
+    }
+
+    /// The Yjs journal ([`DOC_KINDS`]).
+    fn journal(&self) -> &dyn DocJournal {
+        match self {
+            Backend::Memory(m) => m.as_ref(),
+            Backend::Sqlite { store, .. } => store,
+            Backend::Postgres { store, .. } => store,
+            Backend::MemoryS3 { store, .. } => store,
+            Backend::SqliteS3 { store, .. } => store,
+            Backend::PostgresS3 { store, .. } => store,
         }
     }
 
     fn durable(&self) -> bool {
-        !matches!(self, Backend::Memory(_))
+        !matches!(self, Backend::Memory(_) | Backend::MemoryS3 { .. })
     }
 
     /// Closes and opens again (memory: nothing to do, "durable" means visible to the next load).
@@ -82,14 +151,30 @@ impl Backend {
                     .await
                     .unwrap();
             }
+            // The journal's database is reopened; the bucket is the same (a restarted instance).
+            Backend::MemoryS3 { .. } => {}
+            Backend::SqliteS3 { store, path, .. } => {
+                store.journal().close().await.unwrap();
+                let journal = SqliteStorage::open(path, SqliteOptions::default(), Arc::new(NoopObserver)).unwrap();
+                *store = ObjectSnapshots::new(journal, store.objects().clone());
+            }
+            Backend::PostgresS3 { store, cluster, .. } => {
+                store.journal().close().await.unwrap();
+                let journal = PostgresStorage::open(&cluster.url(), PostgresOptions::default(), Arc::new(NoopObserver))
+                    .await
+                    .unwrap();
+                *store = ObjectSnapshots::new(journal, store.objects().clone());
+            }
         }
     }
 
     async fn close(&self) {
         match self {
-            Backend::Memory(_) => {}
+            Backend::Memory(_) | Backend::MemoryS3 { .. } => {}
             Backend::Sqlite { store, .. } => store.close().await.unwrap(),
             Backend::Postgres { store, .. } => store.close().await.unwrap(),
+            Backend::SqliteS3 { store, .. } => store.journal().close().await.unwrap(),
+            Backend::PostgresS3 { store, .. } => store.journal().close().await.unwrap(),
         }
     }
 }
@@ -103,9 +188,9 @@ async fn open(kind: Kind) -> Backend {
 
 #[tokio::test]
 async fn appended_updates_survive_reopen_in_order() {
-    for kind in KINDS {
+    for kind in DOC_KINDS {
         let mut backend = open(kind).await;
-        let store = backend.store();
+        let store = backend.journal();
         let a = store.append("doc-a", b"one".to_vec()).await.unwrap();
         let b = store.append("doc-a", b"two".to_vec()).await.unwrap();
         store.append("doc-b", b"other".to_vec()).await.unwrap();
@@ -114,23 +199,23 @@ async fn appended_updates_survive_reopen_in_order() {
         assert!(b > a && many > b, "{kind:?}: sequence numbers grow");
         backend.reopen().await;
 
-        let doc = backend.store().load("doc-a").await.unwrap();
+        let doc = backend.journal().load("doc-a").await.unwrap();
         assert_eq!(doc.snapshot, None, "{kind:?}");
         assert_eq!(doc.snapshot_version, None, "{kind:?}");
         let data: Vec<&[u8]> = doc.updates.iter().map(|(_, u)| u.as_slice()).collect();
         assert_eq!(data, [&b"one"[..], b"two", b"three", b"four"], "{kind:?}");
         assert_eq!(&doc.updates[..2], &[(a, b"one".to_vec()), (b, b"two".to_vec())], "{kind:?}");
         assert_eq!(doc.last_seq(), Some(many), "{kind:?}");
-        assert!(backend.store().load("nobody").await.unwrap().updates.is_empty(), "{kind:?}");
+        assert!(backend.journal().load("nobody").await.unwrap().updates.is_empty(), "{kind:?}");
         backend.close().await;
     }
 }
 
 #[tokio::test]
 async fn compaction_keeps_updates_appended_after_it() {
-    for kind in KINDS {
+    for kind in DOC_KINDS {
         let backend = open(kind).await;
-        let store = backend.store();
+        let store = backend.journal();
         let s1 = store.append("d", b"1".to_vec()).await.unwrap();
         let _s2 = store.append("d", b"2".to_vec()).await.unwrap();
         let loaded = store.load("d").await.unwrap();
@@ -149,9 +234,9 @@ async fn compaction_keeps_updates_appended_after_it() {
 /// shared by several writers an entry with a lower number can commit after a load.
 #[tokio::test]
 async fn compaction_deletes_exactly_the_folded_entries() {
-    for kind in KINDS {
+    for kind in DOC_KINDS {
         let backend = open(kind).await;
-        let store = backend.store();
+        let store = backend.journal();
         let s1 = store.append("d", b"1".to_vec()).await.unwrap();
         let s2 = store.append("d", b"2".to_vec()).await.unwrap();
         let s3 = store.append("d", b"3".to_vec()).await.unwrap();
@@ -170,9 +255,9 @@ async fn compaction_deletes_exactly_the_folded_entries() {
 /// second must not replace the first one's snapshot (it may hold less), and loses instead.
 #[tokio::test]
 async fn a_compaction_that_lost_the_race_changes_nothing() {
-    for kind in KINDS {
+    for kind in DOC_KINDS {
         let backend = open(kind).await;
-        let store = backend.store();
+        let store = backend.journal();
         store.append("d", b"1".to_vec()).await.unwrap();
         let slow = store.load("d").await.unwrap();
         store.append("d", b"2".to_vec()).await.unwrap();
@@ -216,9 +301,9 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 #[tokio::test]
 async fn large_snapshots_are_read_back_exactly() {
-    for kind in KINDS {
+    for kind in DOC_KINDS {
         let mut backend = open(kind).await;
-        let store = backend.store();
+        let store = backend.journal();
         store.append("big", b"u".to_vec()).await.unwrap();
         let snapshot = pseudo_random(3 * (1 << 20) + 12345, 7);
         let folded = store.load("big").await.unwrap().folded();
@@ -231,7 +316,7 @@ async fn large_snapshots_are_read_back_exactly() {
         let folded = store.load("big").await.unwrap().folded();
         store.compact("big", smaller.clone(), folded).await.unwrap();
         backend.reopen().await;
-        let loaded = backend.store().load("big").await.unwrap();
+        let loaded = backend.journal().load("big").await.unwrap();
         assert_eq!(loaded.snapshot.as_deref(), Some(&smaller[..]), "{kind:?}");
         assert!(loaded.updates.is_empty(), "{kind:?}");
         backend.close().await;

@@ -16,7 +16,7 @@ use tokio_postgres::IsolationLevel;
 use super::jobs::{Job, Op, Reply};
 use super::sql::Sql;
 use super::PostgresStorage;
-use crate::{DocJournal, Folded, StorageError, StoredDoc};
+use crate::{DocJournal, Folded, StorageError, StoredDoc, TrimJournal};
 
 #[async_trait]
 impl DocJournal for PostgresStorage {
@@ -56,6 +56,37 @@ impl DocJournal for PostgresStorage {
             false => Err(StorageError::CompactionConflict { doc: doc.to_owned() }),
         }
     }
+}
+
+#[async_trait]
+impl TrimJournal for PostgresStorage {
+    async fn trim(&self, doc: &str, folded: Folded) -> Result<(), StorageError> {
+        // A version this backend did not write names no stored snapshot: only entries go.
+        let snapshot = folded.snapshot_version.as_deref().and_then(|v| v.parse::<i64>().ok());
+        let seqs: Vec<i64> = folded.seqs.iter().filter_map(|&s| i64::try_from(s).ok()).collect();
+        let (_open, mut conn) = self.connection().await?;
+        let sql = &self.inner.shared.sql;
+        let result = tokio::time::timeout(self.timeout(), trim(&mut conn, sql, doc, &seqs, snapshot)).await;
+        self.finish(conn, result)?;
+        self.inner.shared.observer.storage_ok();
+        Ok(())
+    }
+}
+
+/// Deletes `seqs` and, if it is still `snapshot`, the stored snapshot, in one transaction.
+async fn trim(
+    conn: &mut Object,
+    sql: &Sql,
+    doc: &str,
+    seqs: &[i64],
+    snapshot: Option<i64>,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    tx.execute(&tx.prepare_cached(&sql.delete_folded).await?, &[&doc, &seqs]).await?;
+    if let Some(version) = snapshot {
+        tx.execute(&tx.prepare_cached(&sql.delete_snapshot).await?, &[&doc, &version]).await?;
+    }
+    tx.commit().await
 }
 
 async fn load(conn: &mut Object, sql: &Sql, doc: &str) -> Result<StoredDoc, tokio_postgres::Error> {

@@ -15,6 +15,7 @@ pub(super) struct Sql {
     pub insert_first_snapshot: String,
     pub replace_snapshot: String,
     pub delete_folded: String,
+    pub delete_snapshot: String,
     pub probe: String,
 
     // CoValueStore
@@ -63,6 +64,7 @@ impl Sql {
             replace_snapshot: q("UPDATE {s}.doc_snapshots SET snapshot = $2, version = version + 1, updated_at = now()
                  WHERE doc = $1 AND version = $3 RETURNING version"),
             delete_folded: q("DELETE FROM {s}.doc_updates WHERE doc = $1 AND seq = ANY($2)"),
+            delete_snapshot: q("DELETE FROM {s}.doc_snapshots WHERE doc = $1 AND version = $2"),
             probe: q("UPDATE {s}.schema_migrations SET applied_at = applied_at WHERE version = 1"),
 
             lock_covalue: q("SELECT row_id FROM {s}.cojson_covalues WHERE id = $1 FOR UPDATE"),

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 
 use super::SqliteStorage;
-use crate::{DocJournal, Folded, StorageError, StoredDoc};
+use crate::{DocJournal, Folded, StorageError, StoredDoc, TrimJournal};
 
 /// The version of a snapshot stored inline, before snapshots were chunked.
 const INLINE: &str = "inline";
@@ -135,6 +135,35 @@ impl DocJournal for SqliteStorage {
         } else {
             Err(StorageError::CompactionConflict { doc: doc.to_owned() })
         }
+    }
+}
+
+#[async_trait]
+impl TrimJournal for SqliteStorage {
+    async fn trim(&self, doc: &str, folded: Folded) -> Result<(), StorageError> {
+        let id = doc.to_owned();
+        self.write(move |conn| {
+            let mut delete = conn.prepare_cached("DELETE FROM doc_updates WHERE seq = ?1 AND doc = ?2")?;
+            for seq in folded.seqs.iter().filter_map(|&s| i64::try_from(s).ok()) {
+                delete.execute(params![seq, id])?;
+            }
+            let Some(expected) = folded.snapshot_version else { return Ok(()) };
+            let stored: Option<Option<i64>> = conn
+                .prepare_cached("SELECT version FROM doc_snapshots WHERE doc = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?;
+            let Some(stored) = stored else { return Ok(()) };
+            if stored.map_or_else(|| INLINE.to_owned(), |v| v.to_string()) != expected {
+                return Ok(());
+            }
+            conn.prepare_cached("DELETE FROM doc_snapshots WHERE doc = ?1")?.execute(params![id])?;
+            if let Some(version) = stored {
+                conn.prepare_cached("DELETE FROM doc_snapshot_chunks WHERE doc = ?1 AND version = ?2")?
+                    .execute(params![id, version])?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
