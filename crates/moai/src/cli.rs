@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use moai_storage::redact_url;
 
+pub use crate::migrate::MigrateArgs;
 use crate::storage::{self, StorageUrl};
 use crate::units;
 
@@ -38,6 +39,9 @@ pub enum Command {
     WaitReady(WaitReadyArgs),
     /// Mint a connection token signed with SYNC_SHARED_SECRET.
     Token(TokenArgs),
+    /// Copy a moai database into another backend (e.g. SQLite to PostgreSQL), resumably, and
+    /// verify the copy: `moai migrate --from sqlite:./local-sync.db --to postgres://…`.
+    Migrate(MigrateArgs),
 }
 
 #[derive(Args, Debug, Clone)]

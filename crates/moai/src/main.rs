@@ -3,6 +3,7 @@
 
 mod cli;
 mod logging;
+mod migrate;
 mod serve;
 mod storage;
 mod token;
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
     let workers = match &cli.command {
         None => cli.serve.worker_threads.map(usize::from),
         Some(Command::Serve(args)) => args.worker_threads.map(usize::from),
+        Some(Command::Migrate(_)) => None, // storage reads and writes of several items at once
         Some(_) => Some(1), // the client commands make one request at a time
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::WaitReady(args)) => wait_ready::run(args).await,
             Some(Command::Token(args)) => token::run(args),
+            Some(Command::Migrate(args)) => migrate::run(args).await,
         }
     });
     match result {
