@@ -47,7 +47,8 @@ fn main() -> ExitCode {
     let workers = match &cli.command {
         None => cli.serve.worker_threads.map(usize::from),
         Some(Command::Serve(args)) => args.worker_threads.map(usize::from),
-        Some(Command::Migrate(_)) => None, // storage reads and writes of several items at once
+        // migrate: several storage reads and writes at once, and yrs work.
+        Some(Command::Migrate(_)) => None,
         Some(_) => Some(1), // the client commands make one request at a time
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
