@@ -38,7 +38,7 @@ pub use error::StorageError;
 pub use inventory::Inventory;
 pub use memory::MemoryStorage;
 pub use object_snapshots::{
-    encode_doc_id, ObjectSnapshots, ObjectStoreOptions, SnapshotObjects, LEGACY_SNAPSHOT_SEQ,
+    encode_doc_id, install_tls_provider, ObjectSnapshots, ObjectStoreOptions, SnapshotObjects, LEGACY_SNAPSHOT_SEQ,
 };
 /// The object storage client, for [`SnapshotObjects::new`] with a store of one's own.
 pub use object_store;

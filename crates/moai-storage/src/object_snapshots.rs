@@ -103,6 +103,14 @@ impl ObjectStoreOptions {
         }
     }
 
+    /// `s3://bucket/prefix`, as logs name it.
+    pub fn target(&self) -> String {
+        match self.prefix.as_str() {
+            "" => format!("s3://{}", self.bucket),
+            prefix => format!("s3://{}/{prefix}", self.bucket),
+        }
+    }
+
     /// Options for `s3://bucket/prefix` (the prefix may be empty).
     pub fn from_url(url: &str) -> Result<Self, StorageError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| {
@@ -138,13 +146,7 @@ impl SnapshotObjects {
     /// that the credentials may read it (the listing permission is needed anyway: without it S3
     /// answers 403 instead of 404 for a document that has no snapshot yet).
     pub async fn open(options: ObjectStoreOptions) -> Result<Self, StorageError> {
-        // ring, not aws-lc-rs, signs and speaks TLS (docs/storage.md); reqwest is built without
-        // a provider of its own, so the process default must be set before a client is built.
-        // Setting it again (a second open) is refused harmlessly. rustls 0.23.48 deprecated
-        // ring's provider for lacking post-quantum key exchange; classic TLS 1.2/1.3 is what S3
-        // endpoints require, and switching is the object_store feature `aws` (docs/storage.md).
-        #[allow(deprecated)]
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_tls_provider();
         let timeout = options.timeout.max(Duration::from_millis(1));
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(&options.bucket);
         if let Some(region) = &options.region {
@@ -185,11 +187,7 @@ impl SnapshotObjects {
                 retry_timeout: timeout,
             });
         let store = builder.build().map_err(|e| StorageError::ObjectStoreConfig(e.to_string()))?;
-        let target = match options.prefix.as_str() {
-            "" => format!("s3://{}", options.bucket),
-            prefix => format!("s3://{}/{prefix}", options.bucket),
-        };
-        let objects = Self::new(Arc::new(store), target, &options.prefix, timeout)?;
+        let objects = Self::new(Arc::new(store), options.target(), &options.prefix, timeout)?;
         objects.check().await?;
         Ok(objects)
     }
@@ -297,6 +295,20 @@ impl SnapshotObjects {
             prefix => self.target.strip_suffix(prefix).map_or(&self.target, |t| t.trim_end_matches('/')),
         }
     }
+}
+
+/// Makes ring the process's TLS provider, which the `object_store` S3 client needs before it is
+/// built (its reqwest has no provider of its own, and panics without one). [`SnapshotObjects::open`]
+/// does it; call it before building an `object_store` S3 client of your own. Idempotent.
+///
+/// ring rather than aws-lc-rs: a smaller C build (docs/storage.md). rustls 0.23.48 deprecated
+/// ring's provider for lacking post-quantum key exchange; S3 endpoints speak classic TLS 1.2/1.3,
+/// and switching is the object_store feature `aws` instead of `aws-base` + `ring`.
+pub fn install_tls_provider() {
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    // Refused (harmlessly) when a provider is set already.
+    let _ = provider.install_default();
 }
 
 /// S3 answers 404 for a missing bucket as for a missing key; only the error code tells them

@@ -78,6 +78,7 @@ async fn objects(moto: &Server) -> SnapshotObjects {
 
 /// A client of the bucket of our own, to look at the objects as a backup tool would.
 fn raw_client(moto: &Server) -> impl ObjectStore {
+    moai_storage::install_tls_provider();
     AmazonS3Builder::new()
         .with_endpoint(moto.endpoint())
         .with_allow_http(true)

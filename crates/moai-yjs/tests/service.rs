@@ -257,6 +257,71 @@ async fn a_large_journal_is_compacted_in_the_background() {
     assert_eq!(text(&check), text(&writer));
 }
 
+/// Compactions fail (object storage down, say) while appends work.
+struct CompactionsFail {
+    inner: MemoryStorage,
+    fail: AtomicBool,
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl DocJournal for CompactionsFail {
+    async fn append_many(&self, doc: &str, updates: Vec<Vec<u8>>) -> Result<Option<u64>, moai_storage::StorageError> {
+        self.inner.append_many(doc, updates).await
+    }
+    async fn load(&self, doc: &str) -> Result<moai_storage::StoredDoc, moai_storage::StorageError> {
+        self.inner.load(doc).await
+    }
+    async fn compact(
+        &self,
+        doc: &str,
+        snapshot: Vec<u8>,
+        folded: moai_storage::Folded,
+    ) -> Result<(), moai_storage::StorageError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(moai_storage::StorageError::Timeout(Duration::from_secs(30)));
+        }
+        self.inner.compact(doc, snapshot, folded).await
+    }
+}
+
+/// A compaction that fails leaves editing alone and is retried after a pause (not after every
+/// write, which would reload the journal each time), and goes through once storage is back.
+#[tokio::test]
+async fn a_failing_compaction_does_not_stop_editing_and_is_retried_after_a_pause() {
+    let storage = Arc::new(CompactionsFail {
+        inner: MemoryStorage::new(),
+        fail: AtomicBool::new(true),
+        attempts: Default::default(),
+    });
+    let config = YjsConfig { compact_journal_bytes: 64, ..YjsConfig::default() };
+    let svc = service(storage.clone(), config);
+    let writer = Doc::new();
+    for i in 0..40 {
+        svc.apply_update("d", insert(&writer, &format!("{i:03}"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let check = Doc::new();
+    apply(&check, &svc.read_state("d").await.unwrap());
+    assert_eq!(text(&check), text(&writer), "every edit was taken");
+    let attempts = storage.attempts.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&attempts), "{attempts} compaction attempts in ~0.3 s of writes");
+    assert!(storage.inner.load("d").await.unwrap().snapshot.is_none());
+
+    // Storage is back; after the pause the next write compacts.
+    storage.fail.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while storage.inner.load("d").await.unwrap().snapshot.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never compacted again");
+        svc.apply_update("d", insert(&writer, ".")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let check = Doc::new();
+    apply(&check, &svc.read_state("d").await.unwrap());
+    assert_eq!(text(&check), text(&writer));
+}
+
 #[tokio::test]
 async fn http_writes_are_persisted_and_broadcast_and_bad_ones_refused() {
     let storage = Arc::new(MemoryStorage::new());

@@ -61,6 +61,31 @@ pub struct ServeArgs {
     /// moai's tables go in the schema `moai_storage`). Unset: SQLite at --db-path.
     #[arg(long, env = "MOAI_STORAGE", hide_env_values = true)]
     pub storage: Option<String>,
+    /// Keep Yjs snapshots in S3-compatible object storage at `s3://bucket/prefix`: one object
+    /// per document (`<prefix>/<docId>.bin`, a full Yjs update), the journal tail stays in
+    /// --storage. Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, …). Unset (and no --s3-bucket): snapshots stay
+    /// in --storage.
+    #[arg(long, env = "MOAI_S3_URL")]
+    pub s3_url: Option<String>,
+    /// The bucket for Yjs snapshots, instead of --s3-url.
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix of the snapshots in --s3-bucket.
+    #[arg(long, env = "S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+    /// Region of the snapshot bucket (default us-east-1; AWS_DEFAULT_REGION is read too).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+    /// An S3-compatible service instead of AWS, e.g. `http://127.0.0.1:9000` (plain http is
+    /// allowed). AWS_ENDPOINT_URL is read too.
+    #[arg(long, env = "MOAI_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Longest a snapshot read (loading a document) or write (compaction) may take in object
+    /// storage; past it the load fails (the document is refused) or the compaction is retried
+    /// later.
+    #[arg(long, env = "MOAI_S3_TIMEOUT", default_value = "30s", value_parser = units::duration)]
+    pub s3_timeout: Duration,
     /// Log format. The filter comes from RUST_LOG (default "info").
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -11,13 +11,14 @@ use moai_cojson::{CojsonConfig, CojsonService};
 use moai_pgsync::{PgSync, PgSyncConfig};
 use moai_server::quota::Quota;
 use moai_server::{AppState, Auth, Engines, Heartbeat, Limits, Metrics, Readiness, Shutdown, StorageHealth};
+use moai_storage::SnapshotObjects;
 use moai_yjs::service::{YjsConfig, YjsService};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::cli::ServeArgs;
 use crate::logging;
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -147,10 +148,22 @@ async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::R
         wait_for_file(gate).await;
     }
     let url = args.storage_url()?;
+    let object_storage = storage::object_storage(args)?;
     let storage = Storage::open(&url, args.fsync, observer).await?;
     tracing::info!(storage = %url, "storage open");
+    let journal = match object_storage {
+        None => storage.journal(),
+        Some(options) => {
+            let target = options.target();
+            let objects = SnapshotObjects::open(options)
+                .await
+                .with_context(|| format!("opening object storage for Yjs snapshots at {target}"))?;
+            tracing::info!(snapshots = %target, "Yjs snapshots in object storage; the journal stays in storage");
+            storage.journal_with_snapshots_in(objects)
+        }
+    };
     let yjs = YjsService::new(
-        storage.journal(),
+        journal,
         YjsConfig {
             outbox_frames: args.yjs_outbox_frames.max(1),
             outbox_bytes: args.yjs_outbox_bytes.max(1),

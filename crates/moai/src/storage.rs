@@ -1,6 +1,7 @@
-//! Which storage backend serves (`--storage`), and what the binary does with storage that the
-//! engines do not: open it, probe it while it fails, close it last at shutdown. The engines only
-//! see `Arc<dyn DocJournal>` and `Arc<dyn CoValueStore>`.
+//! Which storage backend serves (`--storage`), whether Yjs snapshots go to object storage
+//! (`--s3-url`), and what the binary does with storage that the engines do not: open it, probe it
+//! while it fails, close it last at shutdown. The engines only see `Arc<dyn DocJournal>` and
+//! `Arc<dyn CoValueStore>`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,9 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use moai_storage::{
-    redact_url, CoValueStore, DocJournal, PostgresOptions, PostgresStorage, SqliteOptions, SqliteStorage, StorageError,
-    StorageObserver,
+    redact_url, CoValueStore, DocJournal, ObjectSnapshots, ObjectStoreOptions, PostgresOptions, PostgresStorage,
+    SnapshotObjects, SqliteOptions, SqliteStorage, StorageError, StorageObserver,
 };
+
+use crate::cli::ServeArgs;
 
 /// Where storage lives, as given by `--storage` (or `--db-path`).
 #[derive(Clone, PartialEq, Eq)]
@@ -91,6 +94,14 @@ impl Storage {
         }
     }
 
+    /// The journal with its Yjs snapshots in `objects` instead of the database.
+    pub fn journal_with_snapshots_in(&self, objects: SnapshotObjects) -> Arc<dyn DocJournal> {
+        match self {
+            Storage::Sqlite(s) => Arc::new(ObjectSnapshots::new(s.clone(), objects)),
+            Storage::Postgres(s) => Arc::new(ObjectSnapshots::new(s.clone(), objects)),
+        }
+    }
+
     pub fn covalues(&self) -> Arc<dyn CoValueStore> {
         match self {
             Storage::Sqlite(s) => Arc::new(s.clone()),
@@ -123,4 +134,32 @@ impl Storage {
             Storage::Postgres(_) => Some(Duration::from_secs(5)),
         }
     }
+}
+
+/// Where Yjs snapshots go, from `--s3-url` or `--s3-bucket`/`--s3-prefix` (and the region,
+/// endpoint and timeout flags); `None` when neither is given: snapshots stay in the database.
+/// Empty values count as unset (an environment variable set to "").
+pub fn object_storage(args: &ServeArgs) -> anyhow::Result<Option<ObjectStoreOptions>> {
+    let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+    let (url, bucket, prefix) = (given(&args.s3_url), given(&args.s3_bucket), given(&args.s3_prefix));
+    let mut options = match (url, bucket) {
+        (Some(_), Some(_)) => anyhow::bail!("--s3-url (MOAI_S3_URL) and --s3-bucket (S3_BUCKET) both given; use one"),
+        (Some(url), None) => {
+            if prefix.is_some() {
+                anyhow::bail!("--s3-prefix (S3_PREFIX) goes with --s3-bucket; with --s3-url the prefix is its path");
+            }
+            ObjectStoreOptions::from_url(&url).map_err(|e| anyhow::anyhow!("--s3-url: {e}"))?
+        }
+        (None, Some(bucket)) => ObjectStoreOptions::new(bucket, prefix.unwrap_or_default()),
+        (None, None) => {
+            if prefix.is_some() || given(&args.s3_endpoint).is_some() {
+                anyhow::bail!("--s3-prefix and --s3-endpoint need a bucket: --s3-url or --s3-bucket (S3_BUCKET)");
+            }
+            return Ok(None);
+        }
+    };
+    options.region = given(&args.s3_region);
+    options.endpoint = given(&args.s3_endpoint);
+    options.timeout = args.s3_timeout;
+    Ok(Some(options))
 }

@@ -14,12 +14,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use moai_storage::{DocJournal, StorageError};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 
 use super::compactor::Compactor;
 use super::registry::RegistryRef;
@@ -63,6 +65,13 @@ pub(crate) enum Command {
     },
 }
 
+/// The pause after a failed compaction before the next is tried; it doubles with every further
+/// failure up to [`COMPACT_RETRY_MAX`] and is forgotten after a success. A store that is down or
+/// slow (object storage, a database server) is then tried a few times a minute, not after every
+/// write, which would reload the whole journal each time and log a warning each time.
+const COMPACT_RETRY_MIN: Duration = Duration::from_secs(1);
+const COMPACT_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Most permits a semaphore may hold is `u32::MAX >> 3`; the inbound budget stays under it.
 pub(crate) const MAX_INBOUND_PERMITS: usize = 1 << 28;
 
@@ -86,6 +95,8 @@ struct DocTask {
     /// Journal bytes not yet folded into a snapshot.
     journal_bytes: usize,
     compaction: Option<JoinHandle<Result<usize, CompactionError>>>,
+    /// After failed compactions: the current pause and when the next may start.
+    compact_retry: Option<(Duration, Instant)>,
     /// Inbound bytes queued for this document ([`YjsConfig::inbound_bytes`]).
     inbound: Arc<Semaphore>,
     /// yrs panicked while handling this batch: the room is unusable.
@@ -123,6 +134,7 @@ pub(crate) fn spawn(
                     config,
                     journal_bytes,
                     compaction: None,
+                    compact_retry: None,
                     inbound,
                     poisoned: None,
                 };
@@ -442,6 +454,9 @@ impl DocTask {
     }
 
     fn maybe_compact(&mut self) {
+        if self.compact_retry.is_some_and(|(_, not_before)| Instant::now() < not_before) {
+            return;
+        }
         if self.compaction.is_none() && self.journal_bytes >= self.config.compact_journal_bytes {
             let storage = self.storage.clone();
             let compactor = self.compactor.clone();
@@ -454,6 +469,7 @@ impl DocTask {
         match result {
             Ok(folded) => {
                 self.journal_bytes = self.journal_bytes.saturating_sub(folded);
+                self.compact_retry = None;
                 tracing::debug!(doc = %self.doc_id, folded, "journal compacted");
             }
             // Another compaction (another instance's, on shared storage) replaced the snapshot
@@ -461,8 +477,12 @@ impl DocTask {
             Err(CompactionError::Storage(e @ StorageError::CompactionConflict { .. })) => {
                 tracing::debug!(doc = %self.doc_id, error = %e, "compaction lost a race; retried later")
             }
-            // The journal is intact; we try again after the next write.
-            Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction failed"),
+            // The journal is intact; we try again after a write, once the pause is over.
+            Err(e) => {
+                let pause = self.compact_retry.map_or(COMPACT_RETRY_MIN, |(p, _)| (p * 2).min(COMPACT_RETRY_MAX));
+                self.compact_retry = Some((pause, Instant::now() + pause));
+                tracing::warn!(doc = %self.doc_id, error = %e, retry_after = ?pause, "compaction failed");
+            }
         }
     }
 
