@@ -13,6 +13,8 @@
 //!   re-sends them when our SyncStep1 on reconnect shows we lack them.
 
 use thiserror::Error;
+
+use crate::plausible::Policy;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, Transact, Update};
@@ -63,8 +65,8 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8]) -> Applied {
-    contain(|| apply_v1_unguarded(doc, bytes))
+pub(crate) fn apply_v1(doc: &Doc, bytes: &[u8], policy: Policy) -> Applied {
+    contain(|| apply_v1_unguarded(doc, bytes, policy))
         .unwrap_or_else(|why| Applied { diff: None, error: Some(ApplyError::Poisoned(why)) })
 }
 
@@ -103,13 +105,13 @@ thread_local! {
     pub(crate) static INJECT_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
+fn apply_v1_unguarded(doc: &Doc, bytes: &[u8], policy: Policy) -> Applied {
     #[cfg(test)]
     if INJECT_PANIC.with(|p| p.replace(false)) {
         panic!("injected yrs panic");
     }
     // Decoding first means garbage is rejected before the document is touched.
-    if let Err(e) = crate::plausible::update_v1(bytes) {
+    if let Err(e) = crate::plausible::update_v1_with(bytes, policy) {
         return Applied { diff: None, error: Some(e.into()) };
     }
     let update = match Update::decode_v1(bytes) {
@@ -131,7 +133,7 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
             panic!("test hook: the Yjs library panics on this update");
         }
         let error = txn.apply_update(update).err().map(ApplyError::from);
-        let error = match pending_is_plausible(&txn) {
+        let error = match pending_is_plausible(&txn, policy) {
             Ok(()) => error,
             Err(why) => Some(ApplyError::Poisoned(why)),
         };
@@ -160,10 +162,10 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8]) -> Applied {
 /// would go off later, at someone else's request. It is checked here with the same rules as
 /// any incoming update, right after the update that created it; the cost is paid only while
 /// something is pending.
-fn pending_is_plausible(txn: &yrs::TransactionMut) -> Result<(), String> {
+fn pending_is_plausible(txn: &yrs::TransactionMut, policy: Policy) -> Result<(), String> {
     let store = txn.store();
     if let Some(pending) = store.pending_update() {
-        crate::plausible::update_v1(&pending.update.encode_v1())
+        crate::plausible::update_v1_with(&pending.update.encode_v1(), policy)
             .map_err(|e| format!("yrs built a pending update it could not read back: {e}"))?;
     }
     Ok(())
@@ -182,9 +184,9 @@ mod tests {
     fn a_panic_in_yrs_is_contained_and_reported() {
         let doc = Doc::new();
         INJECT_PANIC.with(|p| p.set(true));
-        let applied = apply_v1(&doc, &[0, 0]);
+        let applied = apply_v1(&doc, &[0, 0], Policy::default());
         assert!(matches!(applied.error, Some(ApplyError::Poisoned(ref m)) if m == "injected yrs panic"), "{applied:?}");
         // The next update is applied as usual.
-        assert!(apply_v1(&doc, &[0, 0]).error.is_none());
+        assert!(apply_v1(&doc, &[0, 0], Policy::default()).error.is_none());
     }
 }

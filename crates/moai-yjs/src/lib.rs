@@ -32,6 +32,7 @@ pub use awareness::{AwarenessEntry, AwarenessTracker, AwarenessUpdate};
 pub use conn::{Access, ConnId};
 pub use lib0::DecodeError;
 pub use load::{load_doc, load_room, LoadError};
+pub use plausible::Policy;
 pub use protocol::{AuthMessage, Message, MessageReader, SyncMessage, KEEPALIVE_FRAME};
 pub use room::{Action, Room, RoomError, RoomStats, CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR};
 

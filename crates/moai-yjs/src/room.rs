@@ -46,6 +46,7 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 use crate::apply::{apply_v1, contain, has_pending, ApplyError};
 use crate::awareness::{AwarenessTracker, AwarenessUpdate};
 use crate::conn::{Access, ConnId};
+use crate::plausible::Policy;
 use crate::protocol::{
     awareness_frame, permission_denied_frame, sync_step1_frame, sync_step2_frame, sync_update_frame, Message,
     MessageReader, SyncMessage,
@@ -140,6 +141,8 @@ pub struct Room {
     /// cannot read back): every later call answers [`RoomError::Poisoned`] without touching the
     /// document, whatever the driver does next.
     poisoned: std::sync::OnceLock<String>,
+    /// What this server accepts in updates beyond the basics ([`Policy`]).
+    policy: Policy,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -183,6 +186,12 @@ impl Room {
         Self::from_doc(doc_id, Doc::new())
     }
 
+    /// What this room accepts in updates from now on (the server's configuration; documents
+    /// loaded from storage are not checked against it).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     /// Wraps an already loaded document.
     pub fn from_doc(doc_id: impl Into<String>, doc: Doc) -> Self {
         Room {
@@ -196,6 +205,7 @@ impl Room {
             awareness_version: 0,
             stats: RoomStats::default(),
             poisoned: std::sync::OnceLock::new(),
+            policy: Policy::default(),
         }
     }
 
@@ -363,7 +373,7 @@ impl Room {
                 }
             }
             Message::Sync(SyncMessage::Step2(update)) | Message::Sync(SyncMessage::Update(update)) => {
-                let applied = apply_v1(&self.doc, update);
+                let applied = apply_v1(&self.doc, update, self.policy);
                 if let Some(diff) = applied.diff {
                     self.stats.updates_applied += 1;
                     self.doc_version += 1;
@@ -431,7 +441,7 @@ impl Room {
 
     fn apply_http_update_unguarded(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
         let had_pending = has_pending(&self.doc);
-        let applied = apply_v1(&self.doc, update);
+        let applied = apply_v1(&self.doc, update, self.policy);
         let mut actions = Vec::new();
         if let Some(diff) = applied.diff {
             self.stats.updates_applied += 1;

@@ -422,3 +422,25 @@ fn a_failed_document_stays_failed() {
     assert!(other.connect(ConnId(1)).is_ok());
     assert!(other.encode_state_as_update().is_ok());
 }
+
+/// Subdocuments leak in yrs 0.28 (found by fuzzing with LeakSanitizer: a document holding one is
+/// never freed whole), so they are refused unless the server enables them.
+#[test]
+fn subdocuments_are_refused_unless_enabled() {
+    use moai_yjs::yrs::Map;
+    let with_subdoc = {
+        let doc = moai_yjs::yrs::Doc::with_client_id(5);
+        let map = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        map.insert(&mut txn, "sub", moai_yjs::yrs::Doc::new());
+        txn.encode_update_v1()
+    };
+    let mut room = Room::new("doc");
+    match room.apply_http_update(&with_subdoc) {
+        Err(RoomError::InvalidUpdate { reason, .. }) => assert!(reason.contains("subdocuments"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut room = Room::new("doc");
+    room.set_policy(moai_yjs::Policy { allow_subdocuments: true });
+    assert!(room.apply_http_update(&with_subdoc).is_ok());
+}

@@ -167,6 +167,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_YJS_INBOUND_BYTES", default_value = "64MiB", value_parser = units::bytes)]
     pub yjs_inbound_bytes: usize,
 
+    /// Accept Yjs subdocuments (documents referenced from inside another). Off by default: the
+    /// Yjs library moai uses (yrs 0.28) never frees a subdocument, so each one leaks a few KiB
+    /// every time a document holding it is unloaded; a client could grow memory without bound.
+    #[arg(long, env = "MOAI_YJS_ALLOW_SUBDOCUMENTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub yjs_allow_subdocuments: bool,
+
     /// CoJSON: CoValues one connection may load or sync; a peer over it is closed with 1008.
     #[arg(long, env = "MOAI_COJSON_MAX_COVALUES_PER_PEER", default_value_t = 20_000)]
     pub cojson_max_covalues_per_peer: usize,

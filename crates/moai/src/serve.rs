@@ -170,6 +170,7 @@ async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::R
             inbound_bytes: args.yjs_inbound_bytes.max(1),
             idle_evict: args.yjs_idle_evict,
             compact_journal_bytes: args.yjs_compact_bytes,
+            policy: moai_yjs::Policy { allow_subdocuments: args.yjs_allow_subdocuments },
             ..YjsConfig::default()
         },
     );

@@ -117,7 +117,8 @@ pub(crate) fn spawn(
             return;
         };
         match load(&doc_id, storage.as_ref()).await {
-            Ok((room, journal_bytes)) => {
+            Ok((mut room, journal_bytes)) => {
+                room.set_policy(config.policy);
                 let inbound = Arc::new(Semaphore::new(config.inbound_bytes.clamp(1, MAX_INBOUND_PERMITS)));
                 tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
                 let task = DocTask {

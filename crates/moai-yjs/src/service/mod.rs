@@ -49,6 +49,9 @@ pub struct YjsConfig {
     pub compact_journal_bytes: usize,
     /// Most commands one document task handles per group commit.
     pub max_batch: usize,
+    /// What updates may hold beyond the basics (subdocuments: off by default, see
+    /// [`crate::plausible::Policy`]).
+    pub policy: crate::plausible::Policy,
 }
 
 impl Default for YjsConfig {
@@ -60,6 +63,7 @@ impl Default for YjsConfig {
             idle_evict: Duration::from_secs(30),
             compact_journal_bytes: 1 << 20,
             max_batch: 256,
+            policy: crate::plausible::Policy::default(),
         }
     }
 }
