@@ -377,11 +377,15 @@ async fn compactions_racing_with_appends_on_two_instances_never_lose_an_acknowle
             let (doc, done) = (doc.clone(), done.clone());
             compactors.push(tokio::spawn(async move {
                 let (mut won, mut lost) = (0, 0);
-                while !done.load(Ordering::SeqCst) {
+                // At least once, however soon the appenders are done.
+                loop {
                     match compact(store.as_ref(), &doc).await {
                         Ok(()) => won += 1,
                         Err(StorageError::CompactionConflict { .. }) => lost += 1,
                         Err(e) => panic!("{e}"),
+                    }
+                    if done.load(Ordering::SeqCst) {
+                        break;
                     }
                 }
                 (won, lost)
