@@ -5,6 +5,7 @@
 #   bench/run-yjs.sh                       # everything, 5 runs (~12-15 min on 2 cores)
 #   RUNS=1 bench/run-yjs.sh                # one quick pass
 #   SERVERS="relay hocuspocus" SCENARIOS="fanout-max" bench/run-yjs.sh
+#   SERVERS="moai moai-pg" bench/run-yjs.sh   # moai on SQLite beside moai on PostgreSQL storage
 #
 # Every server is started fresh for every scenario run (clean RSS, CPU and state), on
 # 127.0.0.1 only, and the servers are interleaved within each run so machine noise spreads over
@@ -42,7 +43,9 @@ stop_server() {
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=""
 }
-cleanup() { stop_server; rm -rf "$TMP"; }
+# shellcheck source=bench/lib/pg.sh
+source "$BENCH/lib/pg.sh"
+cleanup() { stop_server; pg_cluster_stop; rm -rf "$TMP"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -53,11 +56,16 @@ log "installing peers (npm ci)"
   || { cat "$RESULTS/npm-ci.log" >&2; exit 1; }
 log "building yjs-load"
 cargo build --release --quiet --manifest-path "$BENCH/yjs-load/Cargo.toml"
-if [[ " $SERVERS " == *" moai "* ]]; then
+if [[ " $SERVERS " == *" moai-pg "* ]]; then
+  log "starting a PostgreSQL cluster for moai-pg"
+  pg_cluster_start
+fi
+if [[ " $SERVERS " == *" moai"* ]]; then
   log "building moai"
   if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet); then
     log "moai does not build; skipping it"
-    SERVERS="${SERVERS/moai/}"
+    SERVERS="${SERVERS//moai-pg/}"
+    SERVERS="${SERVERS//moai/}"
   fi
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # thousands of sockets in `idle`
@@ -81,6 +89,13 @@ start_server() {
     moai)
       env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --db-path "$dir/db.sqlite" --log-format json >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
+      ;;
+    moai-pg)
+      # The same binary on PostgreSQL storage: a fresh database per start, in one cluster.
+      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+        --storage "$(pg_fresh_db yjs)" --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;

@@ -8,6 +8,7 @@
 #   RUNS=1 bench/cojson/run.sh                   # one quick pass
 #   SUBSCRIBERS=20 UPDATES=100 RATE=10 bench/cojson/run.sh
 #   SERVERS=moai RUNS=3 bench/cojson/run.sh
+#   SERVERS="moai moai-pg" bench/cojson/run.sh   # moai on SQLite beside moai on PostgreSQL storage
 #
 # Every server is started fresh for every run (new port, new SQLite file in a temp dir), on
 # 127.0.0.1 only; the order of the servers alternates between runs so machine noise spreads over
@@ -46,7 +47,9 @@ stop_server() {
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=""
 }
-cleanup() { stop_server; rm -rf "$TMP"; }
+# shellcheck source=bench/lib/pg.sh
+source "$BENCH/lib/pg.sh"
+cleanup() { stop_server; pg_cluster_stop; rm -rf "$TMP"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -68,7 +71,11 @@ if ! deps_ok; then
     || { cat "$RESULTS/npm.log" >&2; exit 1; }
   deps_ok || { log "better-sqlite3 still unusable (see $RESULTS/npm.log)"; exit 1; }
 fi
-if [[ " $SERVERS " == *" moai "* ]]; then
+if [[ " $SERVERS " == *" moai-pg "* ]]; then
+  log "starting a PostgreSQL cluster for moai-pg"
+  pg_cluster_start
+fi
+if [[ " $SERVERS " == *" moai"* ]]; then
   log "building moai (cargo build --release)"
   (cd "$ROOT" && cargo build --release --quiet)
   cp "$ROOT/target/release/moai" "$TMP/moai"
@@ -96,6 +103,13 @@ start_server() {
     moai)
       env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --db-path "$dir/moai.db" --log-format json >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
+      ;;
+    moai-pg)
+      # The same binary on PostgreSQL storage: a fresh database per start, in one cluster.
+      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+        --storage "$(pg_fresh_db cojson)" --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
