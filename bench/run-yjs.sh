@@ -6,6 +6,7 @@
 #   RUNS=1 bench/run-yjs.sh                # one quick pass
 #   SERVERS="relay hocuspocus" SCENARIOS="fanout-max" bench/run-yjs.sh
 #   SERVERS="moai moai-pg" bench/run-yjs.sh   # moai on SQLite beside moai on PostgreSQL storage
+#   SERVERS="moai moai-pg moai-pg-s3" …        # … and on PostgreSQL + snapshots in S3 (moto)
 #
 # Every server is started fresh for every scenario run (clean RSS, CPU and state), on
 # 127.0.0.1 only, and the servers are interleaved within each run so machine noise spreads over
@@ -45,7 +46,9 @@ stop_server() {
 }
 # shellcheck source=bench/lib/pg.sh
 source "$BENCH/lib/pg.sh"
-cleanup() { stop_server; pg_cluster_stop; rm -rf "$TMP"; }
+# shellcheck source=bench/lib/s3.sh
+source "$BENCH/lib/s3.sh"
+cleanup() { stop_server; pg_cluster_stop; s3_stop; rm -rf "$TMP"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -56,14 +59,19 @@ log "installing peers (npm ci)"
   || { cat "$RESULTS/npm-ci.log" >&2; exit 1; }
 log "building yjs-load"
 cargo build --release --quiet --manifest-path "$BENCH/yjs-load/Cargo.toml"
-if [[ " $SERVERS " == *" moai-pg "* ]]; then
+if [[ " $SERVERS " == *" moai-pg"* ]]; then
   log "starting a PostgreSQL cluster for moai-pg"
   pg_cluster_start
+fi
+if [[ " $SERVERS " == *" moai-pg-s3 "* ]]; then
+  log "starting an S3-compatible server (moto) for moai-pg-s3"
+  s3_start
 fi
 if [[ " $SERVERS " == *" moai"* ]]; then
   log "building moai"
   if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet); then
     log "moai does not build; skipping it"
+    SERVERS="${SERVERS//moai-pg-s3/}"
     SERVERS="${SERVERS//moai-pg/}"
     SERVERS="${SERVERS//moai/}"
   fi
@@ -96,6 +104,14 @@ start_server() {
       # The same binary on PostgreSQL storage: a fresh database per start, in one cluster.
       env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --storage "$(pg_fresh_db yjs)" --log-format json >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
+      ;;
+    moai-pg-s3)
+      # PostgreSQL storage with Yjs snapshots in S3 (moto): a fresh database and bucket per start.
+      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+        --storage "$(pg_fresh_db yjs)" --s3-url "$(s3_fresh_bucket yjs)" --s3-endpoint "$S3_ENDPOINT" \
+        --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
