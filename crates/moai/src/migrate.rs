@@ -1064,6 +1064,49 @@ mod tests {
         assert_eq!(fresh.sessions[0].checkpoints.len(), 2);
     }
 
+    /// A journal tail whose structs depend on a snapshot kept elsewhere (object storage) loads
+    /// as pending state, and compares as such.
+    #[test]
+    fn documents_compare_by_merged_state_pending_structs_included() {
+        use moai_yjs::yrs::{GetString, Text};
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        let mut updates = Vec::new();
+        for word in ["one ", "two ", "three"] {
+            let mut txn = doc.transact_mut();
+            let len = text.len(&txn);
+            text.insert(&mut txn, len, word);
+            updates.push(txn.encode_update_v1());
+        }
+        let stored = |from: usize| StoredDoc {
+            snapshot: None,
+            snapshot_version: None,
+            updates: updates[from..].iter().cloned().enumerate().map(|(i, u)| (i as u64, u)).collect(),
+        };
+        let (whole, tail) = (stored(0), stored(1));
+        assert!(matches!(relate_docs("d", &whole, &StoredDoc::default()), DocRelation::Absent));
+        assert!(matches!(relate_docs("d", &tail, &tail), DocRelation::Equal), "pending only, on both sides");
+        assert!(matches!(relate_docs("d", &whole, &stored(2)), DocRelation::TargetWithin { .. }));
+        assert!(matches!(relate_docs("d", &stored(2), &whole), DocRelation::SourceWithin));
+        // The same state in another layout (one snapshot) is equal.
+        let snapshot = StoredDoc { snapshot: Some(full_state(&doc)), ..StoredDoc::default() };
+        assert!(matches!(relate_docs("d", &whole, &snapshot), DocRelation::Equal));
+        // What completes a partial copy.
+        let DocRelation::TargetWithin { diff } = relate_docs("d", &whole, &stored(2)) else { unreachable!() };
+        let mut completed = stored(2);
+        completed.updates.push((9, diff));
+        assert!(matches!(relate_docs("d", &whole, &completed), DocRelation::Equal));
+        let elsewhere = Doc::new();
+        let text = elsewhere.get_or_insert_text("t");
+        let mut txn = elsewhere.transact_mut();
+        text.insert(&mut txn, 0, "elsewhere");
+        let other = StoredDoc { updates: vec![(1, txn.encode_update_v1())], ..StoredDoc::default() };
+        drop(txn);
+        assert!(matches!(relate_docs("d", &whole, &other), DocRelation::Diverged { .. }));
+        let built = build("d", &completed, None).unwrap();
+        assert_eq!(built.get_or_insert_text("t").get_string(&built.transact()), "one two three");
+    }
+
     #[test]
     fn payload_is_the_changes_text() {
         assert_eq!(payload_len(r#"{"privacy":"trusting","changes":"[1,2]","madeAt":1}"#), 5);
