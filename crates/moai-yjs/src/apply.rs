@@ -29,6 +29,12 @@ pub enum ApplyError {
     Busy,
     #[error("update is not a valid Yjs v1 update: {0}")]
     Implausible(#[from] crate::plausible::Implausible),
+    /// The update skips changes of a client: it starts at `starts_at` while the document has that
+    /// client's changes only up to `have`. yrs would integrate it with a placeholder for the hole
+    /// and mishandles later updates that land in such a hole (fuzzing: a use-after-free during
+    /// integration), so it is not applied; the sender is asked for what is missing instead.
+    #[error("the update skips changes of client {client}: this document has them up to clock {have}, the update starts at {starts_at}")]
+    Gap { client: u64, have: u32, starts_at: u32 },
     /// yrs panicked while decoding or integrating, or left pending state it could not read back
     /// (see [`pending_is_plausible`]). The document may be half-changed or hold a time bomb: the
     /// room must not be used any more (reload it from storage).
@@ -123,6 +129,9 @@ fn apply_v1_unguarded(doc: &Doc, bytes: &[u8], policy: Policy) -> Applied {
         Ok(txn) => txn,
         Err(_) => return Applied { diff: None, error: Some(ApplyError::Busy) },
     };
+    if let Some(gap) = gap(&txn, &update) {
+        return Applied { diff: None, error: Some(gap) };
+    }
     // The work runs in its own catch_unwind while `txn` lives out here, so a panic in yrs never
     // unwinds through the transaction: its Drop commits, and on the state that made yrs panic
     // the commit can panic again, which during unwinding aborts the whole process (found by the
@@ -169,6 +178,18 @@ fn pending_is_plausible(txn: &yrs::TransactionMut, policy: Policy) -> Result<(),
             .map_err(|e| format!("yrs built a pending update it could not read back: {e}"))?;
     }
     Ok(())
+}
+
+/// The first client whose structs in `update` start beyond what the document has of it. (A
+/// y-websocket client never needs that: every SyncStep2 starts at our state vector, and a live
+/// update sent before it can be re-sent through it.)
+fn gap(txn: &yrs::TransactionMut, update: &Update) -> Option<ApplyError> {
+    let local = txn.state_vector();
+    update
+        .state_vector_lower()
+        .iter()
+        .find(|(client, lower)| **lower > local.get(client))
+        .map(|(client, lower)| ApplyError::Gap { client: client.get(), have: local.get(client), starts_at: *lower })
 }
 
 /// True while the document holds structs or deletions waiting for missing dependencies.

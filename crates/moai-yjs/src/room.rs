@@ -119,6 +119,9 @@ pub struct RoomStats {
     /// SyncStep1 / QueryAwareness requests answered with an empty update because the connection
     /// already got the full answer and nothing changed since.
     pub coalesced_requests: u64,
+    /// Updates that skipped a client's changes, not applied: the sender got our SyncStep1 to
+    /// send everything we lack instead.
+    pub gaps_asked: u64,
 }
 
 pub struct Room {
@@ -385,6 +388,13 @@ impl Room {
                     None => {}
                     Some(ApplyError::Busy) => return Err(RoomError::Busy),
                     Some(ApplyError::Poisoned(why)) => return Err(RoomError::Poisoned(why)),
+                    // Not applied; the sender answers our SyncStep1 with everything we lack,
+                    // this update's changes included (docs/protocols/yjs.md §3.5).
+                    Some(ApplyError::Gap { .. }) => {
+                        self.stats.gaps_asked += 1;
+                        let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
+                        actions.push(Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) });
+                    }
                     Some(e) => return Ok(self.reject(conn, e.to_string(), actions)),
                 }
             }
@@ -452,6 +462,7 @@ impl Room {
             // An HTTP writer gets no SyncStep1 to learn what we lack, and a parked update is
             // not durable: tell it, rather than answer as if it had been applied.
             None if !had_pending && has_pending(&self.doc) => Err(RoomError::MissingDependencies { actions }),
+            Some(ApplyError::Gap { .. }) => Err(RoomError::MissingDependencies { actions }),
             None => Ok(actions),
             Some(ApplyError::Busy) => Err(RoomError::Busy),
             Some(ApplyError::Poisoned(why)) => Err(RoomError::Poisoned(why)),

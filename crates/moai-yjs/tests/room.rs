@@ -3,7 +3,7 @@
 mod support;
 
 use moai_yjs::yrs::updates::decoder::Decode;
-use moai_yjs::yrs::{ReadTxn, StateVector, Text, Transact};
+use moai_yjs::yrs::{GetString, ReadTxn, StateVector, Text, Transact};
 use moai_yjs::{
     load_room, Action, ConnId, Message, Room, RoomError, SyncMessage, CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR,
     KEEPALIVE_FRAME,
@@ -114,31 +114,40 @@ fn update_with_nothing_new_is_neither_persisted_nor_broadcast() {
     assert_eq!(room.stats().updates_without_effect, 2);
 }
 
+/// A client's changes out of order: the later one skips the earlier (a gap in that client's
+/// clock). It used to wait as pending; yrs mishandles such holes (docs/fuzzing.md), so it is not
+/// applied and the sender gets our SyncStep1 instead; its SyncStep2 answer carries everything.
 #[test]
-fn pending_update_is_kept_and_persisted_once_its_dependency_arrives() {
+fn an_out_of_order_update_is_asked_for_again_and_arrives_whole() {
     let mut room = Room::new("doc");
     room.connect(ConnId(1)).unwrap();
     let client = Client::new(1);
     let first = client.insert(0, "ab");
     let second = client.insert(2, "cd"); // depends on `first`
 
-    // Out of order: legitimate Yjs behaviour, not an error, but nothing integrated yet.
     let actions = room.receive(ConnId(1), &update_frame(&second)).unwrap();
-    assert_eq!(actions, vec![]);
-    assert!(room.has_pending_updates());
+    assert!(matches!(&actions[..], [Action::Send { frame, .. }] if frame[..2] == [0, 0]), "a SyncStep1: {actions:?}");
+    assert!(!room.has_pending_updates());
     assert_eq!(text_of(room.doc()), "");
 
     let actions = room.receive(ConnId(1), &update_frame(&first)).unwrap();
-    assert!(!room.has_pending_updates());
-    assert_eq!(text_of(room.doc()), "abcd");
-    let persisted: Vec<Vec<u8>> = actions
+    assert_eq!(text_of(room.doc()), "ab");
+    let mut persisted: Vec<Vec<u8>> = actions
         .iter()
         .filter_map(|a| match a {
             Action::Persist { update } => Some(update.clone()),
             _ => None,
         })
         .collect();
-    // The persisted diff includes the formerly pending part, so storage matches memory.
+    // The client's answer to the SyncStep1 (everything after the empty state we had then).
+    let both = moai_yjs::yrs::merge_updates_v1([first.as_slice(), second.as_slice()]).unwrap();
+    let answer = room.receive(ConnId(1), &moai_yjs::protocol::sync_step2_frame(&both)).unwrap();
+    assert_eq!(text_of(room.doc()), "abcd");
+    persisted.extend(answer.iter().filter_map(|a| match a {
+        Action::Persist { update } => Some(update.clone()),
+        _ => None,
+    }));
+    // Storage matches memory.
     assert_eq!(text_of(&load_journal(&persisted)), "abcd");
 }
 
@@ -443,4 +452,48 @@ fn subdocuments_are_refused_unless_enabled() {
     let mut room = Room::new("doc");
     room.set_policy(moai_yjs::Policy { allow_subdocuments: true });
     assert!(room.apply_http_update(&with_subdoc).is_ok());
+}
+
+/// Found by fuzzing: an update that skips changes of a client (yrs integrates it anyway, with a
+/// placeholder for the hole), then one that lands in that hole: a use-after-free inside yrs. An
+/// update that skips changes is not applied any more; a socket that sent one gets our SyncStep1
+/// and answers it with everything we lack, that update's changes included, so nothing is lost
+/// and the connection stays open; over HTTP it is a 409 (send the missing changes first).
+#[test]
+fn an_update_that_skips_changes_is_asked_for_again_instead_of_applied() {
+    let input = include_bytes!("../../../fuzz/seeds/yjs_frame/regression-yrs-second-gap-uaf");
+    let mut room = Room::from_doc("d", moai_yjs::yrs::Doc::with_client_id(1));
+    room.connect(ConnId(1)).unwrap();
+    let actions = room.receive(ConnId(1), &input[1..]).unwrap();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Persist { .. } | Action::Close { .. })), "{actions:?}");
+    assert!(actions.iter().all(|a| matches!(a, Action::Send { frame, .. } if frame[..2] == [0, 0])), "{actions:?}");
+    assert_eq!(room.stats().gaps_asked, 2);
+    assert!(room.encode_state_as_update().is_ok());
+
+    // One writer's changes, the second sent first.
+    let writer = moai_yjs::yrs::Doc::with_client_id(77);
+    let text = writer.get_or_insert_text("t");
+    let mut steps = Vec::new();
+    for word in ["a", "b"] {
+        let mut txn = writer.transact_mut();
+        text.push(&mut txn, word);
+        steps.push(txn.encode_update_v1());
+    }
+    let mut room = Room::new("ordered");
+    assert!(matches!(room.apply_http_update(&steps[1]), Err(RoomError::MissingDependencies { .. })));
+    assert!(!room.has_pending_updates(), "not kept either");
+    room.connect(ConnId(1)).unwrap();
+    let frame = moai_yjs::protocol::sync_update_frame(&steps[1]);
+    let asked = room.receive(ConnId(1), &frame).unwrap();
+    let Some(Action::Send { frame: step1, .. }) = asked.first() else { panic!("{asked:?}") };
+    // The client answers our SyncStep1 with its whole diff: both changes, in one update.
+    let Ok(moai_yjs::Message::Sync(moai_yjs::SyncMessage::Step1(sv))) = moai_yjs::Message::decode(step1) else {
+        panic!("{step1:?}")
+    };
+    let answer = writer.transact().encode_state_as_update_v1(&StateVector::decode_v1(sv).unwrap());
+    room.receive(ConnId(1), &moai_yjs::protocol::sync_step2_frame(&answer)).unwrap();
+    let state = room.encode_state_as_update().unwrap();
+    let reader = moai_yjs::yrs::Doc::new();
+    reader.transact_mut().apply_update(moai_yjs::yrs::Update::decode_v1(&state).unwrap()).unwrap();
+    assert_eq!(reader.get_or_insert_text("t").get_string(&reader.transact()), "ab");
 }
