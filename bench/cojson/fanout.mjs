@@ -420,7 +420,8 @@ function reportMain (dir) {
     const rs = rows.get(l)
     lines.push(`| ${l} | ${cols.map(([, fn, d]) => { const v = fn(rs); return typeof v === 'number' ? f(v, d ?? 1) : v }).join(' | ')} |`)
   }
-  const m = rows.get('moai'); const refLabel = labels.find((l) => l !== 'moai')
+  // The peer is the reference server, not moai on other storage (moai-pg).
+  const m = rows.get('moai'); const refLabel = labels.find((l) => !l.startsWith('moai'))
   if (m && refLabel) {
     const r = rows.get(refLabel)
     const mc = median(m.map((x) => x.server_cpu_us_per_delivery)); const rc = median(r.map((x) => x.server_cpu_us_per_delivery))

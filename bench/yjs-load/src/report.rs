@@ -214,14 +214,17 @@ fn targets(cases: &BTreeMap<String, BTreeMap<(usize, String), Group>>, a: &Repor
             "fanout" => {
                 let d = |g: &Group| g.med("/deliveries_per_s", 1.0);
                 let p99 = |g: &Group| g.med("/latency_ms/p99", 1.0);
-                let peers = || groups.iter().filter(|((_, l), _)| *l != a.subject && *l != a.relay);
+                // Peers are other servers; moai itself on other storage (moai-pg, moai-pg-s3) is not
+                // one.
+                let peers = || {
+                    groups.iter().filter(|((_, l), _)| *l != a.subject && *l != a.relay && !l.starts_with(&a.subject))
+                };
                 let paced = subject.runs[0]["rate_per_writer"].as_f64().unwrap_or(0.0) > 0.0;
                 if paced {
                     // Fixed offered load: every server delivers the same rate, so only latency
                     // compares; against the peer with the lowest p99.
-                    let best = peers().min_by(|x, y| {
-                        p99(x.1).unwrap_or(f64::INFINITY).total_cmp(&p99(y.1).unwrap_or(f64::INFINITY))
-                    });
+                    let best = peers()
+                        .min_by(|x, y| p99(x.1).unwrap_or(f64::INFINITY).total_cmp(&p99(y.1).unwrap_or(f64::INFINITY)));
                     if let (Some(((_, peer), g)), Some(sp)) = (best, p99(subject)) {
                         let pp = p99(g).unwrap_or(f64::INFINITY);
                         lines.push(format!(

@@ -7,9 +7,6 @@
 
 mod support;
 
-#[path = "../../moai-storage/tests/support/moto.rs"]
-mod moto;
-
 use std::io::{Read, Write};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -24,7 +21,7 @@ use moai_yjs::yrs::{Doc, GetString, Transact, Update};
 use moai_yjs::{Message, SyncMessage};
 use support::ws::{closed_within, connect, next_within, Ws};
 use support::yjs::{edit, sync, text_of_update};
-use support::Server;
+use support::{moto, Server};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const BUCKET: &str = "moai-e2e";

@@ -1,6 +1,8 @@
 //! Starts the real `moai` binary for integration tests and talks to it over real sockets.
 #![allow(dead_code)]
 
+#[path = "../../../moai-storage/tests/support/moto.rs"]
+pub mod moto;
 pub mod node_driver;
 #[path = "../../../moai-pgsync/tests/support/pg.rs"]
 pub mod pg;
@@ -27,8 +29,8 @@ pub struct Server {
 
 impl Server {
     /// Starts moai on a free port with a fresh database in a temp dir, plus `extra` args. The
-    /// database is SQLite, or PostgreSQL under `MOAI_TEST_STORAGE=postgres` (see
-    /// [`test_storage`]).
+    /// database is SQLite, or PostgreSQL (and S3) under `MOAI_TEST_STORAGE=postgres` or
+    /// `postgres+s3` (see [`test_storage`]).
     pub fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("moai.db");
@@ -41,14 +43,15 @@ impl Server {
     pub fn start_in(dir: tempfile::TempDir, db: &Path, extra: &[&str]) -> Server {
         // A test that restarts on the same port passes its own --port.
         let port: &[&str] = if extra.contains(&"--port") { &[] } else { &["--port", "0"] };
-        let storage = if extra.contains(&"--storage") { None } else { test_storage::storage_for(db) };
+        let storage = if extra.contains(&"--storage") { Vec::new() } else { test_storage::storage_args(db) };
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(port)
             .args(["--log-format", "json", "--db-path"])
             .arg(db)
-            .args(storage.iter().flat_map(|url| ["--storage", url.as_str()]))
+            .args(&storage)
             .args(extra)
+            .envs(test_storage::storage_env())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

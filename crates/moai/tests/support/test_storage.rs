@@ -1,7 +1,10 @@
 //! Which storage the test servers run on: `MOAI_TEST_STORAGE` unset (or `sqlite`): SQLite at the
 //! test's `--db-path`, as always; `postgres`: PostgreSQL (`--storage postgres://…`), so that a
 //! suite written for the default backend also checks the shared one (scripts/test runs the
-//! real-client interop suites a second time this way).
+//! real-client interop suites a second time this way); `postgres+s3`: the same, with Yjs
+//! snapshots in an S3-compatible bucket (`--s3-url`, a moto server started once per test
+//! process) and a small compaction threshold (4 KiB), so that the suites' documents really are
+//! compacted into objects and loaded back from them.
 //!
 //! On PostgreSQL every distinct `--db-path` gets a fresh database of its own on one throwaway
 //! cluster shared by the whole test process (`initdb` once, not per server). The database belongs
@@ -13,12 +16,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::moto;
 use super::pg::PgCluster;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestStorage {
     Sqlite,
     Postgres,
+    PostgresS3,
 }
 
 /// The backend `MOAI_TEST_STORAGE` asks for. Any other value fails the test rather than
@@ -27,7 +32,8 @@ pub fn test_storage() -> TestStorage {
     match std::env::var("MOAI_TEST_STORAGE").as_deref() {
         Err(_) | Ok("") | Ok("sqlite") => TestStorage::Sqlite,
         Ok("postgres") => TestStorage::Postgres,
-        Ok(other) => panic!("MOAI_TEST_STORAGE={other:?}: expected sqlite or postgres"),
+        Ok("postgres+s3") => TestStorage::PostgresS3,
+        Ok(other) => panic!("MOAI_TEST_STORAGE={other:?}: expected sqlite, postgres or postgres+s3"),
     }
 }
 
@@ -35,6 +41,44 @@ struct Shared {
     cluster: PgCluster,
     /// `--db-path` → the database standing for it.
     databases: HashMap<PathBuf, String>,
+    /// The S3 server of `postgres+s3`, with one bucket for all; each database has its prefix.
+    objects: Option<moto::Moto>,
+}
+
+/// The bucket of `postgres+s3` (each test database writes under a prefix of its own).
+const BUCKET: &str = "moai-interop";
+
+/// The arguments that put a server started with `--db-path db` on the test storage (empty on
+/// SQLite). The database, and the objects of `postgres+s3`, belong to `db`: a restarted server
+/// finds them again.
+pub fn storage_args(db: &Path) -> Vec<String> {
+    let Some(url) = storage_for(db) else { return Vec::new() };
+    let mut args = vec!["--storage".to_owned(), url.clone()];
+    let shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(objects) = shared.as_ref().and_then(|s| s.objects.as_ref()) {
+        let prefix = url.rsplit('/').next().unwrap_or("db").to_owned();
+        args.extend([
+            "--s3-url".to_owned(),
+            format!("s3://{BUCKET}/{prefix}"),
+            "--s3-endpoint".to_owned(),
+            objects.endpoint(),
+            "--s3-region".to_owned(),
+            moto::REGION.to_owned(),
+            "--yjs-compact-bytes".to_owned(),
+            "4KiB".to_owned(),
+        ]);
+    }
+    args
+}
+
+/// The environment a server on the test storage needs (S3 credentials for `postgres+s3`).
+pub fn storage_env() -> Vec<(&'static str, &'static str)> {
+    match test_storage() {
+        TestStorage::PostgresS3 => {
+            vec![("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID), ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY)]
+        }
+        _ => Vec::new(),
+    }
 }
 
 static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
@@ -49,8 +93,13 @@ pub fn storage_for(db: &Path) -> Option<String> {
     let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let shared = shared.get_or_insert_with(|| {
         let cluster = PgCluster::start();
+        let objects = (test_storage() == TestStorage::PostgresS3).then(|| {
+            let moto = moto::Moto::start();
+            moto.create_bucket(BUCKET);
+            moto
+        });
         stop_cluster_at_exit();
-        Shared { cluster, databases: HashMap::new() }
+        Shared { cluster, databases: HashMap::new(), objects }
     });
     let port = shared.cluster.port;
     let next = shared.databases.len();
