@@ -125,3 +125,76 @@ fn storage_sqlite_url_serves_on_that_file() {
     assert_eq!(http(server.addr, "POST", "/api/v1/docs/d/update", &[], &edit(&Doc::new(), "x")).0, 204);
     assert!(file.exists() && !db.exists());
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await.unwrap().unwrap().unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            tokio_tungstenite::tungstenite::Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// One PostgreSQL database for both: moai's storage (`--storage`) and the application database
+/// the change feed replicates (`--pg-url`). moai's own tables (schema `moai_storage`) are not
+/// published, so its writes never show up in the feed; a Yjs document and the feed both work,
+/// also after `kill -9` and a restart.
+#[tokio::test]
+async fn storage_and_the_change_feed_can_share_one_database() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let pg = pg::PgCluster::start();
+    let url = pg.url();
+    {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        client.batch_execute("CREATE TABLE public.items (id int PRIMARY KEY, name text)").await.unwrap();
+        drop(client);
+        let _ = conn.await;
+    }
+    let args = ["--storage", url.as_str(), "--pg-url", url.as_str(), "--pg-tables", "public.items"];
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("unused.db");
+    let mut server = Server::start_in(dir, &db, &args);
+    server.wait_ready();
+
+    let (mut feed, _) = tokio_tungstenite::connect_async(server.ws_url("/api/sync")).await.unwrap();
+    let hello = serde_json::json!({"type": "hello", "protocol": 1, "client_id": "shared-db", "position": null,
+                                   "shapes": [{"id": "s1", "table": "public.items"}]});
+    feed.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
+    loop {
+        if next_json(&mut feed).await["type"] == "up_to_date" {
+            break;
+        }
+    }
+    // moai's own storage writes (a Yjs update, journaled in the same database) are not in the feed…
+    let w = Doc::new();
+    assert_eq!(http(server.addr, "POST", "/api/v1/docs/shared/update", &[], &edit(&w, "kept")).0, 204);
+    {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        client.batch_execute("INSERT INTO public.items VALUES (1, 'one')").await.unwrap();
+        drop(client);
+        let _ = conn.await;
+    }
+    // …the application's change is, and it is the next thing the client gets.
+    let changes = next_json(&mut feed).await;
+    assert_eq!(changes["type"], "changes", "{changes}");
+    let ops = changes["txns"][0]["ops"].as_array().unwrap();
+    assert_eq!(ops.len(), 1, "{changes}");
+    assert_eq!(ops[0]["table"], "public.items", "{changes}");
+    assert_eq!(read_text(&server, "shared"), "kept");
+
+    // kill -9 and a restart on the same database: both are still there.
+    server.signal("KILL");
+    server.wait_exit(Duration::from_secs(10)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir, &db, &args);
+    server.wait_ready();
+    assert_eq!(read_text(&server, "shared"), "kept");
+}
