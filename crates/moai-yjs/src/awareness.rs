@@ -121,6 +121,9 @@ enum ClientState {
 struct ConnInfo {
     joined_epoch: u64,
     owned: BTreeSet<u64>,
+    /// Another moai instance standing for all of its clients (cluster): its states were checked
+    /// against the limits there, so none apply here.
+    trusted: bool,
 }
 
 /// Awareness state of one room. Pure state machine: no timers (clients renew every 15 s and
@@ -171,7 +174,34 @@ impl AwarenessTracker {
     pub fn add_connection(&mut self, conn: ConnId) {
         self.epoch += 1;
         let joined_epoch = self.epoch;
-        self.conns.entry(conn).or_insert_with(|| ConnInfo { joined_epoch, owned: BTreeSet::new() });
+        self.conns.entry(conn).or_insert_with(|| ConnInfo { joined_epoch, owned: BTreeSet::new(), trusted: false });
+    }
+
+    /// Registers another moai instance as one connection that owns the presence of all its
+    /// clients (cluster). The per-connection limits do not apply to it: that instance enforced
+    /// them on each of its own sockets.
+    pub fn add_instance(&mut self, conn: ConnId) {
+        self.epoch += 1;
+        let joined_epoch = self.epoch;
+        self.conns.entry(conn).or_insert_with(|| ConnInfo { joined_epoch, owned: BTreeSet::new(), trusted: true });
+    }
+
+    /// The present states owned by this server's own sockets (not by other instances): what
+    /// this instance announces to the cluster.
+    pub fn local_states(&self) -> Option<AwarenessUpdate> {
+        let entries: Vec<_> = self
+            .clients
+            .iter()
+            .filter_map(|(&client_id, st)| match st {
+                ClientState::Present { clock, state, owner }
+                    if self.conns.get(owner).is_some_and(|info| !info.trusted) =>
+                {
+                    Some(AwarenessEntry { client_id, clock: *clock, state: Some(state.clone()) })
+                }
+                _ => None,
+            })
+            .collect();
+        (!entries.is_empty()).then_some(AwarenessUpdate { entries })
     }
 
     /// Applies an update received from `conn` and returns the entries that changed our state,
@@ -187,7 +217,7 @@ impl AwarenessTracker {
         let joined_epoch = info.joined_epoch;
         // Check the limits before changing anything, counting only what would be accepted.
         let mut newly_owned = BTreeSet::new();
-        for entry in &update.entries {
+        for entry in update.entries.iter().filter(|_| !info.trusted) {
             if let Some(state) = &entry.state {
                 if state.len() > self.max_state_bytes {
                     return Err(AwarenessLimitError::StateTooLarge { bytes: state.len(), max: self.max_state_bytes });
@@ -198,7 +228,7 @@ impl AwarenessTracker {
             }
         }
         let owned = info.owned.len() + newly_owned.len();
-        if owned > self.max_clients_per_connection {
+        if !info.trusted && owned > self.max_clients_per_connection {
             return Err(AwarenessLimitError::TooManyClients { owned, max: self.max_clients_per_connection });
         }
         let mut changed = Vec::new();
@@ -235,6 +265,15 @@ impl AwarenessTracker {
     fn apply_entry(&mut self, conn: ConnId, joined_epoch: u64, entry: &AwarenessEntry) -> Option<AwarenessEntry> {
         let id = entry.client_id;
         let clock = self.decide(joined_epoch, entry)?;
+        // Another instance removes only the clients it owns here: one that has since moved to a
+        // socket of ours (same client id, reconnected) stays.
+        if entry.state.is_none() && self.conns.get(&conn).is_some_and(|info| info.trusted) {
+            let owned_by_sender =
+                matches!(self.clients.get(&id), Some(ClientState::Present { owner, .. }) if *owner == conn);
+            if !owned_by_sender {
+                return None;
+            }
+        }
 
         match &entry.state {
             Some(state) => {

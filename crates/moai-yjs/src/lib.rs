@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod awareness;
+pub mod cluster;
 pub mod conn;
 mod lib0;
 pub mod load;

@@ -45,6 +45,7 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::apply::{apply_v1, contain, has_pending, ApplyError};
 use crate::awareness::{AwarenessTracker, AwarenessUpdate};
+use crate::cluster;
 use crate::conn::{Access, ConnId};
 use crate::plausible::Policy;
 use crate::protocol::{
@@ -77,6 +78,10 @@ pub enum Action {
     Persist { update: Vec<u8> },
     /// Close the connection with this WebSocket close code, then call [`Room::disconnect`].
     Close { conn: ConnId, code: u16, reason: String },
+    /// Tell the other instances serving this document (cluster; only from a room made
+    /// [`Room::set_clustered`]). `kind` is one of [`crate::cluster`]'s constants. Like a send, it
+    /// must wait for every earlier `Persist`: an update crosses instances only once durable.
+    Publish { kind: u8, payload: Vec<u8> },
 }
 
 /// Misuse by the driver, or a state in which nothing was done. Misbehaving peers never produce
@@ -122,6 +127,13 @@ pub struct RoomStats {
     /// Updates that skipped a client's changes, not applied: the sender got our SyncStep1 to
     /// send everything we lack instead.
     pub gaps_asked: u64,
+    /// Updates from other instances (or from a resync) that changed the document.
+    pub cluster_updates_applied: u64,
+    /// Messages from other instances that were not understood or not applicable (ignored; the
+    /// state exchange repairs what they carried).
+    pub cluster_messages_refused: u64,
+    /// Differences found by the state exchange and answered.
+    pub cluster_repairs: u64,
 }
 
 pub struct Room {
@@ -146,6 +158,12 @@ pub struct Room {
     poisoned: std::sync::OnceLock<String>,
     /// What this server accepts in updates beyond the basics ([`Policy`]).
     policy: Policy,
+    /// Whether other instances serve this document too: local changes are then also published.
+    clustered: bool,
+    /// Each other instance heard from, as one awareness connection owning its clients' presence.
+    instances: BTreeMap<u64, ConnId>,
+    /// Instance connections ever made (their ids are never reused).
+    instances_ever: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -209,6 +227,9 @@ impl Room {
             stats: RoomStats::default(),
             poisoned: std::sync::OnceLock::new(),
             policy: Policy::default(),
+            clustered: false,
+            instances: BTreeMap::new(),
+            instances_ever: 0,
         }
     }
 
@@ -304,7 +325,12 @@ impl Room {
         match self.awareness.remove_connection(conn) {
             Some(removed) => {
                 self.awareness_version += 1;
-                vec![Action::Broadcast { except: Some(conn), frame: awareness_frame(&removed.encode()) }]
+                let encoded = removed.encode();
+                let mut actions = vec![Action::Broadcast { except: Some(conn), frame: awareness_frame(&encoded) }];
+                if self.clustered {
+                    actions.push(Action::Publish { kind: cluster::AWARENESS, payload: encoded });
+                }
+                actions
             }
             None => Vec::new(),
         }
@@ -380,7 +406,7 @@ impl Room {
                 if let Some(diff) = applied.diff {
                     self.stats.updates_applied += 1;
                     self.doc_version += 1;
-                    push_change(actions, diff, Some(conn));
+                    push_change(actions, diff, Some(conn), self.clustered);
                 } else if applied.error.is_none() {
                     self.stats.updates_without_effect += 1;
                 }
@@ -410,8 +436,12 @@ impl Room {
                     };
                     if let Some(changed) = applied {
                         self.awareness_version += 1;
+                        let encoded = changed.encode();
                         // Everyone, sender included: see AwarenessTracker::apply.
-                        actions.push(Action::Broadcast { except: None, frame: awareness_frame(&changed.encode()) });
+                        actions.push(Action::Broadcast { except: None, frame: awareness_frame(&encoded) });
+                        if self.clustered {
+                            actions.push(Action::Publish { kind: cluster::AWARENESS, payload: encoded });
+                        }
                     }
                 }
                 Err(e) => return Ok(self.reject(conn, format!("invalid awareness update: {e}"), actions)),
@@ -456,7 +486,7 @@ impl Room {
         if let Some(diff) = applied.diff {
             self.stats.updates_applied += 1;
             self.doc_version += 1;
-            push_change(&mut actions, diff, None);
+            push_change(&mut actions, diff, None, self.clustered);
         }
         match applied.error {
             // An HTTP writer gets no SyncStep1 to learn what we lack, and a parked update is
@@ -495,10 +525,170 @@ impl Room {
     }
 }
 
-fn push_change(actions: &mut Vec<Action>, diff: Vec<u8>, except: Option<ConnId>) {
-    // Persist strictly before the broadcast that carries the same change.
+impl Room {
+    /// Other instances serve this document too (cluster, docs/cluster.md): from now on the
+    /// room also returns [`Action::Publish`] for its own changes (after their `Persist`) and its
+    /// sockets' presence.
+    pub fn set_clustered(&mut self) {
+        self.clustered = true;
+    }
+
+    /// A message another instance (`from`) published about this document. Updates are applied
+    /// as durable (they were stored before being published): shown to every socket, not
+    /// persisted again, not published again.
+    pub fn receive_from_instance(&mut self, from: u64, kind: u8, payload: &[u8]) -> Result<Vec<Action>, RoomError> {
+        self.not_poisoned()?;
+        let result = contain(|| self.receive_from_instance_unguarded(from, kind, payload))
+            .unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
+    }
+
+    fn receive_from_instance_unguarded(
+        &mut self,
+        from: u64,
+        kind: u8,
+        payload: &[u8],
+    ) -> Result<Vec<Action>, RoomError> {
+        let mut actions = Vec::new();
+        match kind {
+            cluster::UPDATE => self.apply_durable_unguarded(payload, &mut actions)?,
+            cluster::AWARENESS => {
+                let Ok(update) = AwarenessUpdate::decode(payload) else {
+                    self.stats.cluster_messages_refused += 1;
+                    return Ok(actions);
+                };
+                let conn = self.instance_conn(from);
+                // No limits apply to another instance: it enforced them on its own sockets.
+                if let Ok(Some(changed)) = self.awareness.apply(conn, &update) {
+                    self.awareness_version += 1;
+                    actions.push(Action::Broadcast { except: None, frame: awareness_frame(&changed.encode()) });
+                }
+            }
+            cluster::STATE => {
+                let Ok(theirs) = yrs::Snapshot::decode_v1(payload) else {
+                    self.stats.cluster_messages_refused += 1;
+                    return Ok(actions);
+                };
+                let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
+                let ours = txn.snapshot();
+                let difference = cluster::compare(&ours, &theirs);
+                if difference.we_have_more {
+                    self.stats.cluster_repairs += 1;
+                    let update = txn.encode_state_as_update_v1(&theirs.state_map);
+                    actions.push(Action::Publish { kind: cluster::UPDATE, payload: update });
+                }
+                if difference.they_have_more {
+                    actions.push(Action::Publish { kind: cluster::STATE, payload: ours.encode_v1() });
+                }
+            }
+            cluster::ASK_PRESENCE => {
+                if let Some(states) = self.awareness.local_states() {
+                    actions.push(Action::Publish { kind: cluster::AWARENESS, payload: states.encode() });
+                }
+            }
+            _ => self.stats.cluster_messages_refused += 1,
+        }
+        Ok(actions)
+    }
+
+    /// Applies an update known to be durable already (another instance's, or read back from
+    /// storage by a resync): every socket is sent what it changed; nothing is persisted or
+    /// published. An update that skips changes this document lacks is not applied; the room
+    /// asks the other instances for them instead.
+    pub fn apply_durable(&mut self, update: &[u8]) -> Result<Vec<Action>, RoomError> {
+        self.not_poisoned()?;
+        let result = contain(|| {
+            let mut actions = Vec::new();
+            self.apply_durable_unguarded(update, &mut actions)?;
+            Ok(actions)
+        })
+        .unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
+    }
+
+    fn apply_durable_unguarded(&mut self, update: &[u8], actions: &mut Vec<Action>) -> Result<(), RoomError> {
+        let applied = apply_v1(&self.doc, update, self.policy);
+        if let Some(diff) = applied.diff {
+            self.stats.cluster_updates_applied += 1;
+            self.doc_version += 1;
+            actions.push(Action::Broadcast { except: None, frame: sync_update_frame(&diff) });
+        }
+        match applied.error {
+            None => {}
+            Some(ApplyError::Busy) => return Err(RoomError::Busy),
+            Some(ApplyError::Poisoned(why)) => return Err(RoomError::Poisoned(why)),
+            Some(ApplyError::Gap { .. }) => {
+                // An earlier message was lost: say what we have; whoever has more sends it.
+                self.stats.gaps_asked += 1;
+                if self.clustered {
+                    let snapshot = self.doc.try_transact().map_err(|_| RoomError::Busy)?.snapshot();
+                    actions.push(Action::Publish { kind: cluster::STATE, payload: snapshot.encode_v1() });
+                }
+            }
+            Some(_) => self.stats.cluster_messages_refused += 1,
+        }
+        Ok(())
+    }
+
+    /// Another instance stopped heartbeating: its clients' presence goes, for every socket.
+    pub fn instance_gone(&mut self, from: u64) -> Vec<Action> {
+        let Some(conn) = self.instances.remove(&from) else { return Vec::new() };
+        match self.awareness.remove_connection(conn) {
+            Some(removed) => {
+                self.awareness_version += 1;
+                vec![Action::Broadcast { except: None, frame: awareness_frame(&removed.encode()) }]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// What this instance has of the document, for the periodic exchange: whoever has more
+    /// answers with it.
+    pub fn state_for_cluster(&self) -> Result<Action, RoomError> {
+        self.not_poisoned()?;
+        let result = contain(|| {
+            let snapshot = self.doc.try_transact().map_err(|_| RoomError::Busy)?.snapshot();
+            Ok(Action::Publish { kind: cluster::STATE, payload: snapshot.encode_v1() })
+        })
+        .unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        self.note(result)
+    }
+
+    /// After a resync (the link to the other instances was lost, or messages were): announce
+    /// this instance's clients again, ask the others to announce theirs, and exchange state.
+    pub fn cluster_resync(&self) -> Result<Vec<Action>, RoomError> {
+        let mut actions = Vec::new();
+        if let Some(states) = self.awareness.local_states() {
+            actions.push(Action::Publish { kind: cluster::AWARENESS, payload: states.encode() });
+        }
+        actions.push(Action::Publish { kind: cluster::ASK_PRESENCE, payload: Vec::new() });
+        actions.push(self.state_for_cluster()?);
+        Ok(actions)
+    }
+
+    /// The awareness connection standing for instance `from`.
+    fn instance_conn(&mut self, from: u64) -> ConnId {
+        if let Some(conn) = self.instances.get(&from) {
+            return *conn;
+        }
+        // Far from the ids the driver gives sockets (counting up from 0).
+        let conn = ConnId(u64::MAX - self.instances_ever);
+        self.instances_ever += 1;
+        self.instances.insert(from, conn);
+        self.awareness.add_instance(conn);
+        conn
+    }
+}
+
+fn push_change(actions: &mut Vec<Action>, diff: Vec<u8>, except: Option<ConnId>, clustered: bool) {
+    // Persist strictly before the broadcast (and the publication) that carries the same change.
     let frame = sync_update_frame(&diff);
-    actions.push(Action::Persist { update: diff });
+    if clustered {
+        actions.push(Action::Persist { update: diff.clone() });
+        actions.push(Action::Publish { kind: cluster::UPDATE, payload: diff });
+    } else {
+        actions.push(Action::Persist { update: diff });
+    }
     actions.push(Action::Broadcast { except, frame });
 }
 

@@ -6,6 +6,12 @@
 //! sends. That is the room's ordering contract with group commit: nobody ever sees an update
 //! that a `kill -9` could lose, and a burst of edits costs one commit, not one per edit.
 //!
+//! In a cluster it also holds the document's bus topic: its own durable changes and its sockets'
+//! presence are published after the commit (the room returns them as `Publish`, ordered like
+//! sends), the other instances' arrive as commands of the same loop, every `cluster_exchange` it
+//! publishes what it has so that a lost message is repaired, and a resync (the bus lost track)
+//! reads the document back from the shared storage and applies what memory lacks.
+//!
 //! It also folds the journal into a snapshot in the background once it grows past the
 //! configured size (off this task: the snapshot is rebuilt from storage on a blocking thread, so
 //! the live document is never locked for O(document) work), and evicts the document after it
@@ -17,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use moai_cluster::{BusEvent, Topic};
 use moai_storage::{DocJournal, StorageError};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -63,6 +70,8 @@ pub(crate) enum Command {
         update: Vec<u8>,
         reply: oneshot::Sender<Reply<()>>,
     },
+    /// From the document's cluster topic.
+    Bus(BusEvent),
 }
 
 /// The pause after a failed compaction before the next is tried; it doubles with every further
@@ -101,6 +110,16 @@ struct DocTask {
     inbound: Arc<Semaphore>,
     /// yrs panicked while handling this batch: the room is unusable.
     poisoned: Option<String>,
+    /// The document's cluster topic (when other instances serve it too).
+    topic: Option<Topic>,
+    /// When this instance next tells the others what it has.
+    next_exchange: Instant,
+    /// A resync reading the document back from storage: the update memory lacks.
+    resync: Option<JoinHandle<Result<Vec<u8>, CompactionError>>>,
+    /// Another resync was asked while one ran.
+    resync_again: bool,
+    /// When a socket or an HTTP request last used the document (eviction counts from here).
+    last_local_use: Instant,
 }
 
 pub(crate) fn spawn(
@@ -111,14 +130,24 @@ pub(crate) fn spawn(
     registry: RegistryRef,
 ) {
     tokio::spawn(async move {
-        let Some((storage, config, compactor)) =
-            registry.upgrade().map(|r| (r.storage.clone(), r.config.clone(), r.compactor.clone()))
+        let Some((storage, config, compactor, bus)) =
+            registry.upgrade().map(|r| (r.storage.clone(), r.config.clone(), r.compactor.clone(), r.bus.clone()))
         else {
             return;
+        };
+        // Join before loading: what is published from now on arrives as messages, everything
+        // before is durable and in the load.
+        let topic = match &bus {
+            Some(bus) => Some(bus.join(&topic_name(&doc_id)).await),
+            None => None,
         };
         match load(&doc_id, storage.as_ref()).await {
             Ok((mut room, journal_bytes)) => {
                 room.set_policy(config.policy);
+                if topic.is_some() {
+                    room.set_clustered();
+                }
+                let next_exchange = Instant::now() + config.cluster_exchange;
                 let inbound = Arc::new(Semaphore::new(config.inbound_bytes.clamp(1, MAX_INBOUND_PERMITS)));
                 tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
                 let task = DocTask {
@@ -138,6 +167,11 @@ pub(crate) fn spawn(
                     compact_retry: None,
                     inbound,
                     poisoned: None,
+                    topic,
+                    next_exchange,
+                    resync: None,
+                    resync_again: false,
+                    last_local_use: Instant::now(),
                 };
                 task.run().await;
             }
@@ -186,9 +220,14 @@ fn fail_all(mut commands: mpsc::Receiver<Command>, error: ServiceError) {
             Command::Join { reply, .. } => drop(reply.send(Reply::Failed(error.clone()))),
             Command::ReadState { reply } => drop(reply.send(Reply::Failed(error.clone()))),
             Command::ApplyUpdate { reply, .. } => drop(reply.send(Reply::Failed(error.clone()))),
-            Command::Frame { .. } | Command::Leave { .. } => {}
+            Command::Frame { .. } | Command::Leave { .. } | Command::Bus(_) => {}
         }
     }
+}
+
+/// The bus topic of a Yjs document.
+fn topic_name(doc_id: &str) -> String {
+    format!("y:{doc_id}")
 }
 
 /// Replies that may only be sent after the batch's updates are durable.
@@ -201,7 +240,9 @@ enum Deferred {
 impl DocTask {
     async fn run(mut self) {
         loop {
-            let idle = self.conns.is_empty() && self.compaction.is_none();
+            let idle = self.conns.is_empty() && self.compaction.is_none() && self.resync.is_none();
+            // Cluster traffic does not count as use: a document nobody here uses is evicted.
+            let idle_deadline = self.last_local_use + self.config.idle_evict;
             let first = tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => cmd,
@@ -212,13 +253,35 @@ impl DocTask {
                     self.compaction_finished(result.unwrap_or_else(|e| Err(CompactionError::Task(e))));
                     continue;
                 }
-                _ = tokio::time::sleep(self.config.idle_evict), if idle => {
-                    if self.evict().await {
+                event = async { self.topic.as_mut().expect("guarded").recv().await }, if self.topic.is_some() => match event {
+                    Some(event) => Command::Bus(event),
+                    None => { self.topic = None; continue; }
+                },
+                _ = tokio::time::sleep_until(self.next_exchange), if self.topic.is_some() => {
+                    self.next_exchange = Instant::now() + self.config.cluster_exchange;
+                    if !self.exchange_state() {
                         return;
                     }
                     continue;
                 }
+                result = async { self.resync.as_mut().expect("guarded").await }, if self.resync.is_some() => {
+                    self.resync = None;
+                    if !self.resync_finished(result.unwrap_or_else(|e| Err(CompactionError::Task(e)))).await {
+                        return;
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(idle_deadline), if idle => {
+                    if self.evict().await {
+                        return;
+                    }
+                    self.last_local_use = Instant::now();
+                    continue;
+                }
             };
+            if !matches!(first, Command::Bus(_)) {
+                self.last_local_use = Instant::now();
+            }
             let mut batch = vec![first];
             while batch.len() < self.config.max_batch {
                 match self.commands.try_recv() {
@@ -342,6 +405,7 @@ impl DocTask {
                 // the batch's commit, like every other send.
                 deferred.push(Deferred::State(reply, answer));
             }
+            Command::Bus(event) => self.handle_bus(event, actions),
             Command::ApplyUpdate { update, reply } => match self.room.apply_http_update(&update) {
                 Ok(a) => {
                     actions.extend(a);
@@ -391,7 +455,120 @@ impl DocTask {
                         queue.extend(self.room.disconnect(conn));
                     }
                 }
+                Action::Publish { kind, payload } => {
+                    if let Some(topic) = &self.topic {
+                        topic.publish(kind, Bytes::from(payload));
+                    }
+                }
             }
+        }
+    }
+
+    /// One event of the document's cluster topic.
+    fn handle_bus(&mut self, event: BusEvent, actions: &mut Vec<Action>) {
+        let result = match event {
+            BusEvent::Message { from, kind, payload } => self.room.receive_from_instance(from.0, kind, &payload),
+            BusEvent::InstanceGone(instance) => Ok(self.room.instance_gone(instance.0)),
+            BusEvent::Resync => {
+                self.start_resync();
+                Ok(Vec::new())
+            }
+        };
+        match result {
+            Ok(a) => actions.extend(a),
+            Err(RoomError::Poisoned(why)) => self.poisoned = Some(why),
+            Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "a cluster message could not be handled"),
+        }
+    }
+
+    /// Reads the document back from storage (where every instance's changes are) on a blocking
+    /// thread and computes what memory lacks; [`DocTask::resync_finished`] applies it.
+    fn start_resync(&mut self) {
+        if self.resync.is_some() {
+            self.resync_again = true;
+            return;
+        }
+        let state_vector = match self.room.state_vector() {
+            Ok(sv) => sv,
+            Err(e) => {
+                tracing::warn!(doc = %self.doc_id, error = %e, "cannot resync now");
+                self.resync_again = true;
+                return;
+            }
+        };
+        let storage = self.storage.clone();
+        let doc_id = self.doc_id.clone();
+        self.resync = Some(tokio::spawn(async move {
+            let stored = storage.load(&doc_id).await?;
+            tokio::task::spawn_blocking(move || -> Result<Vec<u8>, CompactionError> {
+                use yrs::updates::decoder::Decode;
+                use yrs::{ReadTxn, Transact};
+                let room =
+                    load_room(doc_id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))?;
+                let sv = yrs::StateVector::decode_v1(&state_vector).map_err(|e| RoomError::Poisoned(e.to_string()))?;
+                let txn = room.doc().try_transact().map_err(|_| RoomError::Busy)?;
+                Ok(txn.encode_state_as_update_v1(&sv))
+            })
+            .await
+            .map_err(CompactionError::Task)?
+        }));
+    }
+
+    /// Applies what a resync found, then re-announces presence and exchanges state. Returns
+    /// false when the task must end.
+    async fn resync_finished(&mut self, result: Result<Vec<u8>, CompactionError>) -> bool {
+        let mut actions = Vec::new();
+        match result {
+            Ok(update) => match self.room.apply_durable(&update) {
+                Ok(a) => actions.extend(a),
+                Err(RoomError::Poisoned(why)) => self.poisoned = Some(why),
+                Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "resync could not be applied"),
+            },
+            Err(e) => {
+                // The periodic exchange still repairs from the other instances; try again later.
+                tracing::warn!(doc = %self.doc_id, error = %e, "resync from storage failed");
+                self.resync_again = true;
+            }
+        }
+        match self.room.cluster_resync() {
+            Ok(a) => actions.extend(a),
+            Err(RoomError::Poisoned(why)) => self.poisoned = Some(why),
+            Err(_) => {}
+        }
+        if let Some(why) = self.poisoned.take() {
+            tracing::error!(doc = %self.doc_id, error = %why, "the Yjs library panicked; closing the document to reload it from storage");
+            self.fail_document(
+                ServiceError::Unavailable(Unavailable::Failed(why)),
+                "document failed; reconnect",
+                Vec::new(),
+            );
+            return false;
+        }
+        self.perform(actions.into());
+        if std::mem::take(&mut self.resync_again) {
+            self.start_resync();
+        }
+        true
+    }
+
+    /// Publishes what this instance has of the document (the periodic exchange). Returns false
+    /// when the task must end.
+    fn exchange_state(&mut self) -> bool {
+        match self.room.state_for_cluster() {
+            Ok(action) => {
+                self.perform(VecDeque::from([action]));
+                true
+            }
+            Err(RoomError::Poisoned(why)) => {
+                tracing::error!(doc = %self.doc_id, error = %why, "the Yjs library panicked; closing the document to reload it from storage");
+                self.fail_document(
+                    ServiceError::Unavailable(Unavailable::Failed(why)),
+                    "document failed; reconnect",
+                    Vec::new(),
+                );
+                false
+            }
+            Err(_) => true,
         }
     }
 
@@ -507,7 +684,7 @@ impl DocTask {
                 Command::Join { reply, .. } => drop(reply.send(Reply::Retry)),
                 Command::ReadState { reply } => drop(reply.send(Reply::Retry)),
                 Command::ApplyUpdate { reply, .. } => drop(reply.send(Reply::Retry)),
-                Command::Frame { .. } | Command::Leave { .. } => {}
+                Command::Frame { .. } | Command::Leave { .. } | Command::Bus(_) => {}
             }
         }
         tracing::debug!(doc = %self.doc_id, "document evicted");

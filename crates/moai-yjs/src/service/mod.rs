@@ -52,6 +52,9 @@ pub struct YjsConfig {
     /// What updates may hold beyond the basics (subdocuments: off by default, see
     /// [`crate::plausible::Policy`]).
     pub policy: crate::plausible::Policy,
+    /// In a cluster: how often each open document tells the other instances what it has, so
+    /// that any difference (a lost message) is repaired (docs/cluster.md).
+    pub cluster_exchange: Duration,
 }
 
 impl Default for YjsConfig {
@@ -64,6 +67,7 @@ impl Default for YjsConfig {
             compact_journal_bytes: 1 << 20,
             max_batch: 256,
             policy: crate::plausible::Policy::default(),
+            cluster_exchange: Duration::from_secs(10),
         }
     }
 }
@@ -113,7 +117,14 @@ pub struct YjsService {
 
 impl YjsService {
     pub fn new(storage: Arc<dyn DocJournal>, config: YjsConfig) -> Self {
-        Self { registry: Registry::new(storage, config) }
+        Self { registry: Registry::new(storage, config, None) }
+    }
+
+    /// An engine that serves its documents together with other instances on `bus` (cluster):
+    /// every open document joins its topic, publishes its durable changes and its sockets'
+    /// presence, and applies the other instances' (docs/cluster.md).
+    pub fn clustered(storage: Arc<dyn DocJournal>, config: YjsConfig, bus: moai_cluster::Bus) -> Self {
+        Self { registry: Registry::new(storage, config, Some(bus)) }
     }
 
     /// Connects a new socket to `doc_id`, loading the document if needed. The session's

@@ -27,6 +27,8 @@ pub(crate) struct Registry {
     pub(crate) storage: Arc<dyn DocJournal>,
     pub(crate) config: YjsConfig,
     pub(crate) compactor: Arc<Compactor>,
+    /// The cluster bus, when other instances serve the same documents.
+    pub(crate) bus: Option<moai_cluster::Bus>,
 }
 
 #[derive(Clone)]
@@ -36,13 +38,14 @@ struct Entry {
 }
 
 impl Registry {
-    pub(crate) fn new(storage: Arc<dyn DocJournal>, config: YjsConfig) -> Arc<Self> {
+    pub(crate) fn new(storage: Arc<dyn DocJournal>, config: YjsConfig, bus: Option<moai_cluster::Bus>) -> Arc<Self> {
         Arc::new(Self {
             docs: Mutex::default(),
             next_generation: Mutex::new(0),
             storage,
             config,
             compactor: Arc::new(Compactor::start()),
+            bus,
         })
     }
 

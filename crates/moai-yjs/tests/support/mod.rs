@@ -80,6 +80,10 @@ pub fn text_of(doc: &Doc) -> String {
 pub struct Driver {
     pub journal: Vec<Vec<u8>>,
     pub sent_frames: usize,
+    /// What the room asked to tell the other instances (cluster), in order.
+    pub published: Vec<(u8, Vec<u8>)>,
+    /// Updates other instances appended to the storage they share with this one (cluster).
+    pub journal_elsewhere: Vec<Vec<u8>>,
 }
 
 impl Driver {
@@ -108,6 +112,7 @@ impl Driver {
                         c.closed = Some((code, reason));
                     }
                 }
+                Action::Publish { kind, payload } => self.published.push((kind, payload)),
             }
         }
     }
@@ -115,7 +120,8 @@ impl Driver {
     /// Everything a server frame carries about the document must already be in the journal.
     fn check_durable(&self, frame: &[u8]) {
         if let Ok(Message::Sync(SyncMessage::Step2(u) | SyncMessage::Update(u))) = Message::decode(frame) {
-            let durable = load_journal(&self.journal);
+            let all: Vec<Vec<u8>> = self.journal_elsewhere.iter().chain(&self.journal).cloned().collect();
+            let durable = load_journal(&all);
             let carried = Update::decode_v1(u).expect("decodable");
             let carried_sv = carried.state_vector();
             let durable_sv = durable.transact().state_vector();
