@@ -280,7 +280,9 @@ pub(crate) async fn apply_retention(
         return Ok(None);
     }
     tx.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn < $1"), &[&horizon]).await?;
-    tx.execute(&format!("UPDATE {s}.replication_state SET horizon = $1 WHERE id = 1"), &[&horizon]).await?;
+    // Never lowered, even by an instance that read an older state.
+    tx.execute(&format!("UPDATE {s}.replication_state SET horizon = $1 WHERE id = 1 AND horizon < $1"), &[&horizon])
+        .await?;
     tx.commit().await?;
     Ok(Some(Lsn(u64::from(horizon))))
 }

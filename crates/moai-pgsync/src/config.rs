@@ -51,6 +51,11 @@ pub struct PgSyncConfig {
     /// Reconnect backoff bounds.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// While another instance holds the slot, this one follows the shared watermark: woken by
+    /// the replicating instance's notifications, and re-reading it at least this often anyway
+    /// (a lost notification or a reconnect never stalls its sessions for longer). The same poll
+    /// notices a released slot, so a standby tries to take it over within about this interval.
+    pub follow_poll_interval: Duration,
 }
 
 impl PgSyncConfig {
@@ -76,6 +81,7 @@ impl PgSyncConfig {
             status_interval: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            follow_poll_interval: Duration::from_secs(1),
         }
     }
 
@@ -95,6 +101,9 @@ impl PgSyncConfig {
             if !ok {
                 return Err(Error::Config(format!("{what} name {name:?} must match [a-z_][a-z0-9_]*")));
             }
+        }
+        if self.follow_poll_interval.is_zero() {
+            return Err(Error::Config("follow_poll_interval must be > 0".into()));
         }
         if self.flush_rows == 0 || self.chunk_rows == 0 {
             return Err(Error::Config("flush_rows and chunk_rows must be > 0".into()));

@@ -140,6 +140,10 @@ CREATE INDEX IF NOT EXISTS clients_subject_last_seen_idx ON {s}.clients (subject
 -- The value mapping (value_mapping::MAPPING_VERSION) the history was written with. States from
 -- before the column existed hold version 1 history; the replicator starts a new generation.
 ALTER TABLE {s}.replication_state ADD COLUMN IF NOT EXISTS mapping_version int4 NOT NULL DEFAULT 1;
+-- The fencing token of the instance that holds the replication slot: raised by every instance
+-- that takes the slot, and every write of history checks it, so an instance that lost the slot
+-- (its stream ended while it still had events to write) cannot write after another took over.
+ALTER TABLE {s}.replication_state ADD COLUMN IF NOT EXISTS epoch int8 NOT NULL DEFAULT 0;
 "#,
         s = ident(schema)
     )

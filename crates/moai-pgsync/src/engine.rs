@@ -5,6 +5,9 @@
 //! stop. That task is a `SessionTask` (`session_task.rs`), which drives the client's sans-IO
 //! [`crate::subscription::Subscription`]. One replicator (`replicator.rs`) per engine fills
 //! `change_history` and publishes its state on a `watch` channel that every session follows.
+//! While another instance holds the replication slot, the replicator waits for it and a
+//! follower (`follower.rs`) publishes on the same channel what that instance commits: sessions
+//! are served from the shared history either way (docs/pgsync-protocol.md §14).
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -73,9 +76,10 @@ pub(crate) struct Inner {
 
 impl PgSync {
     /// Validate the config, connect, set up schema/publication/slot (or a new generation) and
-    /// start streaming in the background. Fails on a bad config or an unreachable/unsuitable
-    /// database; after that, connection losses are retried forever with backoff. Await
-    /// [`wait_caught_up`](Self::wait_caught_up) before reporting ready.
+    /// start streaming in the background, or, if another instance holds the slot, follow the
+    /// history it writes (and take the slot over when it is released). Fails on a bad config or
+    /// an unreachable/unsuitable database; after that, connection losses are retried forever
+    /// with backoff. Await [`wait_caught_up`](Self::wait_caught_up) before reporting ready.
     pub async fn start(cfg: PgSyncConfig) -> Result<PgSync, Error> {
         cfg.validate()?;
         let cfg = Arc::new(cfg);
@@ -117,9 +121,9 @@ impl PgSync {
         Ok(PgSync { inner })
     }
 
-    /// Resolves once the replicator has consumed the WAL that existed when it started
-    /// (docs/pgsync-protocol.md §1 and §9, docs/protocols/design.md §4); sessions answer `hello`
-    /// only after that anyway.
+    /// Resolves once the watermark (this instance's replicator's, or the one it follows) has
+    /// passed the WAL that existed when the engine started (docs/pgsync-protocol.md §1, §9 and
+    /// §14, docs/protocols/design.md §4); sessions answer `hello` only after that anyway.
     pub async fn wait_caught_up(&self) -> Result<(), Error> {
         let mut feed = self.inner.feed.clone();
         let s =
@@ -138,6 +142,12 @@ impl PgSync {
     /// The replicator's state (phase, generation, watermark, horizon, readiness).
     pub fn feed(&self) -> watch::Receiver<FeedState> {
         self.inner.feed.clone()
+    }
+
+    /// This instance's part in the change feed: `replicating` (it holds the slot), `following`
+    /// (another instance does), `reconnecting`, `starting` or `stopped` ([`Phase::role`]).
+    pub fn role(&self) -> &'static str {
+        self.inner.feed.borrow().phase.role()
     }
 
     /// Run retention and registry expiry now (they also run every `maintenance_interval`).

@@ -44,6 +44,16 @@ pub enum Error {
     ShuttingDown,
     #[error("page query task: {0}")]
     PageQueryTask(#[from] tokio::task::JoinError),
+    /// Seen before anything is changed: the slot is active for another backend.
+    #[error("replication slot {slot:?} is in use by backend {pid} (another moai instance replicates this database)")]
+    SlotInUse { slot: String, pid: i32 },
+    /// A write of history found another fencing epoch: another instance took the slot over.
+    #[error("another instance took the replication slot over (epoch {0} is no longer current); not writing history")]
+    Superseded(i64),
+    #[error("the connection that follows the shared history closed")]
+    FollowerConnectionClosed,
+    #[error("replication_state changed during the slot takeover ({0})")]
+    TakeoverRace(&'static str),
 }
 
 impl Error {
@@ -52,6 +62,7 @@ impl Error {
     /// Not a start-up failure: this instance waits as a standby until the slot is free.
     pub fn is_slot_in_use(&self) -> bool {
         match self {
+            Error::SlotInUse { .. } => true,
             // SQLSTATE 55006 (object_in_use) on the SQL side…
             Error::Sql(e) => e.as_db_error().is_some_and(|db| db.code().code() == "55006"),
             // …and the server's message on the replication protocol side.

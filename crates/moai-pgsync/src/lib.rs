@@ -21,6 +21,7 @@ mod db;
 mod engine;
 mod error;
 pub mod filter;
+mod follower;
 pub mod lsn;
 mod maintenance;
 pub mod pg_time;

@@ -7,6 +7,7 @@ use crate::change_history;
 use crate::db;
 use crate::engine::Inner;
 use crate::error::Error;
+use crate::replicator::Phase;
 
 pub(crate) async fn maintenance_loop(inner: std::sync::Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -24,11 +25,14 @@ pub(crate) async fn maintenance_loop(inner: std::sync::Arc<Inner>, mut stop: wat
 }
 
 /// Expire clients unseen for `client_ttl`, then delete history older than `retention` (never
-/// past the lowest registered position) and publish the new horizon.
+/// past the lowest registered position) and publish the new horizon. Retention runs only on the
+/// instance that holds the slot (the history's single writer); followers learn the horizon from
+/// `replication_state`.
 pub(crate) async fn maintenance_once(inner: &Inner) -> Result<(), Error> {
     let mut client = db::connect(&inner.pg).await?;
     change_history::expire_clients(&client, &inner.cfg.schema, inner.cfg.client_ttl).await?;
-    if let Some(max_age) = inner.cfg.retention {
+    let replicating = inner.feed.borrow().phase == Phase::Streaming;
+    if let (Some(max_age), true) = (inner.cfg.retention, replicating) {
         let generation = inner.feed.borrow().generation;
         if let Some(h) =
             change_history::apply_retention(&mut client, &inner.cfg.schema, generation, max_age, inner.cfg.client_ttl)

@@ -21,6 +21,21 @@
 //! * Readiness: caught up once the watermark reaches the WAL position read at start (a
 //!   non-transactional `pg_logical_emit_message` written right after that read makes the stream
 //!   reach it promptly even when nothing else is written).
+//! * **The slot is the lock** (docs/pgsync-protocol.md §14). An instance that finds the slot
+//!   active for another backend changes nothing (no DDL, no publication, no history), becomes a
+//!   standby and follows the shared history with a [`Follower`] (phase [`Phase::Following`]):
+//!   its sessions are served from `change_history` up to the watermark the replicating
+//!   instance commits. It keeps trying to take the slot (at once when its follower sees the slot
+//!   released), and once `START_REPLICATION` succeeds it stops the follower, raises the fencing
+//!   `epoch` in `replication_state`, deletes what an unfinished writer left above the durable
+//!   watermark, and replicates. Every write of history checks the epoch in its own transaction,
+//!   so an instance that lost the slot while it still had buffered events cannot write after
+//!   another one took over.
+//! * Followers learn of new history at once: every transaction that moves the durable watermark
+//!   also runs `pg_notify(<schema>, watermark)`, delivered on commit. A moai logical message (a
+//!   follower's readiness probe or snapshot handoff, see `session_task.rs`) makes the replicator
+//!   store its in-memory watermark too, so followers see an idle watermark promptly (storing it
+//!   only on request: storing every idle point would write WAL, which moves the idle point, …).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +44,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
@@ -37,6 +52,7 @@ use crate::change_history::{copy_in, TxnRows};
 use crate::config::PgSyncConfig;
 use crate::db::{self, ident, qualified_ident};
 use crate::error::Error;
+use crate::follower::{Follower, FollowerHandle};
 use crate::lsn::Lsn;
 use crate::pgoutput::{
     Begin, Commit, Decoder, DecodingMessage, LogicalMessage, Relation, RelationColumn, ReplicaIdentity,
@@ -51,13 +67,32 @@ pub const MESSAGE_PREFIX: &str = "moai_sync";
 pub enum Phase {
     /// Connecting for the first time.
     Starting,
-    /// Streaming; `caught_up` in [`FeedState`] tells whether startup WAL was consumed.
+    /// This instance holds the slot and streams it into change_history; `caught_up` in
+    /// [`FeedState`] tells whether startup WAL was consumed.
     Streaming,
+    /// Another instance holds the slot: this one follows the history it commits (its watermark,
+    /// generation and horizon as stored in `replication_state`) and takes the slot over when it
+    /// is released.
+    Following,
     /// Connection lost; retrying with backoff. Sessions keep their sockets.
     Reconnecting {
         error: String,
     },
     Stopped,
+}
+
+impl Phase {
+    /// The instance's part in the change feed, as `/health` reports it: `replicating`,
+    /// `following`, `reconnecting`, `starting` or `stopped`.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Streaming => "replicating",
+            Phase::Following => "following",
+            Phase::Reconnecting { .. } => "reconnecting",
+            Phase::Stopped => "stopped",
+        }
+    }
 }
 
 /// What sessions need to know about the feed, published on a `watch` channel.
@@ -80,8 +115,21 @@ pub(crate) struct Replicator {
     state: Arc<watch::Sender<FeedState>>,
     assembler: TransactionAssembler,
     relations_loaded: bool,
-    /// WAL position to reach for readiness (set on the first successful connect).
+    /// WAL position to reach for readiness (set on the first connection attempt).
     target: Option<Lsn>,
+    /// The fencing epoch this instance raised when it took the slot (see the module docs).
+    epoch: i64,
+    /// Follows the shared history while another instance holds the slot.
+    follower: Option<FollowerHandle>,
+    /// Raised by the follower when the slot is free: try to take it now.
+    slot_free: Arc<Notify>,
+}
+
+/// What a successful [`Replicator::setup`] publishes once the follower (if any) has stopped.
+struct Started {
+    generation: u64,
+    watermark: Lsn,
+    horizon: Lsn,
 }
 
 struct Stream {
@@ -104,11 +152,22 @@ impl Replicator {
         pg: tokio_postgres::Config,
         state: Arc<watch::Sender<FeedState>>,
     ) -> Self {
-        Replicator { cfg, pg, state, assembler: TransactionAssembler::new(), relations_loaded: false, target: None }
+        Replicator {
+            cfg,
+            pg,
+            state,
+            assembler: TransactionAssembler::new(),
+            relations_loaded: false,
+            target: None,
+            epoch: 0,
+            follower: None,
+            slot_free: Arc::new(Notify::new()),
+        }
     }
 
     /// Run until `stop` becomes true. The first connection attempt's setup result is reported
-    /// on `first` (an error there is a configuration/startup failure and ends the task).
+    /// on `first` (an error there is a configuration/startup failure and ends the task); finding
+    /// the slot held by another instance is a success: this instance follows as a standby.
     pub(crate) async fn run(mut self, first: oneshot::Sender<Result<(), Error>>, mut stop: watch::Receiver<bool>) {
         let mut first = Some(first);
         let mut backoff = self.cfg.backoff_min;
@@ -116,30 +175,54 @@ impl Replicator {
             if *stop.borrow() {
                 break;
             }
-            let attempt = self.connect_and_stream(&mut first, &mut stop).await;
+            let attempt = self.connect_and_stream(&mut first, &mut stop, &mut backoff).await;
             self.assembler.reset();
             match attempt {
                 Ok(()) => break, // stop requested
-                Err(e) => {
-                    if e.is_slot_in_use() {
-                        // Standby: keep trying; readiness stays false until we hold the slot.
+                Err(e) if e.is_slot_in_use() => {
+                    // A standby: serve sessions from the shared history, take the slot when free.
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Ok(()));
+                    }
+                    if self.follower.is_none() {
                         tracing::warn!(error = %e, slot = %self.cfg.slot_name,
                             "replication slot is in use by another connection (another moai, or one that died \
-                             and Postgres has not noticed yet); waiting for it");
-                    } else if let Some(f) = first.take() {
+                             and Postgres has not noticed yet); following the history it writes and taking the \
+                             slot over once it is free");
+                        self.follower = Some(Follower::spawn(
+                            self.cfg.clone(),
+                            self.pg.clone(),
+                            self.state.clone(),
+                            self.target.unwrap_or(Lsn(u64::MAX)),
+                            self.slot_free.clone(),
+                        ));
+                    } else {
+                        tracing::debug!(error = %e, "pgsync: the replication slot is still in use");
+                    }
+                }
+                Err(e) => {
+                    if let Some(f) = first.take() {
                         let _ = f.send(Err(e));
                         self.state.send_modify(|s| s.phase = Phase::Stopped);
                         return;
                     }
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "pgsync replication interrupted; reconnecting");
-                    self.state.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string() });
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
+                    // While following, the follower reports its own connection's state.
+                    if self.follower.is_none() {
+                        self.state.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string() });
                     }
-                    backoff = (backoff * 2).min(self.cfg.backoff_max);
                 }
             }
+            let following = self.follower.is_some();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.slot_free.notified(), if following => {}
+                _ = stop.changed() => {}
+            }
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+        if let Some(f) = self.follower.take() {
+            f.stop().await;
         }
         self.state.send_modify(|s| s.phase = Phase::Stopped);
     }
@@ -148,23 +231,66 @@ impl Replicator {
         &mut self,
         first: &mut Option<oneshot::Sender<Result<(), Error>>>,
         stop: &mut watch::Receiver<bool>,
+        backoff: &mut std::time::Duration,
     ) -> Result<(), Error> {
-        let mut stream = self.setup().await?;
+        let (mut stream, started) = self.setup().await?;
+        // This instance holds the slot now: the follower ends before anything is published, so
+        // the feed has one writer at a time.
+        if let Some(f) = self.follower.take() {
+            f.stop().await;
+            tracing::info!(slot = %self.cfg.slot_name, epoch = self.epoch, "pgsync: took the replication slot over; replicating");
+        }
         if let Some(f) = first.take() {
             let _ = f.send(Ok(()));
         }
-        self.state.send_modify(|s| s.phase = Phase::Streaming);
+        *backoff = self.cfg.backoff_min;
+        let caught_up = self.target.is_some_and(|t| started.watermark.0.saturating_add(1) >= t.0);
+        self.state.send_modify(|st| {
+            // The durable watermark may trail the proven one published before the reconnect (or
+            // the one this instance followed before it took the slot over).
+            st.watermark = if st.generation == started.generation {
+                st.watermark.max(started.watermark)
+            } else {
+                started.watermark
+            };
+            st.horizon =
+                if st.generation == started.generation { st.horizon.max(started.horizon) } else { started.horizon };
+            st.generation = started.generation;
+            st.caught_up |= caught_up;
+            st.phase = Phase::Streaming;
+        });
         let res = self.stream(&mut stream, stop).await;
         stream.repl.stop();
         res
     }
 
-    /// Connect, verify or create publication, slot and generation, and start streaming.
-    async fn setup(&mut self) -> Result<Stream, Error> {
+    /// Connect, verify or create publication, slot and generation, take the slot and start
+    /// streaming. Nothing is changed before the slot is known to be free (a standby returns
+    /// [`Error::SlotInUse`]), and nothing in history before this instance holds it.
+    async fn setup(&mut self) -> Result<(Stream, Started), Error> {
         let cfg = self.cfg.clone();
         let s = ident(&cfg.schema);
-        let sql = db::connect(&self.pg).await?;
-        sql.batch_execute(&db::schema_ddl(&cfg.schema)).await?;
+        let mut sql = db::connect(&self.pg).await?;
+        let first = self.target.is_none();
+        if first {
+            // On every instance, standby or not: a bad configuration fails the start.
+            sql.batch_execute(&db::schema_ddl(&cfg.schema)).await?;
+            self.check_tables(&sql).await?;
+            self.target = Some(readiness_target(&sql).await?);
+        }
+        // The slot is the lock. The walsender's own check (START_REPLICATION) is what counts;
+        // this one keeps a standby from taking locks and rewriting the publication every retry.
+        if let Some(pid) = sql
+            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&cfg.slot_name])
+            .await?
+            .and_then(|r| r.get::<_, Option<i32>>(0))
+        {
+            return Err(Error::SlotInUse { slot: cfg.slot_name.clone(), pid });
+        }
+        if !first {
+            sql.batch_execute(&db::schema_ddl(&cfg.schema)).await?;
+            self.check_tables(&sql).await?;
+        }
         self.ensure_publication(&sql).await?;
 
         let mut repl = ReplicationClient::connect_gated(db::replication_config(
@@ -215,6 +341,11 @@ impl Replicator {
                 tracing::warn!(slot = %cfg.slot_name, "dropping unusable replication slot");
                 repl.simple_query(&format!("DROP_REPLICATION_SLOT {}", ident(&cfg.slot_name))).await?;
             }
+            // Followers read the slot's confirmed_flush as a watermark only while the state names
+            // the slot, before and after that read (`follower.rs`): from here until the new
+            // generation commits, it names none, so no follower takes the new slot's position for
+            // the old generation's history.
+            sql.execute(&format!("UPDATE {s}.replication_state SET slot_name = '' WHERE id = 1"), &[]).await?;
             let rows = repl
                 .simple_query(&format!(
                     "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
@@ -226,8 +357,7 @@ impl Replicator {
             // Unique across restores of older backups: never reuse a number a client may hold.
             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             let generation = (old_gen as u64 + 1).max(now_us);
-            let mut sql_tx = db::connect(&self.pg).await?;
-            let tx = sql_tx.transaction().await?;
+            let tx = sql.transaction().await?;
             tx.batch_execute(&format!("TRUNCATE {s}.change_history; DELETE FROM {s}.relations;")).await?;
             let timeline = ident_sys.timeline as i32;
             // A commit record may start exactly at the consistent point: it is not in history yet.
@@ -243,6 +373,7 @@ impl Replicator {
                 &[&(generation as i64), &ident_sys.system_id, &timeline, &cfg.slot_name, &cp_pg, &value_mapping::MAPPING_VERSION],
             )
             .await?;
+            notify_followers(&tx, &cfg.schema, cp).await?;
             tx.commit().await?;
             tracing::warn!(reason, generation, consistent_point = %cp, "pgsync: new history generation");
             self.assembler = self.fresh_assembler(&sql).await?;
@@ -253,8 +384,6 @@ impl Replicator {
             let gen: i64 = r.get(0);
             let w = Lsn(u64::from(r.get::<_, PgLsn>(3)));
             let h = Lsn(u64::from(r.get::<_, PgLsn>(4)));
-            // Chunks of a transaction that did not finish before the connection was lost.
-            sql.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn > $1"), &[&PgLsn::from(w.0)]).await?;
             if !self.relations_loaded {
                 self.assembler = self.fresh_assembler(&sql).await?;
                 self.load_relations(&sql).await?;
@@ -271,29 +400,13 @@ impl Replicator {
             (gen as u64, w2, h)
         };
 
-        // Readiness target: the WAL that exists now, plus a message so the stream reaches it.
-        if self.target.is_none() {
-            let now: PgLsn = sql.query_one("SELECT pg_current_wal_lsn()", &[]).await?.get(0);
-            let mut target = Lsn(u64::from(now));
-            match sql.query_one("SELECT pg_logical_emit_message(false, $1, 'caught_up')", &[&MESSAGE_PREFIX]).await {
-                Ok(r) => target = target.max(Lsn(u64::from(r.get::<_, PgLsn>(0)))),
-                Err(e) => tracing::debug!(error = %e, "pg_logical_emit_message not allowed; waiting for keepalives"),
-            }
-            self.target = Some(target);
-        }
-
         repl.start().await?;
+        // From here on this instance holds the slot (or the walsender refused: slot in use).
         repl.wait_started().await?;
+        let durable = self.take_over(&mut sql, generation).await?;
+        let watermark = watermark.max(durable);
         repl.update_applied_lsn(pgwire_replication::Lsn(watermark.0.saturating_add(1)));
-        let caught_up = self.target.is_some_and(|t| watermark.0.saturating_add(1) >= t.0);
-        self.state.send_modify(|st| {
-            // The durable watermark may trail the proven one published before the reconnect.
-            st.watermark = if st.generation == generation { st.watermark.max(watermark) } else { watermark };
-            st.generation = generation;
-            st.horizon = horizon;
-            st.caught_up |= caught_up;
-        });
-        Ok(Stream {
+        let stream = Stream {
             sql,
             repl,
             decoder: Decoder::new(1)?,
@@ -302,7 +415,70 @@ impl Replicator {
             pending_rows: 0,
             dirty_relations: BTreeMap::new(),
             skipping: false,
-        })
+        };
+        Ok((stream, Started { generation, watermark, horizon }))
+    }
+
+    /// The first transaction of a new holder of the slot: raise the fencing epoch (every later
+    /// write of history checks it, so a previous holder still writing is refused from now on),
+    /// then delete chunks of a transaction whose writer stopped before its commit, i.e. rows
+    /// above the durable watermark as it is now. Returns that watermark.
+    async fn take_over(&mut self, sql: &mut Client, generation: u64) -> Result<Lsn, Error> {
+        let s = ident(&self.cfg.schema);
+        let tx = sql.transaction().await?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "UPDATE {s}.replication_state SET epoch = epoch + 1, updated_at = now() WHERE id = 1 \
+                     RETURNING epoch, generation, watermark"
+                ),
+                &[],
+            )
+            .await?
+            .ok_or(Error::TakeoverRace("the replication state is gone"))?;
+        let (epoch, gen, w): (i64, i64, PgLsn) = (row.get(0), row.get(1), row.get(2));
+        if gen as u64 != generation {
+            return Err(Error::TakeoverRace("another generation started"));
+        }
+        let deleted = tx.execute(&format!("DELETE FROM {s}.change_history WHERE commit_lsn > $1"), &[&w]).await?;
+        tx.commit().await?;
+        if deleted > 0 {
+            tracing::info!(rows = deleted, "pgsync: deleted the stored part of a transaction that was not finished");
+        }
+        self.epoch = epoch;
+        Ok(Lsn(u64::from(w)))
+    }
+
+    /// Raise the durable watermark to `watermark` (if given and higher) in `tx`, provided this
+    /// instance still holds the fencing epoch, and wake the followers on commit.
+    async fn store_watermark(&self, tx: &tokio_postgres::Transaction<'_>, watermark: Option<Lsn>) -> Result<(), Error> {
+        let s = ident(&self.cfg.schema);
+        let w = watermark.map(|w| PgLsn::from(w.0));
+        let n = tx
+            .execute(
+                &format!(
+                    "UPDATE {s}.replication_state SET watermark = GREATEST(watermark, $1::pg_lsn), updated_at = now() \
+                     WHERE id = 1 AND epoch = $2"
+                ),
+                &[&w, &self.epoch],
+            )
+            .await?;
+        if n != 1 {
+            return Err(Error::Superseded(self.epoch));
+        }
+        if let Some(w) = watermark {
+            notify_followers(tx, &self.cfg.schema, w).await?;
+        }
+        Ok(())
+    }
+
+    /// Store the in-memory (idle) watermark, for followers waiting on it (a moai logical
+    /// message asked for it).
+    async fn persist_watermark(&self, st: &mut Stream) -> Result<(), Error> {
+        let tx = st.sql.transaction().await?;
+        self.store_watermark(&tx, Some(st.watermark)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// A new assembler keyed by each table's primary key (REPLICA IDENTITY FULL flags every
@@ -327,9 +503,9 @@ impl Replicator {
         Ok(a)
     }
 
-    async fn ensure_publication(&self, sql: &Client) -> Result<(), Error> {
-        let cfg = &self.cfg;
-        for table in &cfg.tables {
+    /// Every published table exists and has a replica identity (read-only).
+    async fn check_tables(&self, sql: &Client) -> Result<(), Error> {
+        for table in &self.cfg.tables {
             let row = sql
                 .query_opt(
                     "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
@@ -346,6 +522,12 @@ impl Replicator {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Set REPLICA IDENTITY FULL and the publication's table list (by the slot's holder only).
+    async fn ensure_publication(&self, sql: &Client) -> Result<(), Error> {
+        let cfg = &self.cfg;
         // Shapes with a row predicate decide on the row before a change (see `filter`): a delete
         // or a move out of a shape is sent only to clients whose shape held the old row. pgoutput
         // carries the whole old row for UPDATE and DELETE only under REPLICA IDENTITY FULL (as
@@ -496,6 +678,11 @@ impl Replicator {
                         self.assembler.push(LogicalMessage::Message(msg))?;
                     } else if !self.assembler.in_transaction() {
                         self.idle_point(st, lsn).await?;
+                        // One of ours: a follower (readiness, a snapshot handoff, a resumed
+                        // position) waits for the watermark to reach this message.
+                        if msg.prefix == MESSAGE_PREFIX {
+                            self.persist_watermark(st).await?;
+                        }
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -559,6 +746,7 @@ impl Replicator {
             changes: &part.changes,
         }];
         copy_in(&tx, &self.cfg.schema, &rows, next).await?;
+        self.store_watermark(&tx, None).await?;
         tx.commit().await?;
         tracing::debug!(rows = part.changes.len(), "pgsync: wrote chunk of open transaction");
         Ok(())
@@ -590,13 +778,7 @@ impl Replicator {
             )
             .await?;
         }
-        tx.execute(
-            &format!(
-                "UPDATE {s}.replication_state SET watermark = $1, updated_at = now() WHERE id = 1 AND watermark < $1"
-            ),
-            &[&PgLsn::from(watermark.0)],
-        )
-        .await?;
+        self.store_watermark(&tx, Some(watermark)).await?;
         tx.commit().await?;
         st.dirty_relations.clear();
         st.pending.clear();
@@ -606,6 +788,26 @@ impl Replicator {
         self.publish(st.watermark);
         Ok(())
     }
+}
+
+/// The readiness target: the WAL that exists now, plus a logical message so the stream reaches
+/// it promptly (and, when another instance replicates, so that it stores its watermark).
+async fn readiness_target(sql: &Client) -> Result<Lsn, Error> {
+    let now: PgLsn = sql.query_one("SELECT pg_current_wal_lsn()", &[]).await?.get(0);
+    let mut target = Lsn(u64::from(now));
+    match sql.query_one("SELECT pg_logical_emit_message(false, $1, 'caught_up')", &[&MESSAGE_PREFIX]).await {
+        Ok(r) => target = target.max(Lsn(u64::from(r.get::<_, PgLsn>(0)))),
+        Err(e) => tracing::debug!(error = %e, "pg_logical_emit_message not allowed; waiting for keepalives"),
+    }
+    Ok(target)
+}
+
+/// Wake the followers when `tx` commits (Postgres delivers a NOTIFY only then, and drops it
+/// with a rollback). The channel is the metadata schema's name; the payload is informational,
+/// followers re-read `replication_state`.
+async fn notify_followers(tx: &tokio_postgres::Transaction<'_>, schema: &str, watermark: Lsn) -> Result<(), Error> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&schema, &watermark.to_string()]).await?;
+    Ok(())
 }
 
 fn relation_to_json(r: &Relation) -> Value {

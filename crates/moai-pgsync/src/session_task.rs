@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_postgres::types::PgLsn;
 
 use crate::access::Access;
 use crate::catalog::table_columns;
 use crate::change_history;
 use crate::engine::{Inner, SessionEnd, SessionFailure};
 use crate::error::Error;
+use crate::lsn::Lsn;
 use crate::protocol::ServerMessage;
 use crate::registry::{self, PositionWriter};
 use crate::replicator::{FeedState, MESSAGE_PREFIX};
@@ -144,6 +146,13 @@ impl SessionTask {
                 }
                 Ok(())
             }
+            Action::ProbeWal => {
+                events.push_back(match probe_wal(&self.inner).await {
+                    Ok(end) => Event::WalPosition(end),
+                    Err(e) => Event::Failed { step: IoStep::Wal, detail: e.to_string() },
+                });
+                Ok(())
+            }
             Action::PersistPosition(p) => {
                 self.positions.acked(p);
                 Ok(())
@@ -197,9 +206,30 @@ impl SessionTask {
     }
 }
 
+/// Where the WAL ends now, for [`Action::ProbeWal`]: the LSN of a logical message written for
+/// it (which also moves the watermark there, as [`nudge_replication`] does), or, if the role may
+/// not write one, the WAL insert position (the watermark then gets there with the next
+/// keepalive, or, on a follower, with the slot's confirmed position).
+async fn probe_wal(inner: &Inner) -> Result<Lsn, Error> {
+    let client = inner.shared.get().await?;
+    let row = match client
+        .query_one("SELECT pg_logical_emit_message(false, $1, 'position_check')", &[&MESSAGE_PREFIX])
+        .await
+    {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::debug!(error = %e, "pgsync: logical message for a position check failed; reading the WAL position");
+            client.query_one("SELECT pg_current_wal_insert_lsn()", &[]).await?
+        }
+    };
+    Ok(Lsn(u64::from(row.try_get::<_, PgLsn>(0)?)))
+}
+
 /// Write a non-transactional logical message: when the replicator reads it between
-/// transactions, its watermark moves up to the message's LSN (an idle point). Best effort: if
-/// the role may not write one, keepalives move the watermark later.
+/// transactions, its watermark moves up to the message's LSN (an idle point), and it stores
+/// that watermark for followers (a session on a follower waits for it). Best effort: if the
+/// role may not write one, keepalives move the watermark later (followers see it through the
+/// slot's confirmed position).
 async fn nudge_replication(inner: Arc<Inner>) {
     let res = async {
         let client = inner.shared.get().await?;

@@ -154,10 +154,12 @@ impl Subscription {
                 return;
             }
         }
-        self.decide_position(h, out);
+        self.decide_position(h, None, out);
     }
 
-    fn decide_position(&mut self, h: Hello, out: &mut Vec<Action>) {
+    /// Decide what the hello's position gets. `wal_end` is the answer to [`Action::ProbeWal`],
+    /// once asked for and known.
+    pub(super) fn decide_position(&mut self, h: Hello, wal_end: Option<Lsn>, out: &mut Vec<Action>) {
         if let Some(rows) = h.max_batch_rows {
             self.limit = rows.clamp(1, self.cfg.max_batch_rows.max(1));
         }
@@ -174,18 +176,30 @@ impl Subscription {
         let refetch = match (h.position, h.generation) {
             (None, _) => None,
             (Some(_), g) if g != Some(self.generation) => Some(RefetchReason::GenerationChanged),
-            // Every position this server hands out is at or below its watermark, and the
-            // watermark never moves back within a generation (after a restart, sessions are
-            // served only once the watermark passed the WAL end seen at start-up, which is
-            // above anything issued before). A position above it was not issued by this
-            // history: serving it would move the client's position backwards or skip changes.
+            // A position above the watermark is served only once the watermark reaches it:
+            // serving it earlier would move the client's position backwards (`up_to_date`
+            // reports the lower watermark) or skip changes. Another instance may have issued it
+            // from a watermark this one has not seen yet (a replicator's idle watermark is kept
+            // in memory; a follower's trails it), so first ask where the WAL ends: every
+            // position ever issued lies below the end of the WAL at any later time, so one at or
+            // beyond it was never issued by this history.
             (Some(p), _) if p.lsn > self.watermark => {
-                let message = format!(
-                    "position (lsn {}, seq {}) is ahead of this server's history (watermark {}, generation {}): it was not \
-                     issued by this server; drop local data and reconnect with position null",
-                    p.lsn, p.seq, self.watermark, self.generation
-                );
-                out.extend(self.fail(ErrorCode::PositionAhead, &message, true));
+                match wal_end {
+                    Some(end) if p.lsn >= end => {
+                        let message = format!(
+                            "position (lsn {}, seq {}) is ahead of this server's history (watermark {}, end of WAL {}, \
+                             generation {}): it was not issued by this server; drop local data and reconnect with \
+                             position null",
+                            p.lsn, p.seq, self.watermark, end, self.generation
+                        );
+                        out.extend(self.fail(ErrorCode::PositionAhead, &message, true));
+                    }
+                    Some(_) => self.state = State::AwaitingPosition { hello: h, wal_end },
+                    None => {
+                        self.state = State::AwaitingPosition { hello: h, wal_end: None };
+                        out.push(Action::ProbeWal);
+                    }
+                }
                 return;
             }
             // A position at the horizon is still fine: rows above it are all retained.

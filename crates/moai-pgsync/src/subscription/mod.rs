@@ -178,6 +178,8 @@ pub enum IoStep {
     Catalog,
     Snapshot,
     History,
+    /// [`Action::ProbeWal`].
+    Wal,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +192,8 @@ pub enum Event {
     Feed(FeedState),
     /// The answer to [`Action::LookUpColumns`]: each asked table's column names.
     Columns(Vec<(String, Vec<String>)>),
+    /// The answer to [`Action::ProbeWal`]: the end of the WAL when the probe ran.
+    WalPosition(Lsn),
     /// The I/O layer finished streaming `snapshot_*` frames for all shapes.
     SnapshotFinished(Stitch),
     /// Result of the outstanding `QueryPage`.
@@ -229,6 +233,11 @@ pub enum Action {
     /// promptly even when nothing else is written (a logical message) and reports the
     /// watermark's moves as `Feed`, as always.
     AwaitWatermark(Lsn),
+    /// The hello's position is above the watermark. Write a logical message (so the watermark,
+    /// wherever the replicator runs, passes it promptly) and answer with [`Event::WalPosition`]:
+    /// the message's LSN, or the WAL insert position if no message may be written. A position
+    /// at or above it was never issued; one below it is served once the watermark reaches it.
+    ProbeWal,
     /// Close the socket (after sending what precedes this action).
     Close,
     /// End the session without telling the client anything more (the edge closes with 1011).
@@ -243,6 +252,13 @@ enum State {
     /// The hello is accepted so far; its tables' columns are being looked up.
     CheckingColumns {
         hello: Hello,
+    },
+    /// The hello's position is above the watermark (it may come from an instance whose
+    /// watermark is ahead of this one's, docs/pgsync-protocol.md §14): decided again when the
+    /// watermark moves; `wal_end` is the answer to [`Action::ProbeWal`] once it arrived.
+    AwaitingPosition {
+        hello: Hello,
+        wal_end: Option<Lsn>,
     },
     Snapshotting,
     /// The snapshot is sent; the watermark has not reached `stitch.handoff_watermark()` yet:
@@ -334,6 +350,12 @@ impl Subscription {
             Event::Client(msg) => self.on_client(msg, &mut out),
             Event::Feed(feed) => self.on_feed(feed, &mut out),
             Event::Columns(columns) => self.on_columns(columns, &mut out),
+            Event::WalPosition(end) => {
+                if let State::AwaitingPosition { hello, wal_end: None } = &self.state {
+                    let hello = hello.clone();
+                    self.decide_position(hello, Some(end), &mut out);
+                }
+            }
             Event::SnapshotFinished(stitch) => {
                 if self.state != State::Snapshotting {
                     return self.fail(ErrorCode::Internal, "snapshot finished in wrong state", true);
@@ -354,6 +376,7 @@ impl Subscription {
                     IoStep::Catalog => "reading the catalog failed",
                     IoStep::Snapshot => "snapshot failed",
                     IoStep::History => "reading history failed",
+                    IoStep::Wal => "reading the WAL position failed",
                 };
                 out.extend(self.fail_retry(ErrorCode::Internal, &format!("{what}: {detail}")));
             }
@@ -397,9 +420,11 @@ impl Subscription {
             return;
         }
         if feed.phase != self.phase {
+            // Following another instance and replicating are the same for a client: a takeover
+            // is silent, only a lost connection (either role's) and its return are told.
             let status = match (&self.phase, &feed.phase) {
                 (_, Phase::Reconnecting { .. }) => Some(ServerState::ReplicationReconnecting),
-                (Phase::Reconnecting { .. }, Phase::Streaming) => Some(ServerState::Ok),
+                (Phase::Reconnecting { .. }, Phase::Streaming | Phase::Following) => Some(ServerState::Ok),
                 _ => None,
             };
             // A new error text while reconnecting is the same state for the client.
@@ -417,6 +442,11 @@ impl Subscription {
         self.horizon = self.horizon.max(feed.horizon);
         if feed.watermark > self.watermark {
             self.watermark = feed.watermark;
+            if let State::AwaitingPosition { hello, wal_end } = &self.state {
+                let (hello, wal_end) = (hello.clone(), *wal_end);
+                self.decide_position(hello, wal_end, out);
+                return;
+            }
             self.maybe_hand_off();
             self.maybe_query(out);
         }

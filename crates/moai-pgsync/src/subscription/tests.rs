@@ -433,25 +433,36 @@ fn refetch_cases_and_protocol_errors() {
 }
 
 #[test]
-fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
+fn a_position_at_or_beyond_the_end_of_the_wal_is_a_fatal_error() {
     // At the watermark (even with any seq) is fine: it is the end of what was served.
     let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::end_of(Lsn(0x100))), Some(7), 10, 4));
     assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
 
+    // Above the watermark: the I/O layer is asked where the WAL ends before anything is decided.
     let mut s = sub(cfg(0x100));
     let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
+    assert_eq!(out, vec![Action::ProbeWal]);
+    assert!(!s.is_closed());
+    // At the end of the WAL: never issued.
+    let out = s.handle(Event::WalPosition(Lsn(0x101)));
     match &out[..] {
         [Action::Send(ServerMessage::Error(e)), Action::Close] => {
             assert_eq!(e.code, ErrorCode::PositionAhead);
             assert!(e.fatal);
-            assert!(e.message.contains("0/101") && e.message.contains("watermark 0/100"), "{}", e.message);
+            assert!(
+                e.message.contains("0/101")
+                    && e.message.contains("watermark 0/100")
+                    && e.message.contains("end of WAL 0/101"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected error + close, got {other:?}"),
     }
     assert!(s.is_closed());
 
-    // Once the watermark has moved past it, the same position is served.
+    // Once the watermark has moved past it, the same position is served at once.
     let mut s = sub(cfg(0x100));
     s.handle(watermark(Lsn(0x200)));
     let out = s.handle(hello(Some(Position::new(Lsn(0x101), 0)), Some(7), 10, 4));
@@ -464,6 +475,48 @@ fn a_position_ahead_of_the_watermark_is_a_fatal_error() {
         &out[0],
         Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::GenerationChanged, .. })
     ));
+}
+
+/// A client that moves from an instance whose watermark is ahead (a replicator's idle watermark,
+/// kept in memory) to one whose watermark trails it (a follower's): its position is served once
+/// the watermark gets there, exactly from that position, never refused and never refetched.
+#[test]
+fn a_position_below_the_end_of_the_wal_waits_for_the_watermark() {
+    let p = Position::end_of(Lsn(0x150));
+    let mut s = sub(cfg(0x100));
+    assert_eq!(s.handle(hello(Some(p), Some(7), 10, 4)), vec![Action::ProbeWal]);
+    // The WAL ends above the position: it may have been issued; wait for the watermark.
+    assert!(s.handle(Event::WalPosition(Lsn(0x400))).is_empty());
+    // A watermark move that does not reach the position changes nothing for the client.
+    assert!(s.handle(watermark(Lsn(0x140))).is_empty());
+    assert!(!s.is_closed());
+    // The follower's watermark passes the position: welcome, registered, catch-up from it.
+    let out = s.handle(watermark(Lsn(0x300)));
+    match &out[..] {
+        [Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, watermark, .. }), Action::Register(r), Action::QueryPage(q)] =>
+        {
+            assert_eq!(*watermark, Lsn(0x300));
+            assert_eq!(r.position, Some(p));
+            assert_eq!((q.after, q.upto), (Some(p), Lsn(0x300)));
+        }
+        other => panic!("expected welcome, register and a page query, got {other:?}"),
+    }
+
+    // The watermark may also arrive before the probe's answer; the late answer changes nothing.
+    let mut s = sub(cfg(0x100));
+    assert_eq!(s.handle(hello(Some(p), Some(7), 10, 4)), vec![Action::ProbeWal]);
+    let out = s.handle(watermark(Lsn(0x200)));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
+    assert!(s.handle(Event::WalPosition(Lsn(0x100))).is_empty());
+    assert!(!s.is_closed());
+
+    // A failed probe is the server's trouble: retry later.
+    let mut s = sub(cfg(0x100));
+    s.handle(hello(Some(p), Some(7), 10, 4));
+    let out = s.handle(Event::Failed { step: IoStep::Wal, detail: "connection refused".into() });
+    let e = errors(&out);
+    assert!(e[0].fatal && e[0].code == ErrorCode::Internal && e[0].retry_after_ms.is_some(), "{out:?}");
+    assert!(e[0].message.contains("WAL position"), "{}", e[0].message);
 }
 
 #[test]
@@ -634,9 +687,11 @@ fn only_an_accepted_position_is_registered() {
     let out = s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0), 0)))));
     assert!(matches!(&out[0], Action::Send(ServerMessage::MustRefetch { reason: RefetchReason::PositionTooOld, .. })));
     assert_eq!(registrations(&out), vec![None]);
-    // Ahead of the watermark: refused, not registered at all.
+    // Ahead of the watermark and of the WAL: refused, not registered at all.
     let mut s = sub(cfg(0x400));
     assert!(registrations(&s.handle(Event::Client(hello_with("c1", 1, Some(Position::new(Lsn(0x401), 0)))))).is_empty());
+    assert!(registrations(&s.handle(Event::WalPosition(Lsn(0x401)))).is_empty());
+    assert!(s.is_closed());
     // Another generation: new client.
     let mut s = sub(cfg(0x400));
     let ClientMessage::Hello(mut h) = hello_with("c1", 1, Some(p)) else { unreachable!() };
@@ -757,6 +812,37 @@ fn replication_trouble_is_reported_once_and_its_end_too() {
     assert_eq!(s.handle(reconnecting("connection refused")), status(ServerState::ReplicationReconnecting));
     assert!(s.handle(reconnecting("timed out")).is_empty(), "a new error text is the same state");
     assert_eq!(s.handle(Event::Feed(feed(0x400))), status(ServerState::Ok));
+    assert!(!s.is_closed());
+}
+
+/// A standby's sessions follow the shared history (phase `Following`); the takeover, when the
+/// standby starts replicating, is silent; a follower's lost connection is reported like the
+/// replicator's.
+#[test]
+fn following_and_taking_over_are_silent_and_a_followers_trouble_is_reported() {
+    let following = |w: u64| {
+        let mut f = feed(w);
+        f.phase = Phase::Following;
+        Event::Feed(f)
+    };
+    let mut c = cfg(0x400);
+    c.feed.phase = Phase::Following;
+    let mut s = sub(c);
+    let status = |state| vec![Action::Send(ServerMessage::Status { state })];
+    let mut lost = feed(0x400);
+    lost.phase = Phase::Reconnecting { error: "connection reset".into() };
+    assert_eq!(s.handle(Event::Feed(lost)), status(ServerState::ReplicationReconnecting));
+    assert_eq!(s.handle(following(0x400)), status(ServerState::Ok));
+    // Live on the follower: a watermark move is a page query, as on the replicator.
+    let out = s.handle(hello(Some(Position::end_of(Lsn(0x400))), Some(7), 10, 4));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::Welcome { mode: WelcomeMode::Catchup, .. })), "{out:?}");
+    let out = s.handle(Event::PageLoaded(vec![]));
+    assert!(matches!(&out[0], Action::Send(ServerMessage::UpToDate { .. })), "{out:?}");
+    assert!(s.is_live());
+    let out = s.handle(following(0x500));
+    assert!(matches!(out.last(), Some(Action::QueryPage(_))), "{out:?}");
+    // The takeover: nothing to tell.
+    assert!(s.handle(Event::Feed(feed(0x500))).is_empty());
     assert!(!s.is_closed());
 }
 
