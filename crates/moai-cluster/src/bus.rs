@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub stopping: watch::Sender<bool>,
     /// Wakes the reader when a topic needs its cursor resolved.
     pub topics_changed: Notify,
+    /// The test hook's one drop happened.
+    marker_dropped: AtomicBool,
 }
 
 impl Shared {
@@ -116,6 +118,7 @@ impl Bus {
             publish_bytes: AtomicUsize::new(0),
             stopping: watch::Sender::new(false),
             topics_changed: Notify::new(),
+            marker_dropped: AtomicBool::new(false),
         });
         tokio::spawn(crate::publisher::run(shared.clone(), queue));
         tokio::spawn(crate::reader::run(shared.clone()));
@@ -202,7 +205,8 @@ impl Topic {
         let shared = &self.bus.shared;
         if cfg!(debug_assertions) {
             if let Some(marker) = &shared.config.drop_marker {
-                if !marker.is_empty() && payload.windows(marker.len()).any(|w| w == &marker[..]) {
+                let carries = !marker.is_empty() && payload.windows(marker.len()).any(|w| w == &marker[..]);
+                if carries && !shared.marker_dropped.swap(true, Ordering::Relaxed) {
                     BusStats::add(&shared.stats.publish_dropped, 1);
                     return;
                 }

@@ -38,8 +38,8 @@ pub struct BusConfig {
     /// First and largest pause between reconnection attempts.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Test hook (debug builds): publications whose payload contains these bytes are dropped as
-    /// if the bus had lost them.
+    /// Test hook (debug builds): the first publication whose payload contains these bytes is
+    /// dropped, as if the bus had lost it (what repairs it may carry the same bytes).
     pub drop_marker: Option<Vec<u8>>,
 }
 

@@ -23,9 +23,14 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
     // Storage that cannot be written makes the instance unready (a load balancer should send
     // writers elsewhere) but not failed: it recovers by itself when writes work again.
     let ready = matches!(phase, Phase::Ready(_)) && storage_failure.is_none();
+    // A cluster bus that cannot reach Redis leaves the instance ready: it serves its own
+    // clients, stores what they write, and the other instances catch up once the bus is back.
+    let cluster = state.cluster.as_ref().map(|bus| (bus.instance(), bus.status().borrow().clone()));
+    let cluster_degraded = cluster.as_ref().is_some_and(|(_, s)| s.is_degraded());
     let status = match (&phase, &storage_failure) {
         (Phase::Failed(_), _) => "error",
         (_, Some(_)) => "degraded",
+        _ if cluster_degraded => "degraded",
         _ => "ok",
     };
     let mut v = json!({
@@ -37,6 +42,23 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
     });
     if let Some(reason) = storage_failure {
         v["storage_error"] = json!(reason);
+    }
+    if let Some((instance, bus)) = cluster {
+        let (status, reason) = match bus {
+            moai_cluster::BusStatus::Connected => ("ok", None),
+            moai_cluster::BusStatus::Connecting => ("connecting", None),
+            moai_cluster::BusStatus::Degraded(why) => ("degraded", Some(why)),
+        };
+        v["cluster"] = json!({ "status": status, "instance": instance.to_string() });
+        if let Some(why) = reason {
+            v["cluster"]["reason"] = json!(why);
+        }
+    }
+    // The change feed: this instance replicates (holds the slot) or follows the one that does.
+    if let Phase::Ready(engines) = &phase {
+        if let Some(pgsync) = &engines.pgsync {
+            v["pgsync"] = json!({ "role": pgsync.role() });
+        }
     }
     match phase {
         Phase::Failed(reason) => v["error"] = json!(&*reason),

@@ -91,6 +91,20 @@ pub struct Metrics {
     storage_batch_writes: Histogram,
     storage_commit_seconds: Histogram,
     ready: Gauge,
+    cluster: ClusterMetrics,
+}
+
+/// The cluster bus's counters, mirrored from [`moai_cluster::BusStats`] when /metrics is read.
+#[derive(Default)]
+struct ClusterMetrics {
+    bus: std::sync::OnceLock<moai_cluster::Bus>,
+    degraded: Gauge,
+    counters: Family<EventLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
 }
 
 impl Metrics {
@@ -123,6 +137,17 @@ impl Metrics {
         );
         registry.register("storage_commit_seconds", "Storage group commit latency", storage_commit_seconds.clone());
         registry.register("ready", "1 when every enabled engine is ready", ready.clone());
+        let cluster = ClusterMetrics::default();
+        registry.register(
+            "cluster_degraded",
+            "1 while this instance cannot reach the cluster bus (Redis): it serves its own clients only",
+            cluster.degraded.clone(),
+        );
+        registry.register(
+            "cluster_events",
+            "Cluster bus events: published, publish_dropped, received, receive_dropped, resyncs, instances_gone, disconnects",
+            cluster.counters.clone(),
+        );
         registry.register("build_info", "Build information", build_info);
 
         let traffic = PROTOCOLS.map(|protocol| {
@@ -141,10 +166,39 @@ impl Metrics {
             storage_batch_writes,
             storage_commit_seconds,
             ready,
+            cluster,
         })
     }
 
+    /// Reports the cluster bus's state and counters on /metrics from now on.
+    pub fn watch_cluster(&self, bus: moai_cluster::Bus) {
+        let _ = self.cluster.bus.set(bus);
+    }
+
+    fn refresh_cluster(&self) {
+        let Some(bus) = self.cluster.bus.get() else { return };
+        self.cluster.degraded.set(bus.status().borrow().is_degraded() as i64);
+        let s = bus.stats();
+        use moai_cluster::BusStats as S;
+        for (event, value) in [
+            ("published", S::get(&s.published)),
+            ("publish_dropped", S::get(&s.publish_dropped)),
+            ("received", S::get(&s.received)),
+            ("receive_dropped", S::get(&s.receive_dropped)),
+            ("resyncs", S::get(&s.resyncs)),
+            ("instances_gone", S::get(&s.instances_gone)),
+            ("disconnects", S::get(&s.disconnects)),
+        ] {
+            let counter = self.cluster.counters.get_or_create(&EventLabels { event });
+            let seen = counter.get();
+            if value > seen {
+                counter.inc_by(value - seen);
+            }
+        }
+    }
+
     pub fn encode(&self) -> String {
+        self.refresh_cluster();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -36,6 +36,8 @@ pub struct AppState {
     pub storage_health: Arc<crate::StorageHealth>,
     /// Test hook: record inbound frames (seeds for the fuzz targets). None in production.
     pub capture: Option<Arc<crate::capture::FrameCapture>>,
+    /// The cluster bus, when this instance is one of several (`--redis-url`): /health reports it.
+    pub cluster: Option<moai_cluster::Bus>,
 }
 
 pub fn router(state: AppState) -> Router {

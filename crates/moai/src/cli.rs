@@ -190,6 +190,26 @@ pub struct ServeArgs {
     #[arg(long, env = "PG_RETENTION", default_value = "7d", value_parser = units::duration)]
     pub pg_retention: Duration,
 
+    /// Cluster: the Redis server through which several moai instances sharing PostgreSQL
+    /// storage (and S3 snapshots) serve the same documents and CoValues
+    /// (`redis://[user:pass@]host:port[/db]`; docs/cluster.md). Unset: a single instance.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Cluster: how often each open document tells the other instances what it has, so that a
+    /// message the bus lost is repaired.
+    #[arg(long, env = "MOAI_CLUSTER_EXCHANGE", default_value = "10s", value_parser = units::duration)]
+    pub cluster_exchange: Duration,
+    /// Cluster: how often this instance renews its heartbeat; an instance silent for three
+    /// periods is gone and its clients' presence is removed everywhere.
+    #[arg(long, env = "MOAI_CLUSTER_HEARTBEAT", default_value = "1s", value_parser = units::duration)]
+    pub cluster_heartbeat: Duration,
+
+    /// Test hook, debug builds only: the first cluster publication containing this text is
+    /// dropped, as if the bus had lost it (tests of the repair).
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    pub test_cluster_drop_marker: Option<String>,
+
     /// Test hook: write every inbound WebSocket data frame to a file under this directory
     /// (seeds for the fuzz targets; docs/fuzzing.md).
     #[arg(long, env = "MOAI_TEST_CAPTURE_FRAMES", hide = true)]

@@ -68,6 +68,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Auth::open()
         }
     };
+    let cluster = start_cluster(&args)?;
+    if let Some(bus) = &cluster {
+        metrics.watch_cluster(bus.clone());
+    }
     let storage_health = StorageHealth::new(metrics.clone());
     let state = AppState {
         readiness: readiness.clone(),
@@ -89,11 +93,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::warn!(dir = %dir.display(), "test hook: recording inbound frames");
             Arc::new(moai_server::capture::FrameCapture::new(dir))
         }),
+        cluster: cluster.clone(),
     };
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
 
-    let init = initialise(&args, storage_health.clone());
+    let init = initialise(&args, storage_health.clone(), cluster.clone());
     let running = tokio::select! {
         result = init => match result {
             Ok(running) => running,
@@ -134,7 +139,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     metrics.set_ready(false);
     shutdown.trigger();
     tokio::select! {
-        code = drain(&shutdown, server, storage, pgsync, args.shutdown_grace) => Ok(code),
+        code = drain(&shutdown, server, storage, pgsync, cluster, args.shutdown_grace) => Ok(code),
         name = signals.next() => {
             tracing::warn!(signal = name, "second signal: exiting now");
             Ok(ExitCode::from(130))
@@ -142,8 +147,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Starts the cluster bus when `--redis-url` is set. Several instances must share storage, so
+/// the embedded SQLite database is refused: what one instance stores must be there for all.
+fn start_cluster(args: &ServeArgs) -> anyhow::Result<Option<moai_cluster::Bus>> {
+    let Some(url) = args.redis_url.as_deref().filter(|u| !u.is_empty()) else { return Ok(None) };
+    if !matches!(args.storage_url()?, storage::StorageUrl::Postgres(_)) {
+        anyhow::bail!(
+            "--redis-url (REDIS_URL) makes this instance one of several serving the same documents; \
+             they must share storage: use --storage postgres://… (the embedded SQLite database is per machine)"
+        );
+    }
+    let mut config = moai_cluster::BusConfig::new(url);
+    config.heartbeat_interval = args.cluster_heartbeat.max(Duration::from_millis(50));
+    config.instance_ttl = config.heartbeat_interval * 3;
+    #[cfg(debug_assertions)]
+    if let Some(marker) = &args.test_cluster_drop_marker {
+        tracing::warn!("test hook: the first cluster publication containing the marker is dropped");
+        config.drop_marker = Some(marker.clone().into_bytes());
+    }
+    let bus = moai_cluster::Bus::start(config).context("starting the cluster bus")?;
+    tracing::info!(instance = %bus.instance(), redis = %moai_storage::redact_url(url), "cluster bus starting");
+    Ok(Some(bus))
+}
+
 /// Opens storage and starts the engines. Nothing is served until this returns Ok.
-async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::Result<Running> {
+async fn initialise(
+    args: &ServeArgs,
+    observer: Arc<StorageHealth>,
+    cluster: Option<moai_cluster::Bus>,
+) -> anyhow::Result<Running> {
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
     }
@@ -162,18 +194,20 @@ async fn initialise(args: &ServeArgs, observer: Arc<StorageHealth>) -> anyhow::R
             storage.journal_with_snapshots_in(objects)
         }
     };
-    let yjs = YjsService::new(
-        journal,
-        YjsConfig {
-            outbox_frames: args.yjs_outbox_frames.max(1),
-            outbox_bytes: args.yjs_outbox_bytes.max(1),
-            inbound_bytes: args.yjs_inbound_bytes.max(1),
-            idle_evict: args.yjs_idle_evict,
-            compact_journal_bytes: args.yjs_compact_bytes,
-            policy: moai_yjs::Policy { allow_subdocuments: args.yjs_allow_subdocuments },
-            ..YjsConfig::default()
-        },
-    );
+    let yjs_config = YjsConfig {
+        outbox_frames: args.yjs_outbox_frames.max(1),
+        outbox_bytes: args.yjs_outbox_bytes.max(1),
+        inbound_bytes: args.yjs_inbound_bytes.max(1),
+        idle_evict: args.yjs_idle_evict,
+        compact_journal_bytes: args.yjs_compact_bytes,
+        policy: moai_yjs::Policy { allow_subdocuments: args.yjs_allow_subdocuments },
+        cluster_exchange: args.cluster_exchange.max(Duration::from_millis(50)),
+        ..YjsConfig::default()
+    };
+    let yjs = match &cluster {
+        Some(bus) => YjsService::clustered(journal, yjs_config, bus.clone()),
+        None => YjsService::new(journal, yjs_config),
+    };
     let pgsync = match &args.pg_url {
         Some(url) => Some(start_pgsync(url, args).await?),
         None => {
@@ -238,6 +272,7 @@ async fn drain(
     server: tokio::task::JoinHandle<()>,
     storage: Storage,
     pgsync: Option<PgSync>,
+    cluster: Option<moai_cluster::Bus>,
     grace: Duration,
 ) -> ExitCode {
     let deadline = Instant::now() + grace;
@@ -250,6 +285,11 @@ async fn drain(
     let left = deadline.saturating_duration_since(Instant::now());
     if tokio::time::timeout(left, server).await.is_err() {
         tracing::warn!("HTTP requests still in flight at the end of the grace period");
+    }
+    if let Some(bus) = cluster {
+        // Sessions are closed (their presence removals published): leave the cluster now
+        // rather than when the heartbeat expires.
+        bus.shutdown().await;
     }
     if let Some(pg) = pgsync {
         // Stops the replicator after its last committed batch; the slot keeps the rest.

@@ -6,6 +6,8 @@ pub mod moto;
 pub mod node_driver;
 #[path = "../../../moai-pgsync/tests/support/pg.rs"]
 pub mod pg;
+#[path = "../../../moai-cluster/tests/support/redis.rs"]
+pub mod redis;
 pub mod test_storage;
 pub mod ws;
 pub mod yjs;
@@ -41,6 +43,11 @@ impl Server {
     /// again, and finds the same data: on PostgreSQL `db` stands for a database of its own (see
     /// [`test_storage`]), unless `extra` names a `--storage` itself.
     pub fn start_in(dir: tempfile::TempDir, db: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(dir, db, extra, &[])
+    }
+
+    /// [`Server::start_in`] with extra environment variables.
+    pub fn start_with_env(dir: tempfile::TempDir, db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         // A test that restarts on the same port passes its own --port.
         let port: &[&str] = if extra.contains(&"--port") { &[] } else { &["--port", "0"] };
         let storage = if extra.contains(&"--storage") { Vec::new() } else { test_storage::storage_args(db) };
@@ -52,6 +59,7 @@ impl Server {
             .args(&storage)
             .args(extra)
             .envs(test_storage::storage_env())
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
