@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::link::Link;
 use crate::publisher::Publication;
-use crate::topics::{TopicEntry, Topics};
+use crate::topics::{Sink, TopicEntry, Topics};
 use crate::{BusConfig, BusError, BusStats, BusStatus, InstanceId};
 
 /// What a topic's owner receives.
@@ -145,6 +145,21 @@ impl Bus {
     /// When Redis cannot be reached, the topic is joined locally and gets [`BusEvent::Resync`]
     /// once it can.
     pub async fn join(&self, topic: &str) -> Topic {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let join_id = self.register(topic, Sink::Own(sender), queued.clone()).await;
+        Topic { membership: Membership { name: topic.to_owned(), join_id, bus: self.clone() }, receiver, queued }
+    }
+
+    /// An inbox for many topics (one owner task serving many documents): their events arrive
+    /// together, each tagged with its topic, in one queue bounded in bytes.
+    pub fn inbox(&self) -> Inbox {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Inbox { sender, receiver, queued: Arc::new(AtomicUsize::new(0)), bus: self.clone() }
+    }
+
+    /// Finds where the topic's stream ends (the join point) and registers the topic.
+    async fn register(&self, topic: &str, sink: Sink, queued: Arc<AtomicUsize>) -> u64 {
         let key = self.shared.config.stream_key(topic);
         let position = match self.shared.link.get() {
             Some(mut conn) => match crate::reader::stream_info(&mut conn, &key).await {
@@ -157,15 +172,13 @@ impl Bus {
             None => None,
         };
         let cursor = position.map(|p| p.last_generated);
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
         let entry = TopicEntry {
             join_id: 0,
             key,
             cursor,
             added_at_cursor: position.map_or(0, |p| p.entries_added),
-            sender,
-            queued: queued.clone(),
+            sink,
+            queued,
             resync_pending: false,
             peers: Default::default(),
         };
@@ -173,7 +186,7 @@ impl Bus {
         if cursor.is_none() {
             self.shared.topics_changed.notify_one();
         }
-        Topic { name: topic.to_owned(), join_id, receiver, queued, bus: self.clone() }
+        join_id
     }
 
     /// Ends the bus's tasks and deletes this instance's heartbeat, so the others drop its
@@ -187,16 +200,14 @@ impl Bus {
     }
 }
 
-/// One topic joined by one owner (a document task). Dropping it leaves the topic.
-pub struct Topic {
+/// Being joined to one topic: publishing on it, and leaving it when dropped.
+pub struct Membership {
     name: String,
     join_id: u64,
-    receiver: mpsc::UnboundedReceiver<BusEvent>,
-    queued: Arc<AtomicUsize>,
     bus: Bus,
 }
 
-impl Topic {
+impl Membership {
     /// Publishes `(kind, payload)` to the other instances on this topic. Never waits: the
     /// publication is queued (bounded in bytes) and written in order with the others; when the
     /// queue is full or Redis is unreachable it is dropped and counted, and the other instances'
@@ -225,6 +236,30 @@ impl Topic {
         }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.bus.shared.topics().remove(&self.name, self.join_id);
+    }
+}
+
+/// One topic joined by one owner (a document task), with its own queue. Dropping it leaves.
+pub struct Topic {
+    membership: Membership,
+    receiver: mpsc::UnboundedReceiver<BusEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Topic {
+    /// See [`Membership::publish`].
+    pub fn publish(&self, kind: u8, payload: Bytes) {
+        self.membership.publish(kind, payload);
+    }
+
     /// The next event; `None` only after the bus has shut down.
     pub async fn recv(&mut self) -> Option<BusEvent> {
         let event = self.receiver.recv().await?;
@@ -235,13 +270,56 @@ impl Topic {
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.membership.name()
     }
 }
 
-impl Drop for Topic {
-    fn drop(&mut self) {
-        self.bus.shared.topics().remove(&self.name, self.join_id);
+/// The events of many topics in one queue (see [`Bus::inbox`]). Join topics with
+/// [`Inbox::join`]; each [`Membership`] leaves its topic when dropped.
+pub struct Inbox {
+    sender: mpsc::UnboundedSender<(Arc<str>, BusEvent)>,
+    receiver: mpsc::UnboundedReceiver<(Arc<str>, BusEvent)>,
+    queued: Arc<AtomicUsize>,
+    bus: Bus,
+}
+
+impl Inbox {
+    /// Joins `topic` into this inbox; see [`Bus::join`] for when to call it.
+    pub async fn join(&self, topic: &str) -> Membership {
+        let sink = Sink::Shared(self.sender.clone(), Arc::from(topic));
+        let join_id = self.bus.register(topic, sink, self.queued.clone()).await;
+        Membership { name: topic.to_owned(), join_id, bus: self.bus.clone() }
+    }
+
+    /// A handle that joins topics into this inbox from other tasks (storage reads).
+    pub fn joiner(&self) -> Joiner {
+        Joiner { sender: self.sender.clone(), queued: self.queued.clone(), bus: self.bus.clone() }
+    }
+
+    /// The next event and its topic; `None` only after the bus has shut down.
+    pub async fn recv(&mut self) -> Option<(Arc<str>, BusEvent)> {
+        let (topic, event) = self.receiver.recv().await?;
+        if let BusEvent::Message { payload, .. } = &event {
+            self.queued.fetch_sub(message_bytes(payload), Ordering::Relaxed);
+        }
+        Some((topic, event))
+    }
+}
+
+/// Joins topics into an [`Inbox`] from anywhere (cheap to clone).
+#[derive(Clone)]
+pub struct Joiner {
+    sender: mpsc::UnboundedSender<(Arc<str>, BusEvent)>,
+    queued: Arc<AtomicUsize>,
+    bus: Bus,
+}
+
+impl Joiner {
+    /// See [`Inbox::join`].
+    pub async fn join(&self, topic: &str) -> Membership {
+        let sink = Sink::Shared(self.sender.clone(), Arc::from(topic));
+        let join_id = self.bus.register(topic, sink, self.queued.clone()).await;
+        Membership { name: topic.to_owned(), join_id, bus: self.bus.clone() }
     }
 }
 

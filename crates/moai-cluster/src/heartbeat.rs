@@ -100,7 +100,7 @@ async fn check_peers(shared: &Shared, conn: &mut redis::aio::MultiplexedConnecti
         BusStats::add(&shared.stats.instances_gone, 1);
         for e in topics.by_name.values_mut() {
             if e.peers.remove(&instance) {
-                let _ = e.sender.send(BusEvent::InstanceGone(instance));
+                let _ = e.sink.send(BusEvent::InstanceGone(instance));
             }
         }
     }

@@ -28,7 +28,7 @@ mod status;
 mod stream_reply;
 mod topics;
 
-pub use bus::{Bus, BusEvent, Topic};
+pub use bus::{Bus, BusEvent, Inbox, Joiner, Membership, Topic};
 pub use config::BusConfig;
 pub use instance::InstanceId;
 pub use status::{BusStats, BusStatus};

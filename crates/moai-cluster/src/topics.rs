@@ -23,13 +23,30 @@ pub(crate) struct TopicEntry {
     /// Entries ever added to the stream when it was read up to `cursor` (gap detection:
     /// [`crate::stream_reply::StreamInfo::has_gap_after`]).
     pub added_at_cursor: u64,
-    pub sender: mpsc::UnboundedSender<BusEvent>,
-    /// Bytes of messages in `sender`'s queue (the owner subtracts what it takes).
+    pub sink: Sink,
+    /// Bytes of messages in the sink's queue (the owner subtracts what it takes; shared by
+    /// every topic of an [`crate::Inbox`]).
     pub queued: Arc<AtomicUsize>,
     /// A message was dropped or missed: the owner must resync, told once its queue has room.
     pub resync_pending: bool,
     /// Instances that published on this topic (told when one of them is gone).
     pub peers: HashSet<InstanceId>,
+}
+
+/// Where a topic's events go: its own queue ([`crate::Topic`]) or an inbox shared by many
+/// topics, tagged with the topic's name ([`crate::Inbox`]).
+pub(crate) enum Sink {
+    Own(mpsc::UnboundedSender<BusEvent>),
+    Shared(mpsc::UnboundedSender<(Arc<str>, BusEvent)>, Arc<str>),
+}
+
+impl Sink {
+    pub(crate) fn send(&self, event: BusEvent) -> bool {
+        match self {
+            Sink::Own(s) => s.send(event).is_ok(),
+            Sink::Shared(s, name) => s.send((name.clone(), event)).is_ok(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -78,7 +95,7 @@ impl TopicEntry {
             return false;
         }
         self.queued.fetch_add(bytes, Ordering::Relaxed);
-        if self.sender.send(event).is_err() {
+        if !self.sink.send(event) {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
             return false;
         }
@@ -90,7 +107,7 @@ impl TopicEntry {
     pub(crate) fn flush_resync(&mut self, budget: usize) -> bool {
         if self.resync_pending && self.queued.load(Ordering::Relaxed) <= budget / 2 {
             self.resync_pending = false;
-            return self.sender.send(BusEvent::Resync).is_ok();
+            return self.sink.send(BusEvent::Resync);
         }
         false
     }

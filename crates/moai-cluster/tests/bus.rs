@@ -84,10 +84,12 @@ async fn a_redis_restart_degrades_the_bus_then_every_topic_resyncs_and_messages_
     connected(&b).await;
     let ta = a.join("doc").await;
     let mut tb = b.join("doc").await;
-    let mut status = b.status();
-
     redis.stop();
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.is_degraded())).await.unwrap().unwrap();
+    // Both notice before Redis comes back (else one could publish on its dead connection).
+    for bus in [&a, &b] {
+        let mut status = bus.status();
+        tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.is_degraded())).await.unwrap().unwrap();
+    }
     // Published while Redis is down: dropped and counted, never queued without bound.
     ta.publish(b'u', Bytes::from_static(b"lost"));
     redis.restart();
@@ -163,4 +165,33 @@ async fn an_instance_that_stops_heartbeating_is_reported_gone_where_it_published
     // crates/moai/tests/cluster.rs kills one).
     a.shutdown().await;
     assert_eq!(next(&mut tb).await, BusEvent::InstanceGone(a.instance()));
+}
+
+#[tokio::test]
+async fn an_inbox_receives_many_topics_tagged_and_leaves_a_topic_when_its_membership_drops() {
+    let redis = RedisServer::start();
+    let (a, b) = (Bus::start(config(&redis)).unwrap(), Bus::start(config(&redis)).unwrap());
+    connected(&a).await;
+    connected(&b).await;
+    let mut inbox = b.inbox();
+    let one = inbox.join("c:one").await;
+    let two = inbox.joiner().join("c:two").await;
+    let (pa1, pa2) = (a.join("c:one").await, a.join("c:two").await);
+    pa1.publish(b'k', Bytes::from_static(b"1"));
+    pa2.publish(b'k', Bytes::from_static(b"2"));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (topic, event) = tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.unwrap().unwrap();
+        let BusEvent::Message { payload, .. } = event else { panic!("{event:?}") };
+        got.push((topic.to_string(), payload));
+    }
+    got.sort();
+    assert_eq!(got, vec![("c:one".into(), Bytes::from_static(b"1")), ("c:two".into(), Bytes::from_static(b"2"))]);
+    // Left "c:one": only "c:two" arrives.
+    drop(one);
+    pa1.publish(b'k', Bytes::from_static(b"ignored"));
+    pa2.publish(b'k', Bytes::from_static(b"3"));
+    let (topic, _) = tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.unwrap().unwrap();
+    assert_eq!(&*topic, "c:two");
+    assert_eq!(two.name(), "c:two");
 }

@@ -176,6 +176,10 @@ pub struct RelayHarness {
     /// When set, `Load`s are held here instead of answered.
     pub hold_loads: bool,
     pub held_loads: Vec<CoId>,
+    /// `Announce`s (cluster), in order.
+    pub announced: Vec<(CoId, KnownState)>,
+    /// `Refresh`es asked for (answered at once from `store`).
+    pub refreshes: Vec<CoId>,
 }
 
 impl RelayHarness {
@@ -193,6 +197,8 @@ impl RelayHarness {
             diagnostics: Vec::new(),
             hold_loads: false,
             held_loads: Vec::new(),
+            announced: Vec::new(),
+            refreshes: Vec::new(),
         }
     }
 
@@ -232,6 +238,12 @@ impl RelayHarness {
                     }
                     Action::Close(peer, reason) => self.closed.push((peer, reason)),
                     Action::Diagnostic(d) => self.diagnostics.push(d),
+                    Action::Announce { id, known } => self.announced.push((id, known)),
+                    Action::Refresh(id) => {
+                        self.refreshes.push(id.clone());
+                        let stored = self.store.get(&id).cloned();
+                        queue.push_back(Event::Refreshed { id, stored });
+                    }
                 }
             }
         }

@@ -219,7 +219,11 @@ async fn initialise(
     };
     let mut cojson_config = CojsonConfig::default();
     cojson_config.relay.max_covalues_per_peer = args.cojson_max_covalues_per_peer.max(1);
-    let cojson = CojsonService::new(storage.covalues(), cojson_config);
+    cojson_config.cluster_exchange = args.cluster_exchange.max(Duration::from_millis(50));
+    let cojson = match &cluster {
+        Some(bus) => CojsonService::clustered(storage.covalues(), cojson_config, bus.clone()),
+        None => CojsonService::new(storage.covalues(), cojson_config),
+    };
     Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson) }, storage })
 }
 

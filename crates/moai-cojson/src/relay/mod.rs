@@ -45,6 +45,7 @@
 //! The handlers live in `content.rs` (incoming content), `sending.rs`
 //! (answers and dependency-first sending) and `reconcile.rs`.
 
+mod cluster;
 mod content;
 mod peer;
 mod reconcile;
@@ -86,6 +87,17 @@ pub enum Event {
     },
     /// Answers to [`Action::LoadKnown`]: per CoValue, what storage holds of it.
     KnownLoaded(Vec<(CoId, StoredKnown)>),
+    /// Another instance made this CoValue durable up to `known` (cluster); `None`: something
+    /// may have been missed, compare with storage.
+    ChangedElsewhere {
+        id: CoId,
+        known: Option<KnownState>,
+    },
+    /// The answer to [`Action::Refresh`].
+    Refreshed {
+        id: CoId,
+        stored: Option<StoredCoValue>,
+    },
     /// The write with this token is durable.
     Persisted(PersistToken),
     /// The write with this token failed (nothing of it is stored).
@@ -133,6 +145,14 @@ pub enum Action {
     Persist(PersistRequest),
     Close(PeerId, CloseReason),
     Diagnostic(Diagnostic),
+    /// Tell the other instances that this much of the CoValue is durable (cluster only).
+    Announce {
+        id: CoId,
+        known: KnownState,
+    },
+    /// Read the whole CoValue again (another instance changed it) and answer
+    /// [`Event::Refreshed`] exactly once.
+    Refresh(CoId),
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +169,8 @@ pub struct RelayConfig {
     /// Bytes of content one peer may have waiting for dependencies (the count bound alone
     /// would allow 1024 messages of the frame limit each).
     pub max_parked_bytes_per_peer: usize,
+    /// Other instances serve the same CoValues (cluster): announce every durable advance.
+    pub announce_durable: bool,
 }
 
 impl Default for RelayConfig {
@@ -158,6 +180,7 @@ impl Default for RelayConfig {
             max_parked_content_per_peer: 1024,
             max_covalues_per_peer: 20_000,
             max_parked_bytes_per_peer: 64 << 20,
+            announce_durable: false,
         }
     }
 }
@@ -260,6 +283,8 @@ impl Relay {
             }
             Event::Persisted(token) => self.on_persisted(token),
             Event::PersistFailed(token) => self.on_persist_failed(token),
+            Event::ChangedElsewhere { id, known } => self.on_changed_elsewhere(id, known),
+            Event::Refreshed { id, stored } => self.on_refreshed(id, stored),
         }
         // Work woken by this event runs now, iteratively (no recursion depth
         // an attacker could choose).
@@ -568,6 +593,7 @@ impl Relay {
             self.diagnostic(Diagnostic::StorageCorrupt { id: id.clone(), error });
         }
         self.wake(&id);
+        self.refresh_if_waiting(&id);
     }
 
     fn on_known_loaded(&mut self, id: CoId, stored: StoredKnown) {
@@ -592,6 +618,7 @@ impl Relay {
             }
         }
         self.wake(&id);
+        self.refresh_if_waiting(&id);
     }
 
     fn on_persisted(&mut self, token: PersistToken) {
@@ -619,7 +646,9 @@ impl Relay {
                 }
             }
             self.wake(&id);
+            self.announce(&id);
         }
+        self.refresh_if_waiting(&id);
     }
 
     /// A failed write leaves memory ahead of storage. The CoValue is dropped

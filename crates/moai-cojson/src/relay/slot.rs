@@ -104,9 +104,26 @@ pub(crate) enum Residence {
     InMemory(Box<Resident>),
 }
 
+/// Whether the CoValue must be read back from storage because another instance changed it
+/// (cluster; `cluster.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Refresh {
+    #[default]
+    Idle,
+    /// A refresh read is in flight.
+    InFlight,
+    /// In flight, and another change was announced since it started.
+    InFlightAgain,
+    /// Wanted once this CoValue's own writes are durable.
+    AfterPending,
+    /// Wanted once the load in flight has landed.
+    AfterLoad,
+}
+
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub residence: Residence,
+    pub refresh: Refresh,
     pub waiters: Vec<Job>,
     /// Dependencies that parked content of this CoValue waits for; used to
     /// detect dependency cycles between parked CoValues.
@@ -115,7 +132,12 @@ pub(crate) struct Slot {
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot { residence: Residence::Unknown, waiters: Vec::new(), pending_deps: BTreeSet::new() }
+        Slot {
+            residence: Residence::Unknown,
+            refresh: Refresh::Idle,
+            waiters: Vec::new(),
+            pending_deps: BTreeSet::new(),
+        }
     }
 }
 

@@ -1139,3 +1139,70 @@ fn content_waits_for_its_dependencies_to_be_durable() {
     let want = [&w.alice.account, &w.group, &w.map].map(|id| ("content", id.to_string())).to_vec();
     assert_eq!(got, want, "dependencies first (Bob never reported the account either)");
 }
+
+/// Two instances sharing storage (cluster): A announces what became durable; B, behind, reads
+/// the CoValue back and sends its own subscriber what it lacks.
+#[test]
+fn another_instances_durable_change_reaches_this_instances_subscribers_through_storage() {
+    let clustered = RelayConfig { announce_durable: true, ..RelayConfig::default() };
+    let mut a = RelayHarness::new(Relay::new(clustered.clone()));
+    let mut w = World::new();
+    let alice = a.connect(1);
+    let (acc, grp, map) = (w.account_upload(), w.group_upload(), w.map_upload());
+    a.msg(alice, acc);
+    a.msg(alice, grp);
+    a.msg(alice, map);
+    assert!(a.announced.is_empty(), "nothing is announced before it is durable");
+    a.persist_all();
+    let map_known = a.announced.iter().rev().find(|(id, _)| *id == w.map).expect("announced").1.clone();
+    assert_eq!(map_known.count(&sid(&w.map_writer.session)), 1);
+
+    // B shares A's storage; Bob on B loads the map.
+    let mut b = RelayHarness::new(Relay::new(clustered));
+    b.store = a.store.clone();
+    let bob = b.connect(2);
+    b.msg(bob, load(&w.map, None));
+    assert_eq!(b.take(bob).len(), 3);
+
+    // Alice edits on A; once durable, A announces it.
+    a.take(alice);
+    a.announced.clear();
+    let edit = w.map_edit("n", 2000);
+    a.msg(alice, edit);
+    a.persist_all();
+    let (_, known) = a.announced.iter().find(|(id, _)| *id == w.map).cloned().expect("announced");
+    b.store = a.store.clone();
+    b.run(Event::ChangedElsewhere { id: w.map.clone(), known: Some(known.clone()) });
+    assert_eq!(b.refreshes, vec![w.map.clone()]);
+    let got = b.take(bob);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let c = as_content(&got[0]);
+    assert!(c.header.is_none());
+    assert_eq!((c.new[0].1.after, c.new[0].1.new_transactions.len()), (1, 1));
+    assert!(b.announced.is_empty(), "another instance's change is not announced again");
+
+    // The same announcement again (or an older one): nothing to read.
+    b.run(Event::ChangedElsewhere { id: w.map.clone(), known: Some(known) });
+    assert_eq!(b.refreshes.len(), 1);
+    // A lost announcement is repaired by the periodic exchange: B announces what it has.
+    assert!(b.relay.announcements().iter().any(|(id, k)| *id == w.map && k.count(&sid(&w.map_writer.session)) == 2));
+}
+
+/// An announcement that arrives while the CoValue is still being read from storage is not
+/// lost: the read may predate the change, so it is read again once it lands.
+#[test]
+fn a_change_announced_during_a_load_is_read_again_after_it() {
+    let clustered = RelayConfig { announce_durable: true, ..RelayConfig::default() };
+    let (a, w, _) = uploaded();
+    let mut b = RelayHarness::new(Relay::new(clustered));
+    b.store = a.store.clone();
+    b.hold_loads = true;
+    let bob = b.connect(2);
+    b.msg(bob, load(&w.map, None));
+    assert!(b.held_loads.contains(&w.map));
+    b.run(Event::ChangedElsewhere { id: w.map.clone(), known: None });
+    assert!(b.refreshes.is_empty(), "not before the load lands");
+    b.hold_loads = false;
+    b.release_loads();
+    assert!(b.refreshes.contains(&w.map), "read again after the load");
+}

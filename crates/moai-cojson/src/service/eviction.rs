@@ -17,15 +17,15 @@ pub(crate) struct Eviction {
 }
 
 impl Eviction {
-    /// Evicts the CoValues idle since the previous tick; returns how many.
-    pub(crate) fn tick(&mut self, relay: &mut Relay) -> usize {
+    /// Evicts the CoValues idle since the previous tick; returns them.
+    pub(crate) fn tick(&mut self, relay: &mut Relay) -> Vec<CoId> {
         let mut now: HashSet<CoId> = relay.evictable().into_iter().collect();
         let idle: Vec<CoId> = now.intersection(&self.candidates).cloned().collect();
-        let mut evicted = 0;
+        let mut evicted = Vec::new();
         for id in idle {
             if relay.evict(&id).is_ok() {
                 now.remove(&id);
-                evicted += 1;
+                evicted.push(id);
             }
         }
         // What became evictable during this tick gets one more tick of grace.

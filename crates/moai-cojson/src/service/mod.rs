@@ -14,6 +14,7 @@
 //! ends, [`CojsonSession::leave`]. Pings ([`ping_frame`], right after accept and every
 //! [`PING_INTERVAL`]), frame limits and shutdown stay at the edge.
 
+mod cluster_link;
 mod eviction;
 mod ping;
 mod records;
@@ -34,6 +35,7 @@ pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;
 
 use crate::relay::{PeerId, RelayConfig};
+use cluster_link::ClusterLink;
 use relay_task::{Command, RelayTask};
 use session::SessionShared;
 use stats::Stats;
@@ -62,6 +64,9 @@ pub struct CojsonConfig {
     pub evict_interval: Duration,
     /// Most commands and completions the relay task handles before it flushes writes.
     pub max_batch: usize,
+    /// In a cluster: how often the durable known states of subscribed CoValues are announced
+    /// to the other instances again (repairs a lost announcement).
+    pub cluster_exchange: Duration,
 }
 
 impl Default for CojsonConfig {
@@ -73,6 +78,7 @@ impl Default for CojsonConfig {
             command_queue: 8192,
             evict_interval: Duration::from_secs(30),
             max_batch: 512,
+            cluster_exchange: Duration::from_secs(10),
         }
     }
 }
@@ -90,10 +96,22 @@ pub struct CojsonService {
 impl CojsonService {
     /// Starts the relay task. Must be called inside a tokio runtime.
     pub fn new(store: Arc<dyn CoValueStore>, config: CojsonConfig) -> Self {
+        Self::start(store, config, None)
+    }
+
+    /// An engine that serves its CoValues together with other instances on `bus` sharing its
+    /// storage (cluster; docs/cluster.md).
+    pub fn clustered(store: Arc<dyn CoValueStore>, mut config: CojsonConfig, bus: moai_cluster::Bus) -> Self {
+        config.relay.announce_durable = true;
+        let link = ClusterLink::new(&bus, config.cluster_exchange.max(Duration::from_millis(10)));
+        Self::start(store, config, Some(link))
+    }
+
+    fn start(store: Arc<dyn CoValueStore>, config: CojsonConfig, cluster: Option<ClusterLink>) -> Self {
         let (commands, rx) = mpsc::channel(config.command_queue.max(1));
         let stats = Arc::new(Stats::default());
         let outbox_messages = config.outbox_messages.max(1);
-        tokio::spawn(RelayTask::new(store, config, rx, stats.clone()).run());
+        tokio::spawn(RelayTask::new(store, config, rx, stats.clone(), cluster).run());
         CojsonService { commands, next_peer: Arc::new(AtomicU64::new(1)), stats, outbox_messages }
     }
 

@@ -22,6 +22,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
+use super::cluster_link::ClusterLink;
 use super::eviction::Eviction;
 use super::records::{from_record, known_state_from_record, to_append};
 use super::session::SessionShared;
@@ -55,6 +56,13 @@ pub(crate) enum Command {
 
 /// From storage tasks back to the relay task.
 enum Completion {
+    /// Bus topics joined before a read (cluster).
+    Joined(Vec<(CoId, moai_cluster::Membership)>),
+    /// The answer to a refresh (another instance changed the CoValue).
+    Refreshed {
+        id: CoId,
+        stored: Option<StoredCoValue>,
+    },
     Loaded {
         id: CoId,
         stored: Option<StoredCoValue>,
@@ -99,6 +107,8 @@ pub(crate) struct RelayTask {
     known_loads: Vec<CoId>,
     eviction: Eviction,
     stats: Arc<Stats>,
+    /// The other instances, in a cluster.
+    cluster: Option<ClusterLink>,
 }
 
 /// Most CoValues in one `known_states` call (one read transaction).
@@ -113,6 +123,7 @@ impl RelayTask {
         config: CojsonConfig,
         commands: mpsc::Receiver<Command>,
         stats: Arc<Stats>,
+        cluster: Option<ClusterLink>,
     ) -> Self {
         let (completion_sender, completions) = mpsc::unbounded_channel();
         RelayTask {
@@ -128,6 +139,7 @@ impl RelayTask {
             known_loads: Vec::new(),
             eviction: Eviction::default(),
             stats,
+            cluster,
         }
     }
 
@@ -136,6 +148,9 @@ impl RelayTask {
         let period = self.config.evict_interval.max(Duration::from_millis(1));
         let mut evict = interval_at(Instant::now() + period, period);
         evict.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let exchange_period = self.cluster.as_ref().map_or(Duration::from_secs(3600), |c| c.exchange);
+        let mut exchange = interval_at(Instant::now() + exchange_period, exchange_period);
+        exchange.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 // Completions first: they unblock acks and parked work, and free memory.
@@ -145,6 +160,12 @@ impl RelayTask {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
+                Some((topic, event)) = async { self.cluster.as_mut().expect("guarded").inbox.recv().await }, if self.cluster.is_some() => {
+                    if let Some(event) = ClusterLink::event(&topic, event) {
+                        self.run_event(event);
+                    }
+                }
+                _ = exchange.tick(), if self.cluster.is_some() => self.exchange(),
                 _ = evict.tick() => self.evict(),
             }
             // Take what else is queued right now, so a burst shares one storage batch.
@@ -200,6 +221,14 @@ impl RelayTask {
     fn on_completion(&mut self, done: Completion) {
         match done {
             Completion::Loaded { id, stored } => self.run_event(Event::Loaded { id, stored }),
+            Completion::Joined(joined) => {
+                if let Some(cluster) = &mut self.cluster {
+                    for (id, membership) in joined {
+                        cluster.joined(id, membership);
+                    }
+                }
+            }
+            Completion::Refreshed { id, stored } => self.run_event(Event::Refreshed { id, stored }),
             Completion::KnownLoaded(answers) => self.run_event(Event::KnownLoaded(answers)),
             Completion::Written(outcomes) => {
                 self.writes.finished(outcomes.iter().map(|(_, id, _)| id));
@@ -273,6 +302,28 @@ impl RelayTask {
                 self.close(peer, code, text.into(), events);
             }
             Action::Diagnostic(d) => self.diagnostic(d),
+            Action::Announce { id, known } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.announce(&id, known);
+                }
+            }
+            Action::Refresh(id) => {
+                self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                let (store, stats, done) = (self.store.clone(), self.stats.clone(), self.completion_sender.clone());
+                tokio::spawn(async move {
+                    let stored = load(store, id.clone(), stats).await;
+                    let _ = done.send(Completion::Refreshed { id, stored });
+                });
+            }
+        }
+    }
+
+    /// Announces the durable known state of every subscribed CoValue in memory (cluster), so
+    /// that an announcement the bus lost is repaired within one period.
+    fn exchange(&mut self) {
+        let Some(cluster) = &self.cluster else { return };
+        for (id, known) in self.relay.announcements() {
+            cluster.announce(&id, known);
         }
     }
 
@@ -321,7 +372,16 @@ impl RelayTask {
         let reads: Vec<_> = std::mem::take(&mut self.loads)
             .into_iter()
             .map(|id| {
-                let read = tokio::spawn(load(self.store.clone(), id.clone(), self.stats.clone()));
+                let join = self.cluster.as_ref().and_then(|c| c.join_before_read(&id));
+                let (store, stats, key) = (self.store.clone(), self.stats.clone(), id.clone());
+                let read = tokio::spawn(async move {
+                    // Joined first: a change committed after this read is announced to us.
+                    let joined = match join {
+                        Some(join) => Some(join.join().await),
+                        None => None,
+                    };
+                    (joined, load(store, key, stats).await)
+                });
                 (id, read)
             })
             .collect();
@@ -329,7 +389,10 @@ impl RelayTask {
         tokio::spawn(async move {
             for (id, read) in reads {
                 // A read task that panicked (it cannot, but) answers "not stored" like a failure.
-                let stored = read.await.unwrap_or(None);
+                let (joined, stored) = read.await.unwrap_or((None, None));
+                if let Some(joined) = joined {
+                    let _ = done.send(Completion::Joined(vec![joined]));
+                }
                 let _ = done.send(Completion::Loaded { id, stored });
             }
         });
@@ -348,7 +411,18 @@ impl RelayTask {
             self.stats.known_state_loads.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let (store, stats, done) = (self.store.clone(), self.stats.clone(), self.completion_sender.clone());
             let chunk = chunk.to_vec();
+            let joins: Vec<_> = match &self.cluster {
+                Some(c) => chunk.iter().filter_map(|id| c.join_before_read(id)).collect(),
+                None => Vec::new(),
+            };
             tokio::spawn(async move {
+                let mut joined = Vec::with_capacity(joins.len());
+                for join in joins {
+                    joined.push(join.join().await);
+                }
+                if !joined.is_empty() {
+                    let _ = done.send(Completion::Joined(joined));
+                }
                 let answers = load_known(store, chunk, stats).await;
                 let _ = done.send(Completion::KnownLoaded(answers));
             });
@@ -383,7 +457,13 @@ impl RelayTask {
     }
 
     fn evict(&mut self) {
-        let evicted = self.eviction.tick(&mut self.relay);
+        let evicted_ids = self.eviction.tick(&mut self.relay);
+        if let Some(cluster) = &mut self.cluster {
+            for id in &evicted_ids {
+                cluster.leave(id);
+            }
+        }
+        let evicted = evicted_ids.len();
         if evicted > 0 {
             self.stats.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
             tracing::debug!(evicted, "cojson CoValues evicted from memory");

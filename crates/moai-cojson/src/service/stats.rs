@@ -17,6 +17,7 @@ pub(crate) struct Stats {
     pub(crate) full_loads: AtomicU64,
     pub(crate) known_state_loads: AtomicU64,
     pub(crate) known_state_reads: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
 }
 
 /// A snapshot of [`super::CojsonService::stats`].
@@ -47,6 +48,8 @@ pub struct CojsonStats {
     /// Storage calls that read those known states (one per cycle and up to 1000 CoValues)
     /// since start.
     pub known_state_reads_total: u64,
+    /// CoValues read again from storage because another instance changed them (cluster).
+    pub refreshes_total: u64,
 }
 
 impl Stats {
@@ -63,6 +66,7 @@ impl Stats {
             full_loads_total: self.full_loads.load(Ordering::Relaxed),
             known_state_loads_total: self.known_state_loads.load(Ordering::Relaxed),
             known_state_reads_total: self.known_state_reads.load(Ordering::Relaxed),
+            refreshes_total: self.refreshes.load(Ordering::Relaxed),
         }
     }
 }
