@@ -286,9 +286,7 @@ pub struct Inbox {
 impl Inbox {
     /// Joins `topic` into this inbox; see [`Bus::join`] for when to call it.
     pub async fn join(&self, topic: &str) -> Membership {
-        let sink = Sink::Shared(self.sender.clone(), Arc::from(topic));
-        let join_id = self.bus.register(topic, sink, self.queued.clone()).await;
-        Membership { name: topic.to_owned(), join_id, bus: self.bus.clone() }
+        self.joiner().join(topic).await
     }
 
     /// A handle that joins topics into this inbox from other tasks (storage reads).

@@ -14,13 +14,10 @@
 //! matches) and the CoValue reloads, as after any failed write.
 
 use super::slot::{Refresh, Residence, Resident, Slot};
-use super::{Action, Diagnostic, PeerId, Relay};
-use crate::dependencies::covalue_dependencies;
-use crate::durable::Durable;
+use super::{Action, Diagnostic, Relay};
 use crate::ids::CoId;
 use crate::known_state::KnownState;
 use crate::persistence::{rebuild, StoredCoValue};
-use std::collections::VecDeque;
 
 impl Relay {
     /// Another instance made `id` durable up to `known` (`None`: something may have been
@@ -96,25 +93,10 @@ impl Relay {
         };
         if let Some(state) = state {
             let Some(slot) = self.slots.get_mut(&id) else { return };
-            let deps = covalue_dependencies(&state);
-            let durable = Durable::all_of(&state);
-            slot.residence = Residence::InMemory(Box::new(Resident {
-                state,
-                deps,
-                durable,
-                pending: VecDeque::new(),
-                acks: Vec::new(),
-            }));
+            slot.residence = Residence::InMemory(Box::new(Resident::stored(state)));
             self.content_memo = None;
             // As after one of our own writes: every subscriber gets what it lacks.
-            let subscribers: Vec<PeerId> =
-                self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
-            for peer in subscribers {
-                let skip = self.peers.get(&peer).is_none_or(|p| p.errored.contains(&id) || p.closing);
-                if !skip {
-                    self.answer(peer, id.clone(), false);
-                }
-            }
+            self.answer_subscribers(&id);
             self.wake(&id);
         }
         if again {

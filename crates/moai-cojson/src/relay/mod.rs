@@ -54,8 +54,6 @@ mod slot;
 
 use crate::content_pieces::PIECE_LIMIT_BYTES;
 use crate::covalue::CoValueState;
-use crate::dependencies::covalue_dependencies;
-use crate::durable::Durable;
 use crate::group_roles::{self, CoValueLookup};
 use crate::header::Header;
 use crate::header::HeaderError;
@@ -573,17 +571,7 @@ impl Relay {
         let mut corrupt = None;
         slot.residence = match stored.map(|s| rebuild(&id, s)) {
             None => Residence::Absent,
-            Some(Ok(state)) => {
-                let deps = covalue_dependencies(&state);
-                let durable = Durable::all_of(&state);
-                Residence::InMemory(Box::new(Resident {
-                    state,
-                    deps,
-                    durable,
-                    pending: VecDeque::new(),
-                    acks: Vec::new(),
-                }))
-            }
+            Some(Ok(state)) => Residence::InMemory(Box::new(Resident::stored(state))),
             Some(Err(error)) => {
                 corrupt = Some(error);
                 Residence::Absent
@@ -637,18 +625,24 @@ impl Relay {
             self.content_memo = None;
             // Now durable: forward it to every subscriber (the author lacks nothing, so it gets
             // nothing), and resume answers that waited for it as a dependency.
-            let subscribers: Vec<PeerId> =
-                self.subscribers.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
-            for peer in subscribers {
-                let skip = self.peers.get(&peer).is_none_or(|p| p.errored.contains(&id) || p.closing);
-                if !skip {
-                    self.answer(peer, id.clone(), false);
-                }
-            }
+            self.answer_subscribers(&id);
             self.wake(&id);
             self.announce(&id);
         }
         self.refresh_if_waiting(&id);
+    }
+
+    /// Sends every subscriber of `id` what it lacks (after new content became durable here, or
+    /// was read back from storage after another instance wrote it).
+    fn answer_subscribers(&mut self, id: &CoId) {
+        let subscribers: Vec<PeerId> =
+            self.subscribers.get(id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for peer in subscribers {
+            let skip = self.peers.get(&peer).is_none_or(|p| p.errored.contains(id) || p.closing);
+            if !skip {
+                self.answer(peer, id.clone(), false);
+            }
+        }
     }
 
     /// A failed write leaves memory ahead of storage. The CoValue is dropped

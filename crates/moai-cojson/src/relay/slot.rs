@@ -64,6 +64,13 @@ pub(crate) struct Resident {
 }
 
 impl Resident {
+    /// A CoValue as storage holds it: all of it durable, nothing in flight.
+    pub fn stored(state: CoValueState) -> Self {
+        let deps = crate::dependencies::covalue_dependencies(&state);
+        let durable = Durable::all_of(&state);
+        Resident { state, deps, durable, pending: VecDeque::new(), acks: Vec::new() }
+    }
+
     pub fn newest_pending(&self) -> Option<PersistToken> {
         self.pending.back().map(|(t, _, _)| *t)
     }
