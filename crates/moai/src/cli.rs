@@ -52,40 +52,9 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free port; the chosen one is logged).
     #[arg(long, env = "PORT", default_value_t = 4201)]
     pub port: u16,
-    /// SQLite database file of the embedded storage (created if missing). Used when --storage
-    /// is not given.
-    #[arg(long, env = "DB_PATH", default_value = "./local-sync.db")]
-    pub db_path: PathBuf,
-    /// Storage backend: `sqlite:PATH` (the embedded default, one file) or
-    /// `postgres://user:password@host:port/database` (a database several instances can share;
-    /// moai's tables go in the schema `moai_storage`). Unset: SQLite at --db-path.
-    #[arg(long, env = "MOAI_STORAGE", hide_env_values = true)]
-    pub storage: Option<String>,
-    /// Keep Yjs snapshots in S3-compatible object storage at `s3://bucket/prefix`: one object
-    /// per document (`<prefix>/<docId>.bin`, a full Yjs update), the journal tail stays in
-    /// --storage. Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, …). Unset (and no --s3-bucket): snapshots stay
-    /// in --storage.
-    #[arg(long, env = "MOAI_S3_URL")]
-    pub s3_url: Option<String>,
-    /// The bucket for Yjs snapshots, instead of --s3-url.
-    #[arg(long, env = "S3_BUCKET")]
-    pub s3_bucket: Option<String>,
-    /// Key prefix of the snapshots in --s3-bucket.
-    #[arg(long, env = "S3_PREFIX")]
-    pub s3_prefix: Option<String>,
-    /// Region of the snapshot bucket (default us-east-1; AWS_DEFAULT_REGION is read too).
-    #[arg(long, env = "AWS_REGION")]
-    pub s3_region: Option<String>,
-    /// An S3-compatible service instead of AWS, e.g. `http://127.0.0.1:9000` (plain http is
-    /// allowed). AWS_ENDPOINT_URL is read too.
-    #[arg(long, env = "MOAI_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Longest a snapshot read (loading a document) or write (compaction) may take in object
-    /// storage; past it the load fails (the document is refused) or the compaction is retried
-    /// later.
-    #[arg(long, env = "MOAI_S3_TIMEOUT", default_value = "30s", value_parser = units::duration)]
-    pub s3_timeout: Duration,
+    /// Where data is stored (shared with the offline commands: backup, doc).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Log format. The filter comes from RUST_LOG (default "info").
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -227,7 +196,47 @@ pub struct ServeArgs {
     pub test_hold_init_until: Option<PathBuf>,
 }
 
-impl ServeArgs {
+/// Where moai's data lives: the storage backend and, optionally, object storage for Yjs
+/// snapshots. The same flags (and environment variables) for `serve` and the offline commands.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// SQLite database file of the embedded storage (created if missing). Used when --storage
+    /// is not given.
+    #[arg(long, env = "DB_PATH", default_value = "./local-sync.db")]
+    pub db_path: PathBuf,
+    /// Storage backend: `sqlite:PATH` (the embedded default, one file) or
+    /// `postgres://user:password@host:port/database` (a database several instances can share;
+    /// moai's tables go in the schema `moai_storage`). Unset: SQLite at --db-path.
+    #[arg(long, env = "MOAI_STORAGE", hide_env_values = true)]
+    pub storage: Option<String>,
+    /// Keep Yjs snapshots in S3-compatible object storage at `s3://bucket/prefix`: one object
+    /// per document (`<prefix>/<docId>.bin`, a full Yjs update), the journal tail stays in
+    /// --storage. Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, …). Unset (and no --s3-bucket): snapshots stay
+    /// in --storage.
+    #[arg(long, env = "MOAI_S3_URL")]
+    pub s3_url: Option<String>,
+    /// The bucket for Yjs snapshots, instead of --s3-url.
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix of the snapshots in --s3-bucket.
+    #[arg(long, env = "S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+    /// Region of the snapshot bucket (default us-east-1; AWS_DEFAULT_REGION is read too).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+    /// An S3-compatible service instead of AWS, e.g. `http://127.0.0.1:9000` (plain http is
+    /// allowed). AWS_ENDPOINT_URL is read too.
+    #[arg(long, env = "MOAI_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Longest a snapshot read (loading a document) or write (compaction) may take in object
+    /// storage; past it the load fails (the document is refused) or the compaction is retried
+    /// later.
+    #[arg(long, env = "MOAI_S3_TIMEOUT", default_value = "30s", value_parser = units::duration)]
+    pub s3_timeout: Duration,
+}
+
+impl StoreArgs {
     /// The storage to open: `--storage`, else SQLite at `--db-path`. An error never shows the
     /// value's password.
     pub fn storage_url(&self) -> anyhow::Result<StorageUrl> {

@@ -56,7 +56,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(version = VERSION, addr = %local, storage = %args.storage_description(), "moai listening; initialising");
+    tracing::info!(version = VERSION, addr = %local, storage = %args.store.storage_description(), "moai listening; initialising");
 
     let auth = match args.sync_shared_secret.as_deref().filter(|s| !s.is_empty()) {
         Some(secret) => {
@@ -151,7 +151,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// the embedded SQLite database is refused: what one instance stores must be there for all.
 fn start_cluster(args: &ServeArgs) -> anyhow::Result<Option<moai_cluster::Bus>> {
     let Some(url) = args.redis_url.as_deref().filter(|u| !u.is_empty()) else { return Ok(None) };
-    if !matches!(args.storage_url()?, storage::StorageUrl::Postgres(_)) {
+    if !matches!(args.store.storage_url()?, storage::StorageUrl::Postgres(_)) {
         anyhow::bail!(
             "--redis-url (REDIS_URL) makes this instance one of several serving the same documents; \
              they must share storage: use --storage postgres://… (the embedded SQLite database is per machine)"
@@ -179,8 +179,8 @@ async fn initialise(
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
     }
-    let url = args.storage_url()?;
-    let object_storage = storage::object_storage(args)?;
+    let url = args.store.storage_url()?;
+    let object_storage = storage::object_storage(&args.store)?;
     let storage = Storage::open(&url, args.fsync, observer).await?;
     tracing::info!(storage = %url, "storage open");
     let journal = match object_storage {

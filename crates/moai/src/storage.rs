@@ -14,7 +14,7 @@ use moai_storage::{
     SnapshotObjects, SqliteOptions, SqliteStorage, StorageError, StorageObserver,
 };
 
-use crate::cli::ServeArgs;
+use crate::cli::StoreArgs;
 
 /// Where storage lives, as given by `--storage` (or `--db-path`).
 #[derive(Clone, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl Storage {
 /// Where Yjs snapshots go, from `--s3-url` or `--s3-bucket`/`--s3-prefix` (and the region,
 /// endpoint and timeout flags); `None` when neither is given: snapshots stay in the database.
 /// Empty values count as unset (an environment variable set to "").
-pub fn object_storage(args: &ServeArgs) -> anyhow::Result<Option<ObjectStoreOptions>> {
+pub fn object_storage(args: &StoreArgs) -> anyhow::Result<Option<ObjectStoreOptions>> {
     let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
     let (url, bucket, prefix) = (given(&args.s3_url), given(&args.s3_bucket), given(&args.s3_prefix));
     let mut options = match (url, bucket) {
