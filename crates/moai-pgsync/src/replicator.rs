@@ -236,10 +236,13 @@ impl Replicator {
         let (mut stream, started) = self.setup().await?;
         // This instance holds the slot now: the follower ends before anything is published, so
         // the feed has one writer at a time.
-        if let Some(f) = self.follower.take() {
-            f.stop().await;
-            tracing::info!(slot = %self.cfg.slot_name, epoch = self.epoch, "pgsync: took the replication slot over; replicating");
-        }
+        let took_over = match self.follower.take() {
+            Some(f) => {
+                f.stop().await;
+                true
+            }
+            None => false,
+        };
         if let Some(f) = first.take() {
             let _ = f.send(Ok(()));
         }
@@ -259,6 +262,9 @@ impl Replicator {
             st.caught_up |= caught_up;
             st.phase = Phase::Streaming;
         });
+        if took_over {
+            tracing::info!(slot = %self.cfg.slot_name, epoch = self.epoch, "pgsync: took the replication slot over; replicating");
+        }
         let res = self.stream(&mut stream, stop).await;
         stream.repl.stop();
         res

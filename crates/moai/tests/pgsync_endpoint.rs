@@ -319,10 +319,12 @@ async fn a_row_predicate_hides_other_users_changes_and_moves_rows_in_and_out() {
     assert_eq!(replay, [first, moves].concat());
 }
 
-/// One replicator per database: the slot is the lock. A second instance waits as a standby
-/// (not ready, not exiting) and takes over when the first one dies.
+/// One replicator per database: the slot is the lock. A second instance is a standby that is
+/// ready nonetheless: it follows the history the first one writes and serves `/api/sync` from it
+/// (docs/pgsync-protocol.md §14), and takes the slot over when the first one dies. Clients moving
+/// between instances and a kill under load: crates/moai/tests/cluster_pgsync.rs.
 #[tokio::test]
-async fn a_second_instance_waits_for_the_slot_and_takes_over() {
+async fn a_second_instance_follows_serves_and_takes_over() {
     let cluster = pg::PgCluster::start();
     let url = cluster.url();
     sql(&url, "CREATE TABLE public.items (id int PRIMARY KEY, name text); INSERT INTO public.items VALUES (1,'a');")
@@ -332,13 +334,17 @@ async fn a_second_instance_waits_for_the_slot_and_takes_over() {
     first.wait_ready();
 
     let mut second = Server::start(&args);
-    second.wait_log("replication slot is in use", Duration::from_secs(30)).expect("the standby says why it waits");
-    assert_eq!(second.get("/health").0, 503, "a standby is not ready");
+    second.wait_log("replication slot is in use", Duration::from_secs(30)).expect("the standby says why it follows");
+    second.wait_ready();
+    let role = |s: &Server| support::json(&s.get("/health").1)["pgsync"]["role"].as_str().map(str::to_owned);
+    assert_eq!(role(&first).as_deref(), Some("replicating"));
+    assert_eq!(role(&second).as_deref(), Some("following"));
     assert!(second.child.try_wait().unwrap().is_none(), "a standby does not exit");
 
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).expect("killed");
-    second.wait_ready();
+    second.wait_log("took the replication slot over", Duration::from_secs(30)).expect("the standby takes over");
+    assert_eq!(role(&second).as_deref(), Some("replicating"));
     sql(&url, "INSERT INTO public.items VALUES (2,'b')").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(second.ws_url("/api/sync")).await.unwrap();
     let hello = json!({"type": "hello", "protocol": 1, "client_id": "standby-1", "position": null,
