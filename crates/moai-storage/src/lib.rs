@@ -44,4 +44,7 @@ pub use object_snapshots::{
 pub use object_store;
 pub use observer::{NoopObserver, StorageObserver};
 pub use postgres::{redact_url, PostgresOptions, PostgresStorage, POSTGRES_SCHEMA_VERSION};
-pub use sqlite::{SqliteOptions, SqliteStorage, SCHEMA_VERSION};
+pub use sqlite::{
+    backup_sqlite, check_sqlite_backup, restore_sqlite, BackupInfo, CopyProgress, SqliteOptions, SqliteStorage,
+    BACKUP_PAGES_PER_STEP, SCHEMA_VERSION,
+};

@@ -42,6 +42,12 @@ pub enum Command {
     /// Copy a moai database into another backend (e.g. SQLite to PostgreSQL), resumably, and
     /// verify the copy: `moai migrate --from sqlite:./local-sync.db --to postgres://…`.
     Migrate(MigrateArgs),
+    /// Copy the embedded database to PATH, consistently, while moai serves: `moai backup ./backup.db`.
+    Backup(crate::backup::BackupArgs),
+    /// Replace the embedded database with a backup (moai must be stopped): `moai restore ./backup.db`.
+    Restore(crate::backup::RestoreArgs),
+    /// Yjs documents in and out of storage: export, import, list, stats.
+    Doc(crate::doc::DocArgs),
 }
 
 #[derive(Args, Debug, Clone)]

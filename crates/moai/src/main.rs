@@ -1,9 +1,13 @@
 //! The `moai` binary: command-line parsing and wiring. Everything with logic lives in the
 //! library crates; this file decides which command runs and turns errors into exit codes.
 
+mod backup;
 mod cli;
+mod doc;
 mod logging;
 mod migrate;
+mod progress;
+mod running;
 mod serve;
 mod storage;
 mod token;
@@ -48,7 +52,7 @@ fn main() -> ExitCode {
         None => cli.serve.worker_threads.map(usize::from),
         Some(Command::Serve(args)) => args.worker_threads.map(usize::from),
         // migrate: several storage reads and writes at once, and yrs work.
-        Some(Command::Migrate(_)) => None,
+        Some(Command::Migrate(_)) | Some(Command::Doc(_)) => None,
         Some(_) => Some(1), // the client commands make one request at a time
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -67,6 +71,9 @@ fn main() -> ExitCode {
             Some(Command::WaitReady(args)) => wait_ready::run(args).await,
             Some(Command::Token(args)) => token::run(args),
             Some(Command::Migrate(args)) => migrate::run(args).await,
+            Some(Command::Backup(args)) => tokio::task::spawn_blocking(move || backup::backup(args)).await?,
+            Some(Command::Restore(args)) => tokio::task::spawn_blocking(move || backup::restore(args)).await?,
+            Some(Command::Doc(args)) => doc::run(args).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@
 //! reads use a small pool of read-only connections on blocking threads, which WAL lets run
 //! beside the writer.
 
+mod backup;
 mod covalue_store;
 mod doc_journal;
 mod inventory;
@@ -16,6 +17,10 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use backup::{
+    backup_sqlite, check_sqlite_backup, restore_sqlite, BackupInfo, CopyProgress,
+    PAGES_PER_STEP as BACKUP_PAGES_PER_STEP,
+};
 pub use migrations::SCHEMA_VERSION;
 
 use crate::{StorageError, StorageObserver};
