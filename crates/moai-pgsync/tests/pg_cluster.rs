@@ -208,7 +208,8 @@ async fn a_position_above_the_followers_watermark_is_served_once_it_catches_up()
     // stays behind.
     c.batch_execute("INSERT INTO unsynced (note) VALUES ('x')").await.unwrap();
     let unsynced: PgLsn = c.query_one("SELECT pg_current_wal_insert_lsn()", &[]).await.unwrap().get(0);
-    let unsynced = Lsn(u64::from(unsynced));
+    // The end of the commit record: an idle point there proves every commit before it.
+    let unsynced = Lsn(u64::from(unsynced) - 1);
     wait_feed(&a, "the replicator's idle watermark to pass the unsynced commit", |s| s.watermark >= unsynced).await;
     assert_eq!(b.feed().borrow().watermark, b_watermark, "nothing woke the follower");
     let issued = a.feed().borrow().watermark;
@@ -304,16 +305,18 @@ async fn a_replicator_that_lost_the_slot_is_fenced_and_nothing_is_lost() {
     client.hello(&[ITEMS], 50, 2).await;
     client.expect_type("up_to_date").await;
 
-    let (half_tx, half_rx) = tokio::sync::oneshot::channel();
-    let w = writer(sql(&cluster).await, 10_000, 200, half_tx);
-    half_rx.await.unwrap();
-    // What a takeover by another instance does first.
+    // 100 transactions stored and delivered, then what a takeover by another instance does
+    // first, then 100 more: the replicator's first write after the bump is refused.
+    let (half_tx, _) = tokio::sync::oneshot::channel();
+    let writes = writer(sql(&cluster).await, 10_000, 100, half_tx).await.unwrap();
+    client.until("the first 100", |cl| cl.applied.len() == 100).await;
     let bumped: i64 = c
         .query_one("UPDATE moai_sync.replication_state SET epoch = epoch + 1 RETURNING epoch", &[])
         .await
         .unwrap()
         .get(0);
-    w.await.unwrap();
+    let (half_tx, _) = tokio::sync::oneshot::channel();
+    writer(writes, 10_100, 100, half_tx).await.unwrap();
     let expected = table_rows(&c, ITEMS).await;
     client.until("every write", |cl| cl.table(ITEMS) == expected).await;
     let epoch: i64 = c.query_one("SELECT epoch FROM moai_sync.replication_state", &[]).await.unwrap().get(0);
