@@ -8,13 +8,15 @@
 //! Anything cojson hashes is first turned into canonical JSON
 //! ([`crate::canonical_json`]); this module only deals in bytes and encodings.
 //!
-//! A relay verifies and never signs: the secrets and signing (`AgentSecret`, `sign_hash`, …)
-//! exist only in tests, which sign real content with them and pin them against the vectors.
+//! The relay only verifies. The secrets and signing (`AgentSecret`, `sign_hash`, …) serve the
+//! participant (`crate::participant`, docs/protocols/cojson-participant.md §2), which writes
+//! content under its own account, and the tests, which sign real content with them.
 
 use crate::canonical_json::stable_stringify;
 use crate::ids::{AgentId, CoId};
-#[cfg(test)]
-use ed25519_dalek::{Signer as _, SigningKey};
+#[cfg(test)] // until the participant's session writer signs
+use ed25519_dalek::Signer as _;
+use ed25519_dalek::SigningKey;
 use ed25519_dalek::{Verifier as _, VerifyingKey};
 use serde_json::Value;
 use std::fmt;
@@ -84,15 +86,41 @@ macro_rules! z_encoded {
     };
 }
 
+/// Like `z_encoded!`, for secrets: the same parsing and encoding, but `Debug` never prints the
+/// value, so a secret cannot leak into logs through `{:?}`.
+macro_rules! z_encoded_secret {
+    ($name:ident, $len:expr, $prefix:literal) => {
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(pub [u8; $len]);
+
+        // Every encoding gets the same API; not every type uses all of it outside tests.
+        #[allow(dead_code)]
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            pub fn parse(s: &str) -> Result<Self, CryptoError> {
+                decode_z::<$len>(s, $prefix, stringify!($name)).map($name)
+            }
+
+            pub fn to_z_string(&self) -> String {
+                encode_z($prefix, &self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}(..)", stringify!($name))
+            }
+        }
+    };
+}
+
 z_encoded!(Hash, 32, "hash");
 z_encoded!(ShortHash, SHORT_HASH_LENGTH, "shortHash");
 z_encoded!(Signature, 64, "signature");
-#[cfg(test)]
 z_encoded!(SealerId, 32, "sealer");
-#[cfg(test)]
-z_encoded!(SealerSecret, 32, "sealerSecret");
-#[cfg(test)]
-z_encoded!(SignerSecret, 32, "signerSecret");
+z_encoded_secret!(SealerSecret, 32, "sealerSecret");
+z_encoded_secret!(SignerSecret, 32, "signerSecret");
 
 /// An Ed25519 public key as cojson writes it (`signer_z…`). Parsing checks
 /// that the bytes are a valid curve point, so verification cannot fail later
@@ -132,18 +160,17 @@ impl fmt::Debug for SignerId {
     }
 }
 
-#[cfg(test)]
 impl SignerSecret {
     pub fn signer_id(&self) -> SignerId {
         SignerId(SigningKey::from_bytes(&self.0).verifying_key())
     }
 
+    #[cfg(test)] // until the participant's session writer signs
     pub fn sign(&self, message: &[u8]) -> Signature {
         Signature(SigningKey::from_bytes(&self.0).sign(message).to_bytes())
     }
 }
 
-#[cfg(test)]
 impl SealerSecret {
     /// X25519 public key for this secret (clamped scalar × base point).
     pub fn sealer_id(&self) -> SealerId {
@@ -152,14 +179,12 @@ impl SealerSecret {
 }
 
 /// `sealerSecret_z…/signerSecret_z…`.
-#[cfg(test)]
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentSecret {
     pub sealer: SealerSecret,
     pub signer: SignerSecret,
 }
 
-#[cfg(test)]
 impl AgentSecret {
     pub fn parse(s: &str) -> Result<Self, CryptoError> {
         let (sealer, signer) = s.split_once('/').ok_or(CryptoError::BadAgentSecret)?;
@@ -188,7 +213,6 @@ impl AgentSecret {
     }
 }
 
-#[cfg(test)]
 impl fmt::Debug for AgentSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AgentSecret(..)") // never print secrets
@@ -205,7 +229,6 @@ pub fn blake3_hash(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// `blake3HashOnceWithContext`: BLAKE3 over `context ‖ data`.
-#[cfg(test)]
 pub fn blake3_hash_with_context(data: &[u8], context: &[u8]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(context);
@@ -233,7 +256,7 @@ pub fn signed_message_for_hash(hash: &Hash) -> String {
     format!("\"{}\"", hash.to_z_string())
 }
 
-#[cfg(test)]
+#[cfg(test)] // until the participant's session writer signs
 pub fn sign_hash(secret: &SignerSecret, hash: &Hash) -> Signature {
     secret.sign(signed_message_for_hash(hash).as_bytes())
 }
@@ -244,7 +267,8 @@ pub fn verify_hash(signer: &SignerId, hash: &Hash, signature: &Signature) -> boo
 
 /// XSalsa20 nonce of a private transaction: the first 24 bytes of BLAKE3 of
 /// `{"in":coID,"tx":{"sessionID":…,"txIndex":n}}` in canonical JSON. A relay
-/// never decrypts; this exists to pin the format against the vectors.
+/// never decrypts; the participant encrypts and decrypts with it
+/// (docs/protocols/cojson-participant.md §1; it builds its nonces from the material itself).
 #[cfg(test)]
 pub fn transaction_nonce(co_id: &CoId, session_id: &str, tx_index: u64) -> [u8; 24] {
     let material = serde_json::json!({

@@ -20,6 +20,7 @@ mod header;
 mod ids;
 mod known_state;
 mod message;
+mod participant;
 mod persistence;
 mod relay;
 mod service;
@@ -47,3 +48,6 @@ pub use persistence::StoredKnown;
 /// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which drives the sans-IO
 /// relay directly, without storage or sockets.
 pub use relay::{Action, Event, PeerId, Relay};
+
+/// Participant mode (docs/protocols/cojson-participant.md): the server's own cojson identity.
+pub use participant::{AgentIdentity, IdentityError};

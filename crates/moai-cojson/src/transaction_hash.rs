@@ -179,7 +179,8 @@ impl SessionHasher {
         verify_hash(signer, &self.current(), signature)
     }
 
-    #[cfg(test)]
+    /// Signs the current session hash (the participant's own sessions, and tests).
+    #[cfg(test)] // until the participant's session writer signs
     pub fn sign(&self, secret: &crate::crypto::SignerSecret) -> Signature {
         crate::crypto::sign_hash(secret, &self.current())
     }
