@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use super::compactor::Compactor;
 use super::registry::RegistryRef;
 use super::session::SessionFlags;
+use super::stats::DocStats;
 use super::{Outbound, ServiceError, Unavailable, YjsConfig, YjsSession};
 use crate::room::{Action, RoomError};
 use crate::{load_room, Access, ConnId, LoadError, Room};
@@ -81,6 +82,9 @@ pub(crate) enum Command {
 const COMPACT_RETRY_MIN: Duration = Duration::from_secs(1);
 const COMPACT_RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// How often people present are counted for the dashboard (at most; also when connections change).
+const PRESENT_REFRESH: Duration = Duration::from_millis(500);
+
 /// Most permits a semaphore may hold is `u32::MAX >> 3`; the inbound budget stays under it.
 pub(crate) const MAX_INBOUND_PERMITS: usize = 1 << 28;
 
@@ -106,6 +110,10 @@ struct DocTask {
     compaction: Option<JoinHandle<Result<usize, CompactionError>>>,
     /// After failed compactions: the current pause and when the next may start.
     compact_retry: Option<(Duration, Instant)>,
+    /// What the dashboard reads about this document, refreshed every turn of the loop.
+    stats: Arc<DocStats>,
+    /// When people present were last counted for `stats`.
+    present_counted: Instant,
     /// Inbound bytes queued for this document ([`YjsConfig::inbound_bytes`]).
     inbound: Arc<Semaphore>,
     /// yrs panicked while handling this batch: the room is unusable.
@@ -128,6 +136,7 @@ pub(crate) fn spawn(
     commands: mpsc::Receiver<Command>,
     self_sender: mpsc::Sender<Command>,
     registry: RegistryRef,
+    stats: Arc<DocStats>,
 ) {
     tokio::spawn(async move {
         let Some((storage, config, compactor, bus)) =
@@ -141,8 +150,9 @@ pub(crate) fn spawn(
             Some(bus) => Some(bus.join(&topic_name(&doc_id)).await),
             None => None,
         };
-        match load(&doc_id, storage.as_ref()).await {
+        match load(&doc_id, storage.as_ref(), &stats).await {
             Ok((mut room, journal_bytes)) => {
+                stats.loaded.store(true, Ordering::Relaxed);
                 room.set_policy(config.policy);
                 if topic.is_some() {
                     room.set_clustered();
@@ -165,6 +175,8 @@ pub(crate) fn spawn(
                     journal_bytes,
                     compaction: None,
                     compact_retry: None,
+                    stats,
+                    present_counted: Instant::now(),
                     inbound,
                     poisoned: None,
                     topic,
@@ -200,9 +212,10 @@ pub enum DocLoadError {
     Task(#[from] JoinError),
 }
 
-async fn load(doc_id: &str, storage: &dyn DocJournal) -> Result<(Room, usize), DocLoadError> {
+async fn load(doc_id: &str, storage: &dyn DocJournal, stats: &DocStats) -> Result<(Room, usize), DocLoadError> {
     let stored = storage.load(doc_id).await?;
     let journal_bytes = stored.journal_bytes();
+    stats.snapshot_bytes.store(stored.snapshot.as_ref().map_or(0, |s| s.len() as u64), Ordering::Relaxed);
     let doc_id = doc_id.to_owned();
     // Applying a large snapshot is O(document): keep it off the async workers.
     let room = tokio::task::spawn_blocking(move || {
@@ -240,6 +253,7 @@ enum Deferred {
 impl DocTask {
     async fn run(mut self) {
         loop {
+            self.publish_stats();
             let idle = self.conns.is_empty() && self.compaction.is_none() && self.resync.is_none();
             // Cluster traffic does not count as use: a document nobody here uses is evicted.
             let idle_deadline = self.last_local_use + self.config.idle_evict;
@@ -295,6 +309,18 @@ impl DocTask {
         }
     }
 
+    /// Refreshes what the dashboard reads: a few relaxed stores; people present (a count over
+    /// the awareness clients) at most every [`PRESENT_REFRESH`] or when connections change.
+    fn publish_stats(&mut self) {
+        let connections = self.conns.len();
+        let changed = self.stats.connections.swap(connections, Ordering::Relaxed) != connections;
+        self.stats.journal_bytes.store(self.journal_bytes as u64, Ordering::Relaxed);
+        if changed || self.present_counted.elapsed() >= PRESENT_REFRESH {
+            self.present_counted = Instant::now();
+            self.stats.present.store(self.room.awareness().present_count(), Ordering::Relaxed);
+        }
+    }
+
     /// Returns false when the task must end (storage failed).
     async fn handle_batch(&mut self, batch: Vec<Command>) -> bool {
         let mut actions = Vec::new();
@@ -325,11 +351,13 @@ impl DocTask {
         }
         if !updates.is_empty() {
             let bytes: usize = updates.iter().map(Vec::len).sum();
+            let count = updates.len() as u64;
             if let Err(e) = self.storage.append_many(&self.doc_id, updates).await {
                 self.storage_failed(e, deferred);
                 return false;
             }
             self.journal_bytes += bytes;
+            self.stats.updates.fetch_add(count, Ordering::Relaxed);
         }
 
         self.perform(rest);
@@ -639,7 +667,9 @@ impl DocTask {
             let storage = self.storage.clone();
             let compactor = self.compactor.clone();
             let doc_id = self.doc_id.clone();
-            self.compaction = Some(tokio::spawn(async move { compact(&doc_id, storage.as_ref(), &compactor).await }));
+            let stats = self.stats.clone();
+            self.compaction =
+                Some(tokio::spawn(async move { compact(&doc_id, storage.as_ref(), &compactor, &stats).await }));
         }
     }
 
@@ -668,7 +698,7 @@ impl DocTask {
     /// meanwhile. Returns whether the task ended.
     async fn evict(&mut self) -> bool {
         if self.journal_bytes > 0 {
-            match compact(&self.doc_id, self.storage.as_ref(), &self.compactor).await {
+            match compact(&self.doc_id, self.storage.as_ref(), &self.compactor, &self.stats).await {
                 Ok(folded) => self.journal_bytes = self.journal_bytes.saturating_sub(folded),
                 Err(e) => tracing::warn!(doc = %self.doc_id, error = %e, "compaction before eviction failed"),
             }
@@ -714,7 +744,13 @@ enum CompactionError {
 
 /// Rebuilds the document from storage on the low-priority compaction thread and replaces the
 /// journal prefix it covers with one snapshot. Returns the journal bytes folded.
-async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) -> Result<usize, CompactionError> {
+/// The new snapshot's size goes to `stats`.
+async fn compact(
+    doc_id: &str,
+    storage: &dyn DocJournal,
+    compactor: &Compactor,
+    stats: &DocStats,
+) -> Result<usize, CompactionError> {
     let stored = storage.load(doc_id).await?;
     if stored.updates.is_empty() {
         return Ok(0);
@@ -729,7 +765,9 @@ async fn compact(doc_id: &str, storage: &dyn DocJournal, compactor: &Compactor) 
         })
         .await
         .ok_or(CompactionError::ThreadGone)??;
+    let snapshot_bytes = snapshot.len() as u64;
     storage.compact(doc_id, snapshot, folded).await?;
+    stats.snapshot_bytes.store(snapshot_bytes, Ordering::Relaxed);
     Ok(folded_bytes)
 }
 

@@ -15,6 +15,7 @@ mod compactor;
 mod doc_task;
 mod registry;
 mod session;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use thiserror::Error;
 
 pub use doc_task::DocLoadError;
 pub use session::{Outbound, YjsSession};
+pub use stats::{DocSummary, DocumentsOverview};
 
 use crate::room::RoomError;
 
@@ -152,5 +154,13 @@ impl YjsService {
     /// Documents currently held in memory.
     pub fn loaded_documents(&self) -> usize {
         self.registry.loaded()
+    }
+
+    /// How many documents are held in memory and the `limit` busiest of them (most
+    /// connections, then largest): connections, people present, stored size, updates. Cheap
+    /// and bounded: it reads counters the documents' tasks publish, never waits for a task, and
+    /// copies only `limit` entries (the server's dashboard asks once a second).
+    pub fn documents(&self, limit: usize) -> DocumentsOverview {
+        self.registry.documents(limit)
     }
 }

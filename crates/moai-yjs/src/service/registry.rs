@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
+use super::stats::{self, DocStats, DocumentsOverview};
 use super::{ServiceError, Unavailable, YjsConfig, YjsSession};
 use crate::Access;
 
@@ -35,6 +36,8 @@ pub(crate) struct Registry {
 struct Entry {
     generation: u64,
     commands: mpsc::Sender<Command>,
+    /// What the owner task publishes about the document (for the server's dashboard).
+    stats: Arc<DocStats>,
 }
 
 impl Registry {
@@ -53,6 +56,13 @@ impl Registry {
         self.docs.lock().map(|d| d.len()).unwrap_or(0)
     }
 
+    /// The loaded documents' count and the `limit` busiest. One pass over the map under its
+    /// lock (no task is asked anything), copying only the `limit` listed.
+    pub(crate) fn documents(&self, limit: usize) -> DocumentsOverview {
+        let docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
+        stats::overview(docs.iter().map(|(id, e)| (id.as_str(), &*e.stats)), limit)
+    }
+
     /// The command queue of `doc_id`'s owner task, starting the task if there is none.
     fn resolve(self: &Arc<Self>, doc_id: &str) -> mpsc::Sender<Command> {
         let mut docs = self.docs.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,8 +77,9 @@ impl Registry {
             *g
         };
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        docs.insert(doc_id.to_owned(), Entry { generation, commands: tx.clone() });
-        doc_task::spawn(doc_id.to_owned(), generation, rx, tx.clone(), Arc::downgrade(self));
+        let stats = Arc::new(DocStats::new());
+        docs.insert(doc_id.to_owned(), Entry { generation, commands: tx.clone(), stats: stats.clone() });
+        doc_task::spawn(doc_id.to_owned(), generation, rx, tx.clone(), Arc::downgrade(self), stats);
         tx
     }
 
