@@ -14,9 +14,7 @@
 
 use crate::canonical_json::stable_stringify;
 use crate::ids::{AgentId, CoId};
-#[cfg(test)] // until the participant's session writer signs
-use ed25519_dalek::Signer as _;
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signer as _, SigningKey};
 use ed25519_dalek::{Verifier as _, VerifyingKey};
 use serde_json::Value;
 use std::fmt;
@@ -165,7 +163,6 @@ impl SignerSecret {
         SignerId(SigningKey::from_bytes(&self.0).verifying_key())
     }
 
-    #[cfg(test)] // until the participant's session writer signs
     pub fn sign(&self, message: &[u8]) -> Signature {
         Signature(SigningKey::from_bytes(&self.0).sign(message).to_bytes())
     }
@@ -256,7 +253,6 @@ pub fn signed_message_for_hash(hash: &Hash) -> String {
     format!("\"{}\"", hash.to_z_string())
 }
 
-#[cfg(test)] // until the participant's session writer signs
 pub fn sign_hash(secret: &SignerSecret, hash: &Hash) -> Signature {
     secret.sign(signed_message_for_hash(hash).as_bytes())
 }

@@ -201,3 +201,185 @@ fn key_rotation_key_for_key() {
     assert_eq!(enc, s(p, "value"));
     assert_eq!(decrypt_key_secret(&old.0, &new.0, &enc, &new.1), Ok(old.1));
 }
+
+/// Every read key the vectors use, by ID.
+pub(super) fn known_keys(v: &Value) -> Vec<(KeyId, KeySecret)> {
+    let pairs = [
+        &v["accountCreation"]["inputs"]["accountReadKey"],
+        &v["accountCreation"]["inputs"]["profileGroupReadKey"],
+        &v["serverGroupAndMap"]["inputs"]["group"]["readKey"],
+        &v["keyRotation"]["newReadKey"],
+    ];
+    let mut keys: Vec<(KeyId, KeySecret)> =
+        pairs.iter().map(|p| (KeyId::parse(s(p, "id")).unwrap(), KeySecret::parse(s(p, "secret")).unwrap())).collect();
+    let join = &v["joinHumanGroup"];
+    keys.push((
+        KeyId::parse(s(&join["groupState"], "readKey")).unwrap(),
+        KeySecret::parse(s(&join["revelationForServer"], "unsealedKeySecret")).unwrap(),
+    ));
+    keys
+}
+
+fn key_for<'a>(keys: &'a [(KeyId, KeySecret)], id: &str) -> (&'a KeyId, &'a KeySecret) {
+    let (k, s) = keys.iter().find(|(k, _)| k.as_str() == id).unwrap_or_else(|| panic!("key {id} is in the vectors"));
+    (k, s)
+}
+
+/// Feeds one session's vector entries (`tx`, `txJson`, `hashAfter`, `signatureAfter`, and the
+/// seal or nonce details) through the session writer of `author` and checks every byte.
+fn check_session_entries(v: &Value, author: &AgentIdentity, co_id: &str, session: &str, entries: &[Value]) {
+    use super::session_writer::{SessionWriter, TxPrivacy};
+    use crate::ids::{CoId, SessionId};
+    use crate::transaction_hash::SessionHasher;
+    let keys = known_keys(v);
+    let co = CoId::parse(co_id).unwrap();
+    let sid = SessionId::parse(session).unwrap();
+    let writer = SessionWriter { co_id: &co, session: &sid, signer: &author.secret().signer };
+    let mut hasher = SessionHasher::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let tx = &entry["tx"];
+        let made_at = tx["madeAt"].as_u64().unwrap();
+        let written = if tx["privacy"] == "private" {
+            let (id, key) = key_for(&keys, s(tx, "keyUsed"));
+            let m = material(s(entry, "nonceMaterial"));
+            assert_eq!(
+                m,
+                super::encoding::tx_nonce_material(&co, &sid, index as u64),
+                "{co_id} tx {index} nonce index"
+            );
+            assert_eq!(hex(&nonce(&m)), s(entry, "nonceHex"));
+            writer
+                .write(&mut hasher, s(entry, "changesPlain"), TxPrivacy::Private { key_id: id, key }, made_at)
+                .unwrap()
+        } else {
+            writer.write(&mut hasher, s(tx, "changes"), TxPrivacy::Trusting, made_at).unwrap()
+        };
+        assert_eq!(written.tx.to_string(), tx.to_string(), "{co_id} tx {index} object");
+        assert_eq!(written.canonical.json, s(entry, "txJson"), "{co_id} tx {index} txJson");
+        assert_eq!(written.hash.to_z_string(), s(entry, "hashAfter"), "{co_id} tx {index} hashAfter");
+        assert_eq!(written.signature.to_z_string(), s(entry, "signatureAfter"), "{co_id} tx {index} signatureAfter");
+        if let Some(sealed) = entry.get("sealed") {
+            check_sealed(v, author, &co, &sid, index as u64, sealed, tx);
+        }
+    }
+}
+
+/// A reveal written by `author`: field, nonce material (the index it occupies), shared secret,
+/// plaintext and sealed value.
+fn check_sealed(
+    v: &Value,
+    author: &AgentIdentity,
+    co: &crate::ids::CoId,
+    sid: &crate::ids::SessionId,
+    index: u64,
+    sealed: &Value,
+    tx: &Value,
+) {
+    let m = material(s(sealed, "nonceMaterial"));
+    assert_eq!(m, super::encoding::tx_nonce_material(co, sid, index), "reveal nonce uses the index it occupies");
+    assert_eq!(hex(&nonce(&m)), s(sealed, "nonceHex"));
+    let from = &author.secret().sealer;
+    assert_eq!(from.sealer_id().to_z_string(), s(sealed, "from"));
+    let to = SealerId::parse(s(sealed, "to")).unwrap();
+    assert_eq!(hex(&shared_secret(from, &to)), s(sealed, "sharedSecretHex"));
+    let secret: String = serde_json::from_str(s(sealed, "plaintext")).unwrap();
+    let key = KeySecret::parse(&secret).unwrap();
+    assert!(known_keys(v).iter().any(|(_, k)| *k == key));
+    let value = seal_key_secret(&key, from, &to, &m);
+    assert_eq!(value, s(sealed, "value"));
+    let changes = super::changes::json_stringify(&Value::Array(vec![super::changes::set_op(
+        s(sealed, "field"),
+        Value::String(value),
+    )]));
+    assert_eq!(changes, s(tx, "changes"));
+}
+
+fn server() -> AgentIdentity {
+    AgentIdentity::from_secret(s(&vectors()["agents"]["server"], "agentSecret")).unwrap()
+}
+
+fn human() -> AgentIdentity {
+    AgentIdentity::from_secret(s(&vectors()["agents"]["human"], "agentSecret")).unwrap()
+}
+
+#[test]
+fn writer_reproduces_every_server_transaction() {
+    let v = vectors();
+    let server = server();
+    let mut checked = 0;
+    let mut sessions: Vec<(&Value, &str)> = Vec::new();
+    for name in ["account", "profileGroup", "profile"] {
+        sessions.push((&v["accountCreation"]["coValues"][name], name));
+    }
+    sessions.push((&v["serverGroupAndMap"]["group"], "G1"));
+    sessions.push((&v["serverGroupAndMap"]["map"], "M1"));
+    for (covalue, name) in sessions {
+        for (session, entries) in covalue["sessions"].as_object().unwrap() {
+            let entries = entries.as_array().unwrap();
+            check_session_entries(&v, &server, s(covalue, "id"), session, entries);
+            checked += entries.len();
+        }
+        let _ = name;
+    }
+    // keyRotation's five group transactions are G1's entries 6..11.
+    let added = v["keyRotation"]["groupTransactionsAdded"].as_array().unwrap();
+    let g1 = v["serverGroupAndMap"]["group"]["sessions"].as_object().unwrap().values().next().unwrap();
+    assert_eq!(&g1.as_array().unwrap()[6..], added.as_slice());
+    // The server's write into the human's map.
+    let write = &v["joinHumanGroup"]["serverWrite"];
+    let session = write["message"]["new"].as_object().unwrap().keys().next().unwrap();
+    let entries = write["entries"].as_array().unwrap();
+    check_session_entries(&v, &server, s(&write["message"], "id"), session, entries);
+    checked += entries.len();
+    assert_eq!(checked, 4 + 6 + 1 + 11 + 6 + 2);
+}
+
+/// Re-signs a content message's sessions with `author`'s key through the session writer:
+/// private transactions are decrypted with the vectors' keys and encrypted again (the cipher is
+/// deterministic), so the rebuilt transactions, and therefore `lastSignature`, must be cojson's.
+fn check_message_rewritten(v: &Value, author: &AgentIdentity, message: &Value) {
+    use super::session_writer::{SessionWriter, TxPrivacy};
+    use crate::ids::{CoId, SessionId};
+    use crate::transaction_hash::{canonical_transaction, SessionHasher};
+    let keys = known_keys(v);
+    let co = CoId::parse(s(message, "id")).unwrap();
+    for (session, content) in message["new"].as_object().unwrap() {
+        let sid = SessionId::parse(session).unwrap();
+        let writer = SessionWriter { co_id: &co, session: &sid, signer: &author.secret().signer };
+        let mut hasher = SessionHasher::new();
+        let mut last = None;
+        for tx in content["newTransactions"].as_array().unwrap() {
+            let made_at = tx["madeAt"].as_u64().unwrap();
+            let written = if tx["privacy"] == "private" {
+                let (id, key) = key_for(&keys, s(tx, "keyUsed"));
+                let m = super::encoding::tx_nonce_material(&co, &sid, hasher.count());
+                let mut bytes = super::encoding::decode_u(s(tx, "encryptedChanges"), "encrypted_U").unwrap();
+                super::cipher::xsalsa20(&key.0, &nonce(&m), &mut bytes);
+                let plain = String::from_utf8(bytes).unwrap();
+                writer.write(&mut hasher, &plain, TxPrivacy::Private { key_id: id, key }, made_at).unwrap()
+            } else {
+                writer.write(&mut hasher, s(tx, "changes"), TxPrivacy::Trusting, made_at).unwrap()
+            };
+            assert_eq!(written.canonical.json, canonical_transaction(tx).unwrap().json);
+            last = Some(written.signature);
+        }
+        assert_eq!(last.unwrap().to_z_string(), s(content, "lastSignature"), "{session} lastSignature");
+    }
+}
+
+#[test]
+fn writer_reproduces_the_humans_cojson_content_and_the_early_write() {
+    let v = vectors();
+    let join = &v["joinHumanGroup"];
+    for message in join["groupContent"].as_array().unwrap().iter().chain(join["mapContent"].as_array().unwrap()) {
+        check_message_rewritten(&v, &human(), message);
+    }
+    check_message_rewritten(&v, &server(), &join["negativeEarlyWrite"]["message"]);
+    check_message_rewritten(&v, &server(), &join["serverWrite"]["message"]);
+    for message in v["accountCreation"]["contentMessages"].as_array().unwrap() {
+        check_message_rewritten(&v, &server(), message);
+    }
+    for message in v["serverGroupAndMap"]["contentMessages"].as_array().unwrap() {
+        check_message_rewritten(&v, &server(), message);
+    }
+}
