@@ -50,6 +50,20 @@ pub enum SessionFailure {
     OutboundClosed,
 }
 
+/// What [`PgSync::status`] reads from the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedStatus {
+    /// The end of the WAL (`pg_current_wal_lsn()`).
+    pub wal_end: Lsn,
+    /// WAL bytes between the feed's durable watermark and the end of the WAL: how far behind the
+    /// database the feed is (a little WAL of other databases or idle records counts too).
+    pub lag_bytes: u64,
+    /// Clients in the registry (one per token subject and `client_id`; they expire).
+    pub registered_clients: u64,
+    /// The lowest position a registered client acked (what holds retention back).
+    pub oldest_client_position: Option<Lsn>,
+}
+
 /// The running engine. Cheap to clone; all clones share one replicator.
 #[derive(Clone)]
 pub struct PgSync {
@@ -148,6 +162,29 @@ impl PgSync {
     /// (another instance does), `reconnecting`, `starting` or `stopped` ([`Phase::role`]).
     pub fn role(&self) -> &'static str {
         self.inner.feed.borrow().phase.role()
+    }
+
+    /// How far the change feed is behind the database and who is registered, for the server's
+    /// dashboard: one small query on the registry's connection (the WAL's end, the registry's
+    /// row count and its oldest acked position). The caller bounds how long it waits.
+    pub async fn status(&self) -> Result<FeedStatus, Error> {
+        let client = self.inner.shared.get().await?;
+        let s = crate::db::ident(&self.inner.cfg.schema);
+        let row = client
+            .query_one(
+                &format!("SELECT pg_current_wal_lsn(), (SELECT count(*) FROM {s}.clients), (SELECT min(pos_lsn) FROM {s}.clients)"),
+                &[],
+            )
+            .await?;
+        let wal_end = Lsn(u64::from(row.get::<_, tokio_postgres::types::PgLsn>(0)));
+        let oldest: Option<tokio_postgres::types::PgLsn> = row.get(2);
+        let watermark = self.inner.feed.borrow().watermark;
+        Ok(FeedStatus {
+            wal_end,
+            lag_bytes: wal_end.0.saturating_sub(watermark.0),
+            registered_clients: row.get::<_, i64>(1).max(0) as u64,
+            oldest_client_position: oldest.map(|l| Lsn(u64::from(l))),
+        })
     }
 
     /// Run retention and registry expiry now (they also run every `maintenance_interval`).

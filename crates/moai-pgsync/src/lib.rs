@@ -40,7 +40,7 @@ pub mod value_mapping;
 
 pub use access::Access;
 pub use config::PgSyncConfig;
-pub use engine::{PgSync, SessionEnd, SessionFailure};
+pub use engine::{FeedStatus, PgSync, SessionEnd, SessionFailure};
 pub use error::Error;
 pub use lsn::{Lsn, LsnParseError};
 pub use position::Position;

@@ -237,6 +237,11 @@ async fn a_client_resumes_from_its_position_after_disconnect() {
         (r.get(0), r.get(1))
     };
     assert_eq!(json!({"lsn": lsn, "seq": seq}), before);
+    // What the dashboard shows: the registered client, its position, a lag that closes.
+    let status = sync.status().await.expect("status");
+    assert_eq!(status.registered_clients, 1);
+    assert_eq!(status.oldest_client_position.map(|p| p.to_string()), Some(lsn.clone()));
+    assert!(status.wal_end >= sync.feed().borrow().watermark, "{status:?}");
 
     for i in 0..50 {
         c.batch_execute(&format!("INSERT INTO items VALUES ({}, {i}, 'offline')", 2000 + i)).await.unwrap();
