@@ -25,6 +25,7 @@ mod serve;
 mod shutdown;
 mod storage_health;
 pub mod ws;
+pub mod webhooks;
 mod yjs;
 
 pub use auth::Auth;

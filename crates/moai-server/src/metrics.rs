@@ -92,6 +92,12 @@ pub struct Metrics {
     storage_commit_seconds: Histogram,
     ready: Gauge,
     cluster: ClusterMetrics,
+    webhooks: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 /// The cluster bus's counters, mirrored from [`moai_cluster::BusStats`] when /metrics is read.
@@ -138,6 +144,12 @@ impl Metrics {
         registry.register("storage_commit_seconds", "Storage group commit latency", storage_commit_seconds.clone());
         registry.register("ready", "1 when every enabled engine is ready", ready.clone());
         let cluster = ClusterMetrics::default();
+        let webhooks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhooks",
+            "Webhook deliveries by outcome: delivered, retried, rejected (4xx), failed (gave up), dropped (table full)",
+            webhooks.clone(),
+        );
         registry.register(
             "cluster_degraded",
             "1 while this instance cannot reach the cluster bus (Redis): it serves its own clients only",
@@ -167,7 +179,13 @@ impl Metrics {
             storage_commit_seconds,
             ready,
             cluster,
+            webhooks,
         })
+    }
+
+    /// Counts webhook deliveries by outcome.
+    pub fn webhook(&self, outcome: &'static str, n: u64) {
+        self.webhooks.get_or_create(&OutcomeLabels { outcome }).inc_by(n);
     }
 
     /// Reports the cluster bus's state and counters on /metrics from now on.

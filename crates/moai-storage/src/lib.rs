@@ -19,6 +19,7 @@
 //! and sequence numbers, never in Yjs or CoJSON types, so the backends are interchangeable
 //! without touching the engines.
 
+mod changes;
 mod covalue_store;
 mod doc_journal;
 mod error;
@@ -29,6 +30,7 @@ mod observer;
 mod postgres;
 mod sqlite;
 
+pub use changes::{ChangeKind, ChangeObserver, ChangeSink};
 pub use covalue_store::{
     AppendError, BytesSinceSignature, CoValueAppend, CoValueRecord, CoValueStore, SessionAppendRecord, SessionRecord,
     StoredKnownState,

@@ -179,6 +179,20 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_CLUSTER_HEARTBEAT", default_value = "1s", value_parser = units::duration)]
     pub cluster_heartbeat: Duration,
 
+    /// Webhooks: POST a signed JSON event to this URL when a Yjs document or a CoValue is
+    /// created or changed (debounced; retried with backoff; never blocking sync; docs/webhooks.md).
+    #[arg(long, env = "MOAI_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Webhooks: the HMAC-SHA256 key of the `X-Moai-Signature` header (required with
+    /// --webhook-url).
+    #[arg(long, env = "MOAI_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Webhooks: quiet time after an id's last change before it is reported.
+    #[arg(long, env = "MOAI_WEBHOOK_DEBOUNCE", default_value = "2s", value_parser = units::duration)]
+    pub webhook_debounce: Duration,
+    /// Webhooks: longest an id that keeps changing waits to be reported.
+    #[arg(long, env = "MOAI_WEBHOOK_MAX_WAIT", default_value = "10s", value_parser = units::duration)]
+    pub webhook_max_wait: Duration,
     /// Test hook, debug builds only: the first cluster publication containing this text is
     /// dropped, as if the bus had lost it (tests of the repair).
     #[cfg(debug_assertions)]

@@ -98,7 +98,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
 
-    let init = initialise(&args, storage_health.clone(), cluster.clone());
+    let changes = start_webhooks(&args, &metrics, &shutdown, cluster.as_ref())?;
+    let init = initialise(&args, storage_health.clone(), cluster.clone(), changes);
     let running = tokio::select! {
         result = init => match result {
             Ok(running) => running,
@@ -170,11 +171,36 @@ fn start_cluster(args: &ServeArgs) -> anyhow::Result<Option<moai_cluster::Bus>> 
     Ok(Some(bus))
 }
 
+/// Starts webhooks when `--webhook-url` is set (a secret is required: unsigned webhooks could be
+/// forged by anyone who can reach the receiver).
+fn start_webhooks(
+    args: &ServeArgs,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+    cluster: Option<&moai_cluster::Bus>,
+) -> anyhow::Result<Option<moai_storage::ChangeSink>> {
+    let Some(url) = args.webhook_url.as_deref().filter(|u| !u.is_empty()) else { return Ok(None) };
+    let Some(secret) = args.webhook_secret.as_deref().filter(|s| !s.is_empty()) else {
+        anyhow::bail!("--webhook-url needs --webhook-secret (MOAI_WEBHOOK_SECRET): webhooks are always signed");
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        anyhow::bail!("--webhook-url must be an http:// or https:// URL");
+    }
+    let mut config = moai_server::webhooks::WebhookConfig::new(url, secret);
+    config.debounce = args.webhook_debounce;
+    config.max_wait = args.webhook_max_wait.max(args.webhook_debounce);
+    config.instance = cluster.map(|b| b.instance().to_string()).unwrap_or_default();
+    let hooks = moai_server::webhooks::Webhooks::start(config, metrics.clone(), shutdown.clone());
+    tracing::info!("webhooks on: every created or changed document and CoValue is reported (signed)");
+    Ok(Some(moai_storage::ChangeSink(hooks)))
+}
+
 /// Opens storage and starts the engines. Nothing is served until this returns Ok.
 async fn initialise(
     args: &ServeArgs,
     observer: Arc<StorageHealth>,
     cluster: Option<moai_cluster::Bus>,
+    changes: Option<moai_storage::ChangeSink>,
 ) -> anyhow::Result<Running> {
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
@@ -202,6 +228,7 @@ async fn initialise(
         compact_journal_bytes: args.yjs_compact_bytes,
         policy: moai_yjs::Policy { allow_subdocuments: args.yjs_allow_subdocuments },
         cluster_exchange: args.cluster_exchange.max(Duration::from_millis(50)),
+        changes: changes.clone(),
         ..YjsConfig::default()
     };
     let yjs = match &cluster {
@@ -220,6 +247,7 @@ async fn initialise(
     let mut cojson_config = CojsonConfig::default();
     cojson_config.relay.max_covalues_per_peer = args.cojson_max_covalues_per_peer.max(1);
     cojson_config.cluster_exchange = args.cluster_exchange.max(Duration::from_millis(50));
+    cojson_config.changes = changes;
     let cojson = match &cluster {
         Some(bus) => CojsonService::clustered(storage.covalues(), cojson_config, bus.clone()),
         None => CojsonService::new(storage.covalues(), cojson_config),

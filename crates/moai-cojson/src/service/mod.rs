@@ -67,6 +67,8 @@ pub struct CojsonConfig {
     /// In a cluster: how often the durable known states of subscribed CoValues are announced
     /// to the other instances again (repairs a lost announcement).
     pub cluster_exchange: Duration,
+    /// Told after every durable write of a CoValue (webhooks); never waited on.
+    pub changes: Option<moai_storage::ChangeSink>,
 }
 
 impl Default for CojsonConfig {
@@ -79,6 +81,7 @@ impl Default for CojsonConfig {
             evict_interval: Duration::from_secs(30),
             max_batch: 512,
             cluster_exchange: Duration::from_secs(10),
+            changes: None,
         }
     }
 }

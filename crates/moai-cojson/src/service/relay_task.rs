@@ -69,8 +69,9 @@ enum Completion {
     },
     /// One known-state read: per CoValue, what storage holds of it.
     KnownLoaded(Vec<(CoId, StoredKnown)>),
-    /// One write batch: per write, its token, CoValue and outcome.
-    Written(Vec<(PersistToken, CoId, Result<(), WriteError>)>),
+    /// One write batch: per write, its token, CoValue, whether it created the CoValue, and
+    /// outcome.
+    Written(Vec<(PersistToken, CoId, bool, Result<(), WriteError>)>),
 }
 
 /// Why one write of a batch is not durable.
@@ -231,10 +232,15 @@ impl RelayTask {
             Completion::Refreshed { id, stored } => self.run_event(Event::Refreshed { id, stored }),
             Completion::KnownLoaded(answers) => self.run_event(Event::KnownLoaded(answers)),
             Completion::Written(outcomes) => {
-                self.writes.finished(outcomes.iter().map(|(_, id, _)| id));
-                for (token, id, outcome) in outcomes {
+                self.writes.finished(outcomes.iter().map(|(_, id, _, _)| id));
+                for (token, id, created, outcome) in outcomes {
                     match outcome {
-                        Ok(()) => self.run_event(Event::Persisted(token)),
+                        Ok(()) => {
+                            if let Some(changes) = &self.config.changes {
+                                changes.changed(moai_storage::ChangeKind::CoValue, id.as_str(), created);
+                            }
+                            self.run_event(Event::Persisted(token))
+                        }
                         Err(error) => {
                             let dropped = self.writes.discard(&id);
                             self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +455,7 @@ impl RelayTask {
                         Some(Err(e)) => Err(WriteError::Append(e)),
                         None => Err(WriteError::NoResult),
                     };
-                    (req.token, req.id, outcome)
+                    (req.token, req.id, req.header.is_some(), outcome)
                 })
                 .collect();
             let _ = done.send(Completion::Written(outcomes));

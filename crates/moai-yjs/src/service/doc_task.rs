@@ -128,6 +128,8 @@ struct DocTask {
     resync_again: bool,
     /// When a socket or an HTTP request last used the document (eviction counts from here).
     last_local_use: Instant,
+    /// Storage held nothing of this document when it was loaded: its first write creates it.
+    stored_empty: bool,
 }
 
 pub(crate) fn spawn(
@@ -151,7 +153,7 @@ pub(crate) fn spawn(
             None => None,
         };
         match load(&doc_id, storage.as_ref(), &stats).await {
-            Ok((mut room, journal_bytes)) => {
+            Ok((mut room, journal_bytes, stored_empty)) => {
                 stats.loaded.store(true, Ordering::Relaxed);
                 room.set_policy(config.policy);
                 if topic.is_some() {
@@ -184,6 +186,7 @@ pub(crate) fn spawn(
                     resync: None,
                     resync_again: false,
                     last_local_use: Instant::now(),
+                    stored_empty,
                 };
                 task.run().await;
             }
@@ -212,9 +215,11 @@ pub enum DocLoadError {
     Task(#[from] JoinError),
 }
 
-async fn load(doc_id: &str, storage: &dyn DocJournal, stats: &DocStats) -> Result<(Room, usize), DocLoadError> {
+/// The room, its journal bytes, and whether storage held nothing of it.
+async fn load(doc_id: &str, storage: &dyn DocJournal, stats: &DocStats) -> Result<(Room, usize, bool), DocLoadError> {
     let stored = storage.load(doc_id).await?;
     let journal_bytes = stored.journal_bytes();
+    let empty = stored.snapshot.is_none() && stored.updates.is_empty();
     stats.snapshot_bytes.store(stored.snapshot.as_ref().map_or(0, |s| s.len() as u64), Ordering::Relaxed);
     let doc_id = doc_id.to_owned();
     // Applying a large snapshot is O(document): keep it off the async workers.
@@ -222,7 +227,7 @@ async fn load(doc_id: &str, storage: &dyn DocJournal, stats: &DocStats) -> Resul
         load_room(doc_id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
     })
     .await??;
-    Ok((room, journal_bytes))
+    Ok((room, journal_bytes, empty))
 }
 
 /// Answers every queued and future command with `error` (the document could not be served).
@@ -357,6 +362,10 @@ impl DocTask {
                 return false;
             }
             self.journal_bytes += bytes;
+            if let Some(changes) = &self.config.changes {
+                let created = std::mem::take(&mut self.stored_empty);
+                changes.changed(moai_storage::ChangeKind::YjsDocument, &self.doc_id, created);
+            }
             self.stats.updates.fetch_add(count, Ordering::Relaxed);
         }
 
@@ -495,7 +504,13 @@ impl DocTask {
     /// One event of the document's cluster topic.
     fn handle_bus(&mut self, event: BusEvent, actions: &mut Vec<Action>) {
         let result = match event {
-            BusEvent::Message { from, kind, payload } => self.room.receive_from_instance(from.0, kind, &payload),
+            BusEvent::Message { from, kind, payload } => {
+                if kind == crate::cluster::UPDATE {
+                    // It exists in storage now (another instance wrote it): not ours to create.
+                    self.stored_empty = false;
+                }
+                self.room.receive_from_instance(from.0, kind, &payload)
+            }
             BusEvent::InstanceGone(instance) => Ok(self.room.instance_gone(instance.0)),
             BusEvent::Resync => {
                 self.start_resync();
@@ -546,6 +561,10 @@ impl DocTask {
     /// false when the task must end.
     async fn resync_finished(&mut self, result: Result<Vec<u8>, CompactionError>) -> bool {
         let mut actions = Vec::new();
+        if result.is_ok() {
+            // What storage holds now was written by others too: not ours to create.
+            self.stored_empty = false;
+        }
         match result {
             Ok(update) => match self.room.apply_durable(&update) {
                 Ok(a) => actions.extend(a),

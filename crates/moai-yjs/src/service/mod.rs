@@ -57,6 +57,8 @@ pub struct YjsConfig {
     /// In a cluster: how often each open document tells the other instances what it has, so
     /// that any difference (a lost message) is repaired (docs/cluster.md).
     pub cluster_exchange: Duration,
+    /// Told after every durable change of a document (webhooks); never waited on.
+    pub changes: Option<moai_storage::ChangeSink>,
 }
 
 impl Default for YjsConfig {
@@ -70,6 +72,7 @@ impl Default for YjsConfig {
             max_batch: 256,
             policy: crate::plausible::Policy::default(),
             cluster_exchange: Duration::from_secs(10),
+            changes: None,
         }
     }
 }
