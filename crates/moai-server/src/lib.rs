@@ -15,6 +15,7 @@ mod gate;
 mod health;
 mod http_error;
 mod limits;
+pub mod llm;
 mod metrics;
 mod pgsync;
 mod pump;

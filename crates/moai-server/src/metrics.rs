@@ -92,6 +92,7 @@ pub struct Metrics {
     storage_commit_seconds: Histogram,
     ready: Gauge,
     cluster: ClusterMetrics,
+    llm: LlmMetrics,
     webhooks: Family<OutcomeLabels, Counter>,
 }
 
@@ -161,6 +162,7 @@ impl Metrics {
             cluster.counters.clone(),
         );
         registry.register("build_info", "Build information", build_info);
+        let llm = LlmMetrics::register(&mut registry);
 
         let traffic = PROTOCOLS.map(|protocol| {
             DIRECTIONS.map(|direction| {
@@ -180,6 +182,7 @@ impl Metrics {
             ready,
             cluster,
             webhooks,
+            llm,
         })
     }
 
@@ -256,5 +259,93 @@ impl moai_storage::StorageObserver for Metrics {
     fn batch_committed(&self, writes: usize, latency: Duration) {
         self.storage_batch_writes.observe(writes as f64);
         self.storage_commit_seconds.observe(latency.as_secs_f64());
+    }
+}
+
+/// Accounts that get a label of their own in the LLM proxy's metrics; the rest are counted as
+/// `account="_other"`, so a server with many users cannot grow /metrics without bound.
+pub const LLM_ACCOUNT_LABELS: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LlmLabels {
+    account: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LlmErrorLabels {
+    account: String,
+    model: String,
+    kind: &'static str,
+}
+
+/// The LLM proxy's counters, per account and model (models are the allowlist's, so bounded).
+struct LlmMetrics {
+    requests: Family<LlmLabels, Counter>,
+    prompt_tokens: Family<LlmLabels, Counter>,
+    completion_tokens: Family<LlmLabels, Counter>,
+    errors: Family<LlmErrorLabels, Counter>,
+    accounts: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl LlmMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = LlmMetrics {
+            requests: Family::default(),
+            prompt_tokens: Family::default(),
+            completion_tokens: Family::default(),
+            errors: Family::default(),
+            accounts: Default::default(),
+        };
+        registry.register(
+            "llm_requests",
+            "LLM proxy: requests sent upstream, by account and model",
+            m.requests.clone(),
+        );
+        registry.register(
+            "llm_prompt_tokens",
+            "LLM proxy: prompt tokens the upstream reported, by account and model",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "llm_completion_tokens",
+            "LLM proxy: completion tokens the upstream reported, by account and model",
+            m.completion_tokens.clone(),
+        );
+        registry.register(
+            "llm_errors",
+            "LLM proxy: requests refused or failed, by account, model and kind",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    fn labels(&self, account: &str, model: &str) -> LlmLabels {
+        let account = {
+            let mut seen = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(account) || (seen.len() < LLM_ACCOUNT_LABELS && seen.insert(account.to_owned())) {
+                account.to_owned()
+            } else {
+                "_other".to_owned()
+            }
+        };
+        LlmLabels { account, model: model.to_owned() }
+    }
+}
+
+impl moai_llm::Observer for Metrics {
+    fn request(&self, account: &str, model: &str) {
+        self.llm.requests.get_or_create(&self.llm.labels(account, model)).inc();
+    }
+
+    fn usage(&self, account: &str, model: &str, usage: moai_llm::Usage) {
+        let labels = self.llm.labels(account, model);
+        self.llm.prompt_tokens.get_or_create(&labels).inc_by(usage.prompt_tokens);
+        self.llm.completion_tokens.get_or_create(&labels).inc_by(usage.completion_tokens);
+    }
+
+    fn error(&self, account: &str, model: &str, kind: moai_llm::ErrorKind) {
+        let LlmLabels { account, model } = self.llm.labels(account, model);
+        self.llm.errors.get_or_create(&LlmErrorLabels { account, model, kind: kind.as_str() }).inc();
     }
 }

@@ -38,6 +38,8 @@ pub struct AppState {
     pub capture: Option<Arc<crate::capture::FrameCapture>>,
     /// The cluster bus, when this instance is one of several (`--redis-url`): /health reports it.
     pub cluster: Option<moai_cluster::Bus>,
+    /// The LLM proxy (off unless configured; docs/llm-proxy.md).
+    pub llm: crate::llm::LlmService,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,5 +65,8 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(state.limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout))
         .layer(axum::middleware::from_fn(json_errors))
+        // After the layers above: an LLM answer may take minutes (the proxy has its own
+        // timeouts and body limit) and needs no engine, so no request timeout or ready gate.
+        .merge(crate::llm::routes(&state.llm))
         .with_state(state)
 }

@@ -179,6 +179,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_CLUSTER_HEARTBEAT", default_value = "1s", value_parser = units::duration)]
     pub cluster_heartbeat: Duration,
 
+    /// The LLM proxy (off unless --llm-base-url or RED_PILL_API_KEY is set).
+    #[command(flatten)]
+    pub llm: crate::llm::LlmArgs,
+
     /// Webhooks: POST a signed JSON event to this URL when a Yjs document or a CoValue is
     /// created or changed (debounced; retried with backoff; never blocking sync; docs/webhooks.md).
     #[arg(long, env = "MOAI_WEBHOOK_URL")]
@@ -311,6 +315,10 @@ pub struct TokenArgs {
     /// a token that names any resource opens only what it names.
     #[arg(long)]
     pub cojson: bool,
+    /// Allow calls to the LLM proxy; the user id is the account its limits count against.
+    /// Needed when the token also names other resources.
+    #[arg(long)]
+    pub llm: bool,
     /// Read-only: the session loads and receives updates and presence, but its writes are
     /// dropped (Yjs updates, HTTP POST, CoJSON content).
     #[arg(long)]

@@ -4,6 +4,7 @@
 mod backup;
 mod cli;
 mod doc;
+mod llm;
 mod logging;
 mod migrate;
 mod progress;

@@ -73,6 +73,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics.watch_cluster(bus.clone());
     }
     let storage_health = StorageHealth::new(metrics.clone());
+    let llm = moai_server::llm::LlmService::start(args.llm.settings(), &auth, metrics.clone())
+        .context("the LLM proxy cannot start")?;
     let state = AppState {
         readiness: readiness.clone(),
         metrics: metrics.clone(),
@@ -94,6 +96,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Arc::new(moai_server::capture::FrameCapture::new(dir))
         }),
         cluster: cluster.clone(),
+        llm,
     };
     let app = moai_server::router(state);
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));

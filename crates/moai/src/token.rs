@@ -1,4 +1,4 @@
-//! `moai token USER [--doc D] [--table T] [--cojson] [--read-only] [--ttl 1h]`: mints a connection token with the server's shared
+//! `moai token USER [--doc D] [--table T] [--cojson] [--llm] [--read-only] [--ttl 1h]`: mints a connection token with the server's shared
 //! secret, for scripts, tests and application servers that do not want to implement the HMAC
 //! themselves. The token goes to stdout and nothing else does.
 
@@ -30,7 +30,8 @@ pub fn run(args: TokenArgs) -> anyhow::Result<ExitCode> {
     } else {
         Some(args.tables.iter().map(|spec| table_spec(spec)).collect::<anyhow::Result<BTreeMap<_, _>>>()?)
     };
-    let claims = Claims { sub: args.user, exp, docs, tables, cojson: args.cojson, read_only: args.read_only };
+    let claims =
+        Claims { sub: args.user, exp, docs, tables, cojson: args.cojson, llm: args.llm, read_only: args.read_only };
     let token = Auth::with_secret(&args.secret).mint(&claims).context("minting the token")?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,7 @@
 //! What a verified token allows. Deny by default: a token that names any resource (`docs`,
-//! `tables`, `cojson`) opens exactly those and nothing of the other engines; only a token that
-//! names none (the plain form, or a scoped one carrying just `exp` / `read_only`) opens every
-//! resource. Every endpoint asks [`Grant::allows`] for its own [`Resource`], and every session
+//! `tables`, `cojson`, `llm`) opens exactly those and nothing of the other engines; only a token
+//! that names none (the plain form, or a scoped one carrying just `exp` / `read_only`) opens
+//! every resource. Every endpoint asks [`Grant::allows`] for its own [`Resource`], and every session
 //! ends when [`Grant::expires_at`] passes.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,8 @@ pub enum Resource<'a> {
     Cojson,
     /// The Postgres change feed `/api/sync`.
     ChangeFeed,
+    /// The LLM proxy (`/v1/chat/completions`, `/api/v0/llm/chat`, `/v1/models`).
+    Llm,
 }
 
 /// The rights of one verified request. `claims` is None on an open server (no secret).
@@ -39,7 +41,7 @@ impl Grant {
     /// Whether this grant opens `resource`.
     pub fn allows(&self, resource: Resource<'_>) -> bool {
         let Some(c) = &self.claims else { return true };
-        let scoped = c.docs.is_some() || c.tables.is_some() || c.cojson;
+        let scoped = c.docs.is_some() || c.tables.is_some() || c.cojson || c.llm;
         match resource {
             Resource::YjsDoc(doc) => match &c.docs {
                 Some(docs) => docs.iter().any(|d| match d.strip_suffix('*') {
@@ -50,6 +52,7 @@ impl Grant {
             },
             Resource::Cojson => c.cojson || !scoped,
             Resource::ChangeFeed => c.tables.is_some() || !scoped,
+            Resource::Llm => c.llm || !scoped,
         }
     }
 
@@ -98,6 +101,7 @@ mod tests {
     fn a_token_that_names_nothing_opens_everything() {
         for g in [Grant::open(), grant(|_| {}), grant(|c| c.exp = Some(10)), grant(|c| c.read_only = true)] {
             assert!(g.allows(Resource::YjsDoc("x")) && g.allows(Resource::Cojson) && g.allows(Resource::ChangeFeed));
+            assert!(g.allows(Resource::Llm));
         }
     }
 
@@ -118,6 +122,13 @@ mod tests {
         assert!(cojson.allows(Resource::Cojson));
         assert!(!cojson.allows(Resource::YjsDoc("anything")));
         assert!(!cojson.allows(Resource::ChangeFeed));
+
+        assert!(!docs.allows(Resource::Llm) && !tables.allows(Resource::Llm) && !cojson.allows(Resource::Llm));
+        let llm = grant(|c| c.llm = true);
+        assert!(llm.allows(Resource::Llm));
+        assert!(!llm.allows(Resource::YjsDoc("anything")));
+        assert!(!llm.allows(Resource::Cojson));
+        assert!(!llm.allows(Resource::ChangeFeed));
 
         // An empty list names the engine and opens nothing in it.
         let none = grant(|c| c.docs = Some(vec![]));

@@ -78,7 +78,7 @@ impl AuthError {
 }
 
 /// Who a verified token speaks for, and what it may open. A token that names any resource
-/// (`docs`, `tables` or `cojson`) is *scoped*: it opens exactly what it names and nothing of
+/// (`docs`, `tables`, `cojson` or `llm`) is *scoped*: it opens exactly what it names and nothing of
 /// the other engines. A token that names none (a plain token, or a scoped one with only `exp`
 /// and `read_only`) opens every resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +97,10 @@ pub struct Claims {
     /// peer may read and write there; this only admits the connection.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cojson: bool,
+    /// LLM proxy: the token may call it (`/v1/chat/completions`, `/api/v0/llm/chat`,
+    /// `/v1/models`); its subject is the account whose limits and usage the calls count against.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub llm: bool,
     /// The session reads and shows presence, but its writes are dropped (docs/auth.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
@@ -105,7 +109,12 @@ pub struct Claims {
 impl Claims {
     /// Only a subject: what the plain form can carry.
     fn is_plain(&self) -> bool {
-        self.exp.is_none() && self.docs.is_none() && self.tables.is_none() && !self.cojson && !self.read_only
+        self.exp.is_none()
+            && self.docs.is_none()
+            && self.tables.is_none()
+            && !self.cojson
+            && !self.llm
+            && !self.read_only
     }
 }
 

@@ -59,8 +59,9 @@ impl Server {
             .args(&storage)
             .args(extra)
             .envs(test_storage::storage_env())
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            // After the default, so a test may raise the log level.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
