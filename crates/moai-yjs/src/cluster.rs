@@ -23,6 +23,9 @@ pub const STATE: u8 = b's';
 /// "Announce your clients' presence": sent after a resync, when this instance may have lost
 /// track of the others' presence (they may have expired it too).
 pub const ASK_PRESENCE: u8 = b'p';
+/// A Hocuspocus stateless message (its UTF-8 payload) for the document's Hocuspocus
+/// connections on the other instances.
+pub const STATELESS: u8 = b'x';
 
 /// How two snapshots of one document differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,7 +45,7 @@ pub(crate) fn compare(ours: &Snapshot, theirs: &Snapshot) -> Difference {
 }
 
 /// Whether every deleted range of `inner` is also deleted in `outer`.
-fn covers(outer: &IdSet, inner: &IdSet) -> bool {
+pub(crate) fn covers(outer: &IdSet, inner: &IdSet) -> bool {
     let mut by_client: HashMap<ClientID, Vec<Range<u32>>> = HashMap::new();
     for (client, ranges) in outer.iter() {
         let mut merged: Vec<Range<u32>> = ranges.iter().cloned().collect();

@@ -14,3 +14,19 @@ pub enum Access {
     /// Read and show presence; document updates from it are dropped (a read-only token).
     ReadOnly,
 }
+
+/// The protocol a connection speaks, which decides a few of the room's answers (the frames are
+/// y-websocket messages either way; the edge adds what its protocol needs around them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// y-websocket: the server's SyncStep1 on connect; a read-only connection's first update is
+    /// answered with y-protocols' permission-denied message.
+    #[default]
+    YWebsocket,
+    /// Hocuspocus (docs/protocols/hocuspocus.md): every client SyncStep1 is answered with
+    /// SyncStep2 and then the server's SyncStep1 (none on connect); every update and SyncStep2
+    /// is acknowledged with a sync-status message once durable (refused ones, e.g. from a
+    /// read-only connection, with `0`); stateless messages go to the document's other
+    /// Hocuspocus connections.
+    Hocuspocus,
+}

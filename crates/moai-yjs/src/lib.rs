@@ -6,6 +6,8 @@
 //! ordering contract that makes every update durable before it is broadcast).
 //!
 //! * [`protocol`] — frame codec (one message per frame) and [`KEEPALIVE_FRAME`].
+//! * [`hocuspocus`] — the Hocuspocus envelope (document address, auth, sync status) around the
+//!   same messages, for `@hocuspocus/provider` clients.
 //! * [`awareness`] — presence tracking with removal on disconnect and fast rejoin.
 //! * [`room`] — the per-document state machine.
 //! * [`load`] — rebuilding a document from snapshot + journal.
@@ -16,6 +18,7 @@ pub mod apply;
 pub mod awareness;
 pub mod cluster;
 pub mod conn;
+pub mod hocuspocus;
 mod lib0;
 pub mod load;
 pub mod plausible;
@@ -30,7 +33,7 @@ mod test_util;
 pub use apply::set_test_panic_marker;
 pub use apply::ApplyError;
 pub use awareness::{AwarenessEntry, AwarenessTracker, AwarenessUpdate};
-pub use conn::{Access, ConnId};
+pub use conn::{Access, ConnId, Dialect};
 pub use lib0::DecodeError;
 pub use load::{load_doc, load_room, LoadError};
 pub use plausible::Policy;

@@ -46,7 +46,8 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 use crate::apply::{apply_v1, contain, has_pending, ApplyError};
 use crate::awareness::{AwarenessTracker, AwarenessUpdate};
 use crate::cluster;
-use crate::conn::{Access, ConnId};
+use crate::conn::{Access, ConnId, Dialect};
+use crate::hocuspocus;
 use crate::plausible::Policy;
 use crate::protocol::{
     awareness_frame, permission_denied_frame, sync_step1_frame, sync_step2_frame, sync_update_frame, Message,
@@ -59,6 +60,10 @@ pub const READ_ONLY_REASON: &str = "read-only: document updates from this connec
 
 /// WebSocket close code for a frame we cannot parse as a y-websocket message.
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Largest stateless message (its payload) a Hocuspocus connection may send; each is copied
+/// to every other Hocuspocus connection of the document.
+pub const MAX_STATELESS_BYTES: usize = 64 * 1024;
+
 /// WebSocket close code for a message over a limit (an awareness state too large, too many
 /// awareness client ids on one connection).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -143,6 +148,8 @@ pub struct Room {
     conns: BTreeSet<ConnId>,
     /// Read-only connections, each with whether it was already told its updates are dropped.
     read_only: BTreeMap<ConnId, bool>,
+    /// Connections that speak Hocuspocus ([`Dialect::Hocuspocus`]).
+    hocuspocus: BTreeSet<ConnId>,
     /// Per connection, the last full-state answers it got: (hash of the SyncStep1 state vector,
     /// document version) and the awareness version. A repeated request that would get the same
     /// answer again gets an empty one instead: a 4-byte SyncStep1 or a 1-byte QueryAwareness
@@ -221,6 +228,7 @@ impl Room {
             awareness: AwarenessTracker::default(),
             conns: BTreeSet::new(),
             read_only: BTreeMap::new(),
+            hocuspocus: BTreeSet::new(),
             answered: BTreeMap::new(),
             doc_version: 0,
             awareness_version: 0,
@@ -278,9 +286,17 @@ impl Room {
     /// applied, persisted or broadcast. The first one it sends is answered with a
     /// permission-denied auth message ([`READ_ONLY_REASON`]).
     pub fn connect_with(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
+        self.connect_as(conn, access, Dialect::YWebsocket)
+    }
+
+    /// [`Room::connect_with`] for a connection that speaks `dialect`. A Hocuspocus connection
+    /// gets no SyncStep1 on connect (its client starts with its own SyncStep1, answered with
+    /// SyncStep2 and SyncStep1), gets a sync-status acknowledgement for every update it sends,
+    /// and may send stateless messages ([`Dialect::Hocuspocus`], docs/protocols/hocuspocus.md).
+    pub fn connect_as(&mut self, conn: ConnId, access: Access, dialect: Dialect) -> Result<Vec<Action>, RoomError> {
         self.not_poisoned()?;
-        let result =
-            contain(|| self.connect_with_unguarded(conn, access)).unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
+        let result = contain(|| self.connect_with_unguarded(conn, access, dialect))
+            .unwrap_or_else(|why| Err(RoomError::Poisoned(why)));
         self.note(result)
     }
 
@@ -300,14 +316,27 @@ impl Room {
         result
     }
 
-    fn connect_with_unguarded(&mut self, conn: ConnId, access: Access) -> Result<Vec<Action>, RoomError> {
-        let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
+    fn connect_with_unguarded(
+        &mut self,
+        conn: ConnId,
+        access: Access,
+        dialect: Dialect,
+    ) -> Result<Vec<Action>, RoomError> {
+        let mut actions = Vec::new();
+        match dialect {
+            Dialect::YWebsocket => {
+                let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
+                actions.push(Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) });
+            }
+            Dialect::Hocuspocus => {
+                self.hocuspocus.insert(conn);
+            }
+        }
         self.conns.insert(conn);
         if access == Access::ReadOnly {
             self.read_only.insert(conn, false);
         }
         self.awareness.add_connection(conn);
-        let mut actions = vec![Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) }];
         if let Some(all) = self.awareness.all_states() {
             actions.push(Action::Send { conn, frame: awareness_frame(&all.encode()) });
         }
@@ -321,6 +350,7 @@ impl Room {
             return Vec::new();
         }
         self.read_only.remove(&conn);
+        self.hocuspocus.remove(&conn);
         self.answered.remove(&conn);
         match self.awareness.remove_connection(conn) {
             Some(removed) => {
@@ -351,6 +381,17 @@ impl Room {
             return Err(RoomError::UnknownConnection(conn));
         }
         let mut actions = Vec::new();
+        if self.hocuspocus.contains(&conn) {
+            if let Some(payload) = hocuspocus::stateless_payload(frame) {
+                match payload {
+                    Ok(payload) => self.stateless(conn, payload, &mut actions),
+                    Err(e) => {
+                        self.reject(conn, format!("malformed stateless message: {e}"), &mut actions);
+                    }
+                }
+                return Ok(actions);
+            }
+        }
         for message in MessageReader::new(frame) {
             let message = match message {
                 Ok(message) => message,
@@ -380,6 +421,7 @@ impl Room {
                     // costs nothing to make, so clients that wait for a reply still get one.
                     self.stats.coalesced_requests += 1;
                     actions.push(Action::Send { conn, frame: sync_step2_frame(EMPTY_UPDATE) });
+                    self.hocuspocus_step1(conn, actions)?;
                     return Ok(false);
                 }
                 answered.step1 = key;
@@ -390,13 +432,22 @@ impl Room {
                 };
                 let txn = self.doc.try_transact().map_err(|_| RoomError::Busy)?;
                 let update = txn.encode_state_as_update_v1(&sv);
+                drop(txn);
                 actions.push(Action::Send { conn, frame: sync_step2_frame(&update) });
+                self.hocuspocus_step1(conn, actions)?;
             }
-            Message::Sync(SyncMessage::Step2(_)) | Message::Sync(SyncMessage::Update(_))
+            Message::Sync(SyncMessage::Step2(update)) | Message::Sync(SyncMessage::Update(update))
                 if self.read_only.contains_key(&conn) =>
             {
                 self.stats.read_only_dropped += 1;
-                if let Some(told) = self.read_only.get_mut(&conn).filter(|told| !**told) {
+                if self.hocuspocus.contains(&conn) {
+                    // Hocuspocus tells a read-only client with the acknowledgement: `1` only for
+                    // a SyncStep2 that holds nothing the document lacks (the provider's answer to
+                    // our SyncStep1), so a read-only provider still becomes synced.
+                    let step2 = matches!(message, Message::Sync(SyncMessage::Step2(_)));
+                    let nothing_new = step2 && self.holds_nothing_new(update);
+                    actions.push(Action::Send { conn, frame: hocuspocus::sync_status_message(nothing_new) });
+                } else if let Some(told) = self.read_only.get_mut(&conn).filter(|told| !**told) {
                     *told = true;
                     actions.push(Action::Send { conn, frame: permission_denied_frame(READ_ONLY_REASON) });
                 }
@@ -410,14 +461,23 @@ impl Room {
                 } else if applied.error.is_none() {
                     self.stats.updates_without_effect += 1;
                 }
+                let hocuspocus = self.hocuspocus.contains(&conn);
                 match applied.error {
+                    // Acknowledged after the Persist above: the driver sends it once durable.
+                    None if hocuspocus => {
+                        actions.push(Action::Send { conn, frame: hocuspocus::sync_status_message(true) })
+                    }
                     None => {}
                     Some(ApplyError::Busy) => return Err(RoomError::Busy),
                     Some(ApplyError::Poisoned(why)) => return Err(RoomError::Poisoned(why)),
                     // Not applied; the sender answers our SyncStep1 with everything we lack,
-                    // this update's changes included (docs/protocols/yjs.md §3.5).
+                    // this update's changes included (docs/protocols/yjs.md §3.5). A Hocuspocus
+                    // client is told `0` for this one; the SyncStep2 it answers with is acked.
                     Some(ApplyError::Gap { .. }) => {
                         self.stats.gaps_asked += 1;
+                        if hocuspocus {
+                            actions.push(Action::Send { conn, frame: hocuspocus::sync_status_message(false) });
+                        }
                         let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
                         actions.push(Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) });
                     }
@@ -462,6 +522,51 @@ impl Room {
             Message::Unknown(_) => self.stats.unknown_messages += 1,
         }
         Ok(false)
+    }
+
+    /// A Hocuspocus client's SyncStep1 is answered with SyncStep2 and then our own SyncStep1:
+    /// its answer to that (a SyncStep2, acknowledged) is what its provider waits for to count
+    /// its changes as saved, also after `forceSync`.
+    fn hocuspocus_step1(&mut self, conn: ConnId, actions: &mut Vec<Action>) -> Result<(), RoomError> {
+        if self.hocuspocus.contains(&conn) {
+            let sv = self.doc.try_transact().map_err(|_| RoomError::Busy)?.state_vector();
+            actions.push(Action::Send { conn, frame: sync_step1_frame(&sv.encode_v1()) });
+        }
+        Ok(())
+    }
+
+    /// Whether `update` holds no struct and no deletion the document lacks (an invalid update
+    /// counts as holding something).
+    fn holds_nothing_new(&self, update: &[u8]) -> bool {
+        let check = || -> Option<bool> {
+            crate::plausible::update_v1_with(update, self.policy).ok()?;
+            let update = yrs::Update::decode_v1(update).ok()?;
+            let ours = self.doc.try_transact().ok()?.snapshot();
+            let inserted = update.insertions(true);
+            let structs_known =
+                inserted.iter().all(|(client, ranges)| ranges.iter().all(|r| r.end <= ours.state_map.get(client)));
+            Some(structs_known && cluster::covers(&ours.delete_set, update.delete_set()))
+        };
+        contain(check).ok().flatten().unwrap_or(false)
+    }
+
+    /// A stateless message from a Hocuspocus connection: sent on to the document's other
+    /// Hocuspocus connections (and, in a cluster, to the other instances'). moai runs no
+    /// application hooks, so this is its one meaning (docs/protocols/hocuspocus.md).
+    fn stateless(&mut self, conn: ConnId, payload: &str, actions: &mut Vec<Action>) {
+        if payload.len() > MAX_STATELESS_BYTES {
+            self.stats.rejected_frames += 1;
+            let reason = format!("stateless message over {MAX_STATELESS_BYTES} bytes");
+            actions.push(close(conn, CLOSE_POLICY, reason));
+            return;
+        }
+        let message = hocuspocus::stateless_message(payload);
+        for other in self.hocuspocus.iter().copied().filter(|c| *c != conn) {
+            actions.push(Action::Send { conn: other, frame: message.clone() });
+        }
+        if self.clustered {
+            actions.push(Action::Publish { kind: cluster::STATELESS, payload: payload.as_bytes().to_vec() });
+        }
     }
 
     fn reject(&mut self, conn: ConnId, reason: String, actions: &mut Vec<Action>) -> bool {
@@ -581,6 +686,15 @@ impl Room {
                     actions.push(Action::Publish { kind: cluster::STATE, payload: ours.encode_v1() });
                 }
             }
+            cluster::STATELESS => match std::str::from_utf8(payload) {
+                Ok(text) if text.len() <= MAX_STATELESS_BYTES => {
+                    let message = hocuspocus::stateless_message(text);
+                    for conn in self.hocuspocus.iter().copied() {
+                        actions.push(Action::Send { conn, frame: message.clone() });
+                    }
+                }
+                _ => self.stats.cluster_messages_refused += 1,
+            },
             cluster::ASK_PRESENCE => {
                 if let Some(states) = self.awareness.local_states() {
                     actions.push(Action::Publish { kind: cluster::AWARENESS, payload: states.encode() });

@@ -136,6 +136,29 @@ async fn nobody_sees_an_update_before_it_is_durable() {
     assert_eq!(journal.inner.load("d").await.unwrap().updates.len(), 1);
 }
 
+/// A Hocuspocus client is told its update is saved (sync status `1`) only once it is durable,
+/// like every other frame that follows a Persist.
+#[tokio::test]
+async fn a_hocuspocus_acknowledgement_waits_until_the_update_is_durable() {
+    use moai_yjs::hocuspocus::sync_status_message;
+    use moai_yjs::{Access, Dialect};
+    let journal = gated();
+    let svc = service(journal.clone(), YjsConfig::default());
+    let mut h = svc.join_with("d", Access::ReadWrite, Dialect::Hocuspocus).await.unwrap();
+    assert!(h.try_outbound().is_none(), "a Hocuspocus session gets no SyncStep1 on connect");
+    let inlet = h.inlet();
+    let writer = Doc::new();
+    assert!(inlet.receive(Bytes::from(sync_update_frame(&insert(&writer, "x")))).await);
+    journal.entered.notified().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(h.try_outbound().is_none(), "acknowledged before the update was durable");
+    journal.gate.add_permits(1);
+    assert_eq!(next(&mut h).await, Outbound::Frame(Bytes::from(sync_status_message(true))));
+    // Leaving through the inlet ends the session's outbound queue.
+    inlet.leave().await;
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), h.outbound()).await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn a_storage_failure_closes_the_document_and_loses_nothing_acknowledged() {
     let journal = gated();

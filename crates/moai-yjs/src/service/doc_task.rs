@@ -36,7 +36,7 @@ use super::session::SessionFlags;
 use super::stats::DocStats;
 use super::{Outbound, ServiceError, Unavailable, YjsConfig, YjsSession};
 use crate::room::{Action, RoomError};
-use crate::{load_room, Access, ConnId, LoadError, Room};
+use crate::{load_room, Access, ConnId, Dialect, LoadError, Room};
 
 /// Close code for "the server could not serve this document" (load or storage failure).
 const CLOSE_INTERNAL: u16 = 1011;
@@ -51,6 +51,7 @@ pub(crate) enum Reply<T> {
 pub(crate) enum Command {
     Join {
         access: Access,
+        dialect: Dialect,
         outbox: mpsc::Sender<Outbound>,
         outbound: Option<mpsc::Receiver<Outbound>>,
         reply: oneshot::Sender<Reply<YjsSession>>,
@@ -383,11 +384,11 @@ impl DocTask {
 
     fn handle(&mut self, cmd: Command, actions: &mut Vec<Action>, deferred: &mut Vec<Deferred>) {
         match cmd {
-            Command::Join { access, outbox, outbound, reply } => {
+            Command::Join { access, dialect, outbox, outbound, reply } => {
                 let conn = ConnId(self.next_conn);
                 self.next_conn += 1;
                 let Some(outbound) = outbound else { return };
-                match self.room.connect_with(conn, access) {
+                match self.room.connect_as(conn, access, dialect) {
                     Ok(connect_actions) => {
                         let flags = Arc::new(SessionFlags::default());
                         self.conns.insert(conn, Connection { outbox, flags: flags.clone() });

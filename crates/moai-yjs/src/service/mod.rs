@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use moai_storage::{DocJournal, StorageError};
 
-use crate::Access;
+use crate::{Access, Dialect};
 use thiserror::Error;
 
 pub use doc_task::DocLoadError;
-pub use session::{Outbound, YjsSession};
+pub use session::{Outbound, YjsInlet, YjsSession};
 pub use stats::{DocSummary, DocumentsOverview};
 
 use crate::room::RoomError;
@@ -135,13 +135,21 @@ impl YjsService {
     /// Connects a new socket to `doc_id`, loading the document if needed. The session's
     /// outbound queue already holds the server's SyncStep1 (and awareness states, if any).
     pub async fn join(&self, doc_id: &str) -> Result<YjsSession, ServiceError> {
-        self.registry.join(doc_id, Access::ReadWrite).await
+        self.registry.join(doc_id, Access::ReadWrite, Dialect::YWebsocket).await
     }
 
     /// [`YjsService::join`] with the connection's access: a read-only session loads, receives
     /// updates and shows presence, but its document updates are dropped ([`crate::Room::connect_with`]).
     pub async fn join_as(&self, doc_id: &str, access: Access) -> Result<YjsSession, ServiceError> {
-        self.registry.join(doc_id, access).await
+        self.registry.join(doc_id, access, Dialect::YWebsocket).await
+    }
+
+    /// [`YjsService::join_as`] for a socket that speaks `dialect` ([`crate::Room::connect_as`]):
+    /// a Hocuspocus session shares the document, its updates and its presence with y-websocket
+    /// sessions, but its outbound queue starts without the server's SyncStep1 (its client asks
+    /// first) and its updates are acknowledged once durable.
+    pub async fn join_with(&self, doc_id: &str, access: Access, dialect: Dialect) -> Result<YjsSession, ServiceError> {
+        self.registry.join(doc_id, access, dialect).await
     }
 
     /// The whole document as one Yjs v1 update.

@@ -15,7 +15,7 @@ use super::compactor::Compactor;
 use super::doc_task::{self, Command, Reply};
 use super::stats::{self, DocStats, DocumentsOverview};
 use super::{ServiceError, Unavailable, YjsConfig, YjsSession};
-use crate::Access;
+use crate::{Access, Dialect};
 
 /// How many times a caller re-resolves a document that was being evicted under it.
 const RETRIES: usize = 8;
@@ -126,11 +126,16 @@ impl Registry {
         Err(ServiceError::Unavailable(Unavailable::KeptClosing(doc_id.to_owned())))
     }
 
-    pub(crate) async fn join(self: &Arc<Self>, doc_id: &str, access: Access) -> Result<YjsSession, ServiceError> {
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        doc_id: &str,
+        access: Access,
+        dialect: Dialect,
+    ) -> Result<YjsSession, ServiceError> {
         let outbox_frames = self.config.outbox_frames;
         let make = move |reply| {
             let (outbox, outbound) = mpsc::channel(outbox_frames);
-            Command::Join { access, outbox, outbound: Some(outbound), reply }
+            Command::Join { access, dialect, outbox, outbound: Some(outbound), reply }
         };
         self.request(doc_id, make).await
     }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, Semaphore};
@@ -48,10 +49,18 @@ impl YjsSession {
     /// slows down reading from this socket instead of growing memory. Returns false if the
     /// document is gone (the outbound queue then says why).
     pub async fn receive(&self, frame: Bytes) -> bool {
-        // A frame larger than the whole budget takes all of it (and waits for it).
-        let want = frame.len().clamp(1, super::doc_task::MAX_INBOUND_PERMITS) as u32;
-        let Ok(budget) = self.inbound.clone().acquire_many_owned(want).await else { return false };
-        self.commands.send(Command::Frame { conn: self.conn, frame, budget }).await.is_ok()
+        send_frame(self.conn, &self.commands, &self.inbound, frame).await
+    }
+
+    /// A handle that hands frames to the document for this session, for an edge that keeps the
+    /// session itself where it waits for outbound frames (one socket serving several documents).
+    pub fn inlet(&self) -> YjsInlet {
+        YjsInlet { conn: self.conn, commands: self.commands.clone(), inbound: self.inbound.clone() }
+    }
+
+    /// [`YjsSession::outbound`] as a poll, for an edge that waits on many sessions at once.
+    pub fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
+        self.outbound.poll_recv(cx).map(|out| self.taken(out))
     }
 
     /// The next thing to write to the socket. `None` means the document dropped this session:
@@ -84,6 +93,33 @@ impl YjsSession {
         self.left = true;
         let _ = self.commands.send(Command::Leave { conn: self.conn }).await;
     }
+}
+
+/// The way in of a [`YjsSession`] ([`YjsSession::inlet`]). Cheap to clone.
+#[derive(Clone)]
+pub struct YjsInlet {
+    conn: ConnId,
+    commands: mpsc::Sender<Command>,
+    inbound: Arc<Semaphore>,
+}
+
+impl YjsInlet {
+    /// [`YjsSession::receive`]. Cancel-safe: a call that has not returned has handed nothing over.
+    pub async fn receive(&self, frame: Bytes) -> bool {
+        send_frame(self.conn, &self.commands, &self.inbound, frame).await
+    }
+
+    /// Leaves the document, like [`YjsSession::leave`]; the session's outbound queue then ends.
+    pub async fn leave(&self) {
+        let _ = self.commands.send(Command::Leave { conn: self.conn }).await;
+    }
+}
+
+async fn send_frame(conn: ConnId, commands: &mpsc::Sender<Command>, inbound: &Arc<Semaphore>, frame: Bytes) -> bool {
+    // A frame larger than the whole budget takes all of it (and waits for it).
+    let want = frame.len().clamp(1, super::doc_task::MAX_INBOUND_PERMITS) as u32;
+    let Ok(budget) = inbound.clone().acquire_many_owned(want).await else { return false };
+    commands.send(Command::Frame { conn, frame, budget }).await.is_ok()
 }
 
 impl Drop for YjsSession {
