@@ -269,7 +269,9 @@ impl Passthrough {
                 Seen::Done => {
                     out.extend_from_slice(&event);
                     self.done = true;
-                    self.response = None;
+                    if let Some(response) = self.response.take() {
+                        drain(response);
+                    }
                     self.tally.finish(None);
                     break;
                 }
@@ -323,5 +325,16 @@ impl Passthrough {
         self.response = None;
         self.tally.finish(Some(kind));
         error_event(message, kind.as_str())
+    }
+}
+
+/// Reads what is left of an answer after `[DONE]` (normally only the end of the chunked body),
+/// so its connection goes back to the pool instead of being closed; gives up after a second.
+fn drain(mut response: reqwest::Response) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let rest = async { while let Ok(Some(_)) = response.chunk().await {} };
+            let _ = timeout(Duration::from_secs(1), rest).await;
+        });
     }
 }

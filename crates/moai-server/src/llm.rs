@@ -443,13 +443,18 @@ fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
     }
 }
 
-/// `250ms`, `2s`, `1.5s`.
+/// `250ms`, `2s`, `1.5s`: whole milliseconds, rounded up (a reset is never told too early).
 fn format_reset(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        return format!("{}ms", d.as_millis());
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms < 1000 {
+        return format!("{ms}ms");
     }
-    let secs = format!("{:.3}", d.as_secs_f64());
-    format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
+    let (secs, frac) = (ms / 1000, ms % 1000);
+    if frac == 0 {
+        return format!("{secs}s");
+    }
+    let frac = format!("{frac:03}");
+    format!("{secs}.{}s", frac.trim_end_matches('0'))
 }
 
 #[cfg(test)]
@@ -475,6 +480,8 @@ mod tests {
         assert_eq!(format_reset(Duration::from_secs(2)), "2s");
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_micros(59_999_500)), "60s");
+        assert_eq!(format_reset(Duration::from_micros(1_020_001)), "1.021s");
+        assert_eq!(format_reset(Duration::from_micros(999_001)), "1s");
     }
 
     #[test]

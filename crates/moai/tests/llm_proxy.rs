@@ -537,6 +537,23 @@ async fn a_silent_upstream_times_out_before_and_after_the_first_byte() {
     assert_eq!(fake.event(T).await, Some("closed"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_at_shutdown_ends_with_an_error_event() {
+    let fake = Fake::start().await;
+    let mut server = moai(&fake, &[]);
+    // (A signal during initialisation exits at once, without the graceful shutdown.)
+    tokio::task::block_in_place(|| server.wait_ready());
+    let mut reply =
+        chat(&server, Some(&token_for("fay")), request(json!({ "stream": true, "x_scenario": "hold" }))).await;
+    reply.next_data(T).await.expect("first chunk");
+    server.signal("TERM");
+    let text = reply.text().await;
+    assert_eq!(error_event(&text)["error"]["code"], "shutting_down", "{text}");
+    assert_eq!(fake.event(T).await, Some("closed"));
+    let status = tokio::task::block_in_place(|| server.wait_exit(T)).expect("moai exits");
+    assert!(status.success(), "{status:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Limits
 
