@@ -73,6 +73,23 @@ impl Role {
         })
     }
 
+    /// The role as cojson writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Manager => "manager",
+            Role::Writer => "writer",
+            Role::Reader => "reader",
+            Role::WriteOnly => "writeOnly",
+            Role::Revoked => "revoked",
+            Role::AdminInvite => "adminInvite",
+            Role::ManagerInvite => "managerInvite",
+            Role::WriterInvite => "writerInvite",
+            Role::ReaderInvite => "readerInvite",
+            Role::WriteOnlyInvite => "writeOnlyInvite",
+        }
+    }
+
     /// `isInheritableRole`.
     fn inheritable(self) -> bool {
         matches!(self, Role::Revoked | Role::Admin | Role::Manager | Role::Writer | Role::Reader)

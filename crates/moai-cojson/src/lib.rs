@@ -1,4 +1,5 @@
-//! Sans-IO core of moai's CoJSON (Jazz 0.20.x) sync server, relay role.
+//! Sans-IO core of moai's CoJSON (Jazz 0.20.x) sync server: the relay role, and the participant
+//! role (an account of the server's own, `participant/`).
 //!
 //! No sockets, clocks or storage live in the core: the server edge feeds parsed frames in and
 //! carries actions out. The wire formats and verification are the foundation; [`Relay`] is the
@@ -49,5 +50,12 @@ pub use persistence::StoredKnown;
 /// relay directly, without storage or sockets.
 pub use relay::{Action, Event, PeerId, Relay};
 
-/// Participant mode (docs/protocols/cojson-participant.md): the server's own cojson identity.
-pub use participant::{AgentIdentity, IdentityError};
+/// A member's role in a group, as [`Participant::add_member`] and [`Participant::role_of`] use it.
+pub use group_roles::Role;
+/// Participant mode (docs/protocols/cojson-participant.md): the server's own cojson identity
+/// (`PEER_ID`/`PEER_SECRET`) and the sans-IO [`Participant`] that writes and reads content under
+/// it, with time and randomness ([`Entropy`]) as inputs.
+pub use participant::{
+    AccountBootstrap, AgentIdentity, Entropy, EntropyError, IdentityError, IngestReport, Participant, ParticipantError,
+    WritePrivacy,
+};

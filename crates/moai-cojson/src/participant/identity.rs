@@ -132,17 +132,14 @@ impl AgentIdentity {
         }
     }
 
-    #[allow(dead_code)] // used by the session writer (next slice) and tests
     pub(crate) fn secret(&self) -> &AgentSecret {
         &self.secret
     }
 
-    #[allow(dead_code)] // used by the session writer (next slice)
     pub(crate) fn agent(&self) -> &AgentId {
         &self.agent
     }
 
-    #[allow(dead_code)] // used by the session writer (next slice)
     pub(crate) fn account(&self) -> &CoId {
         &self.account
     }

@@ -2,8 +2,8 @@
 //! a relay (docs/protocols/cojson-participant.md).
 //!
 //! Sans-IO like the rest of the crate: no sockets, clocks or storage. Time (`now`, epoch
-//! milliseconds) and randomness ([`Entropy`]) are inputs, content comes in as verified
-//! `content` messages and goes out as `content` messages the relay accepts.
+//! milliseconds) and randomness ([`Entropy`]) are inputs, content comes in as `content` messages
+//! (verified like the relay verifies them) and goes out as `content` messages the relay accepts.
 //!
 //! One concept per file:
 //! * `encoding`: `keySecret_z`/`key_z`, base64url `_U` values, nonces;
@@ -13,27 +13,40 @@
 //! * `changes`: CoMap ops and the exact `changes` text;
 //! * `clock`: `createdAt` text and the `madeAt` stamp of writes;
 //! * `entropy`: randomness as an input;
-//! * `session_writer`: one signed transaction in our own session.
+//! * `session_writer`: one signed transaction in our own session;
+//! * `store`: the CoValues we know, verified;
+//! * `group_view`: a group's valid transactions and roles (with parents);
+//! * `read_key`: finding a read key's secret;
+//! * `node`: the [`Participant`] itself; `account`, `group_ops`, `map_ops`: what it writes;
+//! * `error`: [`ParticipantError`].
 
-// The primitives are used by the writer and the read path, which follow in this module; until
-// then only tests call them.
+mod account;
+// Map ops are parsed by the CoMap reader, which follows in the next change.
 #[allow(dead_code)]
 mod changes;
-#[allow(dead_code)]
 mod cipher;
-#[allow(dead_code)]
 mod clock;
-#[allow(dead_code)]
 mod encoding;
-#[allow(dead_code)]
 mod entropy;
+mod error;
+mod group_ops;
+mod group_view;
 mod identity;
-#[allow(dead_code)]
+mod map_ops;
+mod node;
+mod read_key;
 mod seal;
-#[allow(dead_code)]
 mod session_writer;
+mod store;
 
+#[cfg(test)]
+mod scenario_tests;
 #[cfg(test)]
 mod vectors_tests;
 
+pub use account::AccountBootstrap;
+pub use entropy::{Entropy, EntropyError};
+pub use error::ParticipantError;
 pub use identity::{AgentIdentity, IdentityError};
+pub use node::{Participant, WritePrivacy};
+pub use store::IngestReport;

@@ -37,8 +37,12 @@ pub enum TxPrivacy<'a> {
 pub struct WrittenTx {
     /// The transaction object as sent (`privacy`, `madeAt`, then its payload fields).
     pub tx: Value,
+    // The canonical text and the hash are what the vectors pin; the participant itself only
+    // needs the object and the signature.
+    #[allow(dead_code)]
     pub canonical: CanonicalTransaction,
     /// Session hash after this transaction.
+    #[allow(dead_code)]
     pub hash: Hash,
     /// Signature over that hash; the last one of a batch goes out as `lastSignature`.
     pub signature: Signature,

@@ -383,3 +383,54 @@ fn writer_reproduces_the_humans_cojson_content_and_the_early_write() {
         check_message_rewritten(&v, &server(), message);
     }
 }
+
+#[test]
+fn headers_stable_json_and_ids() {
+    use crate::crypto::id_for_header;
+    let v = vectors();
+    let mut covalues: Vec<&Value> =
+        ["account", "profileGroup", "profile"].iter().map(|n| &v["accountCreation"]["coValues"][n]).collect();
+    covalues.push(&v["serverGroupAndMap"]["group"]);
+    covalues.push(&v["serverGroupAndMap"]["map"]);
+    for c in covalues {
+        assert_eq!(stable_stringify(&c["header"]), s(c, "headerStable"));
+        assert_eq!(id_for_header(&c["header"]).as_str(), s(c, "id"));
+    }
+    // The created-at text is the fixed clock's, as Date.toISOString writes it.
+    let inputs = &v["accountCreation"]["inputs"];
+    let made_at = inputs["madeAt"].as_u64().unwrap();
+    assert_eq!(super::clock::iso_timestamp(made_at).unwrap(), s(inputs, "createdAt"));
+    let session_random = unhex(s(inputs, "sessionRandomHex"));
+    assert_eq!(
+        s(&v["accountCreation"], "sessionID"),
+        format!("{}_session_z{}", s(&v["accountCreation"], "accountID"), bs58::encode(session_random).into_string())
+    );
+}
+
+#[test]
+fn private_transaction_through_the_writer() {
+    use super::session_writer::{SessionWriter, TxPrivacy};
+    use crate::ids::{CoId, SessionId};
+    use crate::transaction_hash::SessionHasher;
+    let v = vectors();
+    let p = &v["privateTransaction"];
+    let co = CoId::parse(s(p, "coID")).unwrap();
+    let session = SessionId::parse(s(p, "sessionID")).unwrap();
+    let server = server();
+    let writer = SessionWriter { co_id: &co, session: &session, signer: &server.secret().signer };
+    // The session's first two transactions in M1, then this one at index 2.
+    let entries = v["serverGroupAndMap"]["map"]["sessions"][s(p, "sessionID")].as_array().unwrap();
+    let mut hasher = SessionHasher::new();
+    hasher.update(s(&entries[0], "txJson"));
+    hasher.update(s(&entries[1], "txJson"));
+    assert_eq!(hasher.count(), p["txIndex"].as_u64().unwrap());
+    let key_id = KeyId::parse(s(p, "keyID")).unwrap();
+    let key = KeySecret::parse(s(p, "keySecret")).unwrap();
+    let made_at = p["transaction"]["madeAt"].as_u64().unwrap();
+    let written = writer
+        .write(&mut hasher, s(p, "plaintext"), TxPrivacy::Private { key_id: &key_id, key: &key }, made_at)
+        .unwrap();
+    assert_eq!(written.tx.to_string(), p["transaction"].to_string());
+    assert_eq!(written.canonical.json, s(p, "txJson"));
+    assert_eq!(written.signature.to_z_string(), s(&entries[2], "signatureAfter"));
+}
