@@ -16,7 +16,9 @@ pub(crate) fn error_response(status: StatusCode, error: &str) -> Response {
 }
 
 /// Rewrites error responses that are not JSON into the JSON error shape, keeping their status
-/// and headers (Retry-After, Allow, …).
+/// and headers (Retry-After, Allow, …). The one exception is a page's own HTML answer to a
+/// browser (the dashboard's login form on 401; `pages::html::wants_html`): other clients of the
+/// same paths get JSON.
 pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status();
@@ -25,7 +27,12 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    let is_page = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json || is_page {
         return resp;
     }
     let message = match status {

@@ -38,6 +38,8 @@ pub struct AppState {
     pub capture: Option<Arc<crate::capture::FrameCapture>>,
     /// The cluster bus, when this instance is one of several (`--redis-url`): /health reports it.
     pub cluster: Option<moai_cluster::Bus>,
+    /// The dashboard (off unless `--admin-token` is set; docs/dashboard.md).
+    pub dashboard: Arc<crate::Dashboard>,
     /// The LLM proxy (off unless configured; docs/llm-proxy.md).
     pub llm: crate::llm::LlmService,
 }
@@ -58,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::pages::routes(&state))
         .merge(engines)
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "Not Found") })
         // The extractors' own body limit (2 MB by default) must not undercut --max-body-bytes.

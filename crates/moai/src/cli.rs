@@ -117,6 +117,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MOAI_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
+    /// Token that opens the dashboard (/dashboard: live connections, documents, storage, change
+    /// feed; docs/dashboard.md), by `Authorization: Bearer …` or the page's sign-in form. Unset:
+    /// the dashboard is off (404).
+    #[arg(long, env = "MOAI_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// WebSocket ping interval of every endpoint; a socket that misses two pongs is closed.
     /// (`--yjs-ping-interval`, its name before it applied to every endpoint, still works.)
     #[arg(long, alias = "yjs-ping-interval", env = "MOAI_PING_INTERVAL", default_value = "30s", value_parser = units::duration)]
@@ -197,6 +203,7 @@ pub struct ServeArgs {
     /// Webhooks: longest an id that keeps changing waits to be reported.
     #[arg(long, env = "MOAI_WEBHOOK_MAX_WAIT", default_value = "10s", value_parser = units::duration)]
     pub webhook_max_wait: Duration,
+
     /// Test hook, debug builds only: the first cluster publication containing this text is
     /// dropped, as if the bus had lost it (tests of the repair).
     #[cfg(debug_assertions)]

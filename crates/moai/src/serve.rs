@@ -96,6 +96,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Arc::new(moai_server::capture::FrameCapture::new(dir))
         }),
         cluster: cluster.clone(),
+        dashboard: moai_server::Dashboard::new(moai_server::AdminToken::new(args.admin_token.as_deref())),
         llm,
     };
     let app = moai_server::router(state);
