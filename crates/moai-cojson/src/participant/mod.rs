@@ -17,12 +17,11 @@
 //! * `store`: the CoValues we know, verified;
 //! * `group_view`: a group's valid transactions and roles (with parents);
 //! * `read_key`: finding a read key's secret;
+//! * `map_view`: a CoMap's value;
 //! * `node`: the [`Participant`] itself; `account`, `group_ops`, `map_ops`: what it writes;
 //! * `error`: [`ParticipantError`].
 
 mod account;
-// Map ops are parsed by the CoMap reader, which follows in the next change.
-#[allow(dead_code)]
 mod changes;
 mod cipher;
 mod clock;
@@ -33,12 +32,15 @@ mod group_ops;
 mod group_view;
 mod identity;
 mod map_ops;
+mod map_view;
 mod node;
 mod read_key;
 mod seal;
 mod session_writer;
 mod store;
 
+#[cfg(test)]
+mod read_tests;
 #[cfg(test)]
 mod scenario_tests;
 #[cfg(test)]

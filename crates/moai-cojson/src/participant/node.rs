@@ -11,6 +11,7 @@ use super::clock::stamp;
 use super::error::ParticipantError;
 use super::group_view::{tx_made_at, GroupView};
 use super::identity::AgentIdentity;
+use super::map_view::{read_value, MapReadError};
 use super::read_key::Reader;
 use super::session_writer::{SessionWriter, TxPrivacy, WrittenTx};
 use super::store::{IngestReport, Store};
@@ -140,6 +141,17 @@ impl Participant {
             }));
         }
         out
+    }
+
+    /// The value of a CoMap as this account reads it (for a group or account: its valid sets).
+    pub fn read(&self, id: &str) -> Result<Map<String, Value>, ParticipantError> {
+        let id = parse_id(id)?;
+        let state = self.state(&id)?;
+        let reader = self.reader();
+        read_value(&reader, state).map_err(|e| match e {
+            MapReadError::OwnerUnavailable(g) => ParticipantError::UnknownCoValue(g.to_string()),
+            MapReadError::NotAComap => ParticipantError::NotAMap(id.to_string()),
+        })
     }
 
     /// `member`'s current role in `group` (direct, through parents, or `everyone`'s).

@@ -9,7 +9,7 @@ use super::vectors_tests::{s, vectors};
 use super::{AccountBootstrap, AgentIdentity, IngestReport, Participant, ParticipantError, WritePrivacy};
 use crate::group_roles::Role;
 use crate::message::SyncMessage;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 const ACCOUNT_MADE_AT: u64 = 1_767_225_600_000;
 const G1_MADE_AT: u64 = 1_767_225_660_000;
@@ -45,6 +45,10 @@ fn same_bytes(ours: &SyncMessage, theirs: &Value) {
     assert_eq!(ours.to_json(), serde_json::to_string(theirs).unwrap());
 }
 
+fn object(v: &Value) -> Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
 /// The server after creating its account as in `accountCreation`, with the messages it sent.
 fn server_with_account(v: &Value) -> (Participant, Vec<SyncMessage>) {
     let (mut server, mut entropy) = participant(v, "server", 1);
@@ -69,16 +73,28 @@ fn account_creation_content_is_cojsons() {
         same_bytes(ours, theirs);
     }
     assert!(!server.has_pending_content());
+    // The account's agent-form session holds the account's own transactions.
+    let account = server.read(s(ac, "accountID")).unwrap();
+    let agent = server.identity().agent_id().to_string();
+    assert_eq!(account[&agent], "admin");
+    assert_eq!(account["readKey"], ac["inputs"]["accountReadKey"]["id"]);
+    assert_eq!(account["profile"], ac["coValues"]["profile"]["id"]);
+    let profile_id = s(&ac["coValues"]["profile"], "id");
+    assert_eq!(server.read(profile_id).unwrap()["name"], ac["inputs"]["profileName"]);
+    // Public profile: everyone reads it.
+    let group = server.read(s(&ac["coValues"]["profileGroup"], "id")).unwrap();
+    assert_eq!(group["everyone"], "reader");
     // A second bootstrap has nothing to do.
     let mut entropy = VectorEntropy { next_k: 100 };
     assert_eq!(server.bootstrap_account("x", ACCOUNT_MADE_AT + 1, &mut entropy), Ok(AccountBootstrap::Complete));
     assert!(!server.has_pending_content());
 
-    // Another node accepts the three messages; the profile group is public.
+    // Another node that receives the three messages reads the name: the key is public.
     let (mut human, _) = participant(&v, "human", 8);
     for m in &msgs {
         ingest_ok(&mut human, m);
     }
+    assert_eq!(human.read(profile_id).unwrap()["name"], ac["inputs"]["profileName"]);
     assert_eq!(
         human.role_of(s(&ac["coValues"]["profileGroup"], "id"), human.identity().account_id()),
         Ok(Some(Role::Reader))
@@ -105,6 +121,8 @@ fn a_stored_account_without_profile_gets_one() {
     let msgs = server.take_content();
     assert_eq!(msgs.len(), 3, "account (profile link), profile group, profile");
     let account_id = s(ac, "accountID");
+    let profile = server.read(account_id).unwrap()["profile"].as_str().unwrap().to_string();
+    assert_eq!(server.read(&profile).unwrap()["name"], "Again");
     // The link is in this process's (new) agent-form session; a client accepts it.
     let SyncMessage::Content(link) = &msgs[0] else { panic!("content") };
     assert_eq!(link.id.as_str(), account_id);
@@ -114,6 +132,8 @@ fn a_stored_account_without_profile_gets_one() {
     for m in &msgs {
         ingest_ok(&mut human, m);
     }
+    assert_eq!(human.read(&profile).unwrap()["name"], "Again");
+    assert_eq!(human.read(account_id).unwrap()["profile"], json!(profile));
 }
 
 /// The server after `serverGroupAndMap` (before the rotation), with the human's account known.
@@ -172,10 +192,13 @@ fn server_group_and_map_content_and_views_are_cojsons() {
     // The reveal to the human is entry 5 of G1.
     let g1_entries = sg["group"]["sessions"].as_object().unwrap().values().next().unwrap();
     assert_eq!(g1_entries[5]["sealed"], sg["revealToHuman"]);
+    // The server reads its own map.
+    assert_eq!(server.read(&m1).unwrap(), object(&sg["humanView"]));
     assert_eq!(server.role_of(&g1, s(&v["agents"]["human"], "accountID")), Ok(Some(Role::Writer)));
 
-    // The human writes back as cojson did.
+    // The human reads what cojson's node read, then writes back as cojson did.
     let mut human = human_with(&v, &[&account_msgs, &msgs]);
+    assert_eq!(human.read(&m1).unwrap(), object(&sg["humanView"]));
     let wb = &sg["humanWriteBack"];
     let txs = wb["transactions"].as_array().unwrap();
     human
@@ -187,8 +210,9 @@ fn server_group_and_map_content_and_views_are_cojsons() {
     let (session, content) = &back_msg.new[0];
     assert_eq!(session, s(wb, "sessionID"));
     assert_eq!(content.new_transactions, *txs, "the human's transactions are cojson's");
-    // The server verifies them.
+    // The server verifies and decrypts them.
     ingest_ok(&mut server, &back[0]);
+    assert_eq!(server.read(&m1).unwrap(), object(&wb["decrypted"]));
 }
 
 #[test]
@@ -229,10 +253,20 @@ fn key_rotation_is_cojsons_and_locks_the_human_out_of_new_content_only() {
         );
         assert_eq!(content.last_signature, s(entries.last().unwrap(), "signatureAfter"));
     }
-    // The human has no role any more.
+    // keyRotation's key-for-key entry is in it.
+    let kfk = &v["keyRotation"]["keyForKey"];
+    assert_eq!(server.read(&g1).unwrap()[s(kfk, "field")], kfk["value"]);
+    assert_eq!(server.read(&g1).unwrap()["readKey"], v["keyRotation"]["newReadKey"]["id"]);
+
+    // The server reads everything, old values through the key-for-key entry included.
+    let mut all = object(&v["keyRotation"]["humanViewAfter"]);
+    all.insert("afterRotation".into(), json!("only the server can read this"));
+    assert_eq!(server.read(&m1).unwrap(), all);
+    // The human still reads the old values but not the new one, and has no role any more.
     for m in &rotation {
         ingest_ok(&mut human, m);
     }
+    assert_eq!(human.read(&m1).unwrap(), object(&v["keyRotation"]["humanViewAfter"]));
     assert_eq!(human.role_of(&g1, human_account), Ok(None));
     assert!(matches!(
         human.set(&m1, "late", json!(1), WritePrivacy::Trusting, ROTATION_MADE_AT + 10),
@@ -261,6 +295,7 @@ fn join_human_group_roles_key_map_and_the_servers_write() {
     for (member, role) in join["groupState"]["roles"].as_object().unwrap() {
         assert_eq!(server.role_of(g2, member).unwrap().map(Role::as_str), role.as_str(), "{member}");
     }
+    assert_eq!(server.read(g2).unwrap()["readKey"], join["groupState"]["readKey"]);
     // The key revealed to the server, unsealed with the revealer's (the human's) sealer.
     let rev = &join["revelationForServer"];
     {
@@ -281,6 +316,7 @@ fn join_human_group_roles_key_map_and_the_servers_write() {
         let key = reader.read_key(&g2_id, s(&join["groupState"], "readKey")).unwrap();
         assert_eq!(key.to_z_string(), s(rev, "unsealedKeySecret"));
     }
+    assert_eq!(server.read(m2).unwrap(), object(&join["decryptedMap"]));
 
     // The server's write, byte for byte.
     let entries = join["serverWrite"]["entries"].as_array().unwrap();
@@ -300,13 +336,14 @@ fn join_human_group_roles_key_map_and_the_servers_write() {
     assert_eq!(msgs.len(), 1);
     same_bytes(&msgs[0], &join["serverWrite"]["message"]);
 
-    // The human's node accepts it.
+    // The human's node shows it.
     let (mut human, _) = participant(&v, "human", 8);
     ingest_ok(&mut human, &account_header_message(&v, "server"));
     for m in join["groupContent"].as_array().unwrap().iter().chain(join["mapContent"].as_array().unwrap()) {
         ingest_ok(&mut human, &message(m));
     }
     ingest_ok(&mut human, &msgs[0]);
+    assert_eq!(human.read(m2).unwrap(), object(&join["humanViewAfterServerWrite"]));
 }
 
 #[test]
@@ -318,6 +355,8 @@ fn negative_early_write_is_stored_but_ignored_and_the_stamp_avoids_it() {
     // Accepted by sync: the signature is valid.
     let early = message(&join["negativeEarlyWrite"]["message"]);
     assert_eq!(ingest_ok(&mut server, &early).sessions_extended, 1);
+    // Ignored by the reader: the server was not a member 1 ms before it was added.
+    assert_eq!(server.read(m2).unwrap(), object(&join["decryptedMap"]));
     let early_at = join["negativeEarlyWrite"]["message"]["new"]["co_z59T41o3v8kmKGicaPBnmYXFskT_session_zEarlyWrite1"]
         ["newTransactions"][0]["madeAt"]
         .as_u64()
@@ -325,6 +364,9 @@ fn negative_early_write_is_stored_but_ignored_and_the_stamp_avoids_it() {
     // With the same lagging clock, this participant stamps after the human's newest write
     // (M2's last transaction, at +2 ms) and the write counts.
     server.set(m2, "onTime", json!(true), WritePrivacy::Trusting, early_at).unwrap();
+    let value = server.read(m2).unwrap();
+    assert_eq!(value["onTime"], json!(true));
+    assert!(!value.contains_key("tooEarly"));
     let msgs = server.take_content();
     let SyncMessage::Content(c) = &msgs[0] else { panic!("content") };
     assert_eq!(c.new[0].1.new_transactions[0]["madeAt"], json!(1_767_225_900_003u64));
@@ -338,8 +380,7 @@ fn negative_account_session_reads_as_empty() {
     // Stored and verified like any content…
     assert_eq!(ingest_ok(&mut server, &message(&neg["message"])).sessions_extended, 1);
     // …but none of it is valid: the account-form author has no role in itself.
-    assert_eq!(server.role_of(s(neg, "accountID"), s(neg, "accountID")), Ok(Some(Role::Admin)));
-    assert_eq!(server.role_of(s(neg, "accountID"), s(&neg["message"]["header"]["ruleset"], "initialAdmin")), Ok(None));
+    assert_eq!(server.read(s(neg, "accountID")).unwrap(), object(&neg["clientView"]));
 }
 
 #[test]
@@ -360,8 +401,8 @@ fn refusals_happen_before_writing() {
     ));
     // Nor write a CoMap into a group it cannot write (here: into a group, which is not a map).
     assert!(matches!(server.set(g2, "x", json!(1), WritePrivacy::Trusting, 1), Err(ParticipantError::NotAMap(_))));
-    assert!(matches!(server.role_of("nope", "x"), Err(ParticipantError::BadId(_))));
-    assert!(matches!(server.role_of("co_zUnknown", "x"), Err(ParticipantError::UnknownCoValue(_))));
+    assert!(matches!(server.read("nope"), Err(ParticipantError::BadId(_))));
+    assert!(matches!(server.read("co_zUnknown"), Err(ParticipantError::UnknownCoValue(_))));
     assert!(!server.has_pending_content());
 
     let (mut own, _) = server_with_account(&v);
