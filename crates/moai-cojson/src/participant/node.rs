@@ -41,6 +41,13 @@ struct Pending {
 }
 
 /// The server as a cojson participant.
+///
+/// How a host uses it: check the identity with [`AgentIdentity::from_env`]; make a
+/// `Participant` with 8 fresh random bytes; [`ingest`](Self::ingest) what storage holds of the
+/// account and of the CoValues to read or write, dependencies first (accounts, then groups, then
+/// what they own); [`bootstrap_account`](Self::bootstrap_account); then after every operation
+/// hand [`take_content`](Self::take_content) to the relay as if a client had sent it, and keep
+/// ingesting content that arrives from others.
 pub struct Participant {
     pub(super) identity: AgentIdentity,
     /// This process's session, account form (every CoValue but the account).

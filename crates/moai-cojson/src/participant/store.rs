@@ -14,7 +14,7 @@ use crate::message::ContentMessage;
 use crate::verify::{verify_content, ContentError, DeletePolicy, HeaderLookup};
 use std::collections::HashMap;
 
-/// What [`Store::ingest`] did with one content message.
+/// What ingesting one content message did (`Participant::ingest`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestReport {
     /// The header was new here.
