@@ -36,8 +36,8 @@ mod vectors_tests;
 // The engine, as moai-server's `/sync` edge and moai's `serve` use it.
 pub use relay::RelayConfig;
 pub use service::{
-    ping_frame, CojsonConfig, CojsonService, CojsonSession, CojsonStats, Outbound, Received, ServiceStopped,
-    PING_INTERVAL,
+    ping_frame, CojsonConfig, CojsonService, CojsonSession, CojsonStats, Outbound, ParticipantService,
+    ParticipantServiceError, ProfileView, Received, ServiceStopped, PING_INTERVAL,
 };
 
 /// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which decodes fuzzed frames

@@ -9,4 +9,6 @@ pub struct Engines {
     pub yjs: Option<moai_yjs::service::YjsService>,
     pub pgsync: Option<moai_pgsync::PgSync>,
     pub cojson: Option<moai_cojson::CojsonService>,
+    /// The server's own cojson account (participant mode; PEER_SECRET).
+    pub participant: Option<moai_cojson::ParticipantService>,
 }

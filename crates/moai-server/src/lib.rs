@@ -6,6 +6,7 @@
 //! shutdown ([`Shutdown`]). The engines are sans-IO or storage-backed libraries; this crate
 //! drives them and never the other way round.
 
+mod agent_api;
 pub mod auth;
 mod caller;
 pub mod capture;

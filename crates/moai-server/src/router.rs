@@ -14,7 +14,7 @@ use crate::gate::{require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
 use crate::http_error::{error_response, json_errors};
 use crate::quota::Quota;
-use crate::{cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use crate::{agent_api, cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
 /// ready gate, so a handler cannot use one before it exists.
@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
     let engines = Router::new()
         .merge(websocket)
         .route("/api/v1/docs/{doc}/update", get(yjs::get_update).post(yjs::post_update))
+        .route("/profile", get(agent_api::profile))
         .route_layer(from_fn_with_state(state.clone(), require_ready));
 
     Router::new()

@@ -48,6 +48,8 @@ pub enum Command {
     Restore(crate::backup::RestoreArgs),
     /// Yjs documents in and out of storage: export, import, list, stats.
     Doc(crate::doc::DocArgs),
+    /// Participant mode: make the server's own cojson identity (`moai agent generate`).
+    Agent(crate::agent::AgentArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -188,6 +190,18 @@ pub struct ServeArgs {
     /// The LLM proxy (off unless --llm-base-url or RED_PILL_API_KEY is set).
     #[command(flatten)]
     pub llm: crate::llm::LlmArgs,
+
+    /// Participant mode: the server's own cojson account id (`co_z…`), checked against
+    /// PEER_SECRET at start (`moai agent generate` makes both; docs/participant.md).
+    #[arg(long, env = "PEER_ID")]
+    pub peer_id: Option<String>,
+    /// Participant mode: the agent secret (`sealerSecret_z…/signerSecret_z…`). Unset: moai is a
+    /// pure relay.
+    #[arg(long, env = "PEER_SECRET", hide_env_values = true)]
+    pub peer_secret: Option<String>,
+    /// Participant mode: the profile name the server's account gets when it is created.
+    #[arg(long, env = "PEER_NAME", default_value = "moai")]
+    pub peer_name: String,
 
     /// Webhooks: POST a signed JSON event to this URL when a Yjs document or a CoValue is
     /// created or changed (debounced; retried with backoff; never blocking sync; docs/webhooks.md).

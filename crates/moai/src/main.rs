@@ -1,6 +1,7 @@
 //! The `moai` binary: command-line parsing and wiring. Everything with logic lives in the
 //! library crates; this file decides which command runs and turns errors into exit codes.
 
+mod agent;
 mod backup;
 mod cli;
 mod doc;
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
             Some(Command::Backup(args)) => tokio::task::spawn_blocking(move || backup::backup(args)).await?,
             Some(Command::Restore(args)) => tokio::task::spawn_blocking(move || backup::restore(args)).await?,
             Some(Command::Doc(args)) => doc::run(args).await,
+            Some(Command::Agent(args)) => agent::run(args),
         }
     });
     match result {

@@ -39,6 +39,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         moai_yjs::set_test_panic_marker(marker.into_bytes());
     }
     let started = Instant::now();
+    let identity = participant_identity(&args)?;
     let metrics = Metrics::new(VERSION);
     let readiness = Readiness::new();
     let shutdown = Shutdown::new();
@@ -103,7 +104,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
 
     let changes = start_webhooks(&args, &metrics, &shutdown, cluster.as_ref())?;
-    let init = initialise(&args, storage_health.clone(), cluster.clone(), changes);
+    let init = initialise(&args, storage_health.clone(), cluster.clone(), changes, identity);
     let running = tokio::select! {
         result = init => match result {
             Ok(running) => running,
@@ -150,6 +151,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
     }
+}
+
+/// The server's own cojson identity when PEER_SECRET is set (participant mode). A PEER_ID that is
+/// not the secret's account refuses the start: serving under the wrong identity would write
+/// content nobody can verify. The secret is never echoed.
+fn participant_identity(args: &ServeArgs) -> anyhow::Result<Option<moai_cojson::AgentIdentity>> {
+    let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+    let Some(secret) = given(&args.peer_secret) else {
+        if given(&args.peer_id).is_some() {
+            anyhow::bail!("PEER_ID is set without PEER_SECRET; set both (moai agent generate) or neither");
+        }
+        return Ok(None);
+    };
+    let identity = match given(&args.peer_id) {
+        Some(id) => moai_cojson::AgentIdentity::from_env(&id, &secret),
+        None => moai_cojson::AgentIdentity::from_secret(&secret),
+    }
+    .map_err(|e| anyhow::anyhow!("participant identity (PEER_ID/PEER_SECRET): {e}"))?;
+    tracing::info!(account = identity.account_id(), "participant identity checked");
+    Ok(Some(identity))
 }
 
 /// Starts the cluster bus when `--redis-url` is set. Several instances must share storage, so
@@ -205,6 +226,7 @@ async fn initialise(
     observer: Arc<StorageHealth>,
     cluster: Option<moai_cluster::Bus>,
     changes: Option<moai_storage::ChangeSink>,
+    identity: Option<moai_cojson::AgentIdentity>,
 ) -> anyhow::Result<Running> {
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
@@ -256,7 +278,17 @@ async fn initialise(
         Some(bus) => CojsonService::clustered(storage.covalues(), cojson_config, bus.clone()),
         None => CojsonService::new(storage.covalues(), cojson_config),
     };
-    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson) }, storage })
+    let participant = match identity {
+        Some(identity) => {
+            let p = moai_cojson::ParticipantService::start(&cojson, identity, &args.peer_name)
+                .await
+                .context("loading or creating the server's own account (PEER_ID/PEER_SECRET)")?;
+            tracing::info!(account = p.account_id(), "participant mode: the server's account is ready");
+            Some(p)
+        }
+        None => None,
+    };
+    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson), participant }, storage })
 }
 
 /// Starts the change feed and waits until it has caught up with the WAL that existed at start,

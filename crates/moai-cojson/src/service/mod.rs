@@ -16,6 +16,7 @@
 
 mod cluster_link;
 mod eviction;
+mod participant_task;
 mod ping;
 mod records;
 mod relay_task;
@@ -31,6 +32,7 @@ use moai_storage::CoValueStore;
 use tokio::sync::mpsc;
 
 pub use ping::{ping_frame, PING_INTERVAL};
+pub use participant_task::{ParticipantService, ParticipantServiceError, ProfileView};
 pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;
 

@@ -1,0 +1,298 @@
+//! The server's own account at work (participant mode, docs/participant.md): a task that holds
+//! the sans-IO [`Participant`] and talks to the relay as an in-process client, over an ordinary
+//! [`CojsonSession`]. So everything the server writes goes through the same verification,
+//! storage and fan-out as a client's content, and clients load the server's account like any
+//! other.
+//!
+//! How it knows a load or a write is complete, with the protocol alone: it sends `load` with
+//! the known state it has; the relay answers with content the task lacks, or with `known` when
+//! it lacks nothing. A `known` that the task's state covers means "in sync" (and, after a write,
+//! "durable": the relay acks only durable content).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use super::session::{CojsonSession, Outbound};
+use super::CojsonService;
+use crate::ids::CoId;
+use crate::known_state::KnownState;
+use crate::message::{parse_frame, Incoming, SyncMessage};
+use crate::participant::{AccountBootstrap, AgentIdentity, Entropy, EntropyError, Participant, ParticipantError};
+
+/// How long one sync exchange with the relay may take (a storage read, a durable write).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rounds of `load` one read may take (each brings content the task lacked).
+const MAX_ROUNDS: usize = 64;
+
+/// Why the server's account could not do something.
+#[derive(Debug, Error)]
+pub enum ParticipantServiceError {
+    #[error(transparent)]
+    Participant(#[from] ParticipantError),
+    #[error("no randomness from the operating system: {0}")]
+    Entropy(#[from] EntropyError),
+    /// The relay closed the in-process session (shutdown, storage failure).
+    #[error("the relay closed the participant's session: {0}")]
+    SessionClosed(String),
+    #[error("no answer from the relay about {0} within {1:?}")]
+    Timeout(String, Duration),
+    #[error("{0} is not stored")]
+    NotFound(String),
+    /// The participant task is gone (shutdown).
+    #[error("the participant is not running")]
+    Stopped,
+}
+
+/// What `GET /profile` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileView {
+    pub account_id: String,
+    pub profile_id: Option<String>,
+    pub profile_name: Option<String>,
+    pub session_id: String,
+    /// Whether this start created the account (or added its missing profile).
+    pub created: bool,
+}
+
+enum Command {
+    Profile(oneshot::Sender<Result<ProfileView, ParticipantServiceError>>),
+}
+
+/// Handle on the server's account. Cheap to clone.
+#[derive(Clone)]
+pub struct ParticipantService {
+    commands: mpsc::Sender<Command>,
+    account_id: String,
+}
+
+/// The operating system's CSPRNG.
+struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, dest: &mut [u8]) -> Result<(), EntropyError> {
+        getrandom::fill(dest).map_err(|e| EntropyError(e.to_string()))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ParticipantService {
+    /// Connects the account to `cojson`, loads it from storage, creates it (account, profile
+    /// group, profile named `name`) on first start or adds a missing profile, and waits until
+    /// that is durable. Fails if storage holds an account with this id for another agent.
+    pub async fn start(
+        cojson: &CojsonService,
+        identity: AgentIdentity,
+        name: &str,
+    ) -> Result<ParticipantService, ParticipantServiceError> {
+        let session = cojson.connect().await.map_err(|_| ParticipantServiceError::Stopped)?;
+        let mut random = [0u8; 8];
+        OsEntropy.fill(&mut random)?;
+        let account_id = identity.account_id().to_owned();
+        let mut task = ParticipantTask { participant: Participant::new(identity, random), session, known: HashMap::new() };
+        let account = CoId::parse(&account_id).map_err(|_| ParticipantServiceError::NotFound(account_id.clone()))?;
+        let stored = task.sync(&account).await?;
+        if stored {
+            // Its profile (and profile group) too, so the bootstrap can tell whether it exists.
+            if let Some(profile) = task.profile_id(&account_id) {
+                if let Ok(id) = CoId::parse(&profile) {
+                    task.sync(&id).await?;
+                }
+            }
+        }
+        let outcome = task.participant.bootstrap_account(name, now_ms(), &mut OsEntropy)?;
+        let created = !matches!(outcome, AccountBootstrap::Complete);
+        task.flush().await?;
+        let (commands, rx) = mpsc::channel(64);
+        tokio::spawn(task.run(rx, created));
+        Ok(ParticipantService { commands, account_id })
+    }
+
+    pub fn account_id(&self) -> &str {
+        &self.account_id
+    }
+
+    pub async fn profile(&self) -> Result<ProfileView, ParticipantServiceError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Profile(reply)).await.map_err(|_| ParticipantServiceError::Stopped)?;
+        answer.await.map_err(|_| ParticipantServiceError::Stopped)?
+    }
+}
+
+struct ParticipantTask {
+    participant: Participant,
+    session: CojsonSession,
+    /// What the task holds of each CoValue it has synced or written (its known state).
+    known: HashMap<CoId, KnownState>,
+}
+
+impl ParticipantTask {
+    async fn run(self, mut commands: mpsc::Receiver<Command>, created: bool) {
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                Command::Profile(reply) => {
+                    let account = self.participant.identity().account_id().to_owned();
+                    let profile_id = self.profile_id(&account);
+                    let profile_name = profile_id
+                        .as_deref()
+                        .and_then(|p| self.participant.read(p).ok())
+                        .and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned));
+                    let view = ProfileView {
+                        account_id: account,
+                        profile_id,
+                        profile_name,
+                        session_id: self.participant.session_id().to_owned(),
+                        created,
+                    };
+                    let _ = reply.send(Ok(view));
+                }
+            }
+        }
+        self.session.leave().await;
+    }
+
+    fn profile_id(&self, account: &str) -> Option<String> {
+        self.participant.read(account).ok()?.get("profile").and_then(Value::as_str).map(str::to_owned)
+    }
+
+    async fn send(&self, messages: &[SyncMessage]) -> Result<(), ParticipantServiceError> {
+        self.session
+            .receive(&messages.iter().map(SyncMessage::to_json).collect::<Vec<_>>().join("\n"))
+            .await
+            .map(|_| ())
+            .map_err(|_| ParticipantServiceError::SessionClosed("the relay stopped".into()))
+    }
+
+    /// The next message from the relay (pings skipped).
+    async fn next(&mut self, about: &CoId) -> Result<Vec<SyncMessage>, ParticipantServiceError> {
+        let out = tokio::time::timeout(EXCHANGE_TIMEOUT, self.session.outbound())
+            .await
+            .map_err(|_| ParticipantServiceError::Timeout(about.to_string(), EXCHANGE_TIMEOUT))?;
+        match out {
+            None => Err(ParticipantServiceError::SessionClosed("no reason given".into())),
+            Some(Outbound::Close { code, reason }) => Err(ParticipantServiceError::SessionClosed(format!("{code} {reason}"))),
+            Some(Outbound::Text(text)) => Ok(parse_frame(&text)
+                .into_iter()
+                .filter_map(|line| match line {
+                    Ok(Incoming::Sync(msg)) => Some(msg),
+                    _ => None,
+                })
+                .collect()),
+        }
+    }
+
+    fn known_of(&self, id: &CoId) -> KnownState {
+        self.known.get(id).cloned().unwrap_or_else(|| KnownState::empty(id.clone()))
+    }
+
+    /// Takes in one message from the relay: content goes into the participant.
+    fn absorb(&mut self, msg: &SyncMessage) -> Result<(), ParticipantServiceError> {
+        if let SyncMessage::Content(c) = msg {
+            let report = self.participant.ingest(msg)?;
+            if !report.rejected.is_empty() {
+                tracing::warn!(covalue = %c.id, rejected = ?report.rejected, "participant refused sessions of stored content");
+            }
+            let entry = self.known.entry(c.id.clone()).or_insert_with(|| KnownState::empty(c.id.clone()));
+            entry.header |= c.header.is_some();
+            for (key, s) in &c.new {
+                if let Ok(session) = crate::ids::SessionId::parse(key) {
+                    entry.raise(&session, s.after + s.new_transactions.len() as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings `id` (and what the relay sends first: its dependencies) in sync with the relay.
+    /// Returns whether the relay has it at all.
+    async fn sync(&mut self, id: &CoId) -> Result<bool, ParticipantServiceError> {
+        for _ in 0..MAX_ROUNDS {
+            let ours = self.known_of(id);
+            self.send(&[SyncMessage::Load(ours, Map::new())]).await?;
+            // Read until the relay said something about `id` itself.
+            loop {
+                let messages = self.next(id).await?;
+                let mut about_id = None;
+                for msg in &messages {
+                    self.absorb(msg)?;
+                    match msg {
+                        SyncMessage::Known(k) if &k.state.id == id => about_id = Some(Some(k.state.clone())),
+                        SyncMessage::Content(c) if &c.id == id => about_id = Some(None),
+                        _ => {}
+                    }
+                }
+                match about_id {
+                    // A `known`: in sync when we hold at least that much; absent when it has no header.
+                    Some(Some(theirs)) => {
+                        if !theirs.header {
+                            return Ok(false);
+                        }
+                        if theirs.missing_in(&self.known_of(id)).is_empty() {
+                            return Ok(true);
+                        }
+                        break; // ask again with what we have now
+                    }
+                    // Content: ask again, until the relay answers `known`.
+                    Some(None) => break,
+                    None => continue,
+                }
+            }
+        }
+        Err(ParticipantServiceError::Timeout(id.to_string(), EXCHANGE_TIMEOUT))
+    }
+
+    /// Hands what the participant wrote to the relay and waits until each CoValue is acked
+    /// (durable).
+    async fn flush(&mut self) -> Result<(), ParticipantServiceError> {
+        let messages = self.participant.take_content();
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut waiting: HashMap<CoId, KnownState> = HashMap::new();
+        for msg in &messages {
+            self.absorb_own(msg);
+            if let SyncMessage::Content(c) = msg {
+                waiting.insert(c.id.clone(), self.known_of(&c.id));
+            }
+        }
+        self.send(&messages).await?;
+        while let Some(about) = waiting.keys().next().cloned() {
+            for msg in self.next(&about).await? {
+                if let SyncMessage::Known(k) = &msg {
+                    if let Some(want) = waiting.get(&k.state.id) {
+                        if want.missing_in(&k.state).is_empty() {
+                            waiting.remove(&k.state.id);
+                        } else if k.is_correction {
+                            return Err(ParticipantServiceError::SessionClosed(format!(
+                                "the relay did not accept the server's content for {}",
+                                k.state.id
+                            )));
+                        }
+                    }
+                } else {
+                    self.absorb(&msg)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what we are about to send as held.
+    fn absorb_own(&mut self, msg: &SyncMessage) {
+        if let SyncMessage::Content(c) = msg {
+            let entry = self.known.entry(c.id.clone()).or_insert_with(|| KnownState::empty(c.id.clone()));
+            entry.header |= c.header.is_some();
+            for (key, s) in &c.new {
+                if let Ok(session) = crate::ids::SessionId::parse(key) {
+                    entry.raise(&session, s.after + s.new_transactions.len() as u64);
+                }
+            }
+        }
+    }
+}
