@@ -28,7 +28,7 @@ const ANIMALS = ['otter', 'heron', 'lynx', 'gecko', 'ibis', 'puffin', 'marten', 
 const params = new URLSearchParams(window.location.search)
 const room = (params.get('room') || 'main').replace(/[^A-Za-z0-9_.-]/g, '').slice(0, 64) || 'main'
 const docId = 'demo-' + room
-const [color, colorLight] = COLORS[Math.floor(Math.random() * COLORS.length)]
+let [color, colorLight] = COLORS[Math.floor(Math.random() * COLORS.length)]
 const name = (params.get('name') || ANIMALS[Math.floor(Math.random() * ANIMALS.length)]).slice(0, 32)
 const token = params.get('token')
 
@@ -72,8 +72,11 @@ const setStatus = (status) => {
 }
 provider.on('status', ({ status }) => setStatus(status))
 provider.on('sync', (synced) => { if (synced) setStatus('synced') })
-provider.on('connection-close', (event) => {
-  if (event && event.code >= 4400 && event.code < 4500) setStatus('refused (' + event.code + ': ' + (event.reason || 'token') + ')')
+// The server refused the connection for good (4401 no or bad token, 4403 not allowed, …):
+// y-websocket stops reconnecting; say why.
+provider.on('closed', ({ code, reason }) => {
+  setStatus('refused')
+  $('status').textContent = 'refused by the server (' + code + (reason ? ': ' + reason : '') + ')' + (token ? '' : '; add ?token=… to the address')
 })
 
 const renderPeople = () => {
@@ -91,7 +94,24 @@ const renderPeople = () => {
     list.append(li)
   })
 }
-provider.awareness.on('change', renderPeople)
+// Once we see who is here, take a colour nobody else has (if one is left). Of two with the same
+// colour, the one with the higher client id moves, so they never both move.
+const avoidTakenColour = () => {
+  const taken = new Set()
+  let clash = false
+  provider.awareness.getStates().forEach((state, clientId) => {
+    if (clientId === ydoc.clientID || !state.user) return
+    taken.add(state.user.color)
+    if (state.user.color === color && clientId < ydoc.clientID) clash = true
+  })
+  if (!clash) return
+  const free = COLORS.find(([c]) => !taken.has(c))
+  if (!free) return
+  ;[color, colorLight] = free
+  provider.awareness.setLocalStateField('user', { name, color, colorLight })
+  $('me').style.color = color
+}
+provider.awareness.on('change', () => { avoidTakenColour(); renderPeople() })
 renderPeople()
 
 // For whoever wants to poke at it from the console.

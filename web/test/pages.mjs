@@ -5,6 +5,7 @@
 //
 //   node web/test/pages.mjs --url http://127.0.0.1:4201 --admin-token TOKEN --version 0.1.0 \
 //     [--screenshots docs/images]
+//   node web/test/pages.mjs --url … --admin-token TOKEN --demo-token CONNECTION_TOKEN
 //
 // Checks, each step printed as one JSON line on stdout (exit 1 with the failing step):
 //   - / names the server, its version and its readiness;
@@ -14,7 +15,9 @@
 //     on what each types and see each other's cursor and name;
 //   - the signed-in dashboard shows the demo's document with its two clients, live (the page
 //     never reloads), and drops it once both tabs are gone and the document was evicted.
-// With --screenshots, docs/images/dashboard.png and demo.png are taken along the way.
+// With --screenshots, docs/images/dashboard.png and demo.png are taken along the way. With
+// --demo-token (a server with SYNC_SHARED_SECRET): the demo is refused without a token and
+// works with `?token=`.
 
 import { chromium } from 'playwright-core'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -54,6 +57,46 @@ const TIMEOUT = 20000
 
 let current = 'start'
 try {
+  if (args['demo-token']) await demoWithTokens(args['demo-token'])
+  else await allPages()
+} catch (e) {
+  fail(current, e)
+} finally {
+  await browser.close()
+  rmSync(profile, { recursive: true, force: true })
+}
+
+// On a server that requires connection tokens (SYNC_SHARED_SECRET): the demo without a token says
+// it was refused; with `?token=` two tabs edit together.
+async function demoWithTokens (demoToken) {
+  current = 'landing says tokens are required'
+  const ctx = await browser.newContext()
+  const page = await ctx.newPage()
+  await page.goto(base + '/')
+  expect((await page.textContent('dl.facts')).includes('connection tokens required'), 'auth not shown')
+  step(current)
+
+  current = 'demo without a token is refused'
+  await page.goto(base + '/demo?room=tokens&name=nobody')
+  await page.waitForFunction(() => document.querySelector('#status').textContent.startsWith('refused by the server (4401'), null, { timeout: TIMEOUT })
+  step(current, { status: await page.textContent('#status') })
+
+  current = 'demo with a token edits'
+  const other = await browser.newContext()
+  const tabs = [page, await other.newPage()]
+  for (const [p, name] of [[tabs[0], 'carol'], [tabs[1], 'dave']]) {
+    await p.goto(`${base}/demo?room=tokens&name=${name}&token=${encodeURIComponent(demoToken)}`)
+    await p.waitForFunction(() => document.querySelector('#status').textContent === 'synced', null, { timeout: TIMEOUT })
+  }
+  await tabs[0].click('.cm-content')
+  await tabs[0].keyboard.type('with a token')
+  await tabs[1].waitForFunction(() => window.moaiDemo.view.state.doc.toString().includes('with a token'), null, { timeout: TIMEOUT })
+  step(current)
+  await ctx.close()
+  await other.close()
+}
+
+async function allPages () {
   // ---- the landing page
   current = 'landing'
   {
@@ -150,16 +193,19 @@ try {
       const tr = document.querySelector(sel)
       return tr && tr.children[1].textContent === '2'
     }, docRow(docId), { timeout: TIMEOUT })
-    // Some traffic for the plots (and the screenshot): lines typed in turns, Enter included.
-    for (let i = 1; i <= (shots ? 12 : 3); i++) {
-      for (const [p, name] of [[a, 'alice'], [b, 'bob']]) {
+    // Some traffic for the plots (and the screenshot): lines typed in turns, Enter included;
+    // each waits for the other's line first, so lines never interleave.
+    const rounds = shots ? 12 : 3
+    for (let i = 1; i <= rounds; i++) {
+      for (const [p, name, other] of [[a, 'alice', `bob: line ${i - 1}`], [b, 'bob', `alice: line ${i}`]]) {
+        if (i > 1 || name === 'bob') await waitText(p, other)
         await p.keyboard.press('Control+End')
         await p.keyboard.press('Enter')
         await p.keyboard.type(`${name}: line ${i}`, { delay: shots ? 40 : 0 })
       }
     }
-    await waitText(a, 'bob: line 3')
-    await waitText(b, 'alice: line 3')
+    await waitText(a, `bob: line ${rounds}`)
+    await waitText(b, `alice: line ${rounds}`)
     const lines = await a.evaluate(() => window.moaiDemo.view.state.doc.lines)
     expect(lines >= 7, 'Enter did not make new lines: ' + lines)
     await dash.waitForFunction(() => Number(document.querySelector('#conn-total').textContent) >= 2, null, { timeout: TIMEOUT })
@@ -168,7 +214,14 @@ try {
       // Bob keeps typing while the pictures are taken, so they show the system at work.
       let typing = true
       const busy = (async () => {
-        while (typing) await b.keyboard.type('bob keeps typing. ', { delay: 25 })
+        while (typing) {
+          await b.keyboard.press('Control+End')
+          await b.keyboard.press('Enter')
+          for (const ch of 'bob is still typing') {
+            if (!typing) break
+            await b.keyboard.type(ch, { delay: 60 })
+          }
+        }
       })()
       await a.waitForTimeout(3000)
       await a.screenshot({ path: join(shots, 'demo.png') })
@@ -202,9 +255,4 @@ try {
     step(current)
   }
   await admin.close()
-} catch (e) {
-  fail(current, e)
-} finally {
-  await browser.close()
-  rmSync(profile, { recursive: true, force: true })
 }

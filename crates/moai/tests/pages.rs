@@ -301,3 +301,35 @@ fn the_pages_work_in_a_real_browser() {
         assert!(stdout.contains(&format!(r#"{{"step":"{step}","ok":true"#)), "step {step:?} did not pass:\n{stdout}");
     }
 }
+
+/// On a server that requires connection tokens, the demo says it was refused without one and
+/// works with `?token=` (a token minted for the demo's documents only).
+#[test]
+fn the_demo_takes_a_connection_token() {
+    let web = web_dir();
+    assert!(web.join("node_modules/playwright-core").exists(), "npm packages missing: run ./scripts/test");
+    let secret = "pages-test-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moai.db");
+    let server = Server::start_with_env(dir, &db, &["--admin-token", TOKEN], &[("SYNC_SHARED_SECRET", secret)]);
+    server.wait_ready();
+    let minted = Command::new(support::BIN)
+        .args(["token", "demo-user", "--doc", "demo-*", "--ttl", "1h", "--secret", secret])
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let demo_token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let out = Command::new("node")
+        .arg("test/pages.mjs")
+        .args(["--url", &server.url(""), "--admin-token", TOKEN, "--demo-token", &demo_token])
+        .current_dir(&web)
+        .env("MOAI_CHROMIUM", std::env::var("MOAI_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()))
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for step in ["landing says tokens are required", "demo without a token is refused", "demo with a token edits"] {
+        assert!(stdout.contains(&format!(r#"{{"step":"{step}","ok":true"#)), "step {step:?} did not pass:\n{stdout}");
+    }
+}
