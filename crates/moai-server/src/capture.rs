@@ -12,7 +12,7 @@ pub const PER_PROTOCOL: usize = 2000;
 
 pub struct FrameCapture {
     dir: PathBuf,
-    counts: [AtomicUsize; 3],
+    counts: [AtomicUsize; 4],
 }
 
 impl FrameCapture {
@@ -26,6 +26,7 @@ impl FrameCapture {
             Protocol::Yjs => (0, "yjs"),
             Protocol::Cojson => (1, "cojson"),
             Protocol::Pgsync => (2, "pgsync"),
+            Protocol::Hocuspocus => (3, "hocuspocus"),
         };
         let n = self.counts[slot].fetch_add(1, Ordering::Relaxed);
         if n >= PER_PROTOCOL {

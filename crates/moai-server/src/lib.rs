@@ -14,6 +14,7 @@ mod cojson;
 mod engines;
 mod gate;
 mod health;
+mod hocuspocus;
 mod http_error;
 mod limits;
 pub mod llm;

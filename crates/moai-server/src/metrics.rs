@@ -21,6 +21,8 @@ pub enum Protocol {
     Yjs,
     Cojson,
     Pgsync,
+    /// Yjs documents through the Hocuspocus protocol (`/hocuspocus`).
+    Hocuspocus,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -36,6 +38,7 @@ impl EncodeLabelValue for Protocol {
             Protocol::Yjs => "yjs",
             Protocol::Cojson => "cojson",
             Protocol::Pgsync => "pgsync",
+            Protocol::Hocuspocus => "hocuspocus",
         })
     }
 }
@@ -77,7 +80,7 @@ struct Traffic {
     bytes: Counter,
 }
 
-const PROTOCOLS: [Protocol; 3] = [Protocol::Yjs, Protocol::Cojson, Protocol::Pgsync];
+const PROTOCOLS: [Protocol; 4] = [Protocol::Yjs, Protocol::Cojson, Protocol::Pgsync, Protocol::Hocuspocus];
 const DIRECTIONS: [Direction; 2] = [Direction::In, Direction::Out];
 
 pub struct Metrics {
@@ -85,7 +88,7 @@ pub struct Metrics {
     connections_open: Family<ProtocolLabels, Gauge>,
     connections_total: Family<ProtocolLabels, Counter>,
     /// Indexed by `[protocol as usize][direction as usize]`.
-    traffic: [[Traffic; 2]; 3],
+    traffic: [[Traffic; 2]; 4],
     unknown_messages: Family<ProtocolLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     storage_batch_writes: Histogram,

@@ -14,7 +14,7 @@ use crate::gate::{require_ready, require_upgrade};
 use crate::health::{health, healthz, metrics};
 use crate::http_error::{error_response, json_errors};
 use crate::quota::Quota;
-use crate::{agent_api, cojson, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
+use crate::{agent_api, cojson, hocuspocus, pgsync, yjs, Auth, Heartbeat, Limits, Metrics, Readiness, Shutdown};
 
 /// What every handler can reach. Engines are not here: they come from [`Readiness`] through the
 /// ready gate, so a handler cannot use one before it exists.
@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
     let websocket = Router::new()
         .route("/sync", any(cojson::socket))
         .route("/sync/v1/{doc}", any(yjs::socket))
+        .route("/hocuspocus", any(hocuspocus::socket))
         .route("/api/sync", any(pgsync::socket))
         .route_layer(from_fn_with_state(state.clone(), require_upgrade));
     let engines = Router::new()

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 /// Document ids come from URLs: bounded, and free of control characters so they are safe in
 /// logs and storage keys.
-fn valid_doc_id(doc: &str) -> bool {
+pub(crate) fn valid_doc_id(doc: &str) -> bool {
     !doc.is_empty() && doc.len() <= 512 && !doc.chars().any(char::is_control)
 }
 

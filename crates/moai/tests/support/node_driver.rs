@@ -1,6 +1,7 @@
 //! Remote control for real npm clients hosted by a Node driver in `interop/`:
-//! `yjs-driver.mjs` (yjs + y-websocket, protocol in interop/README.md) or `cojson-driver.mjs`
-//! (cojson + cojson-transport-ws, protocol in interop/COJSON.md). One driver process hosts many
+//! `yjs-driver.mjs` (yjs + y-websocket, protocol in interop/README.md), `hocuspocus-driver.mjs`
+//! (@hocuspocus/provider 4 and 3, same README) or `cojson-driver.mjs` (cojson +
+//! cojson-transport-ws, protocol in interop/COJSON.md). One driver process hosts many
 //! named clients.
 #![allow(dead_code)]
 
@@ -35,6 +36,16 @@ impl NodeDriver {
     /// Real cojson clients.
     pub fn cojson() -> Self {
         Self::start("cojson-driver.mjs")
+    }
+
+    /// Real `@hocuspocus/provider` clients, 4.x and 3.x (interop/README.md).
+    pub fn hocuspocus() -> Self {
+        assert!(
+            interop_dir().join("node_modules/@hocuspocus/provider").exists()
+                && interop_dir().join("node_modules/hocuspocus-provider-v3").exists(),
+            "npm packages missing: run ./scripts/test (or `npm ci` in interop/)"
+        );
+        Self::start("hocuspocus-driver.mjs")
     }
 
     fn start(script: &str) -> Self {
