@@ -175,25 +175,31 @@ fn the_dashboard_lets_in_only_the_admin_token() {
 
 #[test]
 fn dashboard_streams_are_bounded_and_end_at_shutdown() {
-    let mut server = Server::start(&["--admin-token", TOKEN, "--shutdown-grace", "20s"]);
+    // A stream outlives --request-timeout (which bounds producing a response, not streaming it).
+    let mut server = Server::start(&["--admin-token", TOKEN, "--shutdown-grace", "20s", "--request-timeout", "1s"]);
     server.wait_ready();
     let bearer = format!("Bearer {TOKEN}");
     let streams: Vec<TcpStream> = (0..16)
         .map(|i| open_stream(server.addr, &[("Authorization", &bearer)]).unwrap_or_else(|s| panic!("stream {i}: {s}")))
         .collect();
     assert_eq!(open_stream(server.addr, &[("Authorization", &bearer)]).unwrap_err(), 503, "the 17th viewer");
-    // A stream sends a snapshot a second: the latest JSON, with the server's numbers.
+    // A stream sends a snapshot a second: the latest JSON, with the server's numbers; still
+    // after the request timeout.
     let mut reader = BufReader::new(streams[0].try_clone().unwrap());
     let mut line = String::new();
-    let snapshot = loop {
+    let mut snapshots = Vec::new();
+    let opened = Instant::now();
+    while snapshots.len() < 4 {
         line.clear();
         reader.read_line(&mut line).unwrap();
         if let Some(data) = line.strip_prefix("data: ") {
             if data.starts_with('{') {
-                break json(data);
+                snapshots.push(json(data));
             }
         }
-    };
+    }
+    assert!(opened.elapsed() > Duration::from_millis(1500), "{:?}", opened.elapsed());
+    let snapshot = snapshots.pop().unwrap();
     assert_eq!(snapshot["phase"], "ready");
     assert!(snapshot["yjs"]["loaded"].is_u64(), "{snapshot}");
     // One leaves, another gets in.
