@@ -339,3 +339,36 @@ fn the_demo_takes_a_connection_token() {
         assert!(stdout.contains(&format!(r#"{{"step":"{step}","ok":true"#)), "step {step:?} did not pass:\n{stdout}");
     }
 }
+
+/// With the change feed on, the dashboard's snapshots carry its role, and (read every 5 s while
+/// someone watches) its lag behind the WAL and its registered clients.
+#[test]
+fn the_dashboard_shows_the_change_feed() {
+    let cluster = support::pg::PgCluster::start();
+    let url = cluster.url();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("CREATE TABLE public.items (id int PRIMARY KEY, name text)").await.unwrap();
+    });
+    let server = Server::start(&["--admin-token", TOKEN, "--pg-url", &url, "--pg-tables", "public.items"]);
+    server.wait_ready();
+    let stream = open_stream(server.addr, &[("Authorization", &format!("Bearer {TOKEN}"))]).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pgsync = loop {
+        assert!(Instant::now() < deadline, "no change feed status in the snapshots");
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let Some(data) = line.strip_prefix("data: ").filter(|d| d.starts_with('{')) else { continue };
+        let snapshot = json(data);
+        if snapshot["pgsync"]["registered_clients"].is_u64() {
+            break snapshot["pgsync"].clone();
+        }
+    };
+    assert_eq!(pgsync["role"], "replicating", "{pgsync}");
+    assert_eq!(pgsync["registered_clients"], 0, "{pgsync}");
+    assert!(pgsync["lag_bytes"].is_u64() && pgsync["watermark"].is_string(), "{pgsync}");
+}
