@@ -1,44 +1,216 @@
 //! The agent API of participant mode (docs/participant.md): what the server's own cojson account
-//! shows and does over HTTP. `GET /profile` so far.
+//! shows and does over HTTP, generalised from the original service's four endpoints.
 //!
-//! Deny by default: a caller needs a token that opens CoJSON (a plain token, or a scoped one made
-//! with `moai token --cojson`); on an open server (no SYNC_SHARED_SECRET) everything is open, as
-//! the sync endpoints are. Without PEER_SECRET the server has no account and these routes answer
-//! 404 saying so.
+//! - `GET /profile`: the account id, profile, its registry and what it was given;
+//! - `POST /on-added` `{"coId"}`: a client added the server to a group or CoValue; the server
+//!   loads it, checks it has a role there, and records it;
+//! - `POST /register-human` `{"username","accountId"}`: a username registry the server owns and
+//!   everyone can read; first come first served (409 for a name taken by another account,
+//!   200 again for the same pair);
+//! - `POST /trigger` `{"coId","key","value"}`: the server sets a key in a CoMap it may write.
+//!
+//! Deny by default: a caller needs a token that opens CoJSON (a plain token, or a scoped one
+//! made with `moai token --cojson`); on an open server (no SYNC_SHARED_SECRET) the API is open,
+//! as the sync endpoints are. Jazz auth tokens (`Authorization: Jazz …`) are refused with 401
+//! until accounts can be verified (docs/participant.md). Bad input is a 4xx with the JSON error
+//! shape, never a 500. CORS is open (credentials travel in `Authorization`, not cookies).
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::Json;
-use serde_json::json;
+use axum::Router;
+use moai_cojson::{ParticipantError, ParticipantService, ParticipantServiceError, Registration};
+use serde_json::{json, Value};
+use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::Resource;
 use crate::caller::Caller;
 use crate::http_error::error_response;
 use crate::AppState;
 
-pub(crate) async fn profile(State(state): State<AppState>, caller: Caller) -> Response {
+/// The four routes (the caller adds the ready gate).
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/profile", get(profile))
+        .route("/on-added", post(on_added))
+        .route("/register-human", post(register_human))
+        .route("/trigger", post(trigger))
+}
+
+/// Browser apps on any origin may call the API; credentials are a bearer token, never cookies.
+pub(crate) fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+}
+
+/// The account, after auth; or the answer to give instead.
+fn participant(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Result<ParticipantService, Response> {
     let Some(participant) = caller.engines.participant.clone() else {
-        return error_response(
+        return Err(error_response(
             StatusCode::NOT_FOUND,
             "this server has no account of its own (participant mode needs PEER_SECRET; see moai agent generate)",
-        );
+        ));
     };
-    if let Err(e) = caller.authorise(&state, Resource::Cojson) {
+    let jazz =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().starts_with("Jazz "));
+    if jazz {
         state.metrics.rejected("auth");
-        return error_response(e.http_status(), &e.to_string());
+        return Err(error_response(StatusCode::UNAUTHORIZED, "Jazz tokens are not accepted yet; use a moai token"));
     }
+    if let Err(e) = caller.authorise(state, Resource::Cojson) {
+        state.metrics.rejected("auth");
+        return Err(error_response(e.http_status(), &e.to_string()));
+    }
+    Ok(participant)
+}
+
+fn failure(e: ParticipantServiceError) -> Response {
+    use ParticipantError as P;
+    let (status, message) = match &e {
+        ParticipantServiceError::NotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
+        ParticipantServiceError::Participant(P::UnknownCoValue(_)) => (StatusCode::NOT_FOUND, e.to_string()),
+        ParticipantServiceError::Participant(P::NotPermitted(_) | P::NoReadKey(_)) => {
+            (StatusCode::FORBIDDEN, e.to_string())
+        }
+        ParticipantServiceError::Participant(
+            P::BadId(_) | P::BadMember(_) | P::NotAGroup(_) | P::NotAMap(_) | P::Deleted(_) | P::Unsupported(_),
+        ) => (StatusCode::BAD_REQUEST, e.to_string()),
+        ParticipantServiceError::Timeout(..) => (StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "the server's account could not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    };
+    error_response(status, &message)
+}
+
+/// The request body as a JSON object, or a 400 saying why not.
+fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(error_response(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
+        Err(e) => Err(error_response(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}"))),
+    }
+}
+
+fn co_id(map: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<String, Response> {
+    let id = keys.iter().find_map(|k| map.get(*k)).and_then(Value::as_str).map(str::trim);
+    match id {
+        Some(id) if id.starts_with("co_z") && id.len() <= 128 => Ok(id.to_owned()),
+        _ => Err(error_response(StatusCode::BAD_REQUEST, &format!("{} required (co_z…)", keys[0]))),
+    }
+}
+
+pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Response {
+    let participant = match participant(&state, &caller, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     match participant.profile().await {
         Ok(p) => Json(json!({
             "accountId": p.account_id,
             "profileId": p.profile_id,
             "profileName": p.profile_name,
             "sessionId": p.session_id,
+            "registryId": p.registry_id,
+            "given": p.given,
         }))
         .into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "the server's account could not answer /profile");
-            error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        Err(e) => failure(e),
+    }
+}
+
+pub(crate) async fn on_added(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let participant = match participant(&state, &caller, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    // `sparkId` is what the original service took.
+    let id = match object(&body).and_then(|m| co_id(&m, &["coId", "sparkId"])) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match participant.on_added(&id).await {
+        Ok(record) => Json(json!({ "ok": true, "added": id, "record": record })).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+pub(crate) async fn register_human(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let participant = match participant(&state, &caller, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let map = match object(&body) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let username = map.get("username").and_then(Value::as_str).map(str::trim).unwrap_or_default().to_owned();
+    let valid = !username.is_empty()
+        && username.len() <= 64
+        && username.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid {
+        return error_response(StatusCode::BAD_REQUEST, "username required: 1 to 64 of a-z A-Z 0-9 _ . -");
+    }
+    let account = match co_id(&map, &["accountId"]) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match participant.register_human(&username, &account).await {
+        Ok(Registration::Registered) => {
+            Json(json!({ "ok": true, "username": username, "accountId": account })).into_response()
         }
+        Ok(Registration::AlreadyRegistered) => {
+            Json(json!({ "ok": true, "username": username, "accountId": account, "unchanged": true })).into_response()
+        }
+        Ok(Registration::Conflict) => {
+            error_response(StatusCode::CONFLICT, "username already registered to a different account")
+        }
+        Err(e) => failure(e),
+    }
+}
+
+pub(crate) async fn trigger(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let participant = match participant(&state, &caller, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let map = match object(&body) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let id = match co_id(&map, &["coId"]) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let Some(key) = map.get("key").and_then(Value::as_str).filter(|k| !k.is_empty() && k.len() <= 256) else {
+        return error_response(StatusCode::BAD_REQUEST, "key required (a string of 1 to 256 bytes)");
+    };
+    let Some(value) = map.get("value").cloned() else {
+        return error_response(StatusCode::BAD_REQUEST, "value required (any JSON)");
+    };
+    match participant.trigger(&id, key, value).await {
+        Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key })).into_response(),
+        Err(e) => failure(e),
     }
 }

@@ -55,8 +55,9 @@ pub fn router(state: AppState) -> Router {
     let engines = Router::new()
         .merge(websocket)
         .route("/api/v1/docs/{doc}/update", get(yjs::get_update).post(yjs::post_update))
-        .route("/profile", get(agent_api::profile))
         .route_layer(from_fn_with_state(state.clone(), require_ready));
+    let agent =
+        agent_api::routes().route_layer(from_fn_with_state(state.clone(), require_ready)).layer(agent_api::cors());
 
     Router::new()
         .route("/health", get(health))
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::pages::routes(&state))
         .merge(engines)
+        .merge(agent)
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "Not Found") })
         // The extractors' own body limit (2 MB by default) must not undercut --max-body-bytes.
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))

@@ -16,7 +16,10 @@ fn generate() -> (String, String) {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let value = |key: &str| {
-        text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{key} in {text}")).to_owned()
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {text}"))
+            .to_owned()
     };
     (value("PEER_ID"), value("PEER_SECRET"))
 }
@@ -108,4 +111,113 @@ fn without_peer_secret_there_is_no_profile() {
     let (status, body) = server.get("/profile");
     assert_eq!(status, 404);
     assert!(body.contains("PEER_SECRET"), "{body}");
+}
+
+fn start_agent(extra: &[&str], env: &[(&str, &str)]) -> (Server, String) {
+    let (id, secret) = generate();
+    let mut all = vec![("PEER_ID", id.as_str()), ("PEER_SECRET", secret.as_str())];
+    all.extend_from_slice(env);
+    let keep = tempfile::tempdir().unwrap();
+    let db = keep.path().join("moai.db");
+    let s = Server::start_with_env(keep, &db, extra, &all);
+    s.wait_ready();
+    (s, id)
+}
+
+fn post(server: &Server, path: &str, headers: &[(&str, &str)], body: serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, text) = support::http(server.addr, "POST", path, headers, body.to_string().as_bytes());
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn the_agent_api_reads_what_a_client_shares_with_the_server_and_writes_into_it() {
+    let (server, server_account) = start_agent(&[], &[]);
+    let mut c = NodeDriver::cojson();
+    let alice = c.call("createAccount", json!({"name": "alice", "url": server.ws_url("/sync")}))["accountId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let group = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    c.call(
+        "addMember",
+        json!({"name": "alice", "groupId": group, "memberAccountId": server_account, "role": "writer"}),
+    );
+    let map = c.call("createMap", json!({"name": "alice", "groupId": group, "init": {"title": "shared with moai"}}))
+        ["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.call("waitSynced", json!({"name": "alice"}));
+
+    // Told about it, the server loads it, finds its role and records it.
+    let (status, body) = post(&server, "/on-added", &[], json!({"coId": map}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["record"]["role"], "writer", "{body}");
+    let profile = json(&server.get("/profile").1);
+    assert_eq!(profile["given"][map.as_str()]["role"], "writer", "{profile}");
+
+    // It writes into the client's (private) map; the client sees and verifies the write.
+    let (status, body) = post(&server, "/trigger", &[], json!({"coId": map, "key": "reply", "value": "hi from moai"}));
+    assert_eq!(status, 200, "{body}");
+    c.call(
+        "waitMap",
+        json!({"name": "alice", "coId": map, "key": "reply", "equals": "hi from moai", "timeoutMs": 15000}),
+    );
+
+    // A map in a group the server is not in: refused.
+    let other_group = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    let private = c.call("createMap", json!({"name": "alice", "groupId": other_group, "init": {"x": 1}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.call("waitSynced", json!({"name": "alice"}));
+    assert_eq!(post(&server, "/on-added", &[], json!({"coId": private})).0, 403);
+    assert_eq!(post(&server, "/trigger", &[], json!({"coId": private, "key": "k", "value": 1})).0, 403);
+
+    // Client mistakes are 4xx with a reason, never a 500.
+    assert_eq!(post(&server, "/on-added", &[], json!({"coId": "nope"})).0, 400);
+    assert_eq!(post(&server, "/on-added", &[], json!({"coId": "co_zDoesNotExist"})).0, 404);
+    let (status, _) = support::http(server.addr, "POST", "/on-added", &[], b"{not json");
+    assert_eq!(status, 400);
+    assert_eq!(post(&server, "/trigger", &[], json!({"coId": map})).0, 400);
+
+    // The username registry: first come first served, idempotent, readable by everyone.
+    let (status, body) = post(&server, "/register-human", &[], json!({"username": "alice", "accountId": alice}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(post(&server, "/register-human", &[], json!({"username": "alice", "accountId": alice})).0, 200);
+    let (status, body) =
+        post(&server, "/register-human", &[], json!({"username": "alice", "accountId": server_account}));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(post(&server, "/register-human", &[], json!({"username": "", "accountId": alice})).0, 400);
+    assert_eq!(post(&server, "/register-human", &[], json!({"username": "a b", "accountId": alice})).0, 400);
+    let registry = json(&server.get("/profile").1)["registryId"].as_str().unwrap().to_owned();
+    let read = c.call("getMap", json!({"name": "alice", "coId": registry}));
+    assert_eq!(read["map"]["alice"], alice.as_str(), "{read}");
+}
+
+#[test]
+fn the_agent_api_denies_by_default_when_tokens_are_required() {
+    let (server, _) = start_agent(&["--sync-shared-secret", "agent-secret"], &[]);
+    let token = |extra: &[&str]| {
+        let out = Command::new(BIN).args(["token", "ops", "--secret", "agent-secret"]).args(extra).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let get = |headers: &[(&str, &str)]| support::http(server.addr, "GET", "/profile", headers, b"").0;
+    assert_eq!(get(&[]), 401);
+    assert_eq!(get(&[("Authorization", "Jazz something")]), 401);
+    let docs_only = format!("Bearer {}", token(&["--doc", "notes"]));
+    assert_eq!(get(&[("Authorization", docs_only.as_str())]), 403);
+    let plain = format!("Bearer {}", token(&[]));
+    assert_eq!(get(&[("Authorization", plain.as_str())]), 200);
+    let cojson = format!("Bearer {}", token(&["--doc", "notes", "--cojson"]));
+    assert_eq!(get(&[("Authorization", cojson.as_str())]), 200);
+    // Browser apps: a preflight is answered.
+    let (status, _) = support::http(
+        server.addr,
+        "OPTIONS",
+        "/profile",
+        &[("Origin", "https://app.example"), ("Access-Control-Request-Method", "GET")],
+        b"",
+    );
+    assert_eq!(status, 200);
 }

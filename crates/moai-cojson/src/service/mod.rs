@@ -31,8 +31,8 @@ use std::time::Duration;
 use moai_storage::CoValueStore;
 use tokio::sync::mpsc;
 
+pub use participant_task::{ParticipantService, ParticipantServiceError, ProfileView, Registration};
 pub use ping::{ping_frame, PING_INTERVAL};
-pub use participant_task::{ParticipantService, ParticipantServiceError, ProfileView};
 pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;
 

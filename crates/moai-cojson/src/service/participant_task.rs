@@ -21,7 +21,13 @@ use super::CojsonService;
 use crate::ids::CoId;
 use crate::known_state::KnownState;
 use crate::message::{parse_frame, Incoming, SyncMessage};
-use crate::participant::{AccountBootstrap, AgentIdentity, Entropy, EntropyError, Participant, ParticipantError};
+use crate::participant::{
+    AccountBootstrap, AgentIdentity, Entropy, EntropyError, Participant, ParticipantError, WritePrivacy,
+};
+
+fn parse(id: &str) -> Result<CoId, ParticipantServiceError> {
+    CoId::parse(id).map_err(|_| ParticipantError::BadId(id.to_owned()).into())
+}
 
 /// How long one sync exchange with the relay may take (a storage read, a durable write).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,7 +54,7 @@ pub enum ParticipantServiceError {
 }
 
 /// What `GET /profile` shows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProfileView {
     pub account_id: String,
     pub profile_id: Option<String>,
@@ -56,11 +62,35 @@ pub struct ProfileView {
     pub session_id: String,
     /// Whether this start created the account (or added its missing profile).
     pub created: bool,
+    /// The username registry (a CoMap everyone can read).
+    pub registry_id: Option<String>,
+    /// What clients said they gave the server (`/on-added`): CoValue id → what was recorded.
+    pub given: Map<String, Value>,
 }
 
-enum Command {
-    Profile(oneshot::Sender<Result<ProfileView, ParticipantServiceError>>),
+/// What `/register-human` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// The name now points to the account.
+    Registered,
+    /// It already did (idempotent).
+    AlreadyRegistered,
+    /// It points to another account; nothing changed.
+    Conflict,
 }
+
+type Reply<T> = oneshot::Sender<Result<T, ParticipantServiceError>>;
+
+enum Command {
+    Profile(Reply<ProfileView>),
+    OnAdded { id: String, reply: Reply<Value> },
+    RegisterHuman { username: String, account: String, reply: Reply<Registration> },
+    Trigger { id: String, key: String, value: Value, reply: Reply<()> },
+}
+
+/// Keys of the server's profile that name its own CoMaps.
+const REGISTRY_KEY: &str = "moaiRegistry";
+const GIVEN_KEY: &str = "moaiGiven";
 
 /// Handle on the server's account. Cheap to clone.
 #[derive(Clone)]
@@ -95,7 +125,12 @@ impl ParticipantService {
         let mut random = [0u8; 8];
         OsEntropy.fill(&mut random)?;
         let account_id = identity.account_id().to_owned();
-        let mut task = ParticipantTask { participant: Participant::new(identity, random), session, known: HashMap::new() };
+        let mut task = ParticipantTask {
+            participant: Participant::new(identity, random),
+            session,
+            known: HashMap::new(),
+            headers: HashMap::new(),
+        };
         let account = CoId::parse(&account_id).map_err(|_| ParticipantServiceError::NotFound(account_id.clone()))?;
         let stored = task.sync(&account).await?;
         if stored {
@@ -109,6 +144,7 @@ impl ParticipantService {
         let outcome = task.participant.bootstrap_account(name, now_ms(), &mut OsEntropy)?;
         let created = !matches!(outcome, AccountBootstrap::Complete);
         task.flush().await?;
+        task.ensure_own_maps().await?;
         let (commands, rx) = mpsc::channel(64);
         tokio::spawn(task.run(rx, created));
         Ok(ParticipantService { commands, account_id })
@@ -118,10 +154,34 @@ impl ParticipantService {
         &self.account_id
     }
 
-    pub async fn profile(&self) -> Result<ProfileView, ParticipantServiceError> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ParticipantServiceError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Profile(reply)).await.map_err(|_| ParticipantServiceError::Stopped)?;
+        self.commands.send(make(reply)).await.map_err(|_| ParticipantServiceError::Stopped)?;
         answer.await.map_err(|_| ParticipantServiceError::Stopped)?
+    }
+
+    pub async fn profile(&self) -> Result<ProfileView, ParticipantServiceError> {
+        self.ask(Command::Profile).await
+    }
+
+    /// A client says it gave the server access to `id` (a group or a CoMap): load it, check that
+    /// the server can read it (a role in the group that owns it, directly, through a parent or
+    /// `everyone`), and record it. Returns what was recorded.
+    pub async fn on_added(&self, id: &str) -> Result<Value, ParticipantServiceError> {
+        let id = id.to_owned();
+        self.ask(|reply| Command::OnAdded { id, reply }).await
+    }
+
+    /// Registers `username` → `account` in the server's registry, first come first served.
+    pub async fn register_human(&self, username: &str, account: &str) -> Result<Registration, ParticipantServiceError> {
+        let (username, account) = (username.to_owned(), account.to_owned());
+        self.ask(|reply| Command::RegisterHuman { username, account, reply }).await
+    }
+
+    /// Sets `key` to `value` in the CoMap `id`, as the server (it needs a write role there).
+    pub async fn trigger(&self, id: &str, key: &str, value: Value) -> Result<(), ParticipantServiceError> {
+        let (id, key) = (id.to_owned(), key.to_owned());
+        self.ask(|reply| Command::Trigger { id, key, value, reply }).await
     }
 }
 
@@ -130,31 +190,135 @@ struct ParticipantTask {
     session: CojsonSession,
     /// What the task holds of each CoValue it has synced or written (its known state).
     known: HashMap<CoId, KnownState>,
+    /// Headers of the CoValues it has seen (to find a CoMap's owner group).
+    headers: HashMap<CoId, Value>,
 }
 
 impl ParticipantTask {
-    async fn run(self, mut commands: mpsc::Receiver<Command>, created: bool) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, created: bool) {
         while let Some(cmd) = commands.recv().await {
             match cmd {
                 Command::Profile(reply) => {
-                    let account = self.participant.identity().account_id().to_owned();
-                    let profile_id = self.profile_id(&account);
-                    let profile_name = profile_id
-                        .as_deref()
-                        .and_then(|p| self.participant.read(p).ok())
-                        .and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned));
-                    let view = ProfileView {
-                        account_id: account,
-                        profile_id,
-                        profile_name,
-                        session_id: self.participant.session_id().to_owned(),
-                        created,
-                    };
-                    let _ = reply.send(Ok(view));
+                    let _ = reply.send(Ok(self.profile_view(created)));
+                }
+                Command::OnAdded { id, reply } => {
+                    let _ = reply.send(self.on_added(&id).await);
+                }
+                Command::RegisterHuman { username, account, reply } => {
+                    let _ = reply.send(self.register_human(&username, &account).await);
+                }
+                Command::Trigger { id, key, value, reply } => {
+                    let _ = reply.send(self.trigger(&id, &key, value).await);
                 }
             }
         }
         self.session.leave().await;
+    }
+
+    fn profile_view(&self, created: bool) -> ProfileView {
+        let account = self.participant.identity().account_id().to_owned();
+        let profile_id = self.profile_id(&account);
+        let profile = profile_id.as_deref().and_then(|p| self.participant.read(p).ok()).unwrap_or_default();
+        let text = |k: &str| profile.get(k).and_then(Value::as_str).map(str::to_owned);
+        let given = text(GIVEN_KEY).and_then(|g| self.participant.read(&g).ok()).unwrap_or_default();
+        ProfileView {
+            account_id: account,
+            profile_id,
+            profile_name: text("name"),
+            session_id: self.participant.session_id().to_owned(),
+            created,
+            registry_id: text(REGISTRY_KEY),
+            given,
+        }
+    }
+
+    /// The profile's own CoMaps: the username registry (its group lets everyone read) and the
+    /// record of what the server was given (only the server's account can read it). Created
+    /// once, named in the profile.
+    async fn ensure_own_maps(&mut self) -> Result<(), ParticipantServiceError> {
+        let account = self.participant.identity().account_id().to_owned();
+        let Some(profile) = self.profile_id(&account) else { return Ok(()) };
+        let current = self.participant.read(&profile)?;
+        for (key, public) in [(REGISTRY_KEY, true), (GIVEN_KEY, false)] {
+            if current.get(key).and_then(Value::as_str).is_some() {
+                // Written by an earlier start: load it (and its group) to write to it.
+                let id = current.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+                self.sync(&parse(&id)?).await?;
+                continue;
+            }
+            let now = now_ms();
+            let group = self.participant.create_group(None, now, &mut OsEntropy)?;
+            if public {
+                self.participant.add_member(&group, "everyone", crate::group_roles::Role::Reader, now)?;
+            }
+            let map = self.participant.create_map(&group, None, &[], WritePrivacy::Private, now, &mut OsEntropy)?;
+            self.participant.set(&profile, key, Value::String(map), WritePrivacy::Private, now)?;
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn own_map(&self, key: &str) -> Result<String, ParticipantServiceError> {
+        let account = self.participant.identity().account_id().to_owned();
+        let profile = self.profile_id(&account).ok_or_else(|| ParticipantServiceError::NotFound("profile".into()))?;
+        self.participant
+            .read(&profile)?
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ParticipantServiceError::NotFound(key.into()))
+    }
+
+    async fn on_added(&mut self, id: &str) -> Result<Value, ParticipantServiceError> {
+        let co = parse(id)?;
+        if !self.sync(&co).await? {
+            return Err(ParticipantServiceError::NotFound(id.to_owned()));
+        }
+        // The group that decides who reads it: itself for a group, else its owner.
+        let header = self.headers.get(&co).cloned().unwrap_or(Value::Null);
+        let ruleset = &header["ruleset"];
+        let group = match ruleset["type"].as_str() {
+            Some("group") => id.to_owned(),
+            Some("ownedByGroup") => ruleset["group"].as_str().unwrap_or_default().to_owned(),
+            _ => return Err(ParticipantError::NotAMap(id.to_owned()).into()),
+        };
+        let me = self.participant.identity().account_id().to_owned();
+        let role = self.participant.role_of(&group, &me)?;
+        let Some(role) = role.filter(|r| r.as_str() != "revoked") else {
+            return Err(ParticipantError::NotPermitted(format!("this server has no role in {group}")).into());
+        };
+        let record = serde_json::json!({ "role": role.as_str(), "group": group, "at": now_ms() });
+        let given = self.own_map(GIVEN_KEY)?;
+        self.participant.set(&given, id, record.clone(), WritePrivacy::Private, now_ms())?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    async fn register_human(&mut self, username: &str, account: &str) -> Result<Registration, ParticipantServiceError> {
+        let registry = self.own_map(REGISTRY_KEY)?;
+        match self.participant.read(&registry)?.get(username).and_then(Value::as_str) {
+            Some(existing) if existing == account => return Ok(Registration::AlreadyRegistered),
+            Some(_) => return Ok(Registration::Conflict),
+            None => {}
+        }
+        self.participant.set(
+            &registry,
+            username,
+            Value::String(account.to_owned()),
+            WritePrivacy::Private,
+            now_ms(),
+        )?;
+        self.flush().await?;
+        Ok(Registration::Registered)
+    }
+
+    async fn trigger(&mut self, id: &str, key: &str, value: Value) -> Result<(), ParticipantServiceError> {
+        let co = parse(id)?;
+        if !self.sync(&co).await? {
+            return Err(ParticipantServiceError::NotFound(id.to_owned()));
+        }
+        self.participant.set(id, key, value, WritePrivacy::Private, now_ms())?;
+        self.flush().await
     }
 
     fn profile_id(&self, account: &str) -> Option<String> {
@@ -176,7 +340,9 @@ impl ParticipantTask {
             .map_err(|_| ParticipantServiceError::Timeout(about.to_string(), EXCHANGE_TIMEOUT))?;
         match out {
             None => Err(ParticipantServiceError::SessionClosed("no reason given".into())),
-            Some(Outbound::Close { code, reason }) => Err(ParticipantServiceError::SessionClosed(format!("{code} {reason}"))),
+            Some(Outbound::Close { code, reason }) => {
+                Err(ParticipantServiceError::SessionClosed(format!("{code} {reason}")))
+            }
             Some(Outbound::Text(text)) => Ok(parse_frame(&text)
                 .into_iter()
                 .filter_map(|line| match line {
@@ -194,6 +360,9 @@ impl ParticipantTask {
     /// Takes in one message from the relay: content goes into the participant.
     fn absorb(&mut self, msg: &SyncMessage) -> Result<(), ParticipantServiceError> {
         if let SyncMessage::Content(c) = msg {
+            if let Some(h) = &c.header {
+                self.headers.entry(c.id.clone()).or_insert_with(|| h.clone());
+            }
             let report = self.participant.ingest(msg)?;
             if !report.rejected.is_empty() {
                 tracing::warn!(covalue = %c.id, rejected = ?report.rejected, "participant refused sessions of stored content");
@@ -286,6 +455,9 @@ impl ParticipantTask {
     /// Records what we are about to send as held.
     fn absorb_own(&mut self, msg: &SyncMessage) {
         if let SyncMessage::Content(c) = msg {
+            if let Some(h) = &c.header {
+                self.headers.entry(c.id.clone()).or_insert_with(|| h.clone());
+            }
             let entry = self.known.entry(c.id.clone()).or_insert_with(|| KnownState::empty(c.id.clone()));
             entry.header |= c.header.is_some();
             for (key, s) in &c.new {
