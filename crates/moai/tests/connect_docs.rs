@@ -89,6 +89,13 @@ fn the_yjs_snippet_runs() {
 }
 
 #[test]
+fn the_hocuspocus_snippet_runs() {
+    let server = Server::start(&[]);
+    server.wait_ready();
+    run("hocuspocus", &base(&server), |_| {});
+}
+
+#[test]
 fn the_jazz_snippet_runs() {
     let server = Server::start(&[]);
     server.wait_ready();
