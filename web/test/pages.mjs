@@ -209,6 +209,7 @@ async function allPages () {
     const lines = await a.evaluate(() => window.moaiDemo.view.state.doc.lines)
     expect(lines >= 7, 'Enter did not make new lines: ' + lines)
     await dash.waitForFunction(() => Number(document.querySelector('#conn-total').textContent) >= 2, null, { timeout: TIMEOUT })
+    await dash.waitForFunction(() => /\d+(\.\d)? (B|KiB|MiB|GiB) stored/.test(document.querySelector('#commit-detail').textContent), null, { timeout: TIMEOUT })
     step(current, { doc: docId, lines })
     if (shots) {
       // Bob keeps typing while the pictures are taken, so they show the system at work.

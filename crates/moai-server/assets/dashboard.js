@@ -122,7 +122,9 @@
     text('deliveries', num(p.deliveries, 1))
     text('received', num(p.received, 1) + '/s received')
     text('commit-ms', p.commit_ms == null ? '–' : num(p.commit_ms, 2))
-    text('commit-detail', (p.commit_p99_ms == null ? '' : 'p99 ≤ ' + num(p.commit_p99_ms, 2) + ' ms · ') + num(p.commits, 1) + ' commits/s · ' + num(s.totals.writes_per_commit, 1) + ' writes each')
+    const st = s.storage
+    const size = st ? (st.bytes != null ? bytes(st.bytes) : st.size_error ? 'size unknown' : 'measuring…') : null
+    text('commit-detail', (size ? size + ' stored · ' : '') + (p.commit_p99_ms == null ? '' : 'p99 ≤ ' + num(p.commit_p99_ms, 2) + ' ms · ') + num(p.commits, 1) + ' commits/s · ' + num(s.totals.writes_per_commit, 1) + ' writes each')
 
     const yjs = s.yjs
     text('yjs-loaded', yjs ? num(yjs.loaded) : '–')
@@ -191,6 +193,7 @@
       ['bytes in / out', bytes(s.totals.bytes_in) + ' / ' + bytes(s.totals.bytes_out)],
       ['storage commits', num(s.totals.commits) + ' (mean ' + num(s.totals.commit_ms_mean, 3) + ' ms)']
     ]
+    if (st) server.push(['storage', (st.bytes != null ? bytes(st.bytes) : st.size_error ? 'size unknown (' + st.size_error + ')' : 'measuring…') + ' · ' + st.what])
     if (s.cluster) server.push(['cluster', s.cluster.status + ' · instance ' + s.cluster.instance])
     if (pg) server.push(['change feed', pg.role + (pg.caught_up ? ', caught up' : ', catching up') + ' · generation ' + pg.generation + ' · horizon ' + pg.horizon])
     $('server').replaceChildren(...server.map(([k, v]) => row([cell(k), cell(v)])))

@@ -36,7 +36,7 @@ pub use auth::Auth;
 pub use engines::Engines;
 pub use limits::Limits;
 pub use metrics::{Direction, Metrics, Protocol};
-pub use pages::{AdminToken, Dashboard};
+pub use pages::{AdminToken, Dashboard, StorageSize};
 pub use pump::Heartbeat;
 pub use readiness::{Phase, Readiness};
 pub use router::{router, AppState};

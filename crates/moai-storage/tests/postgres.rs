@@ -121,6 +121,31 @@ async fn an_entry_that_commits_late_with_a_lower_sequence_number_survives_compac
     assert_eq!(now.updates, vec![(late_seq as u64, b"late".to_vec())], "the late entry was not folded: it stays");
 }
 
+/// What the dashboard shows as storage size: moai's tables, growing with what is written.
+#[tokio::test]
+async fn size_counts_moai_tables_and_grows_with_writes() {
+    let pg = cluster().await;
+    let store = open(&pg.url()).await;
+    let empty = store.size_bytes().await.unwrap();
+    assert!(empty > 0, "tables and indexes take pages even when empty");
+    // Incompressible bytes (PostgreSQL compresses large values).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..200 {
+        let update: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        store.append(&format!("doc-{i}"), update).await.unwrap();
+    }
+    let full = store.size_bytes().await.unwrap();
+    assert!(full >= empty + 200 * 4096, "{empty} -> {full}");
+    store.close().await.unwrap();
+}
+
 /// A test "document": its snapshot is the sorted set of update payloads it holds, one per line.
 fn merge(snapshot: Option<&[u8]>, updates: &[(u64, Vec<u8>)]) -> BTreeSet<Vec<u8>> {
     let mut all: BTreeSet<Vec<u8>> = BTreeSet::new();

@@ -76,6 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let storage_health = StorageHealth::new(metrics.clone());
     let llm = moai_server::llm::LlmService::start(args.llm.settings(), &auth, metrics.clone())
         .context("the LLM proxy cannot start")?;
+    let dashboard = moai_server::Dashboard::new(moai_server::AdminToken::new(args.admin_token.as_deref()));
     let state = AppState {
         readiness: readiness.clone(),
         metrics: metrics.clone(),
@@ -97,7 +98,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Arc::new(moai_server::capture::FrameCapture::new(dir))
         }),
         cluster: cluster.clone(),
-        dashboard: moai_server::Dashboard::new(moai_server::AdminToken::new(args.admin_token.as_deref())),
+        dashboard: dashboard.clone(),
         llm,
     };
     let app = moai_server::router(state);
@@ -133,6 +134,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let Running { engines, storage } = running;
+    if let Ok(url) = args.store.storage_url() {
+        let objects = matches!(storage::object_storage(&args.store), Ok(Some(_)));
+        dashboard.set_storage_size(storage.size_probe(&url, objects));
+    }
     tokio::spawn(probe_failing_storage(storage.clone(), storage_health.clone(), shutdown.clone()));
     let pgsync = engines.pgsync.clone();
     readiness.set_ready(engines);

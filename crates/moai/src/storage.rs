@@ -4,7 +4,7 @@
 //! `Arc<dyn CoValueStore>`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +57,15 @@ impl fmt::Debug for StorageUrl {
     }
 }
 
+/// Bytes of a SQLite database: its file and its write-ahead log (`-wal`, absent when empty).
+async fn sqlite_size(path: &Path) -> Result<u64, String> {
+    let file = tokio::fs::metadata(path).await.map_err(|e| format!("{}: {e}", path.display()))?.len();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = tokio::fs::metadata(PathBuf::from(wal)).await.map_or(0, |m| m.len());
+    Ok(file + wal)
+}
+
 /// The open backend.
 #[derive(Clone)]
 pub enum Storage {
@@ -65,6 +74,37 @@ pub enum Storage {
 }
 
 impl Storage {
+    /// How the dashboard measures this storage's size: the SQLite file and its WAL, or moai's
+    /// tables in PostgreSQL. `objects`: Yjs snapshots are in object storage (not counted).
+    pub fn size_probe(&self, url: &StorageUrl, objects: bool) -> moai_server::StorageSize {
+        let elsewhere = if objects { " (Yjs snapshots in object storage not counted)" } else { "" };
+        match (self, url) {
+            (Storage::Postgres(pg), _) => {
+                let pg = pg.clone();
+                moai_server::StorageSize {
+                    what: format!("PostgreSQL tables in schema {}{elsewhere}", pg.schema()),
+                    measure: Arc::new(move || {
+                        let pg = pg.clone();
+                        Box::pin(async move { pg.size_bytes().await.map_err(|e| e.to_string()) })
+                    }),
+                }
+            }
+            (Storage::Sqlite(_), url) => {
+                let path = match url {
+                    StorageUrl::Sqlite(path) => path.clone(),
+                    StorageUrl::Postgres(_) => PathBuf::new(),
+                };
+                moai_server::StorageSize {
+                    what: format!("SQLite database {} and its WAL{elsewhere}", path.display()),
+                    measure: Arc::new(move || {
+                        let path = path.clone();
+                        Box::pin(async move { sqlite_size(&path).await })
+                    }),
+                }
+            }
+        }
+    }
+
     /// Opens (creating and migrating) the backend `url` names. `fsync`: see `--fsync`.
     pub async fn open(url: &StorageUrl, fsync: bool, observer: Arc<dyn StorageObserver>) -> anyhow::Result<Storage> {
         match url {

@@ -201,6 +201,9 @@ fn dashboard_streams_are_bounded_and_end_at_shutdown() {
     assert!(opened.elapsed() > Duration::from_millis(1500), "{:?}", opened.elapsed());
     let snapshot = snapshots.pop().unwrap();
     assert_eq!(snapshot["phase"], "ready");
+    // The storage's size is measured while someone watches: the database file and its WAL.
+    assert!(snapshot["storage"]["what"].as_str().unwrap().starts_with("SQLite database"), "{snapshot}");
+    assert!(snapshot["storage"]["bytes"].as_u64().unwrap() > 0, "{snapshot}");
     assert!(snapshot["yjs"]["loaded"].is_u64(), "{snapshot}");
     // One leaves, another gets in.
     drop(reader);

@@ -16,6 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use super::admin::{self, Access, AdminToken};
@@ -33,12 +34,38 @@ pub struct Dashboard {
     feed: Arc<Feed>,
     sampler: OnceLock<()>,
     streams: Arc<AtomicUsize>,
+    storage_size: OnceLock<StorageSize>,
+}
+
+/// How the dashboard measures the storage's size (the binary knows the backend and provides it
+/// once storage is open): what is measured, and the measurement, run every 10 s while someone
+/// watches, on a task of its own with a timeout.
+#[derive(Clone)]
+pub struct StorageSize {
+    /// What the number covers, for people: "SQLite database and its WAL", ….
+    pub what: String,
+    pub measure: Arc<dyn Fn() -> BoxFuture<'static, Result<u64, String>> + Send + Sync>,
 }
 
 impl Dashboard {
     /// A dashboard opened by `token` (`AdminToken::new(None)`: off).
     pub fn new(token: AdminToken) -> Arc<Self> {
-        Arc::new(Self { token, feed: Arc::new(Feed::new()), sampler: OnceLock::new(), streams: Arc::default() })
+        Arc::new(Self {
+            token,
+            feed: Arc::new(Feed::new()),
+            sampler: OnceLock::new(),
+            streams: Arc::default(),
+            storage_size: OnceLock::new(),
+        })
+    }
+
+    /// Tells the dashboard how to measure the storage's size (once; later calls are ignored).
+    pub fn set_storage_size(&self, probe: StorageSize) {
+        let _ = self.storage_size.set(probe);
+    }
+
+    pub(crate) fn storage_size(&self) -> Option<&StorageSize> {
+        self.storage_size.get()
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -218,7 +245,7 @@ const DASHBOARD_BODY: &str = r#"<div class="dash-head">
 <section class="cards">
 <div class="card"><h2>Connections</h2><p class="big" id="conn-total">–</p><p id="conn-split" class="muted"></p></div>
 <div class="card"><h2>Deliveries</h2><p class="big"><span id="deliveries">–</span><small>/s</small></p><p id="received" class="muted"></p></div>
-<div class="card"><h2>Storage commits</h2><p class="big"><span id="commit-ms">–</span><small> ms</small></p><p id="commit-detail" class="muted"></p></div>
+<div class="card"><h2>Storage commit</h2><p class="big"><span id="commit-ms">–</span><small> ms</small></p><p id="commit-detail" class="muted"></p></div>
 <div class="card"><h2>Yjs documents</h2><p class="big" id="yjs-loaded">–</p><p class="muted">open in memory</p></div>
 <div class="card"><h2>CoValues</h2><p class="big" id="cojson-resident">–</p><p id="cojson-detail" class="muted"></p></div>
 <div class="card"><h2>Change feed</h2><p class="big" id="pgsync-role">–</p><p id="pgsync-detail" class="muted"></p></div>

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use admin::AdminToken;
-pub use dashboard::Dashboard;
+pub use dashboard::{Dashboard, StorageSize};
 
 use crate::AppState;
 

@@ -5,8 +5,9 @@
 //!
 //! Cost: reading the registry's text and a few atomics per second; the list of documents (one
 //! pass over the Yjs registry, top [`TOP_DOCUMENTS`]) only while someone watches; the change
-//! feed's status (one small query) every [`FEED_STATUS_EVERY`] while someone watches, on a task
-//! of its own with a timeout, so a slow database never delays a snapshot.
+//! feed's status (one small query) every [`FEED_STATUS_EVERY`] and the storage's size (file
+//! sizes, or a catalog query on PostgreSQL) every [`STORAGE_SIZE_EVERY`] while someone watches,
+//! each on a task of its own with a timeout, so a slow database never delays a snapshot.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -27,8 +28,10 @@ pub(crate) const HISTORY: usize = 600;
 pub(crate) const TOP_DOCUMENTS: usize = 50;
 /// How often the change feed's lag and registry are read while someone watches.
 const FEED_STATUS_EVERY: Duration = Duration::from_secs(5);
-/// Longest the change feed's status query may take.
-const FEED_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the storage's size is measured while someone watches.
+const STORAGE_SIZE_EVERY: Duration = Duration::from_secs(10);
+/// Longest a slow measurement (the change feed's status, the storage's size) may take.
+const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One plotted second.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -74,11 +77,50 @@ impl Feed {
     }
 }
 
-/// The last reading of the change feed's status, refreshed in the background.
-#[derive(Default)]
-struct FeedStatusCell {
-    value: Mutex<Option<Result<moai_pgsync::FeedStatus, String>>>,
+/// The last result of a measurement that is too slow to take every second (a query), refreshed
+/// in the background at most every `every`, bounded by a timeout.
+struct Periodic<T> {
+    value: Mutex<Option<Result<T, String>>>,
     asked: Mutex<Option<Instant>>,
+}
+
+impl<T: Clone + Send + 'static> Periodic<T> {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { value: Mutex::new(None), asked: Mutex::new(None) })
+    }
+
+    fn get(&self) -> Option<Result<T, String>> {
+        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts `measure` unless it ran within `every`.
+    fn refresh<F>(self: &Arc<Self>, every: Duration, measure: impl FnOnce() -> F)
+    where
+        F: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    {
+        {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            if asked.is_some_and(|at| at.elapsed() < every) {
+                return;
+            }
+            *asked = Some(Instant::now());
+        }
+        let cell = self.clone();
+        let running = measure();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(MEASURE_TIMEOUT, running).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("took longer than {} s", MEASURE_TIMEOUT.as_secs())),
+            };
+            *cell.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        });
+    }
+}
+
+/// The slow measurements of one sampler.
+struct Slow {
+    feed_status: Arc<Periodic<moai_pgsync::FeedStatus>>,
+    storage_size: Arc<Periodic<u64>>,
 }
 
 pub(crate) async fn run(state: AppState, feed: Arc<Feed>) {
@@ -86,7 +128,7 @@ pub(crate) async fn run(state: AppState, feed: Arc<Feed>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut previous: Option<(Instant, Sample)> = None;
-    let feed_status = Arc::new(FeedStatusCell::default());
+    let slow = Slow { feed_status: Periodic::new(), storage_size: Periodic::new() };
     loop {
         tokio::select! {
             _ = state.shutdown.token().cancelled() => return,
@@ -98,7 +140,7 @@ pub(crate) async fn run(state: AppState, feed: Arc<Feed>) {
         previous = Some((now, sample.clone()));
         feed.push(point);
         let watching = feed.latest.receiver_count() > 0;
-        let snapshot = snapshot(&state, &sample, point, started.elapsed(), watching, &feed_status);
+        let snapshot = snapshot(&state, &sample, point, started.elapsed(), watching, &slow);
         feed.latest.send_replace(Arc::from(snapshot.to_string()));
     }
 }
@@ -141,14 +183,7 @@ fn point(previous: Option<(Duration, &Sample)>, now: &Sample) -> Point {
     }
 }
 
-fn snapshot(
-    state: &AppState,
-    sample: &Sample,
-    point: Point,
-    uptime: Duration,
-    watching: bool,
-    feed_status: &Arc<FeedStatusCell>,
-) -> Value {
+fn snapshot(state: &AppState, sample: &Sample, point: Point, uptime: Duration, watching: bool, slow: &Slow) -> Value {
     let phase = state.readiness.phase();
     let storage_error = state.storage_health.failure();
     let (phase_name, phase_error) = match &phase {
@@ -189,10 +224,22 @@ fn snapshot(
             };
             json!({ "status": s, "instance": bus.instance().to_string(), "reason": reason })
         }),
+        "storage": Value::Null,
         "yjs": Value::Null,
         "cojson": Value::Null,
         "pgsync": Value::Null,
     });
+    if let Some(probe) = state.dashboard.storage_size() {
+        if watching {
+            slow.storage_size.refresh(STORAGE_SIZE_EVERY, || (probe.measure)());
+        }
+        v["storage"] = json!({ "what": probe.what });
+        match slow.storage_size.get() {
+            Some(Ok(bytes)) => v["storage"]["bytes"] = json!(bytes),
+            Some(Err(why)) => v["storage"]["size_error"] = json!(why),
+            None => {}
+        }
+    }
     let Phase::Ready(engines) = &phase else { return v };
     if let Some(yjs) = &engines.yjs {
         let limit = if watching { TOP_DOCUMENTS } else { 0 };
@@ -236,9 +283,11 @@ fn snapshot(
             "snapshot_connections": snapshots.open,
         });
         if watching {
-            refresh_feed_status(pgsync, feed_status);
+            let pgsync = pgsync.clone();
+            slow.feed_status
+                .refresh(FEED_STATUS_EVERY, move || async move { pgsync.status().await.map_err(|e| e.to_string()) });
         }
-        match &*feed_status.value.lock().unwrap_or_else(|p| p.into_inner()) {
+        match slow.feed_status.get() {
             Some(Ok(s)) => {
                 v["pgsync"]["lag_bytes"] = json!(s.lag_bytes);
                 v["pgsync"]["wal_end"] = json!(s.wal_end.to_string());
@@ -250,27 +299,6 @@ fn snapshot(
         }
     }
     v
-}
-
-/// Starts a status query unless one ran within [`FEED_STATUS_EVERY`].
-fn refresh_feed_status(pgsync: &moai_pgsync::PgSync, cell: &Arc<FeedStatusCell>) {
-    {
-        let mut asked = cell.asked.lock().unwrap_or_else(|p| p.into_inner());
-        if asked.is_some_and(|at| at.elapsed() < FEED_STATUS_EVERY) {
-            return;
-        }
-        *asked = Some(Instant::now());
-    }
-    let pgsync = pgsync.clone();
-    let cell = cell.clone();
-    tokio::spawn(async move {
-        let result = match tokio::time::timeout(FEED_STATUS_TIMEOUT, pgsync.status()).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the status query took longer than 2 s".to_owned()),
-        };
-        *cell.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-    });
 }
 
 #[cfg(test)]

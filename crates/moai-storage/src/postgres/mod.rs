@@ -157,6 +157,23 @@ impl PostgresStorage {
         self.submit(Job { op: Op::Probe, reply: Reply::Done(reply) }, answer).await
     }
 
+    /// Bytes moai's tables take in the database (their heap, indexes and TOAST, as
+    /// `pg_total_relation_size` counts them), for the server's dashboard. One catalog query on
+    /// a pooled connection.
+    pub async fn size_bytes(&self) -> Result<u64, StorageError> {
+        let (_open, conn) = self.connection().await?;
+        let schema = self.schema();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&schema];
+        let query = conn.query_one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+            &params,
+        );
+        let result = tokio::time::timeout(self.timeout(), query).await;
+        let row = self.finish(conn, result)?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
+
     /// Waits for every write queued so far to commit (or fail), and for running reads and
     /// compactions to finish, then closes the pool. Later writes and reads fail with
     /// [`StorageError::Closed`].
