@@ -391,6 +391,18 @@ const commands = {
     return { map: contentJSON(c.node.getLoaded(id)) }
   },
 
+  // A Jazz auth token for this client's account, exactly as jazz-tools' generateAuthToken makes
+  // it: the current agent signs secureHash({id, createdAt}); `createdAt` defaults to now.
+  async authToken ({ name, createdAt }) {
+    const c = getClient(name)
+    const node = c.node
+    const id = node.expectCurrentAccount('authToken').id
+    const at = createdAt ?? Date.now()
+    const payload = node.crypto.secureHash({ id, createdAt: at })
+    const signature = node.crypto.sign(node.getCurrentAgent().currentSignerSecret(), payload)
+    return { token: `${signature}~${id}~${at}` }
+  },
+
   async getMap ({ name, coId: id, timeoutMs }) {
     const c = getClient(name)
     return { map: contentJSON(await loadAvailable(c, id, timeoutMs)) }

@@ -19,6 +19,7 @@ mod durable;
 mod group_roles;
 mod header;
 mod ids;
+mod jazz_token;
 mod known_state;
 mod message;
 mod participant;
@@ -52,6 +53,8 @@ pub use relay::{Action, Event, PeerId, Relay};
 
 /// A member's role in a group, as [`Participant::add_member`] and [`Participant::role_of`] use it.
 pub use group_roles::Role;
+/// Jazz auth tokens (jazz-tools `generateAuthToken`), for the HTTP endpoints that accept them.
+pub use jazz_token::{JazzToken, JazzTokenError, JAZZ_TOKEN_LIFETIME_MS};
 /// Participant mode (docs/protocols/cojson-participant.md): the server's own cojson identity
 /// (`PEER_ID`/`PEER_SECRET`) and the sans-IO [`Participant`] that writes and reads content under
 /// it, with time and randomness ([`Entropy`]) as inputs.

@@ -10,9 +10,10 @@
 //! - `POST /trigger` `{"coId","key","value"}`: the server sets a key in a CoMap it may write.
 //!
 //! Deny by default: a caller needs a token that opens CoJSON (a plain token, or a scoped one
-//! made with `moai token --cojson`); on an open server (no SYNC_SHARED_SECRET) the API is open,
-//! as the sync endpoints are. Jazz auth tokens (`Authorization: Jazz …`) are refused with 401
-//! until accounts can be verified (docs/participant.md). Bad input is a 4xx with the JSON error
+//! made with `moai token --cojson`), or a Jazz auth token (`Authorization: Jazz …`, jazz-tools'
+//! `generateAuthToken`) of an account this server stores; on an open server (no
+//! SYNC_SHARED_SECRET) moai tokens are not needed, as on the sync endpoints. A Jazz account may
+//! register a name only for itself and trigger writes only where it may write itself. Bad input is a 4xx with the JSON error
 //! shape, never a 500. CORS is open (credentials travel in `Authorization`, not cookies).
 
 use axum::body::Bytes;
@@ -26,7 +27,7 @@ use moai_cojson::{ParticipantError, ParticipantService, ParticipantServiceError,
 use serde_json::{json, Value};
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::Resource;
+use crate::auth::{jazz_token, verify_jazz, Resource};
 use crate::caller::Caller;
 use crate::http_error::error_response;
 use crate::AppState;
@@ -48,25 +49,40 @@ pub(crate) fn cors() -> CorsLayer {
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
 }
 
+/// Who is calling: a moai token (or an open server) may do everything; a Jazz account only what
+/// concerns itself (see each handler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Who {
+    Operator,
+    Jazz(String),
+}
+
 /// The account, after auth; or the answer to give instead.
-fn participant(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Result<ParticipantService, Response> {
+async fn participant(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> Result<(ParticipantService, Who), Response> {
     let Some(participant) = caller.engines.participant.clone() else {
         return Err(error_response(
             StatusCode::NOT_FOUND,
             "this server has no account of its own (participant mode needs PEER_SECRET; see moai agent generate)",
         ));
     };
-    let jazz =
-        headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().starts_with("Jazz "));
-    if jazz {
-        state.metrics.rejected("auth");
-        return Err(error_response(StatusCode::UNAUTHORIZED, "Jazz tokens are not accepted yet; use a moai token"));
+    if let Some(token) = jazz_token(headers) {
+        return match verify_jazz(caller.engines.cojson.as_ref(), token).await {
+            Ok(account) => Ok((participant, Who::Jazz(account))),
+            Err((status, reason)) => {
+                state.metrics.rejected("auth");
+                Err(error_response(status, &reason))
+            }
+        };
     }
     if let Err(e) = caller.authorise(state, Resource::Cojson) {
         state.metrics.rejected("auth");
         return Err(error_response(e.http_status(), &e.to_string()));
     }
-    Ok(participant)
+    Ok((participant, Who::Operator))
 }
 
 fn failure(e: ParticipantServiceError) -> Response {
@@ -107,7 +123,7 @@ fn co_id(map: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<String, 
 }
 
 pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Response {
-    let participant = match participant(&state, &caller, &headers) {
+    let (participant, _) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -131,7 +147,8 @@ pub(crate) async fn on_added(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let participant = match participant(&state, &caller, &headers) {
+    // Any account may tell the server it was added somewhere; the server checks its own role.
+    let (participant, _) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -152,7 +169,7 @@ pub(crate) async fn register_human(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let participant = match participant(&state, &caller, &headers) {
+    let (participant, who) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -171,6 +188,10 @@ pub(crate) async fn register_human(
         Ok(a) => a,
         Err(r) => return r,
     };
+    // A Jazz account registers a name for itself only.
+    if matches!(&who, Who::Jazz(me) if *me != account) {
+        return error_response(StatusCode::FORBIDDEN, "a Jazz account may register a name for itself only");
+    }
     match participant.register_human(&username, &account).await {
         Ok(Registration::Registered) => {
             Json(json!({ "ok": true, "username": username, "accountId": account })).into_response()
@@ -191,7 +212,7 @@ pub(crate) async fn trigger(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let participant = match participant(&state, &caller, &headers) {
+    let (participant, who) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -209,7 +230,12 @@ pub(crate) async fn trigger(
     let Some(value) = map.get("value").cloned() else {
         return error_response(StatusCode::BAD_REQUEST, "value required (any JSON)");
     };
-    match participant.trigger(&id, key, value).await {
+    // A Jazz account makes the server write only where it may write itself.
+    let on_behalf_of = match &who {
+        Who::Jazz(account) => Some(account.as_str()),
+        Who::Operator => None,
+    };
+    match participant.trigger(&id, key, value, on_behalf_of).await {
         Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key })).into_response(),
         Err(e) => failure(e),
     }

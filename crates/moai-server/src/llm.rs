@@ -184,6 +184,8 @@ enum LlmCaller {
     MoaiToken { subject: String },
     /// An open proxy (`--llm-allow-open`): the account is the client's IP address.
     Anonymous { ip: String },
+    /// A Jazz account, by its verified auth token: the account is its id.
+    Jazz { account: String },
 }
 
 impl LlmCaller {
@@ -191,6 +193,7 @@ impl LlmCaller {
         match self {
             LlmCaller::MoaiToken { subject } => subject.clone(),
             LlmCaller::Anonymous { ip } => format!("ip:{ip}"),
+            LlmCaller::Jazz { account } => account.clone(),
         }
     }
 }
@@ -198,15 +201,12 @@ impl LlmCaller {
 /// The credential a request presents.
 ///
 /// `Authorization: Jazz <token>` is what jazz-tools' `generateAuthToken` produces for a Jazz
-/// account calling a server. Verifying it needs the account's current signer, read from the
-/// account CoValue, which moai cannot do yet (it relays CoJSON without taking part in it). Such
-/// a request is refused with 401 and a message saying so; once the account can be loaded and
-/// the token checked against its signer, it becomes an [`LlmCaller`] of its own keyed by the
-/// account id, and nothing else here changes.
+/// account calling a server; it is checked against the account's header as this server stores
+/// it (`crate::auth::verify_jazz`), and the account id is the caller for limits and metrics.
 #[derive(Debug, PartialEq, Eq)]
 enum Credential {
     Moai(String),
-    Jazz,
+    Jazz(String),
     None,
 }
 
@@ -214,7 +214,7 @@ fn credential(headers: &HeaderMap, query: Option<&str>) -> Credential {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let scheme = authorization.split_whitespace().next().unwrap_or("");
     if scheme.eq_ignore_ascii_case("jazz") {
-        return Credential::Jazz;
+        return Credential::Jazz(crate::auth::jazz_token(headers).unwrap_or_default().to_owned());
     }
     match token_from_request(headers, query) {
         Some(token) if !token.is_empty() => Credential::Moai(token),
@@ -223,7 +223,7 @@ fn credential(headers: &HeaderMap, query: Option<&str>) -> Credential {
 }
 
 #[allow(clippy::result_large_err)] // the error is the response itself, built once per refusal
-fn identify(
+async fn identify(
     state: &AppState,
     edge: &LlmEdge,
     headers: &HeaderMap,
@@ -244,11 +244,13 @@ fn identify(
         resp
     };
     let token = match credential(headers, query) {
-        Credential::Jazz => {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                "Jazz tokens are not accepted yet; call the LLM proxy with a moai token (docs/llm-proxy.md)",
-            ))
+        Credential::Jazz(token) => {
+            let engines = state.readiness.engines();
+            let cojson = engines.as_ref().and_then(|e| e.cojson.as_ref());
+            return match crate::auth::verify_jazz(cojson, &token).await {
+                Ok(account) => Ok(LlmCaller::Jazz { account }),
+                Err((status, reason)) => Err(refuse(status, &reason)),
+            };
         }
         Credential::Moai(token) => Some(token),
         Credential::None => None,
@@ -280,7 +282,7 @@ async fn chat(State(state): State<AppState>, request: Request) -> Response {
     };
     let (parts, body) = request.into_parts();
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let caller = match identify(&state, &edge, &parts.headers, parts.uri.query(), peer) {
+    let caller = match identify(&state, &edge, &parts.headers, parts.uri.query(), peer).await {
         Ok(caller) => caller,
         Err(resp) => return resp,
     };
@@ -336,7 +338,7 @@ async fn models(State(state): State<AppState>, request: Request) -> Response {
     };
     let (parts, _) = request.into_parts();
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    if let Err(resp) = identify(&state, &edge, &parts.headers, parts.uri.query(), peer) {
+    if let Err(resp) = identify(&state, &edge, &parts.headers, parts.uri.query(), peer).await {
         return resp;
     }
     let policy = edge.proxy.models();
@@ -469,9 +471,9 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer u:ab".parse().unwrap());
         assert_eq!(credential(&h, None), Credential::Moai("u:ab".into()));
         h.insert(header::AUTHORIZATION, "Jazz co_zabc_...".parse().unwrap());
-        assert_eq!(credential(&h, Some("token=u%3Aab")), Credential::Jazz);
+        assert_eq!(credential(&h, Some("token=u%3Aab")), Credential::Jazz("co_zabc_...".into()));
         h.insert(header::AUTHORIZATION, "jazz x".parse().unwrap());
-        assert_eq!(credential(&h, None), Credential::Jazz);
+        assert!(matches!(credential(&h, None), Credential::Jazz(_)));
     }
 
     #[test]

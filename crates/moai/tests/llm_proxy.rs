@@ -714,7 +714,7 @@ async fn calls_need_a_token_that_opens_the_proxy() {
     )
     .await;
     assert_eq!(jazz.status, 401);
-    assert!(jazz.json().await["error"].as_str().unwrap().contains("Jazz tokens are not accepted yet"));
+    assert!(jazz.json().await["error"].as_str().unwrap().contains("not a Jazz auth token"));
     assert!(fake.received().is_empty(), "no refused call reached the upstream");
 
     // A plain token opens everything, the proxy included; a scoped one must name it.
@@ -873,4 +873,55 @@ async fn logs_never_show_prompts_answers_keys_or_tokens() {
             assert!(!line.contains(secret), "{secret:?} logged: {line}");
         }
     }
+}
+
+/// A Jazz account calls the proxy with a Jazz auth token (what jazz-tools' `generateAuthToken`
+/// makes); its usage is counted under its account id. A token of an account this server does
+/// not store is refused.
+#[tokio::test]
+async fn a_jazz_account_calls_the_proxy_with_its_auth_token() {
+    let fake = Fake::start().await;
+    let server = moai(&fake, &[]);
+    server.wait_ready();
+    // A plain token: it opens CoJSON (a token scoped to the proxy alone would not).
+    let plain = Auth::with_secret(SECRET).mint(&Claims { sub: "app".into(), ..Claims::default() }).unwrap();
+    let sync = format!("{}?token={plain}", server.ws_url("/sync"));
+    let (account, jazz_token, stranger) = tokio::task::spawn_blocking(move || {
+        let mut c = support::node_driver::NodeDriver::cojson();
+        let account =
+            c.call("createAccount", json!({"name": "ann", "url": sync}))["accountId"].as_str().unwrap().to_owned();
+        let jazz_token = c.call("authToken", json!({"name": "ann"}))["token"].as_str().unwrap().to_owned();
+        // An account created on another server (never synced here): unknown to this one.
+        let other = Server::start(&[]);
+        other.wait_ready();
+        c.call("createAccount", json!({"name": "eve", "url": other.ws_url("/sync")}));
+        let stranger = c.call("authToken", json!({"name": "eve"}))["token"].as_str().unwrap().to_owned();
+        (account, jazz_token, stranger)
+    })
+    .await
+    .unwrap();
+    let body = request(json!({}));
+    let auth = format!("Jazz {jazz_token}");
+    let ok = call(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", auth.as_str())],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let m = metrics(&server);
+    assert!(m.contains(&format!("account=\"{account}\"")), "usage counted under the Jazz account");
+    let auth = format!("Jazz {stranger}");
+    let refused = call(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", auth.as_str())],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.json().await["error"].as_str().unwrap().contains("not known"));
 }

@@ -221,3 +221,61 @@ fn the_agent_api_denies_by_default_when_tokens_are_required() {
     );
     assert_eq!(status, 200);
 }
+
+/// Jazz auth tokens (what jazz-tools' `generateAuthToken` makes) on the agent API: the account
+/// they name is the caller; a forged, expired or unknown one is refused; an account may register
+/// a name only for itself and trigger writes only where it may write itself.
+#[test]
+fn jazz_auth_tokens_identify_accounts_on_the_agent_api() {
+    let (server, server_account) = start_agent(&["--sync-shared-secret", "jazz-test-secret"], &[]);
+    let mut c = NodeDriver::cojson();
+    let token = {
+        let out = Command::new(BIN).args(["token", "alice", "--secret", "jazz-test-secret"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let url = format!("{}?token={token}", server.ws_url("/sync"));
+    let alice = c.call("createAccount", json!({"name": "alice", "url": url}))["accountId"].as_str().unwrap().to_owned();
+    let bob = c.call("createAccount", json!({"name": "bob", "url": url}))["accountId"].as_str().unwrap().to_owned();
+    let jazz = |c: &mut NodeDriver, name: &str, created_at: Option<u64>| {
+        let mut args = json!({"name": name});
+        if let Some(at) = created_at {
+            args["createdAt"] = json!(at);
+        }
+        format!("Jazz {}", c.call("authToken", args)["token"].as_str().unwrap())
+    };
+    let alice_token = jazz(&mut c, "alice", None);
+    let get = |auth: &str| support::http(server.addr, "GET", "/profile", &[("Authorization", auth)], b"").0;
+    assert_eq!(get(&alice_token), 200);
+
+    // Expired (jazz-tools accepts 60 s), forged (another account's id), garbage: 401.
+    let old = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 - 120_000;
+    assert_eq!(get(&jazz(&mut c, "alice", Some(old))), 401);
+    let forged = alice_token.replace(&alice, &bob);
+    assert_eq!(get(&forged), 401);
+    assert_eq!(get("Jazz not-a-token"), 401);
+
+    // Registering: for itself only.
+    let auth = [("Authorization", alice_token.as_str())];
+    assert_eq!(post(&server, "/register-human", &auth, json!({"username": "alice", "accountId": alice})).0, 200);
+    assert_eq!(post(&server, "/register-human", &auth, json!({"username": "bobby", "accountId": bob})).0, 403);
+
+    // Triggering: only where the caller may write. Alice's group has the server as writer;
+    // Bob is only a reader there.
+    let group = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    c.call(
+        "addMember",
+        json!({"name": "alice", "groupId": group, "memberAccountId": server_account, "role": "writer"}),
+    );
+    c.call("addMember", json!({"name": "alice", "groupId": group, "memberAccountId": bob, "role": "reader"}));
+    let map = c.call("createMap", json!({"name": "alice", "groupId": group, "init": {"n": 0}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.call("waitSynced", json!({"name": "alice"}));
+    let bob_token = jazz(&mut c, "bob", None);
+    let as_bob = [("Authorization", bob_token.as_str())];
+    assert_eq!(post(&server, "/trigger", &as_bob, json!({"coId": map, "key": "n", "value": 1})).0, 403);
+    let (status, body) = post(&server, "/trigger", &auth, json!({"coId": map, "key": "n", "value": 2}));
+    assert_eq!(status, 200, "{body}");
+    c.call("waitMap", json!({"name": "alice", "coId": map, "key": "n", "equals": 2, "timeoutMs": 15000}));
+}

@@ -67,10 +67,8 @@ impl Receiver {
                             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
                         }
                     }
-                    let len: usize = headers
-                        .iter()
-                        .find(|(k, _)| k == "content-length")
-                        .map_or(0, |(_, v)| v.parse().unwrap());
+                    let len: usize =
+                        headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
                     let mut body = vec![0; len];
                     reader.read_exact(&mut body).unwrap();
                     let status = script.lock().unwrap().pop_front().unwrap_or(Some(204));
@@ -79,7 +77,8 @@ impl Receiver {
                     cv.notify_all();
                     match status {
                         Some(code) => {
-                            let _ = write!(stream, "HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                            let _ =
+                                write!(stream, "HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                         }
                         // Never answers: holds the connection until the test ends.
                         None => std::thread::sleep(Duration::from_secs(60)),
@@ -211,8 +210,10 @@ fn covalues_a_cojson_client_creates_are_reported() {
     let mut c = NodeDriver::cojson();
     c.call("createAccount", json!({"name": "a", "url": server.ws_url("/sync")}));
     let group = c.call("createGroup", json!({"name": "a"}))["groupId"].as_str().unwrap().to_owned();
-    let map =
-        c.call("createMap", json!({"name": "a", "groupId": group, "init": {"k": 1}}))["mapId"].as_str().unwrap().to_owned();
+    let map = c.call("createMap", json!({"name": "a", "groupId": group, "init": {"k": 1}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     c.call("waitSynced", json!({"name": "a"}));
     let r = receiver.find(|b| b["id"] == map.as_str());
     assert_signed(&r);

@@ -150,6 +150,15 @@ impl CojsonService {
         })
     }
 
+    /// The stored header of CoValue `id` (`None`: not stored, or unreadable). For Jazz auth
+    /// tokens, whose signer is named in the account's header.
+    pub async fn stored_header(&self, id: &str) -> Result<Option<serde_json::Value>, ServiceStopped> {
+        let Ok(id) = crate::ids::CoId::parse(id) else { return Ok(None) };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Header { id, reply }).await.map_err(|_| ServiceStopped)?;
+        answer.await.map_err(|_| ServiceStopped)
+    }
+
     /// Counters for /metrics.
     pub fn stats(&self) -> CojsonStats {
         self.stats.snapshot()

@@ -85,7 +85,7 @@ enum Command {
     Profile(Reply<ProfileView>),
     OnAdded { id: String, reply: Reply<Value> },
     RegisterHuman { username: String, account: String, reply: Reply<Registration> },
-    Trigger { id: String, key: String, value: Value, reply: Reply<()> },
+    Trigger { id: String, key: String, value: Value, on_behalf_of: Option<String>, reply: Reply<()> },
 }
 
 /// Keys of the server's profile that name its own CoMaps.
@@ -179,9 +179,16 @@ impl ParticipantService {
     }
 
     /// Sets `key` to `value` in the CoMap `id`, as the server (it needs a write role there).
-    pub async fn trigger(&self, id: &str, key: &str, value: Value) -> Result<(), ParticipantServiceError> {
-        let (id, key) = (id.to_owned(), key.to_owned());
-        self.ask(|reply| Command::Trigger { id, key, value, reply }).await
+    /// `on_behalf_of`: an account that asked for it, which must have a write role there itself.
+    pub async fn trigger(
+        &self,
+        id: &str,
+        key: &str,
+        value: Value,
+        on_behalf_of: Option<&str>,
+    ) -> Result<(), ParticipantServiceError> {
+        let (id, key, on_behalf_of) = (id.to_owned(), key.to_owned(), on_behalf_of.map(str::to_owned));
+        self.ask(|reply| Command::Trigger { id, key, value, on_behalf_of, reply }).await
     }
 }
 
@@ -207,8 +214,8 @@ impl ParticipantTask {
                 Command::RegisterHuman { username, account, reply } => {
                     let _ = reply.send(self.register_human(&username, &account).await);
                 }
-                Command::Trigger { id, key, value, reply } => {
-                    let _ = reply.send(self.trigger(&id, &key, value).await);
+                Command::Trigger { id, key, value, on_behalf_of, reply } => {
+                    let _ = reply.send(self.trigger(&id, &key, value, on_behalf_of.as_deref()).await);
                 }
             }
         }
@@ -274,14 +281,7 @@ impl ParticipantTask {
         if !self.sync(&co).await? {
             return Err(ParticipantServiceError::NotFound(id.to_owned()));
         }
-        // The group that decides who reads it: itself for a group, else its owner.
-        let header = self.headers.get(&co).cloned().unwrap_or(Value::Null);
-        let ruleset = &header["ruleset"];
-        let group = match ruleset["type"].as_str() {
-            Some("group") => id.to_owned(),
-            Some("ownedByGroup") => ruleset["group"].as_str().unwrap_or_default().to_owned(),
-            _ => return Err(ParticipantError::NotAMap(id.to_owned()).into()),
-        };
+        let group = self.owner_group(&co)?;
         let me = self.participant.identity().account_id().to_owned();
         let role = self.participant.role_of(&group, &me)?;
         let Some(role) = role.filter(|r| r.as_str() != "revoked") else {
@@ -292,6 +292,17 @@ impl ParticipantTask {
         self.participant.set(&given, id, record.clone(), WritePrivacy::Private, now_ms())?;
         self.flush().await?;
         Ok(record)
+    }
+
+    /// The group that decides who reads and writes `co`: itself for a group, else its owner.
+    fn owner_group(&self, co: &CoId) -> Result<String, ParticipantServiceError> {
+        let header = self.headers.get(co).cloned().unwrap_or(Value::Null);
+        let ruleset = &header["ruleset"];
+        match ruleset["type"].as_str() {
+            Some("group") => Ok(co.as_str().to_owned()),
+            Some("ownedByGroup") => Ok(ruleset["group"].as_str().unwrap_or_default().to_owned()),
+            _ => Err(ParticipantError::NotAMap(co.to_string()).into()),
+        }
     }
 
     async fn register_human(&mut self, username: &str, account: &str) -> Result<Registration, ParticipantServiceError> {
@@ -312,10 +323,24 @@ impl ParticipantTask {
         Ok(Registration::Registered)
     }
 
-    async fn trigger(&mut self, id: &str, key: &str, value: Value) -> Result<(), ParticipantServiceError> {
+    async fn trigger(
+        &mut self,
+        id: &str,
+        key: &str,
+        value: Value,
+        on_behalf_of: Option<&str>,
+    ) -> Result<(), ParticipantServiceError> {
         let co = parse(id)?;
         if !self.sync(&co).await? {
             return Err(ParticipantServiceError::NotFound(id.to_owned()));
+        }
+        if let Some(account) = on_behalf_of {
+            let group = self.owner_group(&co)?;
+            let role = self.participant.role_of(&group, account)?;
+            let writes = role.is_some_and(|r| matches!(r.as_str(), "admin" | "manager" | "writer"));
+            if !writes {
+                return Err(ParticipantError::NotPermitted(format!("{account} may not write {id}")).into());
+            }
         }
         self.participant.set(id, key, value, WritePrivacy::Private, now_ms())?;
         self.flush().await

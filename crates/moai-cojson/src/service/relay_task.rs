@@ -52,6 +52,11 @@ pub(crate) enum Command {
     Leave {
         peer: PeerId,
     },
+    /// The stored header of a CoValue (Jazz auth tokens need an account's).
+    Header {
+        id: CoId,
+        reply: tokio::sync::oneshot::Sender<Option<serde_json::Value>>,
+    },
 }
 
 /// From storage tasks back to the relay task.
@@ -215,6 +220,21 @@ impl RelayTask {
                 if self.peers.remove(&peer).is_some() {
                     self.run_event(Event::PeerDisconnected(peer));
                 }
+            }
+            Command::Header { id, reply } => {
+                // Off the relay task, like every storage read; nothing of the relay changes.
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let header = match store.load_covalue(id.as_str()).await {
+                        Ok(Some(record)) => serde_json::from_str(&record.header).ok(),
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(covalue = %id, error = %e, "reading a stored header failed");
+                            None
+                        }
+                    };
+                    let _ = reply.send(header);
+                });
             }
         }
     }

@@ -7,8 +7,10 @@
 
 mod carrier;
 mod grant;
+mod jazz;
 mod token;
 
 pub use carrier::{percent_decode, token_from_request, BEARER_PROTOCOL_PREFIX};
 pub use grant::{Grant, Resource};
+pub use jazz::{jazz_token, verify_jazz};
 pub use token::{Auth, AuthError, Claims};
