@@ -117,7 +117,8 @@
     const conns = s.connections || {}
     const total = Object.values(conns).reduce((a, b) => a + b, 0)
     text('conn-total', num(total))
-    text('conn-split', ['yjs', 'cojson', 'pgsync'].map((p) => p + ' ' + num(conns[p] || 0)).join(' · '))
+    const protocols = ['yjs', 'cojson', 'pgsync'].concat(Object.keys(conns).filter((p) => !['yjs', 'cojson', 'pgsync'].includes(p)).sort())
+    text('conn-split', protocols.map((p) => p + ' ' + num(conns[p] || 0)).join(' · '))
     const p = s.point || {}
     text('deliveries', num(p.deliveries, 1))
     text('received', num(p.received, 1) + '/s received')
