@@ -7,6 +7,9 @@
 #   SERVERS="relay hocuspocus" SCENARIOS="fanout-max" bench/run-yjs.sh
 #   SERVERS="moai moai-pg" bench/run-yjs.sh   # moai on SQLite beside moai on PostgreSQL storage
 #   SERVERS="moai moai-pg moai-pg-s3" …        # … and on PostgreSQL + snapshots in S3 (moto)
+#   SERVERS="moai-pg moai-cluster" SCENARIOS="fanout-paced fanout-max" …
+#                                            # one instance beside three sharing PostgreSQL and
+#                                            # Redis: writers on instance A, readers on B and C
 #
 # Every server is started fresh for every scenario run (clean RSS, CPU and state), on
 # 127.0.0.1 only, and the servers are interleaved within each run so machine noise spreads over
@@ -33,22 +36,34 @@ RESULTS="$BENCH/results/$(date +%Y%m%d-%H%M%S)"
 TMP="$(mktemp -d)"
 mkdir -p "$RESULTS"
 SERVER_PID=""
+EXTRA_PIDS=()      # further processes of the server under test (moai-cluster's instances B, C)
+READER_URLS=()     # where fanout's readers connect when not to $URL (moai-cluster: B, C)
 
 log() { printf '[run-yjs] %s\n' "$*" >&2; }
 
 stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  # SIGTERM every process of the server at once, then wait for each (KILL after 5 s).
+  local pids=() pid
+  [ -n "$SERVER_PID" ] && pids+=("$SERVER_PID")
+  pids+=("${EXTRA_PIDS[@]}")
+  [ "${#pids[@]}" -gt 0 ] || return 0
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   SERVER_PID=""
+  EXTRA_PIDS=()
+  READER_URLS=()
 }
 # shellcheck source=bench/lib/pg.sh
 source "$BENCH/lib/pg.sh"
 # shellcheck source=bench/lib/s3.sh
 source "$BENCH/lib/s3.sh"
-cleanup() { stop_server; pg_cluster_stop; s3_stop; rm -rf "$TMP"; }
+# shellcheck source=bench/lib/redis.sh
+source "$BENCH/lib/redis.sh"
+cleanup() { stop_server; pg_cluster_stop; s3_stop; redis_stop; rm -rf "$TMP"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -59,9 +74,13 @@ log "installing peers (npm ci)"
   || { cat "$RESULTS/npm-ci.log" >&2; exit 1; }
 log "building yjs-load"
 cargo build --release --quiet --manifest-path "$BENCH/yjs-load/Cargo.toml"
-if [[ " $SERVERS " == *" moai-pg"* ]]; then
-  log "starting a PostgreSQL cluster for moai-pg"
+if [[ " $SERVERS " == *" moai-pg"* || " $SERVERS " == *" moai-cluster "* ]]; then
+  log "starting a PostgreSQL cluster for moai-pg / moai-cluster"
   pg_cluster_start
+fi
+if [[ " $SERVERS " == *" moai-cluster "* ]]; then
+  log "starting a Redis server for moai-cluster"
+  redis_start
 fi
 if [[ " $SERVERS " == *" moai-pg-s3 "* ]]; then
   log "starting an S3-compatible server (moto) for moai-pg-s3"
@@ -69,8 +88,9 @@ if [[ " $SERVERS " == *" moai-pg-s3 "* ]]; then
 fi
 if [[ " $SERVERS " == *" moai"* ]]; then
   log "building moai"
-  if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet); then
+  if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet -p moai); then
     log "moai does not build; skipping it"
+    SERVERS="${SERVERS//moai-cluster/}"
     SERVERS="${SERVERS//moai-pg-s3/}"
     SERVERS="${SERVERS//moai-pg/}"
     SERVERS="${SERVERS//moai/}"
@@ -87,33 +107,56 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # thousands of sockets in `idle`
 } >"$RESULTS/summary.md"
 
 # ---------------------------------------------------------------------------------------------
-# Servers. start_server NAME PORT sets SERVER_PID, URL and PROTO, or returns 1.
+# Servers. start_server NAME PORT sets SERVER_PID, URL and PROTO (and for a cluster EXTRA_PIDS and
+# READER_URLS), or returns 1. PORT, PORT+1 and PORT+2 are its to use.
 start_server() {
   local name="$1" port="$2" dir="$TMP/$1-$2"
   mkdir -p "$dir"
+  # moai reads REDIS_URL: only moai-cluster's instances get one.
+  local moai_env=(env -u SYNC_SHARED_SECRET -u REDIS_URL)
   PROTO=y-websocket
   URL="ws://127.0.0.1:$port/sync/v1"
   case "$name" in
     moai)
-      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+      "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --db-path "$dir/db.sqlite" --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
     moai-pg)
       # The same binary on PostgreSQL storage: a fresh database per start, in one cluster.
-      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+      "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --storage "$(pg_fresh_db yjs)" --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
     moai-pg-s3)
       # PostgreSQL storage with Yjs snapshots in S3 (moto): a fresh database and bucket per start.
-      env -u SYNC_SHARED_SECRET "$MOAI" serve --host 127.0.0.1 --port "$port" \
+      "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$port" \
         --storage "$(pg_fresh_db yjs)" --s3-url "$(s3_fresh_bucket yjs)" --s3-endpoint "$S3_ENDPOINT" \
         --log-format json >"$dir/server.log" 2>&1 &
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
+      ;;
+    moai-cluster)
+      # Three instances (A on PORT, B on PORT+1, C on PORT+2) sharing one fresh PostgreSQL
+      # database and one emptied Redis: writers connect to A, fanout's readers to B and C.
+      local storage redis p i=0 logs=(server server-b server-c)
+      storage="$(pg_fresh_db yjs)"
+      redis="$(redis_fresh)"
+      for p in "$port" $((port + 1)) $((port + 2)); do
+        "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$p" \
+          --storage "$storage" --redis-url "$redis" --log-format json >"$dir/${logs[$i]}.log" 2>&1 &
+        if [ "$i" = 0 ]; then SERVER_PID=$!; else EXTRA_PIDS+=($!); READER_URLS+=("ws://127.0.0.1:$p/sync/v1"); fi
+        i=$((i + 1))
+      done
+      for p in "$port" $((port + 1)) $((port + 2)); do
+        "$MOAI" wait-ready "http://127.0.0.1:$p/health" --timeout 30s >/dev/null 2>&1 || return 1
+      done
+      local u
+      for u in "${READER_URLS[@]}"; do
+        "$LOAD" probe --url "$u" --protocol "$PROTO" --wait-s 15 2>>"$dir/server.log" || return 1
+      done
       ;;
     y-websocket-server)
       node "$BENCH/peers/ywss.mjs" --port "$port" >"$dir/server.log" 2>&1 &
@@ -133,6 +176,15 @@ start_server() {
   esac
   # Ready means: a client can open a document and receive SyncStep2.
   "$LOAD" probe --url "$URL" --protocol "$PROTO" --wait-s 15 2>>"$dir/server.log"
+}
+
+# copy_logs DIR OUT: DIR/server.log → OUT.server.log (and a cluster's server-b.log, server-c.log).
+copy_logs() {
+  local f
+  for f in "$1"/server*.log; do
+    [ -e "$f" ] && cp "$f" "$2.$(basename "$f")"
+  done
+  return 0
 }
 
 scenario_args() {
@@ -159,25 +211,31 @@ for run in $(seq "$RUNS"); do
   for scenario in $SCENARIOS; do
     for server in $SERVERS; do
       [ -n "${UNAVAILABLE[$server]:-}" ] && continue
-      port=$((port + 1))
+      port=$((port + 3))   # moai-cluster uses three
       out="$RESULTS/$scenario--$server--$run"
       if ! start_server "$server" "$port"; then
         log "$server did not come up on $URL (see $out.server.log); skipping it from now on"
-        cp "$TMP/$server-$port/server.log" "$out.server.log" 2>/dev/null || true
-        UNAVAILABLE[$server]=1
         stop_server
+        copy_logs "$TMP/$server-$port" "$out"
+        UNAVAILABLE[$server]=1
         continue
       fi
-      log "run $run/$RUNS $scenario on $server (pid $SERVER_PID)"
+      log "run $run/$RUNS $scenario on $server (pid $SERVER_PID${EXTRA_PIDS[*]:+ ${EXTRA_PIDS[*]}})"
+      # A cluster's readers go to its other instances (fanout only; other scenarios load A alone).
+      cluster_args=()
+      if [ "${#READER_URLS[@]}" -gt 0 ] && [[ "$scenario" == fanout-* ]]; then
+        for u in "${READER_URLS[@]}"; do cluster_args+=(--reader-url "$u"); done
+        for p in "${EXTRA_PIDS[@]}"; do cluster_args+=(--extra-server-pid "$p"); done
+      fi
       # shellcheck disable=SC2046
       if ! timeout 300 "$LOAD" --case "$scenario" $(scenario_args "$scenario" "$server") \
-          --url "$URL" --protocol "$PROTO" --label "$server" --server-pid "$SERVER_PID" \
+          --url "$URL" --protocol "$PROTO" --label "$server" --server-pid "$SERVER_PID" "${cluster_args[@]}" \
           >"$out.json" 2>"$out.log"; then
         log "  failed (see $out.log)"
         : # the empty or partial .json is listed as an anomaly by the report
       fi
       stop_server
-      cp "$TMP/$server-$port/server.log" "$out.server.log" 2>/dev/null || true
+      copy_logs "$TMP/$server-$port" "$out"
     done
   done
 done

@@ -54,10 +54,18 @@ impl Target {
     }
 }
 
+/// A server URL clients connect to, resolved (loopback only).
+pub struct Endpoint {
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
 /// Everything a run shares between its clients.
 pub struct Run {
     pub target: Target,
-    pub addr: SocketAddr,
+    /// Where clients connect: `[0]` is `--url`; others are added with [`Run::add_endpoint`]
+    /// (fanout's `--reader-url`: instances of one cluster).
+    pub endpoints: Vec<Endpoint>,
     pub counters: Arc<Counters>,
     pub shutdown_tx: watch::Sender<bool>,
     pub shutdown: watch::Receiver<bool>,
@@ -70,7 +78,7 @@ impl Run {
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Self {
             target: target.clone(),
-            addr,
+            endpoints: vec![Endpoint { url: target.url.clone(), addr }],
             counters: Arc::new(Counters::default()),
             shutdown_tx,
             shutdown,
@@ -78,10 +86,18 @@ impl Run {
         })
     }
 
-    fn params(&self, doc: &str) -> SessionParams {
+    /// Adds another URL clients may connect to (same protocol and token); returns its index.
+    pub async fn add_endpoint(&mut self, url: &str) -> Result<usize> {
+        let addr = client::loopback_addr(url).await?;
+        self.endpoints.push(Endpoint { url: url.to_owned(), addr });
+        Ok(self.endpoints.len() - 1)
+    }
+
+    fn params(&self, endpoint: usize, doc: &str) -> SessionParams {
+        let ep = &self.endpoints[endpoint];
         SessionParams {
-            url: client::doc_url(&self.target.url, self.target.protocol, doc, &self.target.token),
-            addr: self.addr,
+            url: client::doc_url(&ep.url, self.target.protocol, doc, &self.target.token),
+            addr: ep.addr,
             framer: Framer::new(self.target.protocol, doc),
             token: self.target.token.clone(),
             counters: self.counters.clone(),
@@ -92,9 +108,19 @@ impl Run {
 
     /// Opens one client and waits until it is synced; returns it with its connect+sync time.
     pub async fn open_synced<H: Handler>(&self, doc: &str, handler: H) -> Result<(Session<H>, Duration)> {
+        self.open_synced_at(0, doc, handler).await
+    }
+
+    /// [`Run::open_synced`] on endpoint `endpoint` (an index into [`Run::endpoints`]).
+    pub async fn open_synced_at<H: Handler>(
+        &self,
+        endpoint: usize,
+        doc: &str,
+        handler: H,
+    ) -> Result<(Session<H>, Duration)> {
         let t0 = Instant::now();
         let limit = Duration::from_secs(self.target.connect_timeout_s);
-        let mut session = tokio::time::timeout(limit, client::open(self.params(doc), handler))
+        let mut session = tokio::time::timeout(limit, client::open(self.params(endpoint, doc), handler))
             .await
             .map_err(|_| anyhow::anyhow!("connect timed out after {limit:?}"))??;
         let synced_at = session.wait_synced(limit).await?;
@@ -107,15 +133,23 @@ impl Run {
         self: &Arc<Self>,
         clients: Vec<(String, H)>,
     ) -> Vec<Result<(Session<H>, Duration)>> {
+        self.open_many_at(clients.into_iter().map(|(doc, h)| (0, doc, h)).collect()).await
+    }
+
+    /// [`Run::open_many`] with an endpoint per client: `(endpoint, doc, handler)`.
+    pub async fn open_many_at<H: Handler>(
+        self: &Arc<Self>,
+        clients: Vec<(usize, String, H)>,
+    ) -> Vec<Result<(Session<H>, Duration)>> {
         let gate = Arc::new(Semaphore::new(self.target.connect_concurrency.max(1)));
         let mut set = JoinSet::new();
         let n = clients.len();
-        for (i, (doc, handler)) in clients.into_iter().enumerate() {
+        for (i, (endpoint, doc, handler)) in clients.into_iter().enumerate() {
             let run = self.clone();
             let gate = gate.clone();
             set.spawn(async move {
                 let _permit = gate.acquire_owned().await;
-                (i, run.open_synced(&doc, handler).await)
+                (i, run.open_synced_at(endpoint, &doc, handler).await)
             });
         }
         let mut out: Vec<Option<Result<(Session<H>, Duration)>>> = (0..n).map(|_| None).collect();

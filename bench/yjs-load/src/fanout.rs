@@ -5,6 +5,10 @@
 //! expected delivery arrived or nothing arrived for `--drain-timeout-s`, report.
 //! Expected deliveries = N × W × K × (M − 1): every update to every *other* client of its
 //! document. Echoes to the sender are counted separately.
+//!
+//! With `--reader-url` (repeatable) the writers connect to `--url` and the readers round-robin
+//! to the reader URLs (instances of one cluster: writers on A, readers on B and C), same
+//! document names and protocol; the report names every URL and how many clients each got.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,6 +47,15 @@ pub struct FanoutArgs {
     /// Give up waiting for missing deliveries after this long without any progress.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// Readers (every client that is not a writer) connect here instead of `--url`, round-robin
+    /// over the given URLs within each document (repeatable). Writers stay on `--url`.
+    /// Absent: every client connects to `--url`.
+    #[arg(long = "reader-url", value_name = "URL")]
+    pub reader_urls: Vec<String>,
+    /// Further processes of the server under test (e.g. the instances behind `--reader-url`):
+    /// their CPU time and RSS are sampled like `--server-pid`'s (repeatable).
+    #[arg(long = "extra-server-pid", value_name = "PID")]
+    pub extra_server_pids: Vec<u32>,
 }
 
 pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
@@ -54,7 +67,19 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     let writer_docs: Vec<usize> = (0..a.docs).flat_map(|d| std::iter::repeat_n(d, a.writers)).collect();
     let log_ = Arc::new(SendLog::new(&writer_docs, a.updates, base));
     let progress = Arc::new(Progress::default());
-    let run = Arc::new(Run::new(&a.target, Some(log_.clone())).await?);
+    let mut run = Run::new(&a.target, Some(log_.clone())).await?;
+    for url in &a.reader_urls {
+        run.add_endpoint(url).await?;
+    }
+    let run = Arc::new(run);
+    // Writers on endpoint 0 (`--url`); readers round-robin over the reader URLs, if any.
+    let endpoint_of = |c: usize| {
+        if c < a.writers || a.reader_urls.is_empty() {
+            0
+        } else {
+            1 + (c - a.writers) % a.reader_urls.len()
+        }
+    };
 
     // Clients in connect order: client 0 of every document, then the others.
     let mut order: Vec<(usize, usize)> = (0..a.docs).map(|d| (d, 0)).collect();
@@ -73,11 +98,27 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
             typists.push(None);
         }
         let handler = Receiver::new(d, own, log_.clone(), progress.clone());
-        specs.push((format!("{prefix}-{d}"), handler));
+        specs.push((endpoint_of(c), format!("{prefix}-{d}"), handler));
     }
-    log(&format!("fanout: connecting {} clients to {}", specs.len(), a.target.url));
+    // Clients per URL (writers and readers), for the report.
+    let mut per_url = serde_json::Map::new();
+    for (e, _, _) in &specs {
+        let url = &run.endpoints[*e].url;
+        let n = per_url.get(url).and_then(|v| v.as_u64()).unwrap_or(0);
+        per_url.insert(url.clone(), json!(n + 1));
+    }
+    if a.reader_urls.is_empty() {
+        log(&format!("fanout: connecting {} clients to {}", specs.len(), a.target.url));
+    } else {
+        log(&format!(
+            "fanout: connecting {} clients, writers to {}, readers to {}",
+            specs.len(),
+            a.target.url,
+            a.reader_urls.join(", ")
+        ));
+    }
     let t_connect = Instant::now();
-    let results = run.open_many(specs).await;
+    let results = run.open_many_at(specs).await;
     let connect_wall = t_connect.elapsed();
 
     let mut connect_times = Samples::default();
@@ -101,6 +142,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
 
     // Measurement starts here.
     let probe = ServerProbe::start(a.target.server_pid);
+    let extra_probes: Vec<ServerProbe> = a.extra_server_pids.iter().map(|&p| ServerProbe::start(Some(p))).collect();
     let cpu0 = procfs::self_cpu();
     let (go_tx, go_rx) = watch::channel(false);
     let mut writers = Vec::new();
@@ -143,6 +185,14 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     }
     let cpu = procfs::self_cpu().saturating_sub(cpu0);
     let server = probe.finish();
+    let extra_servers: Vec<serde_json::Value> = extra_probes.iter().map(ServerProbe::finish).collect();
+    // CPU of every sampled server process (one instance, or all instances of a cluster).
+    let servers_cpu_s = std::iter::once(&server)
+        .chain(extra_servers.iter())
+        .map(|s| s["cpu_s"].as_f64())
+        .try_fold(0.0, |sum, c| c.map(|c| sum + c))
+        .filter(|_| a.target.server_pid.is_some())
+        .map(round3);
     for h in writers {
         h.abort();
     }
@@ -176,6 +226,11 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     let extra = json!({
         "docs": a.docs, "clients_per_doc": a.clients, "writers_per_doc": a.writers,
         "updates_per_writer": a.updates, "rate_per_writer": a.rate,
+        "urls": {
+            "writers": a.target.url,
+            "readers": if a.reader_urls.is_empty() { vec![a.target.url.clone()] } else { a.reader_urls.clone() },
+        },
+        "clients_per_url": per_url,
         "connect": {
             "ok": connect_times.len(),
             "failed": failure_summary(errors.iter()),
@@ -199,6 +254,8 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "send_lag_ms": send_lag.summary_ms(),
         "loadgen_cpu_s": round3(cpu.as_secs_f64()),
         "server": server,
+        "extra_servers": extra_servers,
+        "servers_cpu_s": servers_cpu_s,
         "events": run.counters.to_json(),
         "receivers_not_collected": lost_handlers,
     });

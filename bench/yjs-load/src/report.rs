@@ -18,6 +18,12 @@ pub struct ReportArgs {
     pub subject: String,
     #[arg(long, default_value = "relay")]
     pub relay: String,
+    /// Cluster targets: the cross-instance server (writers on one instance, readers on others)…
+    #[arg(long, default_value = "moai-cluster")]
+    pub cluster: String,
+    /// …against this single instance on the same storage.
+    #[arg(long, default_value = "moai-pg")]
+    pub single: String,
 }
 
 /// Column title, JSON pointer, divisor.
@@ -32,6 +38,7 @@ const FANOUT: &[Col] = &[
     ("send lag p99 ms", "/send_lag_ms/p99", 1.0),
     ("loadgen CPU s", "/loadgen_cpu_s", 1.0),
     ("server CPU s", "/server/cpu_s", 1.0),
+    ("CPU s, all instances", "/servers_cpu_s", 1.0),
     ("server RSS MiB", "/server/rss_kib_after", 1024.0),
     ("connect p99 ms", "/connect/connect_sync_ms/p99", 1.0),
 ];
@@ -83,7 +90,7 @@ fn fmt(x: Option<f64>) -> String {
 
 /// Preferred row order; other labels follow alphabetically.
 fn rank(label: &str) -> (usize, String) {
-    let order = ["moai", "y-websocket-server", "hocuspocus", "relay"];
+    let order = ["moai", "moai-pg", "moai-pg-s3", "moai-cluster", "y-websocket-server", "hocuspocus", "relay"];
     (order.iter().position(|o| *o == label).unwrap_or(order.len()), label.to_owned())
 }
 
@@ -149,6 +156,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     }
 
     targets(&cases, &a);
+    cluster_targets(&cases, &a);
     println!("\n### Anomalies\n");
     if failures.is_empty() {
         println!("none (no lost deliveries, bad frames, failed connections or unexpected closes)");
@@ -270,6 +278,44 @@ fn targets(cases: &BTreeMap<String, BTreeMap<(usize, String), Group>>, a: &Repor
     if lines.is_empty() {
         println!("no {} results in this run", a.subject);
     }
+    for l in lines {
+        println!("- {l}");
+    }
+}
+
+/// Cross-instance fan-out against one instance on the same storage (issue 13): paced p99 at
+/// most 2 ms above, unpaced deliveries/s at least half.
+fn cluster_targets(cases: &BTreeMap<String, BTreeMap<(usize, String), Group>>, a: &ReportArgs) {
+    let mut lines = Vec::new();
+    for (case, groups) in cases {
+        let get = |label: &str| groups.iter().find(|((_, l), _)| l == label).map(|(_, g)| g);
+        let (Some(cluster), Some(single)) = (get(&a.cluster), get(&a.single)) else { continue };
+        if cluster.scenario != "fanout" {
+            continue;
+        }
+        let paced = cluster.runs[0]["rate_per_writer"].as_f64().unwrap_or(0.0) > 0.0;
+        let p99 = |g: &Group| g.med("/latency_ms/p99", 1.0);
+        let d = |g: &Group| g.med("/deliveries_per_s", 1.0);
+        if paced {
+            if let (Some(c), Some(s)) = (p99(cluster), p99(single)) {
+                lines.push(format!(
+                    "{case}: p99 {c:.2} ms vs {s:.2} ms = +{:.2} ms (target ≤ +2 ms) {}",
+                    c - s,
+                    ok(c - s <= 2.0)
+                ));
+            }
+        } else if let (Some(c), Some(s)) = (d(cluster), d(single)) {
+            lines.push(format!(
+                "{case}: deliveries/s {c:.0} vs {s:.0} = {:.0} % (target ≥ 50 %) {}",
+                100.0 * c / s.max(1.0),
+                ok(c >= 0.5 * s)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    println!("\n### Targets (cluster: {} vs {})\n", a.cluster, a.single);
     for l in lines {
         println!("- {l}");
     }
