@@ -62,25 +62,25 @@ async fn participant(
     state: &AppState,
     caller: &Caller,
     headers: &HeaderMap,
-) -> Result<(ParticipantService, Who), Response> {
+) -> Result<(ParticipantService, Who), Box<Response>> {
     let Some(participant) = caller.engines.participant.clone() else {
-        return Err(error_response(
+        return Err(Box::new(error_response(
             StatusCode::NOT_FOUND,
             "this server has no account of its own (participant mode needs PEER_SECRET; see moai agent generate)",
-        ));
+        )));
     };
     if let Some(token) = jazz_token(headers) {
         return match verify_jazz(caller.engines.cojson.as_ref(), token).await {
             Ok(account) => Ok((participant, Who::Jazz(account))),
             Err((status, reason)) => {
                 state.metrics.rejected("auth");
-                Err(error_response(status, &reason))
+                Err(Box::new(error_response(status, &reason)))
             }
         };
     }
     if let Err(e) = caller.authorise(state, Resource::Cojson) {
         state.metrics.rejected("auth");
-        return Err(error_response(e.http_status(), &e.to_string()));
+        return Err(Box::new(error_response(e.http_status(), &e.to_string())));
     }
     Ok((participant, Who::Operator))
 }
@@ -105,27 +105,36 @@ fn failure(e: ParticipantServiceError) -> Response {
     error_response(status, &message)
 }
 
-/// The request body as a JSON object, or a 400 saying why not.
-fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(error_response(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
-        Err(e) => Err(error_response(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}"))),
+/// A 400 for a malformed request (small, so the helpers below return it cheaply).
+struct BadRequest(String);
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        error_response(StatusCode::BAD_REQUEST, &self.0)
     }
 }
 
-fn co_id(map: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<String, Response> {
+/// The request body as a JSON object, or a 400 saying why not.
+fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, BadRequest> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(BadRequest("the body must be a JSON object".into())),
+        Err(e) => Err(BadRequest(format!("the body is not JSON: {e}"))),
+    }
+}
+
+fn co_id(map: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<String, BadRequest> {
     let id = keys.iter().find_map(|k| map.get(*k)).and_then(Value::as_str).map(str::trim);
     match id {
         Some(id) if id.starts_with("co_z") && id.len() <= 128 => Ok(id.to_owned()),
-        _ => Err(error_response(StatusCode::BAD_REQUEST, &format!("{} required (co_z…)", keys[0]))),
+        _ => Err(BadRequest(format!("{} required (co_z…)", keys[0]))),
     }
 }
 
 pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Response {
     let (participant, _) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match participant.profile().await {
         Ok(p) => Json(json!({
@@ -150,12 +159,12 @@ pub(crate) async fn on_added(
     // Any account may tell the server it was added somewhere; the server checks its own role.
     let (participant, _) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     // `sparkId` is what the original service took.
     let id = match object(&body).and_then(|m| co_id(&m, &["coId", "sparkId"])) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match participant.on_added(&id).await {
         Ok(record) => Json(json!({ "ok": true, "added": id, "record": record })).into_response(),
@@ -171,11 +180,11 @@ pub(crate) async fn register_human(
 ) -> Response {
     let (participant, who) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let map = match object(&body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let username = map.get("username").and_then(Value::as_str).map(str::trim).unwrap_or_default().to_owned();
     let valid = !username.is_empty()
@@ -186,7 +195,7 @@ pub(crate) async fn register_human(
     }
     let account = match co_id(&map, &["accountId"]) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     // A Jazz account registers a name for itself only.
     if matches!(&who, Who::Jazz(me) if *me != account) {
@@ -214,15 +223,15 @@ pub(crate) async fn trigger(
 ) -> Response {
     let (participant, who) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let map = match object(&body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match co_id(&map, &["coId"]) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(key) = map.get("key").and_then(Value::as_str).filter(|k| !k.is_empty() && k.len() <= 256) else {
         return error_response(StatusCode::BAD_REQUEST, "key required (a string of 1 to 256 bytes)");
