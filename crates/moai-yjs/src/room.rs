@@ -768,6 +768,16 @@ impl Room {
         self.note(result)
     }
 
+    /// A room that just loaded in a cluster: ask the other instances to announce their clients'
+    /// presence, so this instance's first sockets see everyone at once (otherwise they would
+    /// wait for each client's next renewal, up to 15 s).
+    pub fn cluster_joined(&self) -> Vec<Action> {
+        if !self.clustered {
+            return Vec::new();
+        }
+        vec![Action::Publish { kind: cluster::ASK_PRESENCE, payload: Vec::new() }]
+    }
+
     /// After a resync (the link to the other instances was lost, or messages were): announce
     /// this instance's clients again, ask the others to announce theirs, and exchange state.
     pub fn cluster_resync(&self) -> Result<Vec<Action>, RoomError> {

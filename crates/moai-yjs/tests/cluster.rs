@@ -228,3 +228,12 @@ fn garbage_from_another_instance_is_refused_and_counted_without_harm() {
     assert_eq!(a.text(), "safe");
     assert!(a.room.stats().cluster_messages_refused >= 3);
 }
+
+#[test]
+fn a_room_that_joins_the_cluster_asks_for_the_others_presence() {
+    let mut room = Room::new("doc");
+    assert!(room.cluster_joined().is_empty(), "not clustered: nothing to ask");
+    room.set_clustered();
+    let asked = room.cluster_joined();
+    assert!(matches!(asked.as_slice(), [Action::Publish { kind: ASK_PRESENCE, .. }]), "{asked:?}");
+}

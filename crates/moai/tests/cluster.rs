@@ -113,8 +113,10 @@ fn yjs_clients_on_three_instances_converge_and_see_presence_come_and_go() {
     assert!(texts.iter().all(|t| *t == texts[0]), "converged: {texts:?}");
 
     // Presence crosses instances both ways.
+    // Within a few seconds, not y-websocket's 15 s renewal: an instance that loads the document
+    // asks the others for their clients' presence.
     for (who, sees) in [("c", "a"), ("a", "c"), ("b", "a")] {
-        c.call("waitAwareness", json!({"name": who, "hasStateWith": {"user": sees}, "timeoutMs": 15000}));
+        c.call("waitAwareness", json!({"name": who, "hasStateWith": {"user": sees}, "timeoutMs": 5000}));
     }
     // An abrupt drop on A removes A's client on C.
     c.call("dropSocket", json!({"name": "a", "mode": "reset", "stayOffline": true}));

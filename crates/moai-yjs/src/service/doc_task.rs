@@ -189,6 +189,9 @@ pub(crate) fn spawn(
                     last_local_use: Instant::now(),
                     stored_empty,
                 };
+                let mut task = task;
+                let joined = task.room.cluster_joined();
+                task.perform(joined.into());
                 task.run().await;
             }
             Err(reason) => {
