@@ -163,7 +163,7 @@ pub(crate) fn spawn(
                 let next_exchange = Instant::now() + config.cluster_exchange;
                 let inbound = Arc::new(Semaphore::new(config.inbound_bytes.clamp(1, MAX_INBOUND_PERMITS)));
                 tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
-                let task = DocTask {
+                let mut task = DocTask {
                     doc_id,
                     generation,
                     room,
@@ -189,7 +189,6 @@ pub(crate) fn spawn(
                     last_local_use: Instant::now(),
                     stored_empty,
                 };
-                let mut task = task;
                 let joined = task.room.cluster_joined();
                 task.perform(joined.into());
                 task.run().await;
