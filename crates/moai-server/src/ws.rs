@@ -245,7 +245,8 @@ impl SessionLog {
     ) -> Self {
         let target = target.into();
         metrics.connection_opened(protocol);
-        tracing::info!(?protocol, peer = ?peer, %target, "session open");
+        // `resource`, not `target`: JSON logs already have a `target` key (the module).
+        tracing::info!(?protocol, peer = ?peer, resource = %target, "session open");
         Self { protocol, peer, target, opened: Instant::now(), metrics, _slot: slot, _user_unit: None, close: None }
     }
 
@@ -267,7 +268,7 @@ impl Drop for SessionLog {
         tracing::info!(
             protocol = ?self.protocol,
             peer = ?self.peer,
-            target = %self.target,
+            resource = %self.target,
             code,
             %reason,
             duration_ms = self.opened.elapsed().as_millis() as u64,
