@@ -28,6 +28,7 @@ MAX_UPDATES="${MAX_UPDATES:-500}"                     # fanout-max: unpaced, 20 
 BIG_MB="${BIG_MB:-10}" EDITS="${EDITS:-300}" EDIT_INTERVAL_MS="${EDIT_INTERVAL_MS:-30}"  # 9 s of edits: longer than a 5 s snapshot debounce
 IDLE_CONNS="${IDLE_CONNS:-2000}" IDLE_DOCS="${IDLE_DOCS:-100}"
 BASE_PORT="${BASE_PORT:-24100}"
+SETTLE_MS="${SETTLE_MS:-0}"   # fanout: pause between the last connect and the first write
 
 export CARGO_TARGET_DIR="$BENCH/target"
 LOAD="$BENCH/target/release/yjs-load"
@@ -190,8 +191,8 @@ copy_logs() {
 scenario_args() {
   local scenario="$1" server="$2"
   case "$scenario" in
-    fanout-paced) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $UPDATES --rate $RATE" ;;
-    fanout-max) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $MAX_UPDATES --rate 0" ;;
+    fanout-paced) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $UPDATES --rate $RATE --settle-ms $SETTLE_MS" ;;
+    fanout-max) echo "fanout --docs $DOCS --clients $CLIENTS --writers $WRITERS --updates $MAX_UPDATES --rate 0 --settle-ms $SETTLE_MS" ;;
     big-doc)
       local extra=""
       # The relay keeps no state: a late joiner would get nothing.

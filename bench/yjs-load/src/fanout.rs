@@ -56,6 +56,10 @@ pub struct FanoutArgs {
     /// their CPU time and RSS are sampled like `--server-pid`'s (repeatable).
     #[arg(long = "extra-server-pid", value_name = "PID")]
     pub extra_server_pids: Vec<u32>,
+    /// Wait this long after every client is connected before the writers start (0 = start at
+    /// once, as always before this option).
+    #[arg(long, default_value_t = 0)]
+    pub settle_ms: u64,
 }
 
 pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
@@ -139,6 +143,10 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         }
     }
     log(&format!("fanout: {} connected, {} failed in {:?}; writing", sessions.len(), errors.len(), connect_wall));
+
+    if a.settle_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+    }
 
     // Measurement starts here.
     let probe = ServerProbe::start(a.target.server_pid);
@@ -225,7 +233,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     let mut report = a.target.header("fanout");
     let extra = json!({
         "docs": a.docs, "clients_per_doc": a.clients, "writers_per_doc": a.writers,
-        "updates_per_writer": a.updates, "rate_per_writer": a.rate,
+        "updates_per_writer": a.updates, "rate_per_writer": a.rate, "settle_ms": a.settle_ms,
         "urls": {
             "writers": a.target.url,
             "readers": if a.reader_urls.is_empty() { vec![a.target.url.clone()] } else { a.reader_urls.clone() },
@@ -251,6 +259,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "deliveries_per_s": per_s(stats.deliveries as f64),
         "updates_per_s": per_s(sent as f64),
         "latency_ms": stats.latency.summary_ms(),
+        "slow_deliveries": slow_deliveries(&stats.slow, first_send),
         "send_lag_ms": send_lag.summary_ms(),
         "loadgen_cpu_s": round3(cpu.as_secs_f64()),
         "server": server,
@@ -297,6 +306,29 @@ async fn write_loop(
         }
     }
     lag
+}
+
+/// When the deliveries of at least `SLOW_NS` were sent: their count and worst latency per 250 ms
+/// of the run (from the first send), so a single stall (one bucket) is told from a tail spread
+/// over the run.
+fn slow_deliveries(slow: &[(u64, u64)], first_send: u64) -> serde_json::Value {
+    const BUCKET_NS: u64 = 250_000_000;
+    let mut buckets: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
+    for &(sent, lat) in slow {
+        let b = buckets.entry(sent.saturating_sub(first_send) / BUCKET_NS).or_default();
+        b.0 += 1;
+        b.1 = b.1.max(lat);
+    }
+    let by_time: Vec<serde_json::Value> = buckets
+        .iter()
+        .take(40)
+        .map(|(b, (n, max))| json!({"sent_at_s": round3((*b * BUCKET_NS) as f64 / 1e9), "count": n, "max_ms": round3(*max as f64 / 1e6)}))
+        .collect();
+    json!({
+        "threshold_ms": crate::track::SLOW_NS as f64 / 1e6,
+        "count": slow.len(),
+        "by_time": by_time,
+    })
 }
 
 pub fn merge(into: &mut serde_json::Value, from: serde_json::Value) {

@@ -34,6 +34,7 @@ const FANOUT: &[Col] = &[
     ("p50 ms", "/latency_ms/p50", 1.0),
     ("p99 ms", "/latency_ms/p99", 1.0),
     ("max ms", "/latency_ms/max", 1.0),
+    ("≥ 10 ms", "/slow_deliveries/count", 1.0),
     ("lost", "/lost_deliveries", 1.0),
     ("send lag p99 ms", "/send_lag_ms/p99", 1.0),
     ("loadgen CPU s", "/loadgen_cpu_s", 1.0),

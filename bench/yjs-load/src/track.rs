@@ -21,6 +21,10 @@ use crate::stats::Samples;
 /// Client IDs of writers start here (below 2^53, as Yjs requires).
 pub const WRITER_CLIENT_BASE: u64 = 1_000_000;
 
+/// Deliveries at least this late are also kept with their send time (`DeliveryStats::slow`), so
+/// a report can say *when* the tail happened (one stall, or spread over the run).
+pub const SLOW_NS: u64 = 10_000_000;
+
 pub struct WriterInfo {
     pub client_id: u64,
     pub doc: usize,
@@ -96,6 +100,8 @@ pub struct DeliveryStats {
     pub foreign_items: u64,
     pub undecodable_updates: u64,
     pub latency: Samples,
+    /// `(send time ns since base, latency ns)` of every delivery at least [`SLOW_NS`] late.
+    pub slow: Vec<(u64, u64)>,
 }
 
 impl DeliveryStats {
@@ -108,6 +114,7 @@ impl DeliveryStats {
         self.foreign_items += o.foreign_items;
         self.undecodable_updates += o.undecodable_updates;
         self.latency.merge(o.latency);
+        self.slow.extend(o.slow);
     }
 }
 
@@ -219,6 +226,9 @@ impl Handler for Receiver {
                     *slot = true;
                     new += 1;
                     self.stats.latency.push_ns(now_ns.saturating_sub(sent));
+                    if now_ns.saturating_sub(sent) >= SLOW_NS {
+                        self.stats.slow.push((sent, now_ns - sent));
+                    }
                     if let Some(each) = self.each.as_mut() {
                         each.push((seq, now_ns.saturating_sub(sent)));
                     }
