@@ -53,6 +53,8 @@ const MAX_ADDRESS_BYTES: usize = 1024;
 /// A token is asked for again this long before it expires (at half its remaining life when
 /// that is shorter).
 const TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(30);
+/// Longest timer set for a token (one year; a token's `exp` can be any number).
+const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub(crate) async fn socket(State(state): State<AppState>, caller: Caller, ws: WebSocketUpgrade) -> Response {
     let Some(yjs) = caller.engines.yjs.clone() else {
@@ -99,7 +101,8 @@ struct Timers {
 impl Timers {
     fn for_token(exp: Option<SystemTime>) -> Self {
         let Some(exp) = exp else { return Self::default() };
-        let left = exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        // Capped like the pump's timers (tokio's reach about two years).
+        let left = exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO).min(MAX_TIMER);
         let now = Instant::now();
         let refresh_in = if left > TOKEN_REFRESH_BEFORE * 2 { left - TOKEN_REFRESH_BEFORE } else { left / 2 };
         Self { expires_at: Some(now + left), refresh_at: Some(now + refresh_in) }
