@@ -142,6 +142,8 @@ fn several_documents_share_one_socket() {
     h.call("attach", json!({"name": "x1", "socket": "s4", "doc": "d1", "sessionAwareness": true}));
     h.call("attach", json!({"name": "x2", "socket": "s4", "doc": "d1", "sessionAwareness": true}));
     h.call("waitText", json!({"name": "x1", "equals": "one"}));
+    // x2 appends after what it has: it must have "one" first, or its "+" lands before it.
+    h.call("waitText", json!({"name": "x2", "equals": "one"}));
     h.call("insertText", json!({"name": "x2", "text": "+"}));
     h.call("waitText", json!({"name": "x1", "equals": "one+"}));
     h.call("waitText", json!({"name": "d1@3", "equals": "one+"}));
