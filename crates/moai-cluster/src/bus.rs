@@ -183,8 +183,27 @@ impl Bus {
             peers: Default::default(),
         };
         let join_id = self.shared.topics().insert(topic.to_owned(), entry);
-        if cursor.is_none() {
-            self.shared.topics_changed.notify_one();
+        self.shared.topics_changed.notify_one();
+        if let (Some(_), Some(mut conn)) = (cursor, self.shared.link.get()) {
+            // End the reader's blocking read, so it reads this topic from now on without waiting
+            // for the block to time out (up to `read_block`: the first messages of a document an
+            // instance just opened came that much late).
+            let wake = self.shared.config.wake_key(self.shared.instance);
+            let _ = redis::pipe()
+                .cmd("XADD")
+                .arg(&wake)
+                .arg("MAXLEN")
+                .arg(1)
+                .arg("*")
+                .arg("w")
+                .arg(1)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&wake)
+                .arg(60_000)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await;
         }
         join_id
     }

@@ -71,6 +71,12 @@ impl BusConfig {
         key
     }
 
+    /// The stream this instance's reader also blocks on: an entry added to it ends the blocking
+    /// read at once, so a topic joined meanwhile is read without waiting for the block to time out.
+    pub(crate) fn wake_key(&self, instance: crate::InstanceId) -> String {
+        format!("{}:w:{instance}", self.key_prefix)
+    }
+
     pub(crate) fn heartbeat_key(&self, instance: crate::InstanceId) -> String {
         format!("{}:i:{instance}", self.key_prefix)
     }

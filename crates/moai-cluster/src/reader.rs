@@ -94,9 +94,12 @@ async fn read_once(
     for k in &keys {
         cmd.arg(k);
     }
+    // The wake stream, from "now": a join ends this read at once (its entries are ignored).
+    cmd.arg(shared.config.wake_key(shared.instance));
     for id in &ids {
         cmd.arg(id);
     }
+    cmd.arg("$");
     let reply: Value = cmd.query_async(conn).await?;
     let budget = shared.config.topic_queue_bytes;
     let mut topics = shared.topics();

@@ -195,3 +195,21 @@ async fn an_inbox_receives_many_topics_tagged_and_leaves_a_topic_when_its_member
     assert_eq!(&*topic, "c:two");
     assert_eq!(two.name(), "c:two");
 }
+
+/// A topic joined while the reader is blocked on others is read at once, not when the block
+/// times out (the first messages of a document an instance just opened used to come late).
+#[tokio::test]
+async fn a_topic_joined_during_a_blocking_read_gets_its_messages_at_once() {
+    let redis = RedisServer::start();
+    let mut slow = config(&redis);
+    slow.read_block = Duration::from_secs(20);
+    let (a, b) = (Bus::start(config(&redis)).unwrap(), Bus::start(slow).unwrap());
+    connected(&a).await;
+    connected(&b).await;
+    let _busy = b.join("other").await; // B's reader now blocks for up to 20 s
+    let ta = a.join("doc").await;
+    let mut tb = b.join("doc").await;
+    ta.publish(b'u', Bytes::from_static(b"now"));
+    let got = tokio::time::timeout(Duration::from_secs(3), tb.recv()).await.expect("well before the 20 s block ends");
+    assert!(matches!(got, Some(BusEvent::Message { .. })), "{got:?}");
+}

@@ -160,7 +160,7 @@ pub(crate) fn spawn(
                 if topic.is_some() {
                     room.set_clustered();
                 }
-                let next_exchange = Instant::now() + config.cluster_exchange;
+                let next_exchange = Instant::now() + jittered(config.cluster_exchange, &doc_id);
                 let inbound = Arc::new(Semaphore::new(config.inbound_bytes.clamp(1, MAX_INBOUND_PERMITS)));
                 tracing::debug!(doc = %doc_id, journal_bytes, "document loaded");
                 let mut task = DocTask {
@@ -246,6 +246,18 @@ fn fail_all(mut commands: mpsc::Receiver<Command>, error: ServiceError) {
     }
 }
 
+/// A period between half and one and a half `period`, different each time: documents opened
+/// together (a benchmark's, a popular page's) must not all exchange state in the same instant,
+/// which showed as a burst of late deliveries every period.
+fn jittered(period: Duration, doc_id: &str) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(doc_id.as_bytes());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let fraction = (h.finish() % 1000) as u32; // 0..999
+    period / 2 + period * fraction / 1000
+}
+
 /// The bus topic of a Yjs document.
 fn topic_name(doc_id: &str) -> String {
     format!("y:{doc_id}")
@@ -280,7 +292,7 @@ impl DocTask {
                     None => { self.topic = None; continue; }
                 },
                 _ = tokio::time::sleep_until(self.next_exchange), if self.topic.is_some() => {
-                    self.next_exchange = Instant::now() + self.config.cluster_exchange;
+                    self.next_exchange = Instant::now() + jittered(self.config.cluster_exchange, &self.doc_id);
                     if !self.exchange_state() {
                         return;
                     }
