@@ -6,6 +6,8 @@
 #   RUNS=1 bench/run-yjs.sh                # one quick pass
 #   SERVERS="relay hocuspocus" SCENARIOS="fanout-max" bench/run-yjs.sh
 #   SERVERS="moai moai-pg" bench/run-yjs.sh   # moai on SQLite beside moai on PostgreSQL storage
+#   SERVERS="moai moai-hocuspocus hocuspocus" …  # moai's /hocuspocus (Hocuspocus clients) beside
+#                                            # its y-websocket endpoint and @hocuspocus/server
 #   SERVERS="moai moai-pg moai-pg-s3" …        # … and on PostgreSQL + snapshots in S3 (moto)
 #   SERVERS="moai-pg moai-cluster" SCENARIOS="fanout-paced fanout-max" …
 #                                            # one instance beside three sharing PostgreSQL and
@@ -94,6 +96,7 @@ if [[ " $SERVERS " == *" moai"* ]]; then
     SERVERS="${SERVERS//moai-cluster/}"
     SERVERS="${SERVERS//moai-pg-s3/}"
     SERVERS="${SERVERS//moai-pg/}"
+    SERVERS="${SERVERS//moai-hocuspocus/}"
     SERVERS="${SERVERS//moai/}"
   fi
 fi
@@ -158,6 +161,15 @@ start_server() {
       for u in "${READER_URLS[@]}"; do
         "$LOAD" probe --url "$u" --protocol "$PROTO" --wait-s 15 2>>"$dir/server.log" || return 1
       done
+      ;;
+    moai-hocuspocus)
+      # The same moai, loaded by Hocuspocus clients at /hocuspocus (docs/protocols/hocuspocus.md).
+      PROTO=hocuspocus
+      URL="ws://127.0.0.1:$port/hocuspocus"
+      "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$port" \
+        --db-path "$dir/db.sqlite" --log-format json >"$dir/server.log" 2>&1 &
+      SERVER_PID=$!
+      "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
     y-websocket-server)
       node "$BENCH/peers/ywss.mjs" --port "$port" >"$dir/server.log" 2>&1 &
