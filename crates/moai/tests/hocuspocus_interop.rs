@@ -250,7 +250,9 @@ fn an_expiring_token_is_refreshed_or_the_document_is_refused() {
     let auth = moai_server::Auth::with_secret("topsecret");
     let mut h = NodeDriver::hocuspocus();
     h.call("socket", json!({"socket": "s", "url": hp_url(&server)}));
-    let short = |auth: &moai_server::Auth| mint(auth, |c| c.exp = Some(unix_now() + 3));
+    // Six seconds (`exp` is whole seconds): moai asks for a fresh token halfway, at least 2.5 s
+    // from now, well after `fresh` has its long token even on a slow machine.
+    let short = |auth: &moai_server::Auth| mint(auth, |c| c.exp = Some(unix_now() + 6));
     // `stale` keeps answering with its short token; `fresh` has a long one by the time moai asks.
     h.call("attach", json!({"name": "stale", "socket": "s", "doc": "a", "token": short(&auth)}));
     h.call("attach", json!({"name": "fresh", "socket": "s", "doc": "b", "token": short(&auth)}));
@@ -258,7 +260,7 @@ fn an_expiring_token_is_refreshed_or_the_document_is_refused() {
     h.call("waitSynced", json!({"name": "fresh"}));
     h.call("setToken", json!({"name": "fresh", "token": mint(&auth, |c| c.exp = Some(unix_now() + 3600))}));
 
-    let failed = h.call("waitAuthFailed", json!({"name": "stale", "timeoutMs": 8000}));
+    let failed = h.call("waitAuthFailed", json!({"name": "stale", "timeoutMs": 15000}));
     assert_eq!(failed["reason"], "forbidden: token expired");
     // The refreshed document outlives the first token: edits after it are still saved.
     std::thread::sleep(Duration::from_secs(1));
