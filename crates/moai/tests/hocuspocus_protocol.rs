@@ -150,3 +150,25 @@ async fn an_idle_socket_gets_the_keepalive_for_its_document() {
     assert_eq!(next(&mut ws).await, ("quiet".into(), vec![1, 1, 0]));
     assert_eq!(next(&mut ws).await, ("quiet".into(), vec![1, 1, 0]));
 }
+
+#[tokio::test]
+async fn an_empty_token_falls_back_to_the_sockets_own() {
+    let server = Server::start(&["--sync-shared-secret", "topsecret"]);
+    server.wait_ready();
+    let auth = moai_server::Auth::with_secret("topsecret");
+    let good = auth.mint(&moai_server::auth::Claims { sub: "u1".into(), ..Default::default() }).unwrap();
+    // The token in the URL opens what the Auth messages leave empty.
+    let mut ws = connect(&format!("{}?token={good}", server.ws_url("/hocuspocus"))).await;
+    send(&mut ws, token("d", "")).await;
+    assert!(is_authenticated(&next(&mut ws).await.1, "read-write"));
+    // An Auth message's own token still counts first.
+    send(&mut ws, token("e", "u1:00")).await;
+    let (address, m) = next(&mut ws).await;
+    assert_eq!(address, "e");
+    assert_eq!(&m[..2], &[MSG_AUTH as u8, 1], "permission denied: {m:?}");
+    // Without either, the document is refused.
+    let mut bare = connect(&server.ws_url("/hocuspocus")).await;
+    send(&mut bare, token("d", "")).await;
+    let (_, m) = next(&mut bare).await;
+    assert!(String::from_utf8_lossy(&m).contains("unauthorized: missing token"), "{m:?}");
+}
