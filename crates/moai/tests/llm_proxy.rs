@@ -865,8 +865,14 @@ async fn logs_never_show_prompts_answers_keys_or_tokens() {
 
     // Every request left its line; the log holds none of the secrets.
     assert!(server.wait_log_where(|l| l.contains("llm request") && l.contains("upstream_status"), T).is_some());
+    // The last request's line is written after its answer: wait until all of them are there.
+    let deadline = std::time::Instant::now() + T;
+    let count = |logs: &[String]| logs.iter().filter(|l| l.contains("\"llm request\"")).count();
+    while count(&server.logs()) < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let logs = server.logs();
-    assert!(logs.iter().filter(|l| l.contains("\"llm request\"")).count() >= 4, "{logs:#?}");
+    assert!(count(&logs) >= 4, "{logs:#?}");
     assert!(logs.len() > 20, "trace logging is on: {}", logs.len());
     for line in &logs {
         for secret in [PROMPT, "PROMPT-MARKER", ANSWER, KEY, sig.as_str(), SECRET] {
