@@ -61,9 +61,11 @@ impl Grant {
     }
 
     /// When the token stops being valid; sessions opened with it are closed then (4403).
+    /// An `exp` beyond what the clock can represent never expires (it is not an error: the
+    /// token's MAC was valid, and adding it unchecked would panic).
     pub fn expires_at(&self) -> Option<SystemTime> {
         let exp = self.claims.as_ref()?.exp?;
-        Some(UNIX_EPOCH + Duration::from_secs(exp))
+        UNIX_EPOCH.checked_add(Duration::from_secs(exp))
     }
 
     /// The session may read but its writes are dropped.
@@ -144,5 +146,14 @@ mod tests {
         assert!(!g.is_expired_at(99) && g.is_expired_at(100));
         assert_eq!(g.expires_at(), Some(UNIX_EPOCH + Duration::from_secs(100)));
         assert!(g.read_only());
+    }
+
+    #[test]
+    fn an_expiry_beyond_the_clock_never_expires_instead_of_panicking() {
+        let g = Grant { claims: Some(Claims { sub: "u".into(), exp: Some(u64::MAX), ..Claims::default() }) };
+        assert_eq!(g.expires_at(), None);
+        assert!(!g.is_expired_at(u64::MAX - 1));
+        let soon = Grant { claims: Some(Claims { sub: "u".into(), exp: Some(10), ..Claims::default() }) };
+        assert_eq!(soon.expires_at(), Some(UNIX_EPOCH + Duration::from_secs(10)));
     }
 }
