@@ -27,6 +27,7 @@ mod persistence;
 mod relay;
 mod service;
 mod transaction_hash;
+mod uplink;
 mod verify;
 
 #[cfg(test)]
@@ -53,6 +54,8 @@ pub use relay::{Action, Event, PeerId, Relay};
 
 /// A member's role in a group, as [`Participant::add_member`] and [`Participant::role_of`] use it.
 pub use group_roles::Role;
+/// Ids of CoValues, for the uplink's events.
+pub use ids::CoId;
 /// Jazz auth tokens (jazz-tools `generateAuthToken`), for the HTTP endpoints that accept them.
 pub use jazz_token::{JazzToken, JazzTokenError, JAZZ_TOKEN_LIFETIME_MS};
 /// Participant mode (docs/protocols/cojson-participant.md): the server's own cojson identity
@@ -62,3 +65,7 @@ pub use participant::{
     AccountBootstrap, AgentIdentity, Entropy, EntropyError, IdentityError, IngestReport, Participant, ParticipantError,
     WritePrivacy,
 };
+/// Agent mode's upstream link (docs/participant.md): the sans-IO state machine that keeps
+/// CoValues in sync between this server's relay and an upstream sync server, driven by
+/// moai-server's uplink task.
+pub use uplink::{Action as UplinkAction, Event as UplinkEvent, FetchId, Fetched, Side, Uplink, UplinkConfig};

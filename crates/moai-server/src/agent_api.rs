@@ -16,6 +16,8 @@
 //! register a name only for itself and trigger writes only where it may write itself. Bad input is a 4xx with the JSON error
 //! shape, never a 500. CORS is open (credentials travel in `Authorization`, not cookies).
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -131,6 +133,19 @@ fn co_id(map: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<String, 
     }
 }
 
+/// How long `/on-added` and `/trigger` wait for the upstream (agent mode) to hand over a
+/// CoValue before they go on with what the local relay has.
+const UPSTREAM_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Agent mode: brings `id` from the upstream sync server into the local relay first (and keeps
+/// it in sync from then on), so the participant finds what clients there shared with it. With
+/// no link the local relay's copy (if any) is used; the answer then says so through its status.
+async fn from_upstream(caller: &Caller, id: &str) {
+    let (Some(uplink), Ok(co)) = (caller.engines.uplink.as_ref(), moai_cojson::CoId::parse(id)) else { return };
+    let outcome = uplink.fetch(co, UPSTREAM_FETCH_TIMEOUT).await;
+    tracing::debug!(covalue = id, ?outcome, "agent mode: fetched from upstream");
+}
+
 pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Response {
     let (participant, _) = match participant(&state, &caller, &headers).await {
         Ok(p) => p,
@@ -144,6 +159,10 @@ pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, heade
             "sessionId": p.session_id,
             "registryId": p.registry_id,
             "given": p.given,
+            "upstream": caller.engines.uplink.as_ref().map(|u| {
+                let s = u.status();
+                json!({ "url": s.url, "connected": s.connected, "links": s.links, "lastError": s.last_error, "followed": s.followed })
+            }),
         }))
         .into_response(),
         Err(e) => failure(e),
@@ -166,6 +185,7 @@ pub(crate) async fn on_added(
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
+    from_upstream(&caller, &id).await;
     match participant.on_added(&id).await {
         Ok(record) => Json(json!({ "ok": true, "added": id, "record": record })).into_response(),
         Err(e) => failure(e),
@@ -244,6 +264,7 @@ pub(crate) async fn trigger(
         Who::Jazz(account) => Some(account.as_str()),
         Who::Operator => None,
     };
+    from_upstream(&caller, &id).await;
     match participant.trigger(&id, key, value, on_behalf_of).await {
         Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key })).into_response(),
         Err(e) => failure(e),

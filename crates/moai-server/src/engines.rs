@@ -11,4 +11,6 @@ pub struct Engines {
     pub cojson: Option<moai_cojson::CojsonService>,
     /// The server's own cojson account (participant mode; PEER_SECRET).
     pub participant: Option<moai_cojson::ParticipantService>,
+    /// Agent mode's link to the upstream sync server (PEER_MODE=agent).
+    pub uplink: Option<crate::uplink::UplinkService>,
 }

@@ -28,6 +28,7 @@ mod router;
 mod serve;
 mod shutdown;
 mod storage_health;
+pub mod uplink;
 pub mod webhooks;
 pub mod ws;
 mod yjs;

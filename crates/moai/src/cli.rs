@@ -202,6 +202,18 @@ pub struct ServeArgs {
     /// Participant mode: the profile name the server's account gets when it is created.
     #[arg(long, env = "PEER_NAME", default_value = "moai")]
     pub peer_name: String,
+    /// Participant mode: `sync` (the hub; the default) or `agent`, which also connects
+    /// upstream to PEER_MOAI as a client peer and keeps the server's account and what it was
+    /// given in sync with it, while still serving its own /sync (docs/participant.md).
+    #[arg(long, env = "PEER_MODE", value_enum, default_value = "sync")]
+    pub peer_mode: PeerMode,
+    /// Agent mode: the upstream sync server, `host[:port]` (ws:// for localhost, else wss://,
+    /// path /sync) or a full ws:// or wss:// URL (a Jazz sync server's `?key=` goes in it).
+    #[arg(long, env = "PEER_MOAI")]
+    pub peer_moai: Option<String>,
+    /// Agent mode: a token of the upstream moai, sent as `Authorization: Bearer`.
+    #[arg(long, env = "PEER_MOAI_TOKEN", hide_env_values = true)]
+    pub peer_moai_token: Option<String>,
 
     /// Webhooks: POST a signed JSON event to this URL when a Yjs document or a CoValue is
     /// created or changed (debounced; retried with backoff; never blocking sync; docs/webhooks.md).
@@ -350,4 +362,13 @@ pub struct TokenArgs {
     /// The shared secret (the same value the server has).
     #[arg(long, env = "SYNC_SHARED_SECRET", hide_env_values = true)]
     pub secret: String,
+}
+
+/// What the server is in participant mode (`PEER_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerMode {
+    /// The hub: no upstream.
+    Sync,
+    /// Also a client of the upstream sync server named by PEER_MOAI.
+    Agent,
 }

@@ -16,9 +16,10 @@ use moai_yjs::service::{YjsConfig, YjsService};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::cli::ServeArgs;
+use crate::cli::{PeerMode, ServeArgs};
 use crate::logging;
 use crate::storage::{self, Storage};
+use moai_server::uplink::{UplinkService, UplinkSettings};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -40,6 +41,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let started = Instant::now();
     let identity = participant_identity(&args)?;
+    let upstream = upstream_settings(&args, identity.is_some())?;
     let metrics = Metrics::new(VERSION);
     let readiness = Readiness::new();
     let shutdown = Shutdown::new();
@@ -105,7 +107,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let server = tokio::spawn(moai_server::serve(listener, app, limits, metrics.clone(), shutdown.clone()));
 
     let changes = start_webhooks(&args, &metrics, &shutdown, cluster.as_ref())?;
-    let init = initialise(&args, storage_health.clone(), cluster.clone(), changes, identity);
+    let init = initialise(&args, storage_health.clone(), cluster.clone(), changes, identity, upstream, &shutdown);
     let running = tokio::select! {
         result = init => match result {
             Ok(running) => running,
@@ -178,6 +180,39 @@ fn participant_identity(args: &ServeArgs) -> anyhow::Result<Option<moai_cojson::
     Ok(Some(identity))
 }
 
+/// Agent mode's upstream (`PEER_MODE=agent`, `PEER_MOAI`), checked before anything starts: agent
+/// mode needs the server's own account and an upstream, and an upstream without agent mode is a
+/// mistake worth stopping for rather than a setting silently ignored.
+fn upstream_settings(args: &ServeArgs, has_identity: bool) -> anyhow::Result<Option<UplinkSettings>> {
+    let peer_moai = args.peer_moai.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    match (args.peer_mode, peer_moai) {
+        (PeerMode::Sync, None) => Ok(None),
+        (PeerMode::Sync, Some(_)) => {
+            anyhow::bail!("PEER_MOAI is set but PEER_MODE is sync; set PEER_MODE=agent to connect upstream")
+        }
+        (PeerMode::Agent, None) => anyhow::bail!("PEER_MODE=agent needs PEER_MOAI (the upstream sync server)"),
+        (PeerMode::Agent, Some(given)) => {
+            if !has_identity {
+                anyhow::bail!("PEER_MODE=agent needs the server's own account: set PEER_SECRET (moai agent generate)");
+            }
+            let url = moai_server::uplink::upstream_url(given)?;
+            let token = args.peer_moai_token.clone().filter(|t| !t.is_empty());
+            Ok(Some(UplinkSettings { url, token }))
+        }
+    }
+}
+
+/// What agent mode keeps in sync from the start: the server's account, its profile, the
+/// registry, and every CoValue it was given (their groups and accounts follow as dependencies).
+async fn own_covalues(participant: &moai_cojson::ParticipantService) -> anyhow::Result<Vec<moai_cojson::CoId>> {
+    let profile = participant.profile().await.context("reading the server's profile")?;
+    let ids = [Some(profile.account_id), profile.profile_id, profile.registry_id]
+        .into_iter()
+        .flatten()
+        .chain(profile.given.keys().cloned());
+    Ok(ids.filter_map(|id| moai_cojson::CoId::parse(&id).ok()).collect())
+}
+
 /// Starts the cluster bus when `--redis-url` is set. Several instances must share storage, so
 /// the embedded SQLite database is refused: what one instance stores must be there for all.
 fn start_cluster(args: &ServeArgs) -> anyhow::Result<Option<moai_cluster::Bus>> {
@@ -232,6 +267,8 @@ async fn initialise(
     cluster: Option<moai_cluster::Bus>,
     changes: Option<moai_storage::ChangeSink>,
     identity: Option<moai_cojson::AgentIdentity>,
+    upstream: Option<UplinkSettings>,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<Running> {
     if let Some(gate) = &args.test_hold_init_until {
         wait_for_file(gate).await;
@@ -293,7 +330,16 @@ async fn initialise(
         }
         None => None,
     };
-    Ok(Running { engines: Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson), participant }, storage })
+    let uplink = match (upstream, &participant) {
+        (Some(settings), Some(p)) => {
+            let follow = own_covalues(p).await?;
+            tracing::info!(upstream = %settings.url.split('?').next().unwrap_or_default(), following = follow.len(), "agent mode: linking to the upstream sync server");
+            Some(UplinkService::start(cojson.clone(), settings, follow, shutdown.token().clone())?)
+        }
+        _ => None,
+    };
+    let engines = Engines { yjs: Some(yjs), pgsync, cojson: Some(cojson), participant, uplink };
+    Ok(Running { engines, storage })
 }
 
 /// Starts the change feed and waits until it has caught up with the WAL that existed at start,

@@ -203,7 +203,28 @@ struct ParticipantTask {
 
 impl ParticipantTask {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, created: bool) {
-        while let Some(cmd) = commands.recv().await {
+        loop {
+            let cmd = tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+                // Between commands the relay pushes what changed in the CoValues the account
+                // synced (clients' edits, or agent mode's upstream): taken in as it comes, so
+                // the session's outbox never fills (the relay would close it) and the account's
+                // view stays current.
+                out = self.session.outbound() => {
+                    match out {
+                        Some(Outbound::Text(text)) => self.absorb_frame(&text),
+                        Some(Outbound::Close { code, reason }) => {
+                            tracing::error!(code, %reason, "the relay closed the participant's session");
+                            break;
+                        }
+                        None => break,
+                    }
+                    continue;
+                }
+            };
             match cmd {
                 Command::Profile(reply) => {
                     let _ = reply.send(Ok(self.profile_view(created)));
@@ -375,6 +396,17 @@ impl ParticipantTask {
                     _ => None,
                 })
                 .collect()),
+        }
+    }
+
+    /// Takes in a frame the relay pushed between commands.
+    fn absorb_frame(&mut self, text: &str) {
+        for line in parse_frame(text) {
+            if let Ok(Incoming::Sync(msg)) = line {
+                if let Err(e) = self.absorb(&msg) {
+                    tracing::warn!(error = %e, "the participant could not take in pushed content");
+                }
+            }
         }
     }
 
