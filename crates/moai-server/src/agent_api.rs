@@ -91,12 +91,19 @@ fn failure(e: ParticipantServiceError) -> Response {
     use ParticipantError as P;
     let (status, message) = match &e {
         ParticipantServiceError::NotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
+        ParticipantServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, e.to_string()),
         ParticipantServiceError::Participant(P::UnknownCoValue(_)) => (StatusCode::NOT_FOUND, e.to_string()),
         ParticipantServiceError::Participant(P::NotPermitted(_) | P::NoReadKey(_)) => {
             (StatusCode::FORBIDDEN, e.to_string())
         }
         ParticipantServiceError::Participant(
-            P::BadId(_) | P::BadMember(_) | P::NotAGroup(_) | P::NotAMap(_) | P::Deleted(_) | P::Unsupported(_),
+            P::BadId(_)
+            | P::BadMember(_)
+            | P::NotAGroup(_)
+            | P::NotAMap(_)
+            | P::NotAList(_)
+            | P::Deleted(_)
+            | P::Unsupported(_),
         ) => (StatusCode::BAD_REQUEST, e.to_string()),
         ParticipantServiceError::Timeout(..) => (StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         _ => {
@@ -253,8 +260,11 @@ pub(crate) async fn trigger(
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
-    let Some(key) = map.get("key").and_then(Value::as_str).filter(|k| !k.is_empty() && k.len() <= 256) else {
-        return error_response(StatusCode::BAD_REQUEST, "key required (a string of 1 to 256 bytes)");
+    // A key for a CoMap; none for a CoList (the value is appended).
+    let key = match map.get("key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if !k.is_empty() && k.len() <= 256 => Some(k.as_str()),
+        Some(_) => return error_response(StatusCode::BAD_REQUEST, "key: a string of 1 to 256 bytes"),
     };
     let Some(value) = map.get("value").cloned() else {
         return error_response(StatusCode::BAD_REQUEST, "value required (any JSON)");
@@ -266,7 +276,7 @@ pub(crate) async fn trigger(
     };
     from_upstream(&caller, &id).await;
     match participant.trigger(&id, key, value, on_behalf_of).await {
-        Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key })).into_response(),
+        Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key, "appended": key.is_none() })).into_response(),
         Err(e) => failure(e),
     }
 }

@@ -279,3 +279,48 @@ fn jazz_auth_tokens_identify_accounts_on_the_agent_api() {
     assert_eq!(status, 200, "{body}");
     c.call("waitMap", json!({"name": "alice", "coId": map, "key": "n", "equals": 2, "timeoutMs": 15000}));
 }
+
+/// `/trigger` on a CoList appends the value at the end, as the server, encrypted with the owner
+/// group's key: a real client sees it after the items already there, and its own later append
+/// after that. A key is refused for a list, and a missing key for a map.
+#[test]
+fn trigger_appends_to_a_colist_a_client_shared_with_the_server() {
+    let (server, server_account) = start_agent(&[], &[]);
+    let mut c = NodeDriver::cojson();
+    c.call("createAccount", json!({"name": "alice", "url": server.ws_url("/sync")}));
+    let group = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    c.call(
+        "addMember",
+        json!({"name": "alice", "groupId": group, "memberAccountId": server_account, "role": "writer"}),
+    );
+    let list = c.call("createList", json!({"name": "alice", "groupId": group, "items": ["a", "b"]}))["listId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.call("waitSynced", json!({"name": "alice"}));
+
+    let (status, body) = post(&server, "/trigger", &[], json!({"coId": list, "value": {"from": "moai"}}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["appended"], true, "{body}");
+    c.call(
+        "waitList",
+        json!({"name": "alice", "coId": list, "equals": ["a", "b", {"from": "moai"}], "timeoutMs": 15000}),
+    );
+    c.call("append", json!({"name": "alice", "coId": list, "value": "c"}));
+    let (status, _) = post(&server, "/trigger", &[], json!({"coId": list, "value": "d"}));
+    assert_eq!(status, 200);
+    c.call(
+        "waitList",
+        json!({"name": "alice", "coId": list, "equals": ["a", "b", {"from": "moai"}, "c", "d"], "timeoutMs": 15000}),
+    );
+
+    let (status, body) = post(&server, "/trigger", &[], json!({"coId": list, "key": "k", "value": 1}));
+    assert_eq!(status, 400, "{body}");
+    let map = c.call("createMap", json!({"name": "alice", "groupId": group, "init": {"n": 0}}))["mapId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.call("waitSynced", json!({"name": "alice"}));
+    let (status, body) = post(&server, "/trigger", &[], json!({"coId": map, "value": 1}));
+    assert_eq!(status, 400, "{body}");
+}

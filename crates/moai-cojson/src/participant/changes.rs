@@ -60,6 +60,13 @@ pub fn del_op(key: &str) -> Value {
     json!({"op": "del", "key": key})
 }
 
+/// `{"op":"pre","value":…,"before":"end"}`: a CoList item inserted before the list's end, which
+/// cojson's list order puts after every item inserted relative to the start or to other items,
+/// and after earlier end-insertions (what `RawCoList.prepend` writes into an empty list).
+pub fn append_at_end_op(value: Value) -> Value {
+    json!({"op": "pre", "value": value, "before": "end"})
+}
+
 /// One op of a CoMap transaction, as a reader sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MapOp {

@@ -20,6 +20,8 @@ pub enum ParticipantError {
     NotAGroup(String),
     #[error("{0} is not a CoMap")]
     NotAMap(String),
+    #[error("{0} is not a CoList")]
+    NotAList(String),
     #[error("the account header of {0} is not known here (needed to seal keys to it and to check its signatures)")]
     UnknownAccount(String),
     #[error("{0:?} is not a member (an account ID, an agent ID or `everyone`)")]

@@ -1,11 +1,12 @@
 //! Writing CoMaps owned by a group: creating one (optionally with initial values in one
 //! transaction), `set` and `del`, trusting or private with the owner group's *current* read key
-//! (docs/protocols/cojson-participant.md §4, §6).
+//! (docs/protocols/cojson-participant.md §4, §6); and appending to a CoList owned by a group, the
+//! same way (§6.3).
 //!
 //! A write is refused when this account could not write the map at the `madeAt` it would get:
 //! clients would ignore it (§9.4).
 
-use super::changes::{del_op, set_op};
+use super::changes::{append_at_end_op, del_op, set_op};
 use super::clock::iso_timestamp;
 use super::entropy::{random_uniqueness, Entropy};
 use super::error::ParticipantError;
@@ -63,12 +64,26 @@ impl Participant {
         self.write_map(&parse_id(map)?, &[del_op(key)], privacy, now)
     }
 
-    /// The owner group of a CoMap held here.
-    fn owner_of(&self, map: &CoId) -> Result<CoId, ParticipantError> {
-        let state = self.state(map)?;
+    /// Appends `value` at the end of a CoList (`{"op":"pre","before":"end"}`; see
+    /// [`append_at_end_op`]), trusting or private with the owner group's current read key.
+    pub fn append_to_list(
+        &mut self,
+        list: &str,
+        value: Value,
+        privacy: WritePrivacy,
+        now: u64,
+    ) -> Result<(), ParticipantError> {
+        let list = parse_id(list)?;
+        let owner = self.owner_of(&list, "colist").map_err(|_| ParticipantError::NotAList(list.to_string()))?;
+        self.write_owned(&list, owner, &[append_at_end_op(value)], privacy, now)
+    }
+
+    /// The owner group of a CoValue of type `kind` held here.
+    fn owner_of(&self, id: &CoId, kind: &str) -> Result<CoId, ParticipantError> {
+        let state = self.state(id)?;
         match &state.header.ruleset {
-            Ruleset::OwnedByGroup { group, .. } if state.header.kind == "comap" => Ok(group.clone()),
-            _ => Err(ParticipantError::NotAMap(map.to_string())),
+            Ruleset::OwnedByGroup { group, .. } if state.header.kind == kind => Ok(group.clone()),
+            _ => Err(ParticipantError::NotAMap(id.to_string())),
         }
     }
 
@@ -91,7 +106,19 @@ impl Participant {
         privacy: WritePrivacy,
         now: u64,
     ) -> Result<(), ParticipantError> {
-        let owner = self.owner_of(map)?;
+        let owner = self.owner_of(map, "comap")?;
+        self.write_owned(map, owner, ops, privacy, now)
+    }
+
+    /// Writes `ops` in one transaction into a CoValue owned by `owner`.
+    fn write_owned(
+        &mut self,
+        map: &CoId,
+        owner: CoId,
+        ops: &[Value],
+        privacy: WritePrivacy,
+        now: u64,
+    ) -> Result<(), ParticipantError> {
         let made_at = self.check_can_write(map, &owner, now)?;
         match privacy {
             WritePrivacy::Trusting => self.append(map, ops, TxPrivacy::Trusting, made_at).map(|_| ()),

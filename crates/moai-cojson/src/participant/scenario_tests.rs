@@ -401,6 +401,11 @@ fn refusals_happen_before_writing() {
     ));
     // Nor write a CoMap into a group it cannot write (here: into a group, which is not a map).
     assert!(matches!(server.set(g2, "x", json!(1), WritePrivacy::Trusting, 1), Err(ParticipantError::NotAMap(_))));
+    // Nor append to something that is not a CoList.
+    assert!(matches!(
+        server.append_to_list(g2, json!(1), WritePrivacy::Trusting, 1),
+        Err(ParticipantError::NotAList(_))
+    ));
     assert!(matches!(server.read("nope"), Err(ParticipantError::BadId(_))));
     assert!(matches!(server.read("co_zUnknown"), Err(ParticipantError::UnknownCoValue(_))));
     assert!(!server.has_pending_content());

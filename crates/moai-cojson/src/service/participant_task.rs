@@ -48,6 +48,9 @@ pub enum ParticipantServiceError {
     Timeout(String, Duration),
     #[error("{0} is not stored")]
     NotFound(String),
+    /// The request does not fit the CoValue (a key for a CoList, none for a CoMap).
+    #[error("{0}")]
+    BadRequest(String),
     /// The participant task is gone (shutdown).
     #[error("the participant is not running")]
     Stopped,
@@ -85,7 +88,7 @@ enum Command {
     Profile(Reply<ProfileView>),
     OnAdded { id: String, reply: Reply<Value> },
     RegisterHuman { username: String, account: String, reply: Reply<Registration> },
-    Trigger { id: String, key: String, value: Value, on_behalf_of: Option<String>, reply: Reply<()> },
+    Trigger { id: String, key: Option<String>, value: Value, on_behalf_of: Option<String>, reply: Reply<()> },
 }
 
 /// Keys of the server's profile that name its own CoMaps.
@@ -178,16 +181,17 @@ impl ParticipantService {
         self.ask(|reply| Command::RegisterHuman { username, account, reply }).await
     }
 
-    /// Sets `key` to `value` in the CoMap `id`, as the server (it needs a write role there).
-    /// `on_behalf_of`: an account that asked for it, which must have a write role there itself.
+    /// As the server (it needs a write role there): sets `key` to `value` in the CoMap `id`, or
+    /// appends `value` to the CoList `id` (no `key`). `on_behalf_of`: an account that asked for
+    /// it, which must have a write role there itself.
     pub async fn trigger(
         &self,
         id: &str,
-        key: &str,
+        key: Option<&str>,
         value: Value,
         on_behalf_of: Option<&str>,
     ) -> Result<(), ParticipantServiceError> {
-        let (id, key, on_behalf_of) = (id.to_owned(), key.to_owned(), on_behalf_of.map(str::to_owned));
+        let (id, key, on_behalf_of) = (id.to_owned(), key.map(str::to_owned), on_behalf_of.map(str::to_owned));
         self.ask(|reply| Command::Trigger { id, key, value, on_behalf_of, reply }).await
     }
 }
@@ -236,7 +240,7 @@ impl ParticipantTask {
                     let _ = reply.send(self.register_human(&username, &account).await);
                 }
                 Command::Trigger { id, key, value, on_behalf_of, reply } => {
-                    let _ = reply.send(self.trigger(&id, &key, value, on_behalf_of.as_deref()).await);
+                    let _ = reply.send(self.trigger(&id, key.as_deref(), value, on_behalf_of.as_deref()).await);
                 }
             }
         }
@@ -347,7 +351,7 @@ impl ParticipantTask {
     async fn trigger(
         &mut self,
         id: &str,
-        key: &str,
+        key: Option<&str>,
         value: Value,
         on_behalf_of: Option<&str>,
     ) -> Result<(), ParticipantServiceError> {
@@ -363,7 +367,17 @@ impl ParticipantTask {
                 return Err(ParticipantError::NotPermitted(format!("{account} may not write {id}")).into());
             }
         }
-        self.participant.set(id, key, value, WritePrivacy::Private, now_ms())?;
+        let kind = self.headers.get(&co).and_then(|h| h["type"].as_str().map(str::to_owned));
+        match (kind.as_deref(), key) {
+            (Some("colist"), None) => self.participant.append_to_list(id, value, WritePrivacy::Private, now_ms())?,
+            (Some("colist"), Some(_)) => {
+                return Err(ParticipantServiceError::BadRequest(format!("{id} is a CoList: give a value, not a key")))
+            }
+            (_, Some(key)) => self.participant.set(id, key, value, WritePrivacy::Private, now_ms())?,
+            (_, None) => {
+                return Err(ParticipantServiceError::BadRequest(format!("{id} is not a CoList: a key is needed")))
+            }
+        }
         self.flush().await
     }
 
