@@ -39,7 +39,7 @@ mod vectors_tests;
 pub use relay::RelayConfig;
 pub use service::{
     ping_frame, CojsonConfig, CojsonService, CojsonSession, CojsonStats, Outbound, ParticipantService,
-    ParticipantServiceError, ProfileView, Received, Registration, ServiceStopped, PING_INTERVAL,
+    ParticipantServiceError, ProfileView, Received, Registration, ServiceStopped, SharedMap, PING_INTERVAL,
 };
 
 /// Exported for the fuzz target `fuzz/fuzz_targets/cojson_frame.rs`, which decodes fuzzed frames

@@ -41,6 +41,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/on-added", post(on_added))
         .route("/register-human", post(register_human))
         .route("/trigger", post(trigger))
+        .route("/create-map", post(create_map))
 }
 
 /// Browser apps on any origin may call the API; credentials are a bearer token, never cookies.
@@ -277,6 +278,55 @@ pub(crate) async fn trigger(
     from_upstream(&caller, &id).await;
     match participant.trigger(&id, key, value, on_behalf_of).await {
         Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key, "appended": key.is_none() })).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+/// Most entries `/create-map` takes in `init`.
+const MAX_INIT_ENTRIES: usize = 256;
+
+pub(crate) async fn create_map(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (participant, who) = match participant(&state, &caller, &headers).await {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let map = match object(&body) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    let parent = match co_id(&map, &["parent"]) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    let role = match map.get("role").and_then(Value::as_str).unwrap_or("inherit") {
+        "inherit" => None,
+        r @ ("reader" | "writer" | "manager" | "admin") => moai_cojson::Role::parse(r),
+        _ => return error_response(StatusCode::BAD_REQUEST, "role: inherit, reader, writer, manager or admin"),
+    };
+    let init = match map.get("init") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(o)) if o.len() <= MAX_INIT_ENTRIES => o.clone(),
+        Some(_) => {
+            return error_response(StatusCode::BAD_REQUEST, "init: a JSON object of at most 256 entries");
+        }
+    };
+    let on_behalf_of = match &who {
+        Who::Jazz(account) => Some(account.as_str()),
+        Who::Operator => None,
+    };
+    from_upstream(&caller, &parent).await;
+    match participant.create_shared_map(&parent, role, init, on_behalf_of).await {
+        Ok(made) => {
+            if let (Some(uplink), Ok(id)) = (caller.engines.uplink.as_ref(), moai_cojson::CoId::parse(&made.map_id)) {
+                uplink.follow(id).await;
+            }
+            Json(json!({ "ok": true, "groupId": made.group_id, "mapId": made.map_id })).into_response()
+        }
         Err(e) => failure(e),
     }
 }

@@ -324,3 +324,55 @@ fn trigger_appends_to_a_colist_a_client_shared_with_the_server() {
     let (status, body) = post(&server, "/trigger", &[], json!({"coId": map, "value": 1}));
     assert_eq!(status, 400, "{body}");
 }
+
+/// `/create-map`: the server makes a CoMap in a new group of its own and extends that group into
+/// a client's group, both ways cojson does it: sealed to the parent's group sealer when the
+/// server is not a member there, under the parent's read key when it is. Real clients read the
+/// map through the link, a writer link lets them write, and a Jazz account may do this only
+/// for a group it is a member of.
+#[test]
+fn create_map_shares_a_new_map_with_a_clients_group_through_a_parent_link() {
+    let (server, server_account) = start_agent(&[], &[]);
+    let mut c = NodeDriver::cojson();
+    let url = server.ws_url("/sync");
+    c.call("createAccount", json!({"name": "alice", "url": url}));
+    let bob = c.call("createAccount", json!({"name": "bob", "url": url}))["accountId"].as_str().unwrap().to_owned();
+    let carol = c.call("createAccount", json!({"name": "carol", "url": url}));
+    let _ = carol;
+
+    // Alice's group, which the server is not in; Bob reads there.
+    let p = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    c.call("addMember", json!({"name": "alice", "groupId": p, "memberAccountId": bob, "role": "reader"}));
+    c.call("waitSynced", json!({"name": "alice"}));
+    let (status, body) =
+        post(&server, "/create-map", &[], json!({"parent": p, "role": "writer", "init": {"hello": "from moai"}}));
+    assert_eq!(status, 200, "{body}");
+    let map = body["mapId"].as_str().unwrap().to_owned();
+    let read = c.call("getMap", json!({"name": "alice", "coId": map}));
+    assert_eq!(read["map"]["hello"], "from moai", "{read}");
+    // The writer link lets Alice write; Bob (a reader of P, capped by the link to writer) sees it.
+    c.call("setKey", json!({"name": "alice", "coId": map, "key": "reply", "value": "hi moai"}));
+    c.call("waitMap", json!({"name": "bob", "coId": map, "key": "reply", "equals": "hi moai", "timeoutMs": 15000}));
+
+    // A group the server is a member of: the key goes under the group's own read key.
+    let p2 = c.call("createGroup", json!({"name": "alice"}))["groupId"].as_str().unwrap().to_owned();
+    c.call("addMember", json!({"name": "alice", "groupId": p2, "memberAccountId": server_account, "role": "reader"}));
+    c.call("waitSynced", json!({"name": "alice"}));
+    let (status, body) = post(&server, "/create-map", &[], json!({"parent": p2, "init": {"n": 2}}));
+    assert_eq!(status, 200, "{body}");
+    let read = c.call("getMap", json!({"name": "alice", "coId": body["mapId"]}));
+    assert_eq!(read["map"]["n"], 2, "{read}");
+
+    // Jazz accounts: only for a group they are in.
+    let jazz = |c: &mut NodeDriver, name: &str| {
+        format!("Jazz {}", c.call("authToken", json!({"name": name}))["token"].as_str().unwrap())
+    };
+    let as_bob = jazz(&mut c, "bob");
+    let as_carol = jazz(&mut c, "carol");
+    assert_eq!(post(&server, "/create-map", &[("Authorization", as_bob.as_str())], json!({"parent": p})).0, 200);
+    assert_eq!(post(&server, "/create-map", &[("Authorization", as_carol.as_str())], json!({"parent": p})).0, 403);
+    // Client mistakes.
+    assert_eq!(post(&server, "/create-map", &[], json!({"parent": p, "role": "owner"})).0, 400);
+    assert_eq!(post(&server, "/create-map", &[], json!({"parent": p, "init": [1]})).0, 400);
+    assert_eq!(post(&server, "/create-map", &[], json!({"parent": "co_zNotThere"})).0, 404);
+}

@@ -30,6 +30,11 @@ pub fn random_key(entropy: &mut dyn Entropy) -> Result<(KeyId, KeySecret), Entro
     Ok((id, secret))
 }
 
+/// An ephemeral X25519 secret (`sealForGroup`'s one-time sender key): 32 bytes.
+pub fn random_ephemeral(entropy: &mut dyn Entropy) -> Result<[u8; 32], EntropyError> {
+    draw::<32>(entropy)
+}
+
 /// `uniquenessForHeader`: `z` + base58 of 12 bytes.
 pub fn random_uniqueness(entropy: &mut dyn Entropy) -> Result<String, EntropyError> {
     Ok(format!("z{}", bs58::encode(draw::<12>(entropy)?).into_string()))

@@ -1,5 +1,6 @@
 //! Writing groups: creating one (with its first read key and group sealer), adding a member
-//! (role, then the current key sealed to it) and removing one (rotating the read key first)
+//! (role, then the current key sealed to it), removing one (rotating the read key first), and
+//! extending one into a parent group (the link, then the key revealed to the parent)
 //! (docs/protocols/cojson-participant.md §6, §8).
 //!
 //! Each operation checks first that the transactions it is about to write will be valid for
@@ -8,10 +9,10 @@
 use super::cipher::encrypt_key_secret;
 use super::clock::iso_timestamp;
 use super::encoding::{tx_nonce_material, KeyId, KeySecret};
-use super::entropy::{random_key, random_uniqueness, Entropy};
+use super::entropy::{random_ephemeral, random_key, random_uniqueness, Entropy};
 use super::error::ParticipantError;
 use super::node::{parse_id, Participant};
-use super::seal::{group_sealer_from_read_key, group_sealer_value, seal_key_secret};
+use super::seal::{group_sealer_from_read_key, group_sealer_value, seal_for_group, seal_key_secret};
 use crate::crypto::SealerId;
 use crate::group_roles::Role;
 use crate::ids::{AgentId, CoId};
@@ -213,5 +214,111 @@ impl Participant {
             }
         }
         self.append_set(&group, member, json!("revoked"), now)
+    }
+
+    /// `extend` (§8): as admin of `child`, links `parent` so its members count in `child` with
+    /// `role` (`None`: `inherit`, stored as `"extend"`: each keeps the parent role), then reveals
+    /// the child's current read key (and `writeKeyFor_*` keys) to the parent: under the parent's
+    /// current read key when this account is a member of the parent, else sealed to the
+    /// parent's group sealer. Extending into itself or into one of its own descendants writes
+    /// nothing, as in cojson. Draws 32 bytes per sealed reveal.
+    pub fn extend(
+        &mut self,
+        child: &str,
+        parent: &str,
+        role: Option<Role>,
+        now: u64,
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), ParticipantError> {
+        let child = parse_id(child)?;
+        let parent = parse_id(parent)?;
+        let value = match role {
+            None => "extend",
+            Some(r @ (Role::Admin | Role::Manager | Role::Writer | Role::Reader)) => r.as_str(),
+            Some(Role::WriteOnly) => return Err(ParticipantError::Unsupported("writeOnly parent links")),
+            Some(r) => return Err(ParticipantError::NotPermitted(format!("a parent link cannot be {}", r.as_str()))),
+        };
+        if self.is_descendant_or_self(&parent, &child)? {
+            return Ok(());
+        }
+        enum Reveal {
+            UnderParentKey(KeyId, KeySecret),
+            ToGroupSealer(SealerId),
+        }
+        let (keys, how) = {
+            let reader = self.reader();
+            let view = self.group_view(&reader, &child)?;
+            if view.is_account() {
+                return Err(ParticipantError::NotPermitted("an account cannot be extended".into()));
+            }
+            let me = reader.account.as_str();
+            if view.role_at(&reader.groups, me, None) != Some(Role::Admin) {
+                return Err(ParticipantError::NotPermitted(format!("this account is not admin of {child}")));
+            }
+            let current =
+                reader.current_read_key(&child).ok_or_else(|| ParticipantError::NoReadKey(child.to_string()))?;
+            let parent_view = self.group_view(&reader, &parent)?;
+            if parent_view.is_account() {
+                return Err(ParticipantError::NotAGroup(parent.to_string()));
+            }
+            let member = matches!(
+                parent_view.role_at(&reader.groups, me, None),
+                Some(Role::Admin | Role::Manager | Role::Writer | Role::Reader | Role::WriteOnly)
+            );
+            let how = if member {
+                let (id, key) =
+                    reader.current_read_key(&parent).ok_or_else(|| ParticipantError::NoReadKey(parent.to_string()))?;
+                Reveal::UnderParentKey(id, key)
+            } else {
+                // `extractSealerID`: the part after `@` (older values are the sealer alone).
+                let sealer = parent_view
+                    .get_str("groupSealer")
+                    .map(|v| v.rsplit('@').next().unwrap_or(v))
+                    .and_then(|v| SealerId::parse(v).ok())
+                    .ok_or(ParticipantError::Unsupported(
+                        "extending into a group this account is not in and that has no group sealer",
+                    ))?;
+                Reveal::ToGroupSealer(sealer)
+            };
+            (current, how)
+        };
+        let mut reveals = vec![keys];
+        reveals.extend(self.write_only_keys(&child)?);
+        self.append_set(&child, &format!("parent_{parent}"), json!(value), now)?;
+        for (id, secret) in reveals {
+            match &how {
+                Reveal::UnderParentKey(parent_id, parent_key) => {
+                    let encrypted = encrypt_key_secret((&id, &secret), (parent_id, parent_key));
+                    self.append_set(&child, &format!("{id}_for_{parent_id}"), Value::String(encrypted), now)?;
+                }
+                Reveal::ToGroupSealer(sealer) => {
+                    let material = tx_nonce_material(&child, self.session_for(&child), self.next_index(&child));
+                    let ephemeral = random_ephemeral(entropy)?;
+                    let sealed = seal_for_group(&json!(secret.to_z_string()), sealer, &material, &ephemeral);
+                    self.append_set(&child, &format!("{id}_sealedFor_{sealer}"), Value::String(sealed), now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `group` is `ancestor` or reaches it through parent links (groups held here; at
+    /// most 64 steps).
+    fn is_descendant_or_self(&self, group: &CoId, ancestor: &CoId) -> Result<bool, ParticipantError> {
+        let reader = self.reader();
+        let mut todo = vec![group.clone()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(g) = todo.pop() {
+            if g == *ancestor {
+                return Ok(true);
+            }
+            if !seen.insert(g.clone()) || seen.len() > 64 {
+                continue;
+            }
+            if let Ok(view) = self.group_view(&reader, &g) {
+                todo.extend(view.parents_at(None).into_iter().map(|(p, _)| p.clone()));
+            }
+        }
+        Ok(false)
     }
 }

@@ -434,3 +434,60 @@ fn refusals_happen_before_writing() {
     let state = own.store.get(&crate::ids::CoId::parse(&g).unwrap()).unwrap();
     assert_eq!(state.header.raw["meta"], json!({"name": "named"}));
 }
+
+/// `extend` both ways cojson reveals a child key: under the parent's read key (the server is a
+/// member of the parent) and sealed to the parent's group sealer (it is not). The human, admin
+/// of both parents and member of neither child, reads the server's maps through the links.
+#[test]
+fn extend_reveals_the_child_key_to_the_parent_both_ways() {
+    let v = vectors();
+    let human_account = s(&v["agents"]["human"], "accountID").to_owned();
+    let server_account = s(&v["agents"]["server"], "accountID").to_owned();
+    let (mut server, account_msgs) = server_with_account(&v);
+    ingest_ok(&mut server, &account_header_message(&v, "human"));
+    let (mut human, _) = participant(&v, "human", 8);
+    ingest_ok(&mut human, &account_header_message(&v, "server"));
+    let mut entropy = VectorEntropy { next_k: 300 };
+    let at = G1_MADE_AT;
+
+    // The human's two groups: P has the server as reader, Q does not know it.
+    let p = human.create_group(None, at, &mut entropy).unwrap();
+    human.add_member(&p, &server_account, Role::Reader, at).unwrap();
+    let q = human.create_group(None, at, &mut entropy).unwrap();
+    for m in human.take_content() {
+        ingest_ok(&mut server, &m);
+    }
+
+    let c = server.create_group(None, at, &mut entropy).unwrap();
+    let m = server.create_map(&c, None, &[("x", json!(1))], WritePrivacy::Private, at, &mut entropy).unwrap();
+    server.extend(&c, &p, None, at, &mut entropy).unwrap();
+    let c2 = server.create_group(None, at, &mut entropy).unwrap();
+    let m2 = server.create_map(&c2, None, &[("y", json!(2))], WritePrivacy::Private, at, &mut entropy).unwrap();
+    server.extend(&c2, &q, Some(Role::Reader), at, &mut entropy).unwrap();
+    let msgs = server.take_content();
+    let text: String = msgs.iter().map(SyncMessage::to_json).collect();
+    assert!(text.contains(&format!("parent_{p}")) && text.contains(&format!("parent_{q}")));
+    assert!(text.contains("_sealedFor_sealer_z"), "Q's key reveal is sealed to its group sealer");
+
+    for msg in account_msgs.iter().chain(&msgs) {
+        ingest_ok(&mut human, msg);
+    }
+    assert_eq!(human.read(&m).unwrap(), object(&json!({"x": 1})), "through P, under P's key");
+    assert_eq!(human.read(&m2).unwrap(), object(&json!({"y": 2})), "through Q, by Q's group sealer");
+    assert_eq!(human.role_of(&c, &human_account), Ok(Some(Role::Admin)), "inherit: admin of P is admin of C");
+    assert_eq!(human.role_of(&c2, &human_account), Ok(Some(Role::Reader)), "a reader link caps the role");
+
+    // Into itself, or into its own child: nothing written. Not admin of the child: refused.
+    server.extend(&c, &c, None, at, &mut entropy).unwrap();
+    assert!(!server.has_pending_content());
+    let child = server.create_group(None, at, &mut entropy).unwrap();
+    server.extend(&child, &c, None, at, &mut entropy).unwrap();
+    let _ = server.take_content();
+    server.extend(&c, &child, None, at, &mut entropy).unwrap();
+    assert!(!server.has_pending_content(), "a cycle is not written");
+    assert!(matches!(server.extend(&q, &c, None, at, &mut entropy), Err(ParticipantError::NotPermitted(_))));
+    assert!(matches!(
+        server.extend(&c, &p, Some(Role::WriteOnly), at, &mut entropy),
+        Err(ParticipantError::Unsupported(_))
+    ));
+}

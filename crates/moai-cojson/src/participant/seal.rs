@@ -100,9 +100,7 @@ pub fn group_sealer_value(read_key_id: &str, sealer: &SealerId) -> String {
 
 /// `sealForGroup`: `ephemeralPublic(32) ‖ secretbox(X25519(ephemeral, groupSealer), …)`. The
 /// ephemeral secret is an input (random in cojson), so the result is reproducible.
-// For extending into a parent group we are not a member of (§7); moai does not write parent
-// links yet, so only tests call it while the read path opens such reveals.
-#[allow(dead_code)]
+/// Used to extend a group into a parent group this account is not a member of (§7, §8).
 pub fn seal_for_group(message: &Value, to: &SealerId, nonce_material: &Value, ephemeral: &[u8; 32]) -> String {
     let ephemeral = SealerSecret(*ephemeral);
     let key = shared_secret(&ephemeral, to);

@@ -31,7 +31,7 @@ use std::time::Duration;
 use moai_storage::CoValueStore;
 use tokio::sync::mpsc;
 
-pub use participant_task::{ParticipantService, ParticipantServiceError, ProfileView, Registration};
+pub use participant_task::{ParticipantService, ParticipantServiceError, ProfileView, Registration, SharedMap};
 pub use ping::{ping_frame, PING_INTERVAL};
 pub use session::{CojsonSession, Outbound, Received, ServiceStopped};
 pub use stats::CojsonStats;

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::session::{CojsonSession, Outbound};
 use super::CojsonService;
+use crate::group_roles::Role;
 use crate::ids::CoId;
 use crate::known_state::KnownState;
 use crate::message::{parse_frame, Incoming, SyncMessage};
@@ -86,9 +87,37 @@ type Reply<T> = oneshot::Sender<Result<T, ParticipantServiceError>>;
 
 enum Command {
     Profile(Reply<ProfileView>),
-    OnAdded { id: String, reply: Reply<Value> },
-    RegisterHuman { username: String, account: String, reply: Reply<Registration> },
-    Trigger { id: String, key: Option<String>, value: Value, on_behalf_of: Option<String>, reply: Reply<()> },
+    OnAdded {
+        id: String,
+        reply: Reply<Value>,
+    },
+    RegisterHuman {
+        username: String,
+        account: String,
+        reply: Reply<Registration>,
+    },
+    Trigger {
+        id: String,
+        key: Option<String>,
+        value: Value,
+        on_behalf_of: Option<String>,
+        reply: Reply<()>,
+    },
+    CreateSharedMap {
+        parent: String,
+        role: Option<Role>,
+        init: Map<String, Value>,
+        on_behalf_of: Option<String>,
+        reply: Reply<SharedMap>,
+    },
+}
+
+/// What `/create-map` made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedMap {
+    /// The server's new group (it is admin), extended into the caller's group.
+    pub group_id: String,
+    pub map_id: String,
 }
 
 /// Keys of the server's profile that name its own CoMaps.
@@ -181,6 +210,21 @@ impl ParticipantService {
         self.ask(|reply| Command::RegisterHuman { username, account, reply }).await
     }
 
+    /// Creates a CoMap holding `init` in a new group of the server's, and extends that group into
+    /// `parent` (a client's group) with `role` (`None`: inherit), so `parent`'s members read
+    /// (and, by role, write) it. `on_behalf_of`: an account that asked for it, which must be a
+    /// member of `parent` itself.
+    pub async fn create_shared_map(
+        &self,
+        parent: &str,
+        role: Option<Role>,
+        init: Map<String, Value>,
+        on_behalf_of: Option<&str>,
+    ) -> Result<SharedMap, ParticipantServiceError> {
+        let (parent, on_behalf_of) = (parent.to_owned(), on_behalf_of.map(str::to_owned));
+        self.ask(|reply| Command::CreateSharedMap { parent, role, init, on_behalf_of, reply }).await
+    }
+
     /// As the server (it needs a write role there): sets `key` to `value` in the CoMap `id`, or
     /// appends `value` to the CoList `id` (no `key`). `on_behalf_of`: an account that asked for
     /// it, which must have a write role there itself.
@@ -241,6 +285,9 @@ impl ParticipantTask {
                 }
                 Command::Trigger { id, key, value, on_behalf_of, reply } => {
                     let _ = reply.send(self.trigger(&id, key.as_deref(), value, on_behalf_of.as_deref()).await);
+                }
+                Command::CreateSharedMap { parent, role, init, on_behalf_of, reply } => {
+                    let _ = reply.send(self.create_shared_map(&parent, role, init, on_behalf_of.as_deref()).await);
                 }
             }
         }
@@ -379,6 +426,32 @@ impl ParticipantTask {
             }
         }
         self.flush().await
+    }
+
+    async fn create_shared_map(
+        &mut self,
+        parent: &str,
+        role: Option<Role>,
+        init: Map<String, Value>,
+        on_behalf_of: Option<&str>,
+    ) -> Result<SharedMap, ParticipantServiceError> {
+        let co = parse(parent)?;
+        if !self.sync(&co).await? {
+            return Err(ParticipantServiceError::NotFound(parent.to_owned()));
+        }
+        if let Some(account) = on_behalf_of {
+            let member = self.participant.role_of(parent, account)?;
+            if !member.is_some_and(|r| matches!(r, Role::Admin | Role::Manager | Role::Writer | Role::Reader)) {
+                return Err(ParticipantError::NotPermitted(format!("{account} is not a member of {parent}")).into());
+            }
+        }
+        let now = now_ms();
+        let group = self.participant.create_group(None, now, &mut OsEntropy)?;
+        self.participant.extend(&group, parent, role, now, &mut OsEntropy)?;
+        let entries: Vec<(&str, Value)> = init.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let map = self.participant.create_map(&group, None, &entries, WritePrivacy::Private, now, &mut OsEntropy)?;
+        self.flush().await?;
+        Ok(SharedMap { group_id: group, map_id: map })
     }
 
     fn profile_id(&self, account: &str) -> Option<String> {
