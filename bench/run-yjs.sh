@@ -12,6 +12,9 @@
 #   SERVERS="moai-pg moai-cluster" SCENARIOS="fanout-paced fanout-max" …
 #                                            # one instance beside three sharing PostgreSQL and
 #                                            # Redis: writers on instance A, readers on B and C
+#   SERVERS="moai-cluster-mixed" SCENARIOS="fanout-paced" …
+#                                            # readers on A, B and C: same-instance and
+#                                            # cross-instance latency of one run, side by side
 #
 # Every server is started fresh for every scenario run (clean RSS, CPU and state), on
 # 127.0.0.1 only, and the servers are interleaved within each run so machine noise spreads over
@@ -77,11 +80,11 @@ log "installing peers (npm ci)"
   || { cat "$RESULTS/npm-ci.log" >&2; exit 1; }
 log "building yjs-load"
 cargo build --release --quiet --manifest-path "$BENCH/yjs-load/Cargo.toml"
-if [[ " $SERVERS " == *" moai-pg"* || " $SERVERS " == *" moai-cluster "* ]]; then
+if [[ " $SERVERS " == *" moai-pg"* || " $SERVERS " == *" moai-cluster"* ]]; then
   log "starting a PostgreSQL cluster for moai-pg / moai-cluster"
   pg_cluster_start
 fi
-if [[ " $SERVERS " == *" moai-cluster "* ]]; then
+if [[ " $SERVERS " == *" moai-cluster"* ]]; then
   log "starting a Redis server for moai-cluster"
   redis_start
 fi
@@ -93,6 +96,7 @@ if [[ " $SERVERS " == *" moai"* ]]; then
   log "building moai"
   if ! (cd "$ROOT" && env -u CARGO_TARGET_DIR cargo build --release --quiet -p moai); then
     log "moai does not build; skipping it"
+    SERVERS="${SERVERS//moai-cluster-mixed/}"
     SERVERS="${SERVERS//moai-cluster/}"
     SERVERS="${SERVERS//moai-pg-s3/}"
     SERVERS="${SERVERS//moai-pg/}"
@@ -142,12 +146,15 @@ start_server() {
       SERVER_PID=$!
       "$MOAI" wait-ready "http://127.0.0.1:$port/health" --timeout 30s >/dev/null 2>&1 || return 1
       ;;
-    moai-cluster)
+    moai-cluster|moai-cluster-mixed)
       # Three instances (A on PORT, B on PORT+1, C on PORT+2) sharing one fresh PostgreSQL
-      # database and one emptied Redis: writers connect to A, fanout's readers to B and C.
+      # database and one emptied Redis: writers connect to A, fanout's readers to B and C
+      # (moai-cluster-mixed: to A, B and C, so one run measures same-instance and cross-instance
+      # deliveries under the same machine load).
       local storage redis p i=0 logs=(server server-b server-c)
       storage="$(pg_fresh_db yjs)"
       redis="$(redis_fresh)"
+      [ "$name" = moai-cluster-mixed ] && READER_URLS+=("ws://127.0.0.1:$port/sync/v1")
       for p in "$port" $((port + 1)) $((port + 2)); do
         "${moai_env[@]}" "$MOAI" serve --host 127.0.0.1 --port "$p" \
           --storage "$storage" --redis-url "$redis" --log-format json >"$dir/${logs[$i]}.log" 2>&1 &

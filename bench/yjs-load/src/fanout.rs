@@ -127,6 +127,8 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
 
     let mut connect_times = Samples::default();
     let mut sessions = Vec::new();
+    // Per session: whether it is connected to the writers' instance (`--url`).
+    let mut same_instance = Vec::new();
     let mut writer_jobs = Vec::new();
     let mut errors = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
@@ -138,6 +140,7 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
                     writer_jobs.push((d * a.writers + c, typist, session.out.clone(), session.framer.clone()));
                 }
                 sessions.push(session);
+                same_instance.push(run.endpoints[endpoint_of(c)].url == a.target.url);
             }
             Err(e) => errors.push(e),
         }
@@ -208,23 +211,28 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
     // Tear down and collect each receiver's accounting.
     run.stop();
     let mut stats = DeliveryStats::default();
+    // Latency split by where the receiver is connected (clusters: the writers' own instance, or
+    // another one), measured in the same run: the difference is the cross-instance hop under
+    // the same machine load.
+    let (mut same, mut cross) = (Samples::default(), Samples::default());
     let mut lost_handlers = 0;
-    for s in sessions {
+    for (s, same_instance) in sessions.into_iter().zip(same_instance) {
         drop(s.out);
         match tokio::time::timeout(Duration::from_secs(5), s.reader).await {
-            Ok(Ok(h)) => stats.merge(h.stats),
+            Ok(Ok(h)) => {
+                if same_instance {
+                    same.merge(h.stats.latency.clone());
+                } else {
+                    cross.merge(h.stats.latency.clone());
+                }
+                stats.merge(h.stats)
+            }
             _ => lost_handlers += 1,
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // let close frames go out
 
-    let first_send = log_
-        .writers
-        .iter()
-        .flat_map(|w| w.sent_ns_iter())
-        .filter(|&t| t != 0)
-        .min()
-        .unwrap_or(0);
+    let first_send = log_.writers.iter().flat_map(|w| w.sent_ns_iter()).filter(|&t| t != 0).min().unwrap_or(0);
     let sent = log_.writers.iter().flat_map(|w| w.sent_ns_iter()).filter(|&t| t != 0).count();
     let last_delivery = progress.last_delivery_ns.load(Ordering::Acquire);
     let span_s = last_delivery.saturating_sub(first_send) as f64 / 1e9;
@@ -259,6 +267,8 @@ pub async fn run(a: FanoutArgs) -> Result<serde_json::Value> {
         "deliveries_per_s": per_s(stats.deliveries as f64),
         "updates_per_s": per_s(sent as f64),
         "latency_ms": stats.latency.summary_ms(),
+        "latency_ms_same_instance": same.summary_ms(),
+        "latency_ms_cross_instance": cross.summary_ms(),
         "slow_deliveries": slow_deliveries(&stats.slow, first_send),
         "send_lag_ms": send_lag.summary_ms(),
         "loadgen_cpu_s": round3(cpu.as_secs_f64()),

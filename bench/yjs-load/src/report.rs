@@ -91,7 +91,16 @@ fn fmt(x: Option<f64>) -> String {
 
 /// Preferred row order; other labels follow alphabetically.
 fn rank(label: &str) -> (usize, String) {
-    let order = ["moai", "moai-pg", "moai-pg-s3", "moai-cluster", "y-websocket-server", "hocuspocus", "relay"];
+    let order = [
+        "moai",
+        "moai-pg",
+        "moai-pg-s3",
+        "moai-cluster",
+        "moai-cluster-mixed",
+        "y-websocket-server",
+        "hocuspocus",
+        "relay",
+    ];
     (order.iter().position(|o| *o == label).unwrap_or(order.len()), label.to_owned())
 }
 
@@ -310,6 +319,31 @@ fn cluster_targets(cases: &BTreeMap<String, BTreeMap<(usize, String), Group>>, a
                 "{case}: deliveries/s {c:.0} vs {s:.0} = {:.0} % (target ≥ 50 %) {}",
                 100.0 * c / s.max(1.0),
                 ok(c >= 0.5 * s)
+            ));
+        }
+    }
+    // The in-run floor: readers on the writers' instance and on the others, same run.
+    for (case, groups) in cases {
+        let Some(mixed) = groups.iter().find(|((_, l), _)| l == "moai-cluster-mixed").map(|(_, g)| g) else { continue };
+        if mixed.scenario != "fanout" || mixed.runs[0]["rate_per_writer"].as_f64().unwrap_or(0.0) <= 0.0 {
+            continue;
+        }
+        let same = mixed.med("/latency_ms_same_instance/p99", 1.0);
+        let cross = mixed.med("/latency_ms_cross_instance/p99", 1.0);
+        let diffs: Vec<f64> = mixed
+            .runs
+            .iter()
+            .filter_map(|r| {
+                Some(
+                    r.pointer("/latency_ms_cross_instance/p99")?.as_f64()?
+                        - r.pointer("/latency_ms_same_instance/p99")?.as_f64()?,
+                )
+            })
+            .collect();
+        if let (Some(s), Some(c), Some(d)) = (same, cross, median(diffs)) {
+            lines.push(format!(
+                "{case} (moai-cluster-mixed, same run): p99 cross-instance {c:.2} ms vs same-instance {s:.2} ms, median difference +{d:.2} ms (target ≤ +2 ms) {}",
+                ok(d <= 2.0)
             ));
         }
     }
