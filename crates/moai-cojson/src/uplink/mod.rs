@@ -117,6 +117,9 @@ impl Default for UplinkConfig {
     }
 }
 
+/// Fetches waiting for an answer at most; beyond it the oldest is answered `Offline`.
+const MAX_PENDING_FETCHES: usize = 1024;
+
 /// What the link knows of one followed CoValue.
 #[derive(Debug)]
 struct Followed {
@@ -308,6 +311,11 @@ impl Uplink {
             return;
         }
         let heard = f.upstream_floor.is_some();
+        if self.fetches.len() >= MAX_PENDING_FETCHES {
+            // The oldest has waited longest (its caller has most likely given up): answered now.
+            let (oldest, _) = self.fetches.remove(0);
+            self.out.push(Action::Fetched(oldest, Fetched::Offline));
+        }
         self.fetches.push((fetch, id.clone()));
         if !heard {
             self.kick(&id);

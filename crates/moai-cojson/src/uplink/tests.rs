@@ -234,3 +234,21 @@ fn the_followed_set_is_bounded() {
     }
     assert_eq!(pair.uplink.followed_count(), 2);
 }
+
+#[test]
+fn pending_fetches_are_bounded() {
+    let mut pair = Pair::new();
+    pair.connect();
+    // Upstream never answers these (the link is up, but the messages go nowhere here).
+    pair.uplink.handle(Event::Disconnected);
+    pair.uplink.handle(Event::Connected);
+    let mut answered = Vec::new();
+    for n in 0..(MAX_PENDING_FETCHES as u64 + 3) {
+        for action in pair.uplink.handle(Event::Fetch(n, CoId::parse(&format!("co_zF{n}")).unwrap())) {
+            if let Action::Fetched(f, outcome) = action {
+                answered.push((f, outcome));
+            }
+        }
+    }
+    assert_eq!(answered, vec![(0, Fetched::Offline), (1, Fetched::Offline), (2, Fetched::Offline)]);
+}
