@@ -19,7 +19,8 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -154,179 +155,141 @@ async fn from_upstream(caller: &Caller, id: &str) {
     tracing::debug!(covalue = id, ?outcome, "agent mode: fetched from upstream");
 }
 
-pub(crate) async fn profile(State(state): State<AppState>, caller: Caller, headers: HeaderMap) -> Response {
-    let (participant, _) = match participant(&state, &caller, &headers).await {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    match participant.profile().await {
-        Ok(p) => Json(json!({
-            "accountId": p.account_id,
-            "profileId": p.profile_id,
-            "profileName": p.profile_name,
-            "sessionId": p.session_id,
-            "registryId": p.registry_id,
-            "given": p.given,
-            "upstream": caller.engines.uplink.as_ref().map(|u| {
-                let s = u.status();
-                json!({ "url": s.url, "connected": s.connected, "links": s.links, "lastError": s.last_error, "followed": s.followed })
-            }),
-        }))
-        .into_response(),
-        Err(e) => failure(e),
+/// An authenticated call of the agent API: the server's account, who is calling, and the
+/// request's engines (agent mode's uplink). Extracted before the body, so a caller without
+/// credentials gets 401 whatever it sent.
+struct AgentCall {
+    participant: ParticipantService,
+    who: Who,
+    caller: Caller,
+}
+
+impl FromRequestParts<AppState> for AgentCall {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let (participant, who) = participant(state, &caller, &parts.headers).await.map_err(|r| *r)?;
+        Ok(AgentCall { participant, who, caller })
     }
 }
 
-pub(crate) async fn on_added(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    // Any account may tell the server it was added somewhere; the server checks its own role.
-    let (participant, _) = match participant(&state, &caller, &headers).await {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
+impl AgentCall {
+    /// The account a Jazz caller acts for (`None` for an operator's moai token).
+    fn on_behalf_of(&self) -> Option<&str> {
+        match &self.who {
+            Who::Jazz(account) => Some(account.as_str()),
+            Who::Operator => None,
+        }
+    }
+}
+
+/// A POST body that is a JSON object (400 otherwise).
+struct JsonObject(serde_json::Map<String, Value>);
+
+impl FromRequest<AppState> for JsonObject {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Response> {
+        let body = Bytes::from_request(req, state).await.map_err(IntoResponse::into_response)?;
+        object(&body).map(JsonObject).map_err(IntoResponse::into_response)
+    }
+}
+
+/// What a handler answers: a JSON body, or an error response.
+type Answer = Result<Json<Value>, Response>;
+
+fn bad_request(message: &str) -> Response {
+    error_response(StatusCode::BAD_REQUEST, message)
+}
+
+async fn profile(call: AgentCall) -> Answer {
+    let p = call.participant.profile().await.map_err(failure)?;
+    let upstream = call.caller.engines.uplink.as_ref().map(|u| {
+        let s = u.status();
+        json!({ "url": s.url, "connected": s.connected, "links": s.links, "lastError": s.last_error, "followed": s.followed })
+    });
+    Ok(Json(json!({
+        "accountId": p.account_id,
+        "profileId": p.profile_id,
+        "profileName": p.profile_name,
+        "sessionId": p.session_id,
+        "registryId": p.registry_id,
+        "given": p.given,
+        "upstream": upstream,
+    })))
+}
+
+/// Any account may tell the server it was added somewhere; the server checks its own role.
+async fn on_added(call: AgentCall, JsonObject(body): JsonObject) -> Answer {
     // `sparkId` is what the original service took.
-    let id = match object(&body).and_then(|m| co_id(&m, &["coId", "sparkId"])) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    from_upstream(&caller, &id).await;
-    match participant.on_added(&id).await {
-        Ok(record) => Json(json!({ "ok": true, "added": id, "record": record })).into_response(),
-        Err(e) => failure(e),
-    }
+    let id = co_id(&body, &["coId", "sparkId"]).map_err(IntoResponse::into_response)?;
+    from_upstream(&call.caller, &id).await;
+    let record = call.participant.on_added(&id).await.map_err(failure)?;
+    Ok(Json(json!({ "ok": true, "added": id, "record": record })))
 }
 
-pub(crate) async fn register_human(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (participant, who) = match participant(&state, &caller, &headers).await {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let map = match object(&body) {
-        Ok(m) => m,
-        Err(r) => return r.into_response(),
-    };
-    let username = map.get("username").and_then(Value::as_str).map(str::trim).unwrap_or_default().to_owned();
+async fn register_human(call: AgentCall, JsonObject(body): JsonObject) -> Answer {
+    let username = body.get("username").and_then(Value::as_str).map(str::trim).unwrap_or_default().to_owned();
     let valid = !username.is_empty()
         && username.len() <= 64
         && username.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !valid {
-        return error_response(StatusCode::BAD_REQUEST, "username required: 1 to 64 of a-z A-Z 0-9 _ . -");
+        return Err(bad_request("username required: 1 to 64 of a-z A-Z 0-9 _ . -"));
     }
-    let account = match co_id(&map, &["accountId"]) {
-        Ok(a) => a,
-        Err(r) => return r.into_response(),
-    };
+    let account = co_id(&body, &["accountId"]).map_err(IntoResponse::into_response)?;
     // A Jazz account registers a name for itself only.
-    if matches!(&who, Who::Jazz(me) if *me != account) {
-        return error_response(StatusCode::FORBIDDEN, "a Jazz account may register a name for itself only");
+    if call.on_behalf_of().is_some_and(|me| me != account) {
+        return Err(error_response(StatusCode::FORBIDDEN, "a Jazz account may register a name for itself only"));
     }
-    match participant.register_human(&username, &account).await {
-        Ok(Registration::Registered) => {
-            Json(json!({ "ok": true, "username": username, "accountId": account })).into_response()
+    match call.participant.register_human(&username, &account).await.map_err(failure)? {
+        Registration::Registered => Ok(Json(json!({ "ok": true, "username": username, "accountId": account }))),
+        Registration::AlreadyRegistered => {
+            Ok(Json(json!({ "ok": true, "username": username, "accountId": account, "unchanged": true })))
         }
-        Ok(Registration::AlreadyRegistered) => {
-            Json(json!({ "ok": true, "username": username, "accountId": account, "unchanged": true })).into_response()
+        Registration::Conflict => {
+            Err(error_response(StatusCode::CONFLICT, "username already registered to a different account"))
         }
-        Ok(Registration::Conflict) => {
-            error_response(StatusCode::CONFLICT, "username already registered to a different account")
-        }
-        Err(e) => failure(e),
     }
 }
 
-pub(crate) async fn trigger(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (participant, who) = match participant(&state, &caller, &headers).await {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let map = match object(&body) {
-        Ok(m) => m,
-        Err(r) => return r.into_response(),
-    };
-    let id = match co_id(&map, &["coId"]) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
+/// A Jazz account makes the server write only where it may write itself.
+async fn trigger(call: AgentCall, JsonObject(body): JsonObject) -> Answer {
+    let id = co_id(&body, &["coId"]).map_err(IntoResponse::into_response)?;
     // A key for a CoMap; none for a CoList (the value is appended).
-    let key = match map.get("key") {
+    let key = match body.get("key") {
         None | Some(Value::Null) => None,
         Some(Value::String(k)) if !k.is_empty() && k.len() <= 256 => Some(k.as_str()),
-        Some(_) => return error_response(StatusCode::BAD_REQUEST, "key: a string of 1 to 256 bytes"),
+        Some(_) => return Err(bad_request("key: a string of 1 to 256 bytes")),
     };
-    let Some(value) = map.get("value").cloned() else {
-        return error_response(StatusCode::BAD_REQUEST, "value required (any JSON)");
+    let Some(value) = body.get("value").cloned() else {
+        return Err(bad_request("value required (any JSON)"));
     };
-    // A Jazz account makes the server write only where it may write itself.
-    let on_behalf_of = match &who {
-        Who::Jazz(account) => Some(account.as_str()),
-        Who::Operator => None,
-    };
-    from_upstream(&caller, &id).await;
-    match participant.trigger(&id, key, value, on_behalf_of).await {
-        Ok(()) => Json(json!({ "ok": true, "coId": id, "key": key, "appended": key.is_none() })).into_response(),
-        Err(e) => failure(e),
-    }
+    from_upstream(&call.caller, &id).await;
+    call.participant.trigger(&id, key, value, call.on_behalf_of()).await.map_err(failure)?;
+    Ok(Json(json!({ "ok": true, "coId": id, "key": key, "appended": key.is_none() })))
 }
 
 /// Most entries `/create-map` takes in `init`.
 const MAX_INIT_ENTRIES: usize = 256;
 
-pub(crate) async fn create_map(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (participant, who) = match participant(&state, &caller, &headers).await {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let map = match object(&body) {
-        Ok(m) => m,
-        Err(r) => return r.into_response(),
-    };
-    let parent = match co_id(&map, &["parent"]) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    let role = match map.get("role").and_then(Value::as_str).unwrap_or("inherit") {
+/// A Jazz account may share a new map only with a group it is a member of.
+async fn create_map(call: AgentCall, JsonObject(body): JsonObject) -> Answer {
+    let parent = co_id(&body, &["parent"]).map_err(IntoResponse::into_response)?;
+    let role = match body.get("role").and_then(Value::as_str).unwrap_or("inherit") {
         "inherit" => None,
         r @ ("reader" | "writer" | "manager" | "admin") => moai_cojson::Role::parse(r),
-        _ => return error_response(StatusCode::BAD_REQUEST, "role: inherit, reader, writer, manager or admin"),
+        _ => return Err(bad_request("role: inherit, reader, writer, manager or admin")),
     };
-    let init = match map.get("init") {
+    let init = match body.get("init") {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(o)) if o.len() <= MAX_INIT_ENTRIES => o.clone(),
-        Some(_) => {
-            return error_response(StatusCode::BAD_REQUEST, "init: a JSON object of at most 256 entries");
-        }
+        Some(_) => return Err(bad_request("init: a JSON object of at most 256 entries")),
     };
-    let on_behalf_of = match &who {
-        Who::Jazz(account) => Some(account.as_str()),
-        Who::Operator => None,
-    };
-    from_upstream(&caller, &parent).await;
-    match participant.create_shared_map(&parent, role, init, on_behalf_of).await {
-        Ok(made) => {
-            if let (Some(uplink), Ok(id)) = (caller.engines.uplink.as_ref(), moai_cojson::CoId::parse(&made.map_id)) {
-                uplink.follow(id).await;
-            }
-            Json(json!({ "ok": true, "groupId": made.group_id, "mapId": made.map_id })).into_response()
-        }
-        Err(e) => failure(e),
+    from_upstream(&call.caller, &parent).await;
+    let made = call.participant.create_shared_map(&parent, role, init, call.on_behalf_of()).await.map_err(failure)?;
+    if let (Some(uplink), Ok(id)) = (call.caller.engines.uplink.as_ref(), moai_cojson::CoId::parse(&made.map_id)) {
+        uplink.follow(id).await;
     }
+    Ok(Json(json!({ "ok": true, "groupId": made.group_id, "mapId": made.map_id })))
 }
