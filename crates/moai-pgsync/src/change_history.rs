@@ -302,6 +302,32 @@ mod tests {
     use super::*;
     use crate::db;
 
+    /// Several instances starting at once on a fresh database (a docker-compose `up`) all run
+    /// the schema setup. `CREATE … IF NOT EXISTS` is not safe against a concurrent creator
+    /// (both see "absent", the second fails on the catalog's unique index), so every instance
+    /// but one failed its start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_setting_the_schema_up_at_once_all_succeed() {
+        let pg = pg_cluster::PgCluster::start();
+        let cfg = db::parse_url(&pg.url()).unwrap();
+        for round in 0..3 {
+            let schema = format!("moai_sync_race_{round}");
+            let mut setups = Vec::new();
+            for _ in 0..6 {
+                let (cfg, schema) = (cfg.clone(), schema.clone());
+                setups.push(tokio::spawn(async move {
+                    let client = db::connect(&cfg).await.unwrap();
+                    client.batch_execute(&db::schema_ddl(&schema)).await
+                }));
+            }
+            for setup in setups {
+                if let Err(e) = setup.await.unwrap() {
+                    panic!("round {round}: a concurrent schema setup failed: {e:?}");
+                }
+            }
+        }
+    }
+
     /// Catch-up after a large ingest, before autovacuum analyzed the table: every page must
     /// walk the primary key from the position and stop after `limit` rows. Any other plan
     /// (bitmap scan of the whole backlog + top-N sort, or seq scan + sort) makes each page cost

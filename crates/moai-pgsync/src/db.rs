@@ -76,9 +76,15 @@ pub(crate) fn replication_config(
         .with_wakeup_interval(std::time::Duration::from_secs(5)))
 }
 
+/// The schema and tables of the change feed, created or upgraded in place. One simple-query
+/// batch runs as one transaction, and its first statement takes a transaction-scoped advisory
+/// lock on the schema's name: `CREATE … IF NOT EXISTS` is not safe against a concurrent
+/// creator (both see "absent" and the second fails on the catalog's unique index), and several
+/// instances starting at once on a fresh database all run this.
 pub(crate) fn schema_ddl(schema: &str) -> String {
     format!(
         r#"
+SELECT pg_advisory_xact_lock(hashtext('moai_pgsync_schema'), hashtext({name}));
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.change_history (
   commit_lsn      pg_lsn      NOT NULL,
@@ -145,8 +151,14 @@ ALTER TABLE {s}.replication_state ADD COLUMN IF NOT EXISTS mapping_version int4 
 -- (its stream ended while it still had events to write) cannot write after another took over.
 ALTER TABLE {s}.replication_state ADD COLUMN IF NOT EXISTS epoch int8 NOT NULL DEFAULT 0;
 "#,
-        s = ident(schema)
+        s = ident(schema),
+        name = literal(schema)
     )
+}
+
+/// Quote a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Quote an identifier.
