@@ -102,8 +102,9 @@ pub enum UplinkError {
 pub struct UplinkStatus {
     /// The upstream URL without its query (which may hold a key).
     pub url: String,
+    /// Whether the current link carried a frame from upstream.
     pub connected: bool,
-    /// Links opened so far.
+    /// Links that carried a frame so far.
     pub links: u64,
     /// Why the last link ended or failed (no secrets: URLs are shown without their query).
     pub last_error: Option<String>,
@@ -296,11 +297,6 @@ impl UplinkTask {
             Ok(s) => s,
             Err(_) => return UplinkError::LocalStopped,
         };
-        self.set_status(|s| {
-            s.connected = true;
-            s.links += 1;
-        });
-        tracing::info!(upstream = %shown_url(&self.settings.url), "agent mode: linked to upstream");
         let out = self.handle(UplinkEvent::Connected);
         let ended = match self.deliver(&mut ws, &local, out).await {
             Ok(()) => self.pump(&mut ws, &mut local, carried).await,
@@ -319,7 +315,16 @@ impl UplinkTask {
                     heard = Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
-                            *carried = true;
+                            if !*carried {
+                                // Linked once upstream speaks (moai pings at once): a server that
+                                // accepts the socket only to close it (a refused token) never was.
+                                *carried = true;
+                                self.set_status(|s| {
+                                    s.connected = true;
+                                    s.links += 1;
+                                });
+                                tracing::info!(upstream = %shown_url(&self.settings.url), "agent mode: linked to upstream");
+                            }
                             self.receive(Side::Upstream, text.as_str())
                         }
                         Some(Ok(Message::Close(frame))) => {

@@ -177,3 +177,55 @@ fn agent_mode_settings_that_cannot_work_refuse_the_start() {
     assert!(err.contains("PEER_MOAI"), "{err}");
     assert!(!err.contains(&secret), "the secret is never echoed");
 }
+
+/// A hub that requires tokens: the agent links with `PEER_MOAI_TOKEN` (sent as a bearer
+/// token), and one with a wrong token stays unlinked and says why on `/profile`.
+#[test]
+fn the_agent_presents_its_token_to_a_hub_that_requires_one() {
+    let hub = Server::start(&["--sync-shared-secret", "hub-secret"]);
+    hub.wait_ready();
+    let token = {
+        let out = Command::new(BIN).args(["token", "agent", "--secret", "hub-secret"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let agent = |token: &str| {
+        let (id, secret) = generate();
+        let keep = tempfile::tempdir().unwrap();
+        let db = keep.path().join("agent.db");
+        let peer_moai = format!("127.0.0.1:{}", hub.addr.port());
+        let s = Server::start_with_env(
+            keep,
+            &db,
+            &[],
+            &[
+                ("PEER_ID", id.as_str()),
+                ("PEER_SECRET", secret.as_str()),
+                ("PEER_MODE", "agent"),
+                ("PEER_MOAI", peer_moai.as_str()),
+                ("PEER_MOAI_TOKEN", token),
+            ],
+        );
+        s.wait_ready();
+        (s, id)
+    };
+    let (good, good_id) = agent(&token);
+    wait_upstream(&good, |u| u["connected"] == true, "linked with its token");
+    // Its account is on the hub: a client there (with a token of its own) loads it.
+    let mut c = NodeDriver::cojson();
+    let client_token = {
+        let out = Command::new(BIN).args(["token", "carol", "--secret", "hub-secret"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    c.call("createAccount", json!({"name": "carol", "url": format!("{}?token={client_token}", hub.ws_url("/sync"))}));
+    assert_eq!(c.call("load", json!({"name": "carol", "coId": good_id}))["available"], true);
+
+    let (bad, _) = agent("not-a-token");
+    // moai answers the upgrade and closes with 4401 and the reason.
+    let profile = wait_upstream(&bad, |u| u["lastError"].as_str().is_some_and(|e| e.contains("4401")), "refused");
+    assert_eq!(
+        (&profile["upstream"]["connected"], &profile["upstream"]["links"]),
+        (&json!(false), &json!(0)),
+        "{profile}"
+    );
+    assert!(!profile.to_string().contains("not-a-token"), "the token is never shown: {profile}");
+}
