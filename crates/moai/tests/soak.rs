@@ -350,6 +350,13 @@ async fn soak_yjs() {
         let mut receivers = Vec::new();
         let mut observer_sinks = Vec::new();
 
+        // Where a cycle's time goes (printed per cycle: the documents grow across cycles).
+        let mut phases: Vec<(&str, Duration)> = Vec::new();
+        let mut lap = Instant::now();
+        let mut phase = |name: &'static str, phases: &mut Vec<(&str, Duration)>| {
+            phases.push((name, lap.elapsed()));
+            lap = Instant::now();
+        };
         // One observer per document, holding the full state before anyone writes.
         for (d, seen) in seen.iter().enumerate() {
             let mut ws = support::ws::connect(&server.ws_url(&yjs_doc_path(d))).await;
@@ -361,6 +368,7 @@ async fn soak_yjs() {
             observer_sinks.push(sink);
             receivers.push(spawn_receiver(stream, doc, seen.clone(), Some(observed.clone())));
         }
+        phase("observers", &mut phases);
         // Writers: all joined before the first one writes, so they receive each other.
         let mut writers = Vec::new();
         for d in 0..YJS_DOCS {
@@ -381,6 +389,7 @@ async fn soak_yjs() {
             tasks.push((d, client, sent, task));
         }
 
+        phase("writers join", &mut phases);
         // Kill once the observers have received k broadcasts, writers mid-flight.
         let k = rng.range(1, YJS_MAX_KILL_AFTER) as usize;
         let mut watch = observed.1.subscribe();
@@ -393,6 +402,7 @@ async fn soak_yjs() {
                 ),
             }
         }
+        phase("writing", &mut phases);
         blocking(|| kill_9(server));
         // Nobody writes again: a writer may not re-upload what the dead server lost.
         for (_, _, _, task) in &tasks {
@@ -406,7 +416,10 @@ async fn soak_yjs() {
         let sent: u64 = tasks.iter().map(|t| u64::from(t.2.load(Ordering::SeqCst))).sum();
         let received_by_observers = observed.0.load(Ordering::SeqCst) as u64;
 
+        phase("kill, drain", &mut phases);
         server = blocking(|| db.start(&[]));
+        phase("restart", &mut phases);
+        let mut reading = Duration::ZERO;
         let mut durable_total = 0u64;
         let mut seen_total = 0u64;
         for d in 0..YJS_DOCS {
@@ -417,7 +430,9 @@ async fn soak_yjs() {
             let mut ws = support::ws::connect(&server.ws_url(&yjs_doc_path(d))).await;
             yjs_joined(&mut ws, deadline).await;
             let doc = Doc::new();
+            let t = Instant::now();
             yjs_full_state(&mut ws, &doc, deadline).await;
+            reading += t.elapsed();
             let sv = check_yjs_reader(cycle, d, &doc, &seen_ever[d]);
             for (dd, client, _, _) in &tasks {
                 if *dd == d {
@@ -426,13 +441,17 @@ async fn soak_yjs() {
                 }
             }
         }
+        phase("fresh readers, checks", &mut phases);
+        phases.push(("of which the readers' full state", reading));
         let took = t0.elapsed();
+        let phases: Vec<String> = phases.iter().map(|(n, d)| format!("{n} {}", d.as_millis())).collect();
         println!(
-            "yjs cycle {}/{}: kill after {k} observed broadcasts; writers sent {sent} updates, clients received {seen_total}, the restarted server has {durable_total} ({} unreceived in-flight updates lost, allowed); {} ms",
+            "yjs cycle {}/{}: kill after {k} observed broadcasts; writers sent {sent} updates, clients received {seen_total}, the restarted server has {durable_total} ({} unreceived in-flight updates lost, allowed); {} ms ({})",
             cycle + 1,
             cycles("yjs"),
             sent - durable_total,
-            took.as_millis()
+            took.as_millis(),
+            phases.join(", ")
         );
         assert!(durable_total <= sent && seen_total <= durable_total);
         tally.add("updates_sent", sent);

@@ -153,8 +153,8 @@ pub(crate) fn spawn(
             Some(bus) => Some(bus.join(&topic_name(&doc_id)).await),
             None => None,
         };
-        match load(&doc_id, storage.as_ref(), &stats).await {
-            Ok((mut room, journal_bytes, stored_empty)) => {
+        match load(&doc_id, storage.as_ref(), &stats, config.compact_journal_bytes).await {
+            Ok((mut room, journal_bytes, stored_empty, load_compaction)) => {
                 stats.loaded.store(true, Ordering::Relaxed);
                 room.set_policy(config.policy);
                 if topic.is_some() {
@@ -189,6 +189,9 @@ pub(crate) fn spawn(
                     last_local_use: Instant::now(),
                     stored_empty,
                 };
+                if let Some(c) = load_compaction {
+                    task.compaction = Some(spawn_write_back(&task.doc_id, task.storage.clone(), task.stats.clone(), c));
+                }
                 let joined = task.room.cluster_joined();
                 task.perform(joined.into());
                 task.run().await;
@@ -202,6 +205,24 @@ pub(crate) fn spawn(
             }
         }
     });
+}
+
+/// Writes the snapshot made at load over the journal it covers, in the background (a
+/// compaction like the others: the task waits for it before it is evicted or compacts again).
+fn spawn_write_back(
+    doc_id: &str,
+    storage: Arc<dyn DocJournal>,
+    stats: Arc<DocStats>,
+    c: LoadCompaction,
+) -> JoinHandle<Result<usize, CompactionError>> {
+    let doc_id = doc_id.to_owned();
+    tokio::spawn(async move {
+        let bytes = c.snapshot.len() as u64;
+        storage.compact(&doc_id, c.snapshot, c.folded).await?;
+        stats.snapshot_bytes.store(bytes, Ordering::Relaxed);
+        tracing::debug!(doc = %doc_id, folded = c.folded_bytes, "long journal compacted at load");
+        Ok(c.folded_bytes)
+    })
 }
 
 /// Why a document could not be loaded. It is then refused, never served empty.
@@ -218,19 +239,49 @@ pub enum DocLoadError {
     Task(#[from] JoinError),
 }
 
-/// The room, its journal bytes, and whether storage held nothing of it.
-async fn load(doc_id: &str, storage: &dyn DocJournal, stats: &DocStats) -> Result<(Room, usize, bool), DocLoadError> {
+/// Journal entries found at load from which the loaded state is written back as a snapshot at
+/// once. The byte threshold ([`YjsConfig::compact_journal_bytes`]) is only checked after a
+/// write, so a server that is restarted (or killed) often never reaches it within one life, and
+/// every load replayed the whole journal: the crash soak's loads grew with every cycle
+/// (docs/soak.md). Many small entries cost more to replay than their bytes suggest.
+const COMPACT_AT_LOAD_ENTRIES: usize = 1000;
+
+/// A snapshot of the state just loaded, to replace the journal it was built from.
+struct LoadCompaction {
+    snapshot: Vec<u8>,
+    folded: moai_storage::Folded,
+    folded_bytes: usize,
+}
+
+/// The room, its journal bytes, whether storage held nothing of it, and the compaction to start
+/// when the journal was long.
+async fn load(
+    doc_id: &str,
+    storage: &dyn DocJournal,
+    stats: &DocStats,
+    compact_bytes: usize,
+) -> Result<(Room, usize, bool, Option<LoadCompaction>), DocLoadError> {
     let stored = storage.load(doc_id).await?;
     let journal_bytes = stored.journal_bytes();
     let empty = stored.snapshot.is_none() && stored.updates.is_empty();
     stats.snapshot_bytes.store(stored.snapshot.as_ref().map_or(0, |s| s.len() as u64), Ordering::Relaxed);
-    let doc_id = doc_id.to_owned();
-    // Applying a large snapshot is O(document): keep it off the async workers.
-    let room = tokio::task::spawn_blocking(move || {
-        load_room(doc_id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))
+    let long = stored.updates.len() >= COMPACT_AT_LOAD_ENTRIES || journal_bytes >= compact_bytes.max(1);
+    let folded = long.then(|| stored.folded());
+    let id = doc_id.to_owned();
+    // Applying a large snapshot is O(document): keep it off the async workers. The snapshot of
+    // a long journal is encoded here too, from exactly what storage held (nothing else has been
+    // applied yet), so it covers the folded entries and nothing more.
+    let (room, snapshot) = tokio::task::spawn_blocking(move || {
+        let room = load_room(id, stored.snapshot.as_deref(), stored.updates.iter().map(|(_, u)| u.as_slice()))?;
+        let snapshot = if long { room.encode_state_as_update().ok() } else { None };
+        Ok::<_, LoadError>((room, snapshot))
     })
     .await??;
-    Ok((room, journal_bytes, empty))
+    let compaction = match (snapshot, folded) {
+        (Some(snapshot), Some(folded)) => Some(LoadCompaction { snapshot, folded, folded_bytes: journal_bytes }),
+        _ => None,
+    };
+    Ok((room, journal_bytes, empty, compaction))
 }
 
 /// Answers every queued and future command with `error` (the document could not be served).
@@ -830,6 +881,46 @@ mod tests {
         let t = doc.get_or_insert_text("t");
         let s = t.get_string(&doc.transact());
         s
+    }
+
+    /// A journal of many small entries (a server restarted or killed before the byte threshold
+    /// was ever reached after a write) is folded into a snapshot when the document loads, from
+    /// exactly what was loaded; a short one is left alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_journal_is_compacted_when_the_document_loads() {
+        use moai_storage::DocJournal;
+        let storage = Arc::new(MemoryStorage::new());
+        let writer = yrs::Doc::new();
+        let t = writer.get_or_insert_text("t");
+        let entry = |s: &str| {
+            let mut txn = writer.transact_mut();
+            let len = yrs::Text::len(&t, &txn);
+            t.insert(&mut txn, len, s);
+            txn.encode_update_v1()
+        };
+        for i in 0..super::COMPACT_AT_LOAD_ENTRIES {
+            storage.append("long", entry(&format!("{}", i % 10))).await.unwrap();
+        }
+        for _ in 0..10 {
+            storage.append("short", yrs::Doc::new().transact_mut().encode_update_v1()).await.unwrap();
+        }
+        let expected: String = (0..super::COMPACT_AT_LOAD_ENTRIES).map(|i| format!("{}", i % 10)).collect();
+
+        let svc = YjsService::new(storage.clone(), YjsConfig::default());
+        let _long = svc.join("long").await.unwrap();
+        let _short = svc.join("short").await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stored = loop {
+            let stored = storage.load("long").await.unwrap();
+            if stored.updates.is_empty() {
+                break stored;
+            }
+            assert!(std::time::Instant::now() < deadline, "still {} journal entries", stored.updates.len());
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(text(stored.snapshot.as_deref().expect("a snapshot")), expected, "the snapshot holds everything");
+        assert_eq!(text(&svc.read_state("long").await.unwrap()), expected);
+        assert_eq!(storage.load("short").await.unwrap().updates.len(), 10, "a short journal is left alone");
     }
 
     /// A panic in yrs closes the document's connections (1011) and drops its memory; the next
