@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,10 @@ pub struct UplinkSettings {
     /// Sent as `Authorization: Bearer …` (a moai token of the upstream); a Jazz sync server's
     /// key goes in the URL (`?key=…`).
     pub token: Option<String>,
+    /// The largest message accepted from upstream: the server's own `--max-frame-bytes`, so
+    /// upstream cannot make this server hold more than a local client could. A larger one ends
+    /// the link (and it reconnects).
+    pub max_frame_bytes: usize,
 }
 
 /// `PEER_MOAI` as given: a full `ws://`/`wss://` URL (used as is), or `host[:port]` without a
@@ -280,7 +285,11 @@ impl UplinkTask {
             let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UplinkError::BadToken)?;
             request.headers_mut().insert("authorization", value);
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request)).await {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.settings.max_frame_bytes))
+            .max_frame_size(Some(self.settings.max_frame_bytes));
+        let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(e)) => Err(UplinkError::Connect(e.to_string())),
             Err(_) => Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),

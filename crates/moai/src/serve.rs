@@ -197,7 +197,7 @@ fn upstream_settings(args: &ServeArgs, has_identity: bool) -> anyhow::Result<Opt
             }
             let url = moai_server::uplink::upstream_url(given)?;
             let token = args.peer_moai_token.clone().filter(|t| !t.is_empty());
-            Ok(Some(UplinkSettings { url, token }))
+            Ok(Some(UplinkSettings { url, token, max_frame_bytes: args.max_frame_bytes }))
         }
     }
 }

@@ -229,3 +229,64 @@ fn the_agent_presents_its_token_to_a_hub_that_requires_one() {
     );
     assert!(!profile.to_string().contains("not-a-token"), "the token is never shown: {profile}");
 }
+
+/// An upstream that sends a message larger than the agent's `--max-frame-bytes` ends the link
+/// (the agent never holds more from upstream than from a local client) and is retried.
+#[test]
+fn an_upstream_message_over_the_frame_limit_ends_the_link() {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::{accept, Message};
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let links = Arc::new(AtomicUsize::new(0));
+    let counted = links.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let Ok(mut ws) = accept(stream) else { return };
+                // 2 MiB of one line, over the agent's 1 MiB limit.
+                let _ = ws.send(Message::text("x".repeat(2 << 20)));
+                while ws.read().is_ok() {}
+            });
+        }
+    });
+
+    let (id, secret) = generate();
+    let keep = tempfile::tempdir().unwrap();
+    let db = keep.path().join("agent.db");
+    let peer_moai = format!("127.0.0.1:{port}");
+    let agent = Server::start_with_env(
+        keep,
+        &db,
+        &["--max-frame-bytes", "1MiB"],
+        &[
+            ("PEER_ID", id.as_str()),
+            ("PEER_SECRET", secret.as_str()),
+            ("PEER_MODE", "agent"),
+            ("PEER_MOAI", peer_moai.as_str()),
+        ],
+    );
+    agent.wait_ready();
+    let profile = wait_upstream(
+        &agent,
+        |u| u["lastError"].as_str().is_some_and(|e| e.contains("too long")),
+        "refused the oversized message",
+    );
+    assert_eq!(
+        (&profile["upstream"]["connected"], &profile["upstream"]["links"]),
+        (&json!(false), &json!(0)),
+        "{profile}"
+    );
+    // It keeps trying (with backoff), and stays ready for its own clients.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while links.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the agent never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(agent.get("/health").0, 200);
+}
