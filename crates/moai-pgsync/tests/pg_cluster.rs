@@ -15,24 +15,12 @@ use serde_json::json;
 use support::client::{table_rows, TestClient};
 use support::pg::PgCluster;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const ITEMS: &str = "public.items";
 
-async fn sql(cluster: &PgCluster) -> Client {
-    let (client, conn) = tokio_postgres::connect(&cluster.url(), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
 fn config(cluster: &PgCluster) -> PgSyncConfig {
-    let mut cfg = PgSyncConfig::new(cluster.url(), vec![ITEMS.into()]);
-    cfg.backoff_min = Duration::from_millis(50);
-    cfg.backoff_max = Duration::from_millis(500);
-    cfg.status_interval = Duration::from_millis(200);
-    cfg
+    support::sync_config(cluster, &[ITEMS])
 }
 
 /// A follower that re-reads the shared state only on notifications (the periodic poll is an
@@ -44,12 +32,9 @@ fn notified_only(cluster: &PgCluster) -> PgSyncConfig {
 }
 
 async fn setup() -> (PgCluster, Client) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let cluster = PgCluster::start();
-    let c = sql(&cluster).await;
+    let c = cluster.sql().await;
     c.batch_execute(
         "CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL, note text); \
          INSERT INTO public.items SELECT g, 0, 'seed' FROM generate_series(1, 100) g; \
@@ -266,7 +251,7 @@ async fn the_follower_takes_over_and_nothing_is_lost_or_duplicated() {
     on_b.expect_type("up_to_date").await;
 
     let (half_tx, half_rx) = tokio::sync::oneshot::channel();
-    let w = writer(sql(&cluster).await, 10_000, 300, half_tx);
+    let w = writer(cluster.sql().await, 10_000, 300, half_tx);
     half_rx.await.unwrap();
     on_a.until("some live transactions on a", |cl| cl.applied.len() >= 20).await;
     on_b.until("some live transactions on b", |cl| cl.applied.len() >= 20).await;
@@ -308,7 +293,7 @@ async fn a_replicator_that_lost_the_slot_is_fenced_and_nothing_is_lost() {
     // 100 transactions stored and delivered, then what a takeover by another instance does
     // first, then 100 more: the replicator's first write after the bump is refused.
     let (half_tx, _) = tokio::sync::oneshot::channel();
-    let writes = writer(sql(&cluster).await, 10_000, 100, half_tx).await.unwrap();
+    let writes = writer(cluster.sql().await, 10_000, 100, half_tx).await.unwrap();
     client.until("the first 100", |cl| cl.applied.len() == 100).await;
     let bumped: i64 = c
         .query_one("UPDATE moai_sync.replication_state SET epoch = epoch + 1 RETURNING epoch", &[])

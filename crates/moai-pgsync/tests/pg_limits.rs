@@ -11,21 +11,13 @@ use serde_json::{json, Value};
 use support::pg::PgCluster;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const ITEMS: &str = "public.items";
 
-async fn sql(cluster: &PgCluster) -> Client {
-    let (client, conn) = tokio_postgres::connect(&cluster.url(), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
 async fn setup(rows: u32) -> (PgCluster, Client) {
     let cluster = PgCluster::start();
-    let c = sql(&cluster).await;
+    let c = cluster.sql().await;
     c.batch_execute("CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL)").await.unwrap();
     if rows > 0 {
         c.batch_execute(&format!("INSERT INTO public.items SELECT i, i FROM generate_series(1, {rows}) i"))
@@ -36,11 +28,7 @@ async fn setup(rows: u32) -> (PgCluster, Client) {
 }
 
 fn config(cluster: &PgCluster) -> PgSyncConfig {
-    let mut cfg = PgSyncConfig::new(cluster.url(), vec![ITEMS.into()]);
-    cfg.backoff_min = Duration::from_millis(50);
-    cfg.backoff_max = Duration::from_millis(500);
-    cfg.status_interval = Duration::from_millis(200);
-    cfg
+    support::sync_config(cluster, &[ITEMS])
 }
 
 async fn start(cfg: PgSyncConfig) -> PgSync {

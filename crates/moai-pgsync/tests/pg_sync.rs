@@ -13,29 +13,14 @@ use tokio_postgres::{Client, NoTls};
 
 const ITEMS: &str = "public.items";
 
-async fn sql(cluster: &PgCluster) -> Client {
-    let (client, conn) = tokio_postgres::connect(&cluster.url(), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
 fn config(cluster: &PgCluster) -> PgSyncConfig {
-    let mut cfg = PgSyncConfig::new(cluster.url(), vec![ITEMS.into()]);
-    cfg.backoff_min = Duration::from_millis(50);
-    cfg.backoff_max = Duration::from_millis(500);
-    cfg.status_interval = Duration::from_millis(200);
-    cfg
+    support::sync_config(cluster, &[ITEMS])
 }
 
 async fn setup() -> (PgCluster, Client) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let cluster = PgCluster::start();
-    let c = sql(&cluster).await;
+    let c = cluster.sql().await;
     c.batch_execute("CREATE TABLE public.items (id bigint PRIMARY KEY, val int NOT NULL, note text)").await.unwrap();
     (cluster, c)
 }
@@ -163,7 +148,7 @@ async fn snapshot_and_stream_are_exact_under_concurrent_writes() {
     let sync = start(&cluster).await;
 
     // A writer keeps changing rows while the client takes its snapshot and catches up.
-    let w = sql(&cluster).await;
+    let w = cluster.sql().await;
     let writer = tokio::spawn(async move {
         for i in 0..300i64 {
             let id = 1 + (i * 7) % 2000;
@@ -309,7 +294,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     tokio::task::spawn_blocking(move || cl.restart()).await.unwrap();
     writer.await.unwrap();
 
-    let c = sql(&cluster).await;
+    let c = cluster.sql().await;
     let expected = table_rows(&c, ITEMS).await;
     assert_eq!(expected.len(), 10_000);
     client.until("client has every row", |cl| cl.table(ITEMS) == expected).await;
@@ -379,8 +364,8 @@ async fn concurrent_transactions_arrive_in_commit_order() {
     client.hello(&[ITEMS], 100, 4).await;
     client.expect_type("up_to_date").await;
 
-    let a = sql(&cluster).await;
-    let b = sql(&cluster).await;
+    let a = cluster.sql().await;
+    let b = cluster.sql().await;
     a.batch_execute("BEGIN; INSERT INTO items VALUES (1, 1, 'a1')").await.unwrap();
     b.batch_execute("BEGIN; INSERT INTO items VALUES (2, 2, 'b1')").await.unwrap();
     a.batch_execute("INSERT INTO items VALUES (3, 3, 'a2')").await.unwrap();

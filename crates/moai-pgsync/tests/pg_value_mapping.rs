@@ -6,29 +6,18 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use moai_pgsync::{PgSync, PgSyncConfig};
+use moai_pgsync::PgSync;
 use serde_json::{json, Map, Value};
 use support::client::TestClient;
 use support::pg::PgCluster;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const VALS: &str = "public.vals";
 
-async fn sql(cluster: &PgCluster) -> Client {
-    let (client, conn) = tokio_postgres::connect(&cluster.url(), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
 async fn setup() -> (PgCluster, Client, PgSync) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let cluster = PgCluster::start();
-    let c = sql(&cluster).await;
+    let c = cluster.sql().await;
     c.batch_execute(
         "CREATE TYPE public.mood AS ENUM ('sad', 'happy'); \
          CREATE DOMAIN public.flag AS bool; \
@@ -48,11 +37,7 @@ async fn setup() -> (PgCluster, Client, PgSync) {
 }
 
 async fn start(cluster: &PgCluster) -> PgSync {
-    let mut cfg = PgSyncConfig::new(cluster.url(), vec![VALS.into()]);
-    cfg.backoff_min = Duration::from_millis(50);
-    cfg.backoff_max = Duration::from_millis(500);
-    cfg.status_interval = Duration::from_millis(200);
-    let sync = PgSync::start(cfg).await.expect("start");
+    let sync = PgSync::start(support::sync_config(cluster, &[VALS])).await.expect("start");
     tokio::time::timeout(Duration::from_secs(60), sync.wait_caught_up()).await.expect("caught up in time").unwrap();
     sync
 }
@@ -300,7 +285,7 @@ fn streamed_ids(cl: &TestClient) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_the_replicator_has_not_stored_yet_reaches_a_new_client_once() {
     let (cluster, c, sync) = setup().await;
-    let hold = sql(&cluster).await;
+    let hold = cluster.sql().await;
     hold.batch_execute("BEGIN; LOCK TABLE moai_sync.change_history IN EXCLUSIVE MODE").await.unwrap();
     insert_rows(&c, 0).await;
     let shapes = [
