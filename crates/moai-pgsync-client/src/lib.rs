@@ -20,10 +20,6 @@
 //!
 //! Protocol reference: docs/pgsync-protocol.md. Why this crate has its own message types
 //! instead of reusing moai-pgsync's: see [`messages`].
-//!
-//! Modules refer to each other with `super::` (never `crate::`), so the sources can also be
-//! compiled as a module of another crate (moai's end-to-end tests do that; they cannot add a
-//! dependency on this crate).
 
 pub mod backoff;
 pub mod client;

@@ -5,7 +5,7 @@
 //! over. The engine-level version of these tests is crates/moai-pgsync/tests/pg_cluster.rs.
 //!
 //! Two kinds of client check every transaction:
-//! * the reference client (crates/moai-pgsync-client, compiled in as in pgsync_client.rs) ends
+//! * the reference client (crates/moai-pgsync-client) ends
 //!   with a store equal to the table, a journal of applied transactions in strictly increasing
 //!   commit order, and one snapshot (every move resumed from its position);
 //! * a raw recorder speaks the protocol itself and keeps every transaction the server sent, with
@@ -19,15 +19,11 @@ mod support;
 
 use support::pg;
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../moai-pgsync-client/src/lib.rs"]
-mod pgsync_client;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use pgsync_client::{spawn, BackoffConfig, ClientConfig, ClientHandle, MemoryStore, Row, Shape};
+use moai_pgsync_client::{spawn, BackoffConfig, ClientConfig, ClientHandle, MemoryStore, Row, Shape};
 use serde_json::{json, Value};
 use support::Server;
 use tokio::sync::watch;
@@ -62,7 +58,7 @@ async fn table_rows(c: &Client) -> BTreeMap<String, Row> {
         .map(|r| {
             let v: Value = r.get(0);
             let m = v.as_object().unwrap().clone();
-            (pgsync_client::key_text(json!({"id": m["id"]}).as_object().unwrap()), m)
+            (moai_pgsync_client::key_text(json!({"id": m["id"]}).as_object().unwrap()), m)
         })
         .collect()
 }
@@ -109,7 +105,11 @@ fn client_config(ws_url: String, client_id: &str) -> ClientConfig {
     cfg
 }
 
-async fn wait_status(client: &ClientHandle<MemoryStore>, what: &str, cond: impl Fn(&pgsync_client::Status) -> bool) {
+async fn wait_status(
+    client: &ClientHandle<MemoryStore>,
+    what: &str,
+    cond: impl Fn(&moai_pgsync_client::Status) -> bool,
+) {
     let mut status = client.status();
     let ok = matches!(tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| cond(s))).await, Ok(Ok(_)));
     let last = status.borrow().clone();

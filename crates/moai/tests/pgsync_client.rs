@@ -3,11 +3,6 @@
 //! client survives `kill -9` of moai (restarted on the same port) and a Postgres restart by
 //! itself, ending equal to the table without applying any transaction twice.
 //!
-//! The client's sources are compiled in as a module: this crate cannot take a dependency on it
-//! (its Cargo.toml is not ours to change), and the client was written to need only
-//! dependencies moai already has. Its own unit tests (backoff schedule, session rules) run
-//! here too, as `pgsync_client::backoff::tests::*` etc.
-//!
 //! Waits are on the client's status channel and on log lines, with timeouts; no sleeps.
 
 mod support;
@@ -15,15 +10,11 @@ mod support;
 // The throwaway cluster (crates/moai-pgsync/tests/support/pg.rs), included once by support.
 use support::pg;
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../moai-pgsync-client/src/lib.rs"]
-mod pgsync_client;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgsync_client::{spawn, BackoffConfig, ClientConfig, ClientError, ClientHandle, MemoryStore, Row, Shape};
+use moai_pgsync_client::{spawn, BackoffConfig, ClientConfig, ClientError, ClientHandle, MemoryStore, Row, Shape};
 use serde_json::{json, Value};
 use support::Server;
 use tokio_postgres::{Client, NoTls};
@@ -45,7 +36,7 @@ async fn table_rows(c: &Client) -> BTreeMap<String, Row> {
         .map(|r| {
             let v: Value = r.get(0);
             let m = v.as_object().unwrap().clone();
-            (pgsync_client::key_text(json!({"id": m["id"]}).as_object().unwrap()), m)
+            (moai_pgsync_client::key_text(json!({"id": m["id"]}).as_object().unwrap()), m)
         })
         .collect()
 }
@@ -77,7 +68,11 @@ async fn wait_equal(client: &ClientHandle<MemoryStore>, expected: &BTreeMap<Stri
     }
 }
 
-async fn wait_status(client: &ClientHandle<MemoryStore>, what: &str, cond: impl Fn(&pgsync_client::Status) -> bool) {
+async fn wait_status(
+    client: &ClientHandle<MemoryStore>,
+    what: &str,
+    cond: impl Fn(&moai_pgsync_client::Status) -> bool,
+) {
     let mut status = client.status();
     let ok = matches!(tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| cond(s))).await, Ok(Ok(_)));
     let last = status.borrow().clone();
@@ -226,7 +221,7 @@ async fn snapshot_and_stream_equal_the_table_under_concurrent_writes() {
         let r =
             c.query_opt("SELECT pos_lsn::text FROM moai_sync.clients WHERE client_id = 'c-exact'", &[]).await.unwrap();
         let registered = r.and_then(|r| r.get::<_, Option<String>>(0));
-        if registered.as_ref().is_some_and(|lsn| lsn.parse::<pgsync_client::Lsn>().unwrap() >= pos.lsn) {
+        if registered.as_ref().is_some_and(|lsn| lsn.parse::<moai_pgsync_client::Lsn>().unwrap() >= pos.lsn) {
             break;
         }
         assert!(
