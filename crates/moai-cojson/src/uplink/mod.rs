@@ -142,6 +142,9 @@ struct Followed {
     upstream_floor: Option<KnownState>,
     /// On this link: what the local relay said it holds.
     local: Option<KnownState>,
+    /// Added by a fetch and not (yet) kept: released when its fetches are answered, unless it
+    /// was found and fits within `max_followed` (see [`Uplink::release`]).
+    by_fetch: bool,
 }
 
 impl Followed {
@@ -154,6 +157,7 @@ impl Followed {
             requested: [false; 2],
             upstream_floor: None,
             local: None,
+            by_fetch: false,
         }
     }
 
@@ -235,6 +239,11 @@ impl Uplink {
                 }
             }
             Event::Follow(id) => {
+                // Asked to keep what a fetch brought: kept if it fits.
+                let len = self.followed.len();
+                if let Some(f) = self.followed.get_mut(&id).filter(|f| f.by_fetch) {
+                    f.by_fetch = len > self.config.max_followed;
+                }
                 if self.follow(&id) && self.connected {
                     self.kick(&id);
                 }
@@ -278,8 +287,35 @@ impl Uplink {
         for f in self.followed.values_mut() {
             f.reset_link();
         }
-        for (fetch, _) in std::mem::take(&mut self.fetches) {
-            self.out.push(Action::Fetched(fetch, Fetched::Offline));
+        for (fetch, id) in std::mem::take(&mut self.fetches) {
+            self.answer(fetch, &id, Fetched::Offline);
+        }
+    }
+
+    /// Answers one fetch, and lets go of what only fetches kept.
+    fn answer(&mut self, fetch: FetchId, id: &CoId, outcome: Fetched) {
+        self.out.push(Action::Fetched(fetch, outcome));
+        self.release(id, outcome);
+    }
+
+    /// A CoValue a fetch added stays followed only if it was found and fits within
+    /// `max_followed`. Everything else a fetch added goes once no fetch waits for it: an id that
+    /// names nothing, or one asked for beyond the bound, must not stay followed. Otherwise any
+    /// caller of the agent API could grow the set without end, and past the upstream's own
+    /// per-peer bound every link would be refused.
+    fn release(&mut self, id: &CoId, outcome: Fetched) {
+        if self.fetches.iter().any(|(_, f)| f == id) {
+            return;
+        }
+        let len = self.followed.len();
+        let Some(f) = self.followed.get_mut(id) else { return };
+        if !f.by_fetch {
+            return;
+        }
+        if outcome == Fetched::Found && len <= self.config.max_followed {
+            f.by_fetch = false;
+        } else {
+            self.followed.remove(id);
         }
     }
 
@@ -299,24 +335,26 @@ impl Uplink {
             self.out.push(Action::Fetched(fetch, Fetched::Offline));
             return;
         }
-        // An explicit fetch is followed even beyond `max_followed` (the API asks for few).
-        let fresh = !self.followed.contains_key(&id);
-        if fresh {
+        // Tracked while the fetch waits even beyond `max_followed`; kept afterwards only if
+        // found and within it (`release`).
+        if !self.followed.contains_key(&id) {
             self.next_seq += 1;
-            self.followed.insert(id.clone(), Followed::new(self.next_seq));
+            let mut f = Followed::new(self.next_seq);
+            f.by_fetch = true;
+            self.followed.insert(id.clone(), f);
         }
         let f = &self.followed[&id];
         if let Some(outcome) = f.fetched() {
-            self.out.push(Action::Fetched(fetch, outcome));
+            self.answer(fetch, &id, outcome);
             return;
         }
         let heard = f.upstream_floor.is_some();
-        if self.fetches.len() >= MAX_PENDING_FETCHES {
-            // The oldest has waited longest (its caller has most likely given up): answered now.
-            let (oldest, _) = self.fetches.remove(0);
-            self.out.push(Action::Fetched(oldest, Fetched::Offline));
-        }
         self.fetches.push((fetch, id.clone()));
+        if self.fetches.len() > MAX_PENDING_FETCHES {
+            // The oldest has waited longest (its caller has most likely given up): answered now.
+            let (oldest, oldest_id) = self.fetches.remove(0);
+            self.answer(oldest, &oldest_id, Fetched::Offline);
+        }
         if !heard {
             self.kick(&id);
         }
@@ -410,8 +448,8 @@ impl Uplink {
         let Some(outcome) = self.followed.get(id).and_then(Followed::fetched) else { return };
         let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fetches).into_iter().partition(|(_, f)| f == id);
         self.fetches = rest;
-        for (fetch, _) in done {
-            self.out.push(Action::Fetched(fetch, outcome));
+        for (fetch, id) in done {
+            self.answer(fetch, &id, outcome);
         }
     }
 }

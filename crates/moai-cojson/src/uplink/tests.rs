@@ -252,3 +252,48 @@ fn pending_fetches_are_bounded() {
     }
     assert_eq!(answered, vec![(0, Fetched::Offline), (1, Fetched::Offline), (2, Fetched::Offline)]);
 }
+
+#[test]
+fn what_a_fetch_did_not_find_is_not_followed_afterwards() {
+    // Any caller of the agent API may ask for any id: ids that name nothing must not pile up
+    // (each followed CoValue is kicked on every link, and costs upstream a subscription).
+    let mut pair = Pair::new();
+    pair.connect();
+    for n in 0..50u64 {
+        pair.run(Event::Fetch(n, CoId::parse(&format!("co_zNothing{n}")).unwrap()));
+    }
+    assert_eq!(pair.fetched.len(), 50);
+    assert!(pair.fetched.iter().all(|(_, outcome)| *outcome == Fetched::NotFound));
+    assert_eq!(pair.uplink.followed_count(), 0);
+    // Nor what a fetch was asked for while the link was down.
+    pair.disconnect();
+    pair.run(Event::Fetch(99, CoId::parse("co_zNothingOffline").unwrap()));
+    assert_eq!(pair.fetched.last(), Some(&(99, Fetched::Offline)));
+    assert_eq!(pair.uplink.followed_count(), 0);
+}
+
+#[test]
+fn a_fetch_beyond_the_followed_bound_is_served_but_not_kept() {
+    let (mut pair, w, _) = upstream_with_world();
+    pair.uplink = Uplink::new(UplinkConfig { max_followed: 0 });
+    pair.connect();
+    pair.run(Event::Fetch(1, w.map.clone()));
+    assert_eq!(pair.fetched, vec![(1, Fetched::Found)]);
+    assert_eq!(pair.stored(Side::Local, &w.map), pair.stored(Side::Upstream, &w.map), "brought all the same");
+    assert_eq!(pair.uplink.followed_count(), 0);
+}
+
+#[test]
+fn what_a_fetch_found_is_kept_within_the_bound_and_an_explicit_follow_keeps_it_too() {
+    let (mut pair, w, _) = upstream_with_world();
+    pair.connect();
+    pair.run(Event::Fetch(1, w.map.clone()));
+    assert!(pair.uplink.follows(&w.map));
+    pair.run(Event::Follow(w.map.clone()));
+    // Kept across links and a later fetch that finds it at once.
+    pair.disconnect();
+    pair.connect();
+    pair.run(Event::Fetch(2, w.map.clone()));
+    assert_eq!(pair.fetched.last(), Some(&(2, Fetched::Found)));
+    assert!(pair.uplink.follows(&w.map));
+}
